@@ -1,0 +1,348 @@
+"""Checkpoint detection, validation and loading for both layouts.
+
+Mistral format: `params.json` + `consolidated.safetensors` (or `consolidated-0000N-of-0000M.safetensors`
+shards); keys are this runtime's own names (module names of pixtral_rt.reference.model.PixtralModel).
+HF format: `config.json` (Llava with a Pixtral tower, or Mistral3) + `model*.safetensors` (+ index json);
+keys in either the legacy (`language_model.model.*`, `vision_tower.*`) or the newer
+(`model.language_model.*`, `model.vision_tower.*`, `lm_head`) layout. HF permutes the rows of q and k
+(text and vision) for rotate-half RoPE; they are un-permuted on load so every path sees Mistral's
+interleaved layout.
+
+Everything that can be checked is checked before a byte of weights is read: files present (shards named
+by the index), safetensors headers parse, every tensor's bytes lie inside its file (truncation), no
+missing or unexpected tensor, shapes and dtypes. Errors name the file and the tensor. Loading then
+memory-maps each file and places each tensor straight on the target device in the target dtype.
+"""
+from __future__ import annotations
+
+import json
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .config import ConfigError, PixtralArgs
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder or file cannot be used; the message names the file and tensor."""
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass
+class TensorSource:
+    file: Path
+    key: str  # key inside the file
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name
+    unpermute_heads: int = 0  # >0: undo HF's rotary row permutation with this many heads
+
+
+@dataclass
+class CheckpointPlan:
+    """What will be loaded, from where: built and validated without reading weight data."""
+    folder: Path
+    format: str  # "mistral" or "hf"
+    args: PixtralArgs
+    files: list[Path]
+    sources: dict[str, TensorSource] = field(default_factory=dict)  # our key -> source
+
+    def describe(self) -> str:
+        n = sum(_numel(s.shape) for s in self.sources.values())
+        return (f"{self.folder}: {self.format} format ({'params.json' if self.format == 'mistral' else 'config.json'}), "
+                f"{len(self.files)} safetensors file(s), {len(self.sources)} tensors, {n / 1e9:.2f} B params")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------- detection
+def detect_format(folder: str | Path) -> str:
+    """'mistral' if params.json + consolidated*.safetensors, 'hf' if config.json + model*.safetensors."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a directory (expected a checkpoint folder)")
+    has_params = (folder / "params.json").is_file()
+    has_config = (folder / "config.json").is_file()
+    mistral_files = sorted(folder.glob("consolidated*.safetensors"))
+    hf_files = sorted(folder.glob("model*.safetensors")) or (folder / "model.safetensors.index.json").is_file()
+    if has_params and mistral_files:
+        return "mistral"
+    if has_config and hf_files:
+        return "hf"
+    if has_params:
+        raise CheckpointError(f"{folder}: params.json found but no consolidated*.safetensors: incomplete "
+                              f"Mistral-format download?")
+    if has_config:
+        raise CheckpointError(f"{folder}: config.json found but no model*.safetensors or index: incomplete "
+                              f"HF-format download?")
+    raise CheckpointError(f"{folder}: neither params.json (Mistral format) nor config.json (HF format) found")
+
+
+# ---------------------------------------------------------------------------------------- headers
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse a safetensors header and check that every tensor's bytes lie inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated or empty safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100_000_000 or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {n} bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from exc
+    header.pop("__metadata__", None)
+    data_size = size - 8 - n
+    for key, meta in header.items():
+        try:
+            dtype, shape, (a, b) = meta["dtype"], meta["shape"], meta["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {key!r}: malformed header entry") from exc
+        if b > data_size:
+            raise CheckpointError(f"{path}: tensor {key!r} ends at byte {b} of the data section but the file "
+                                  f"holds only {data_size}: truncated file (re-download it)")
+        if dtype in _ST_ITEMSIZE and b - a != _numel(shape) * _ST_ITEMSIZE[dtype]:
+            raise CheckpointError(f"{path}: tensor {key!r}: {b - a} bytes for shape {shape} {dtype}: corrupt header")
+    return header
+
+
+def _list_files(folder: Path, fmt: str) -> list[Path]:
+    """Safetensors files of a checkpoint; with an index json, every shard it names must exist."""
+    index = folder / ("consolidated.safetensors.index.json" if fmt == "mistral" else "model.safetensors.index.json")
+    pattern = "consolidated*.safetensors" if fmt == "mistral" else "model*.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: unreadable index ({exc})") from exc
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: {len(missing)} shard(s) listed in {index.name} are absent "
+                                  f"(half-downloaded folder?): {', '.join(missing[:5])}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise CheckpointError(f"{folder}: no {pattern} files")
+    m = re.compile(r".*-(\d+)-of-(\d+)\.safetensors$")
+    totals = {int(m.match(f.name).group(2)) for f in files if m.match(f.name)}
+    if totals:
+        total = max(totals)
+        present = {int(m.match(f.name).group(1)) for f in files if m.match(f.name)}
+        absent = sorted(set(range(1, total + 1)) - present)
+        if absent:
+            raise CheckpointError(f"{folder}: shard(s) {absent} of {total} are absent (half-downloaded folder?)")
+    return files
+
+
+# ---------------------------------------------------------------------------------------- HF key map
+_HF_PREFIXES = [
+    ("model.language_model.", "LM."), ("language_model.model.", "LM."), ("language_model.lm_head.", "lm_head."),
+    ("model.vision_tower.", "VT."), ("vision_tower.", "VT."),
+    ("model.multi_modal_projector.", "MP."), ("multi_modal_projector.", "MP."),
+]
+_HF_RENAMES = [
+    (r"^LM\.embed_tokens\.", "tok_embeddings."), (r"^LM\.norm\.", "norm."), (r"^lm_head\.", "output."),
+    (r"^LM\.layers\.(\d+)\.self_attn\.q_proj\.", r"layers.\1.attention.wq."),
+    (r"^LM\.layers\.(\d+)\.self_attn\.k_proj\.", r"layers.\1.attention.wk."),
+    (r"^LM\.layers\.(\d+)\.self_attn\.v_proj\.", r"layers.\1.attention.wv."),
+    (r"^LM\.layers\.(\d+)\.self_attn\.o_proj\.", r"layers.\1.attention.wo."),
+    (r"^LM\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attention_norm."),
+    (r"^LM\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.ffn_norm."),
+    (r"^LM\.layers\.(\d+)\.mlp\.gate_proj\.", r"layers.\1.feed_forward.w1."),
+    (r"^LM\.layers\.(\d+)\.mlp\.down_proj\.", r"layers.\1.feed_forward.w2."),
+    (r"^LM\.layers\.(\d+)\.mlp\.up_proj\.", r"layers.\1.feed_forward.w3."),
+    (r"^VT\.(.*)attention\.q_proj\.", r"vision_encoder.\1attention.wq."),
+    (r"^VT\.(.*)attention\.k_proj\.", r"vision_encoder.\1attention.wk."),
+    (r"^VT\.(.*)attention\.v_proj\.", r"vision_encoder.\1attention.wv."),
+    (r"^VT\.(.*)attention\.o_proj\.", r"vision_encoder.\1attention.wo."),
+    (r"^VT\.(.*)feed_forward\.gate_proj\.", r"vision_encoder.\1feed_forward.w1."),
+    (r"^VT\.(.*)feed_forward\.down_proj\.", r"vision_encoder.\1feed_forward.w2."),
+    (r"^VT\.(.*)feed_forward\.up_proj\.", r"vision_encoder.\1feed_forward.w3."),
+    (r"^VT\.", "vision_encoder."),
+    (r"^MP\.linear_1\.", "vision_language_adapter.w_in."), (r"^MP\.linear_2\.", "vision_language_adapter.w_out."),
+    (r"^MP\.norm\.", "pre_mm_projector_norm."), (r"^MP\.patch_merger\.", "patch_merger."),
+]
+
+
+def hf_to_mistral_key(key: str) -> str | None:
+    """HF key (either layout) -> this runtime's key, or None if it is not a Pixtral weight."""
+    k = key
+    for old, new in _HF_PREFIXES:
+        if k.startswith(old):
+            k = new + k[len(old):]
+            break
+    for pat, rep in _HF_RENAMES:
+        k2, n = re.subn(pat, rep, k)
+        if n:
+            return k2
+    return None
+
+
+def mistral_to_hf_key(key: str, legacy: bool = False) -> str:
+    """Inverse of hf_to_mistral_key, for the random-checkpoint writer."""
+    lm, vt, mp, head = (("language_model.model.", "vision_tower.", "multi_modal_projector.", "language_model.lm_head.")
+                        if legacy else
+                        ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head."))
+    rules = [
+        (r"^tok_embeddings\.", lm + "embed_tokens."), (r"^norm\.", lm + "norm."), (r"^output\.", head),
+        (r"^layers\.(\d+)\.attention\.w([qkvo])\.", lambda m: f"{lm}layers.{m[1]}.self_attn.{m[2]}_proj."),
+        (r"^layers\.(\d+)\.attention_norm\.", lm + r"layers.\1.input_layernorm."),
+        (r"^layers\.(\d+)\.ffn_norm\.", lm + r"layers.\1.post_attention_layernorm."),
+        (r"^layers\.(\d+)\.feed_forward\.w1\.", lm + r"layers.\1.mlp.gate_proj."),
+        (r"^layers\.(\d+)\.feed_forward\.w2\.", lm + r"layers.\1.mlp.down_proj."),
+        (r"^layers\.(\d+)\.feed_forward\.w3\.", lm + r"layers.\1.mlp.up_proj."),
+        (r"^vision_encoder\.(.*)attention\.w([qkvo])\.", lambda m: f"{vt}{m[1]}attention.{m[2]}_proj."),
+        (r"^vision_encoder\.(.*)feed_forward\.w1\.", vt + r"\1feed_forward.gate_proj."),
+        (r"^vision_encoder\.(.*)feed_forward\.w2\.", vt + r"\1feed_forward.down_proj."),
+        (r"^vision_encoder\.(.*)feed_forward\.w3\.", vt + r"\1feed_forward.up_proj."),
+        (r"^vision_encoder\.", vt),
+        (r"^vision_language_adapter\.w_in\.", mp + "linear_1."), (r"^vision_language_adapter\.w_out\.", mp + "linear_2."),
+        (r"^pre_mm_projector_norm\.", mp + "norm."), (r"^patch_merger\.", mp + "patch_merger."),
+    ]
+    for pat, rep in rules:
+        k2, n = re.subn(pat, rep, key)
+        if n:
+            return k2
+    raise KeyError(key)
+
+
+def rotary_heads(key: str, args: PixtralArgs) -> int:
+    """Number of heads whose rows HF permutes for this (our-named) tensor, 0 if none."""
+    if re.fullmatch(r"layers\.\d+\.attention\.wq\.weight", key):
+        return args.text.n_heads
+    if re.fullmatch(r"layers\.\d+\.attention\.wk\.weight", key):
+        return args.text.n_kv_heads
+    if re.fullmatch(r"vision_encoder\.transformer\.layers\.\d+\.attention\.w[qk]\.weight", key):
+        return args.vision.num_attention_heads
+    return 0
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Mistral interleaved rows -> HF rotate-half rows (what HF's conversion script does)."""
+    out, inp = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of permute_for_hf."""
+    out, inp = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+# ---------------------------------------------------------------------------------------- planning
+def expected_shapes(args: PixtralArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor the model needs, with its shape (from the reference model built on `meta`)."""
+    from .reference.model import PixtralModel
+    with torch.device("meta"):
+        model = PixtralModel(args)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPlan:
+    """Detect the format, read the config, and validate every tensor's presence, shape, dtype and bytes."""
+    folder = Path(folder)
+    fmt = fmt or detect_format(folder)
+    if fmt not in ("mistral", "hf"):
+        raise CheckpointError(f"unknown checkpoint format {fmt!r} (expected 'mistral' or 'hf')")
+    try:
+        args = (PixtralArgs.from_params_json(folder / "params.json") if fmt == "mistral"
+                else PixtralArgs.from_hf_config(folder / "config.json"))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+    files = _list_files(folder, fmt)
+    want = expected_shapes(args)
+    plan = CheckpointPlan(folder=folder, format=fmt, args=args, files=files)
+    unexpected = []
+    for path in files:
+        for key, meta in read_safetensors_header(path).items():
+            ours = key if fmt == "mistral" else hf_to_mistral_key(key)
+            if ours is None or ours not in want:
+                unexpected.append(f"{key} ({path.name})")
+                continue
+            if ours in plan.sources:
+                raise CheckpointError(f"{path}: tensor {key!r} also appears in {plan.sources[ours].file.name}")
+            shape = tuple(meta["shape"])
+            if shape != want[ours]:
+                raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shape)}, expected "
+                                      f"{list(want[ours])} for this config")
+            if meta["dtype"] not in _ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {meta['dtype']}; expected BF16, F16 or F32 "
+                                      f"(quantised checkpoints are not supported yet)")
+            plan.sources[ours] = TensorSource(path, key, shape, meta["dtype"],
+                                              rotary_heads(ours, args) if fmt == "hf" else 0)
+    missing = [k for k in want if k not in plan.sources]
+    if missing:
+        raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the {fmt}-format checkpoint, "
+                              f"e.g. {', '.join(missing[:4])}")
+    if unexpected:
+        raise CheckpointError(f"{folder}: {len(unexpected)} unexpected tensor(s) (wrong model or format?), "
+                              f"e.g. {', '.join(unexpected[:4])}")
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = torch.bfloat16,
+                    keys: Iterable[str] | None = None, progress: bool = True,
+                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Load (a subset of) the planned tensors, each memory-mapped and placed straight on `device` in `dtype`.
+    Returns our-named tensors. Peak host memory stays about one tensor, not one model."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    wanted = list(plan.sources) if keys is None else list(keys)
+    by_file: dict[Path, list[str]] = {}
+    for k in wanted:
+        by_file.setdefault(plan.sources[k].file, []).append(k)
+    total = sum(_numel(plan.sources[k].shape) * torch.tensor([], dtype=dtype).element_size() for k in wanted)
+    dev = torch.device(device)
+    out: dict[str, torch.Tensor] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
+              file=sys.stderr, leave=False) as bar:
+        for path, ks in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device=str(dev) if dev.type != "cpu" else "cpu") as f:
+                    for k in ks:
+                        src = plan.sources[k]
+                        t = f.get_tensor(src.key).to(dtype)
+                        if src.unpermute_heads:
+                            t = unpermute_from_hf(t, src.unpermute_heads).contiguous()
+                        if transform is not None:
+                            t = transform(k, t)
+                        out[k] = t
+                        bar.update(t.numel() * t.element_size())
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt data
+                raise CheckpointError(f"{path}: failed while reading tensors ({exc})") from exc
+    return out
+
+
+def load_reference_model(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
+                         fmt: str | None = None, progress: bool = False):
+    """Plan, validate, and load a checkpoint into the reference PixtralModel (built on meta, weights assigned)."""
+    from .reference.model import PixtralModel
+    plan = plan_checkpoint(folder, fmt)
+    sd = load_state_dict(plan, device=device, dtype=dtype, progress=progress)
+    with torch.device("meta"):
+        model = PixtralModel(plan.args)
+    model.load_state_dict(sd, assign=True, strict=True)
+    return model.eval(), plan
