@@ -1,0 +1,189 @@
+"""kernels/vision_attention.py and kernels/rope_2d.py vs the fp32 reference
+(reference.attention.block_diagonal_attention + reference.rope).
+
+Tolerance: the kernel's error vs the fp32 reference must be <= 2x the error of PyTorch SDPA run in the same
+dtype (RoPE in fp32, cast, SDPA per image) + a small eps. Outputs are poisoned with NaN before each run.
+CPU (interpreter): fp16, small grids. GPU: bf16, grids 1x1, 1x64, 64x1, 3x5, 64x64, packs of 1 to 8 images.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import HAS_CUDA, requires_gpu
+from pixtral_rt.kernels.rope_2d import rope_2d_
+from pixtral_rt.kernels.vision_attention import (max_tiles_for, plan_vision_attention, rope_pair_freqs,
+                                                 vision_attention)
+from pixtral_rt.reference.attention import block_diagonal_attention
+from pixtral_rt.reference.rope import apply_rope, image_patch_positions, vision_rope_angles
+
+THETA = 10000.0
+HALF_PERM = {}
+
+
+def half_perm(d):
+    """Column permutation interleaved -> rotate-half layout (evens, then odds)."""
+    return torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+
+
+def make_case(grids, heads, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    lens = [r * c for r, c in grids]
+    n = sum(lens)
+    q, k, v = (torch.randn(n, heads, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    pos = image_patch_positions(grids).to(device=device, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return lens, q, k, v, pos, cu
+
+
+def reference(q, k, v, pos, cu, d):
+    ang = vision_rope_angles(pos.long(), d, THETA)
+    return block_diagonal_attention(apply_rope(q.float(), ang), apply_rope(k.float(), ang), v.float(),
+                                    cu.tolist()).float()
+
+
+def sdpa_same_dtype(q, k, v, pos, cu, d):
+    ang = vision_rope_angles(pos.long(), d, THETA)
+    qr, kr = apply_rope(q, ang), apply_rope(k, ang)  # fp32 math, cast back to q's dtype
+    b = cu.tolist()
+    outs = []
+    for a, e in zip(b[:-1], b[1:]):
+        outs.append(F.scaled_dot_product_attention(qr[a:e].transpose(0, 1), kr[a:e].transpose(0, 1),
+                                                   v[a:e].transpose(0, 1)).transpose(0, 1))
+    return torch.cat(outs).float()
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def run_kernel(q, k, v, pos, cu, lens, d, mode, block_m):
+    plan = plan_vision_attention(lens, block_m, device=q.device)
+    freqs = rope_pair_freqs(d, THETA, q.device)
+    out = torch.full_like(q, float("nan"))
+    if mode == "fused":
+        return vision_attention(q, k, v, cu, plan, pos, freqs, out=out)
+    if mode == "fused_half":
+        p = half_perm(d).to(q.device)
+        return vision_attention(q[:, :, p].contiguous(), k[:, :, p].contiguous(), v, cu, plan, pos, freqs,
+                                layout="half", out=out)
+    if mode == "separate":
+        qr, kr = rope_2d_(q.clone(), pos, freqs), rope_2d_(k.clone(), pos, freqs)
+        return vision_attention(qr, kr, v, cu, plan, rope=False, out=out)
+    raise AssertionError(mode)
+
+
+def check(grids, heads, d, dtype, device, seed, mode, block_m):
+    lens, q, k, v, pos, cu = make_case(grids, heads, d, dtype, device, seed)
+    ref = reference(q, k, v, pos, cu, d)
+    base = rel(sdpa_same_dtype(q, k, v, pos, cu, d), ref)
+    out = run_kernel(q, k, v, pos, cu, lens, d, mode, block_m)
+    assert not torch.isnan(out).any(), "some outputs were not written"
+    err = rel(out, ref)
+    assert err <= 2 * base + 1e-4, f"{grids} d={d} {mode}: kernel err {err:.2e} vs SDPA-{dtype} err {base:.2e}"
+
+
+CPU_PACKS = [[(1, 1)], [(3, 5)], [(1, 9), (9, 1), (3, 5)], [(1, 1), (2, 3), (4, 4), (1, 7), (5, 2), (1, 1),
+                                                                  (3, 3), (2, 2)]]
+
+
+@pytest.mark.parametrize("grids", CPU_PACKS, ids=lambda g: f"{len(g)}img")
+@pytest.mark.parametrize("d", [64, 88])
+@pytest.mark.parametrize("mode", ["fused", "fused_half", "separate"])
+def test_vision_attention_small(grids, d, mode, device):
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    check(grids, 2, d, dtype, device, seed=hash((str(grids), d, mode)) % 1000, mode=mode,
+          block_m=16 if device == "cpu" else 128)
+
+
+def test_rope_2d_matches_reference(device):
+    for d in (64, 88):
+        grids = [(3, 5), (2, 2)]
+        lens, q, _, _, pos, _ = make_case(grids, 3, d, torch.float32, device, seed=d)
+        ang = vision_rope_angles(pos.long(), d, THETA)
+        out = rope_2d_(q.clone(), pos, rope_pair_freqs(d, THETA, device))
+        assert rel(out, apply_rope(q, ang)) < 1e-5
+        p = half_perm(d).to(device)
+        out_h = rope_2d_(q[:, :, p].contiguous(), pos, rope_pair_freqs(d, THETA, device), layout="half")
+        assert rel(out_h, apply_rope(q, ang)[:, :, p]) < 1e-5
+
+
+def test_padded_plan_and_padding_segment(device):
+    """A bucket-padded plan (idle tiles) and a padding segment leave the real rows exactly as without them."""
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    bm = 16 if device == "cpu" else 128
+    grids = [(3, 5), (1, 6)]
+    lens, q, k, v, pos, cu = make_case(grids, 2, 64, dtype, device, seed=7)
+    n = sum(lens)
+    freqs = rope_pair_freqs(64, THETA, device)
+    out = vision_attention(q, k, v, cu, plan_vision_attention(lens, bm, device=device), pos, freqs)
+    pad = 13
+    qp, kp, vp = (torch.cat([t, torch.randn(pad, 2, 64, device=device).to(dtype)]) for t in (q, k, v))
+    posp = torch.cat([pos, torch.zeros(pad, 2, dtype=torch.int32, device=device)])
+    cup = torch.tensor(cu.tolist() + [n + pad, n + pad, n + pad], dtype=torch.int32, device=device)
+    plan = plan_vision_attention(lens + [pad, 0, 0], bm, max_tiles=max_tiles_for(n + pad, 5, bm), device=device)
+    outp = torch.full_like(qp, float("nan"))
+    vision_attention(qp, kp, vp, cup, plan, posp, freqs, out=outp)
+    assert not torch.isnan(outp).any()
+    assert torch.equal(outp[:n], out)
+
+
+def test_bad_inputs_raise(device):
+    q = torch.randn(10, 2, 64, device=device, dtype=torch.float16)
+    cu = torch.tensor([0, 10], dtype=torch.int32, device=device)
+    plan = plan_vision_attention([10], 16, device=device)
+    with pytest.raises(ValueError, match="k"):
+        vision_attention(q, q[:5], q, cu, plan, rope=False)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        vision_attention(q, q, q, cu.long(), plan, rope=False)
+    with pytest.raises(ValueError, match="positions"):
+        vision_attention(q, q, q, cu, plan)
+    with pytest.raises(ValueError, match="max_tiles"):
+        plan_vision_attention([100], 16, max_tiles=2)
+
+
+GPU_GRIDS = [(1, 1), (1, 64), (64, 1), (3, 5), (64, 64)]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_images", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("d,heads", [(64, 16), (88, 16)])
+@pytest.mark.parametrize("mode", ["fused", "fused_half", "separate"])
+def test_vision_attention_gpu_bf16(n_images, d, heads, mode):
+    rng = random.Random(n_images * 1000 + d)
+    grids = [rng.choice(GPU_GRIDS) for _ in range(n_images)]
+    if n_images == 1:
+        grids = [(64, 64)]
+    check(grids, heads, d, torch.bfloat16, "cuda", seed=n_images + d, mode=mode, block_m=128)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_vision_attention_gpu_every_grid(block_m):
+    check(GPU_GRIDS, 16, 64, torch.bfloat16, "cuda", seed=block_m, mode="fused_half", block_m=block_m)
+    check(GPU_GRIDS, 16, 64, torch.float16, "cuda", seed=block_m + 1, mode="fused", block_m=block_m)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_vision_attention_cuda_graph():
+    from pixtral_rt.kernels.vision_attention import warmup_vision_attention
+    grids = [(64, 64), (3, 5)]
+    lens, q, k, v, pos, cu = make_case(grids, 16, 64, torch.bfloat16, "cuda", seed=3)
+    warmup_vision_attention(16, 64, [q.shape[0]], layout="interleaved")
+    plan = plan_vision_attention(lens, 128, device="cuda")
+    freqs = rope_pair_freqs(64, THETA, "cuda")
+    out = torch.full_like(q, float("nan"))
+    vision_attention(q, k, v, cu, plan, pos, freqs, out=out, layout="interleaved")
+    eager = out.clone()
+    out.fill_(float("nan"))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        vision_attention(q, k, v, cu, plan, pos, freqs, out=out, layout="interleaved")
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert not HAS_CUDA or torch.isfinite(out).all()
