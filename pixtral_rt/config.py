@@ -140,13 +140,17 @@ class PixtralArgs:
             max_seq_len=int(t.get("max_position_embeddings", 131072)),
         )
         image_token = c.get("image_token_index", c.get("image_token_id", 10))
+        # HF keeps [IMG_BREAK]/[IMG_END] in the processor, not config.json; the tokenizer (mistral_common)
+        # is the authority for them. Defaults: tekken ids 12/13, SentencePiece v7m1 (vocab 32768) 14/15.
+        sp = t.get("vocab_size") == 32768
+        brk = c.get("image_break_token_id", 14 if sp else 12)
+        end = c.get("image_end_token_id", 15 if sp else 13)
         vision = VisionEncoderArgs(
             hidden_size=v["hidden_size"], num_channels=v.get("num_channels", 3),
             image_size=v.get("image_size", 1024), patch_size=v["patch_size"], rope_theta=float(vrope),
             intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_hidden_layers"],
             num_attention_heads=v["num_attention_heads"], image_token_id=image_token,
-            image_break_token_id=c.get("image_break_token_id", 12),
-            image_end_token_id=c.get("image_end_token_id", 13),
+            image_break_token_id=brk, image_end_token_id=end,
             adapter_bias=bool(c.get("multimodal_projector_bias", not is_m3)),
             spatial_merge_size=int(c.get("spatial_merge_size", 2 if is_m3 else 1)),
             add_pre_mm_projector_layer_norm=is_m3,
@@ -195,6 +199,7 @@ class PixtralArgs:
         cfg = {
             "text_config": text_config, "vision_config": vision_config,
             "image_token_index": v.image_token_id, "projector_hidden_act": "gelu",
+            "image_break_token_id": v.image_break_token_id, "image_end_token_id": v.image_end_token_id,
             "vision_feature_layer": -1, "tie_word_embeddings": False,
         }
         if self.patch_merger:
