@@ -1,0 +1,402 @@
+"""Image loading: any accepted source -> RGB uint8 pixels (H, W, 3), upright, alpha composited onto white.
+
+Sources: a local path (str or Path, or a file:// URL), an http(s) URL (timeout over the whole download,
+byte cap, User-Agent, bounded redirects), a `data:image/<type>;base64,...` URL, raw bytes, a PIL image,
+or a numpy array (H, W), (H, W, 1|3|4) of uint8 / uint16 / bool / float in [0, 1].
+
+Two steps, so a request can be planned and refused before any pixel is decoded:
+  open_image(src)  -> OpenedImage: header read only (size after EXIF rotation, format, animated?);
+                      the pixel cap (decompression bombs) is checked here.
+  .decode()        -> np.ndarray uint8 (H, W, 3), C-contiguous.
+`load_image(src)` does both.
+
+Pixel modes follow mistral_common (`_convert_to_rgb`: anything not RGB goes through RGBA and is pasted onto
+white), with two deliberate differences: 16-bit modes (I;16*, I) are scaled to 8 bits (v * 255 / 65535,
+rounded) instead of saturating at 255, and the EXIF orientation is applied (mistral_common applies none;
+users expect phone photos upright). Animated images: the first frame, with an AnimatedImageWarning, or an
+AnimatedImageError when `allow_animated=False`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import (AnimatedImageError, AnimatedImageWarning, ImageDecodeError, ImageError, ImageFetchError,
+                     ImageSourceError, ImageTooLargeError, describe_source)
+
+ImageSource = Any  # str | os.PathLike | bytes | PIL.Image.Image | np.ndarray
+
+USER_AGENT = "pixtral_rt/0.1 (+image fetch; python-urllib)"
+
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the PIL transpose that makes the image upright (same table as PIL.ImageOps.exif_transpose)
+_ORIENT_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# data-URL MIME type -> Pillow formats the bytes may have (MIME types not listed here are not cross-checked)
+_FORMATS_FOR_MIME = {
+    "image/png": {"PNG"}, "image/apng": {"PNG"}, "image/jpeg": {"JPEG", "MPO"}, "image/jpg": {"JPEG", "MPO"},
+    "image/pjpeg": {"JPEG", "MPO"}, "image/gif": {"GIF"}, "image/webp": {"WEBP"}, "image/bmp": {"BMP"},
+    "image/x-ms-bmp": {"BMP"}, "image/tiff": {"TIFF"}, "image/x-icon": {"ICO"},
+    "image/vnd.microsoft.icon": {"ICO"},
+}
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
+_BASE64ISH = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
+_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Operator limits for loading one image. Defaults suit a server; all are settable."""
+
+    max_pixels: int = 64 * 1024 * 1024   # width * height from the header, before decoding
+    max_bytes: int = 64 * 1024 * 1024    # encoded size (download, file or data URL)
+    timeout: float = 10.0                 # seconds for a whole http(s) download, connect included
+    max_redirects: int = 5
+    user_agent: str = USER_AGENT
+    allow_animated: bool = True           # False: refuse animated input instead of taking frame 0
+    allow_local_files: bool = True        # False for servers that must not read the local disk
+    apply_exif_orientation: bool = True
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+@dataclass
+class OpenedImage:
+    """An image whose header has been read and checked; `decode()` produces the pixels."""
+
+    name: str                  # printable name of the source, used in every error message
+    width: int                 # after EXIF orientation
+    height: int
+    format: str | None         # Pillow's format name ("PNG", "JPEG", ...) or None for arrays / PIL input
+    mode: str
+    orientation: int = 1
+    animated: bool = False
+    _pil: Image.Image | None = None
+    _array: np.ndarray | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def decode(self) -> np.ndarray:
+        """RGB uint8 pixels, shape (height, width, 3), C-contiguous."""
+        if self._array is not None:
+            return self._array
+        im = self._pil
+        assert im is not None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Pillow's palette-transparency and bomb warnings
+                if self.animated:
+                    im.seek(0)
+                im.load()
+                rgb = _to_rgb(im)
+                if self.orientation in _ORIENT_TRANSPOSE:
+                    rgb = rgb.transpose(_ORIENT_TRANSPOSE[self.orientation])
+                arr = np.asarray(rgb, dtype=np.uint8)
+        except ImageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Pillow raises OSError/SyntaxError/ValueError/EOFError...
+            raise ImageDecodeError(f"image {self.name} ({self.format or 'unknown format'}) is corrupt or "
+                                   f"truncated and cannot be decoded: {exc}", self.name) from exc
+        if arr.shape != (self.height, self.width, 3):
+            raise ImageDecodeError(f"image {self.name} decoded to shape {arr.shape}, expected "
+                                   f"{(self.height, self.width, 3)} from its header", self.name)
+        self._array = np.ascontiguousarray(arr)
+        self._pil = None
+        return self._array
+
+
+def load_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """Load any accepted source as RGB uint8 (H, W, 3). Raises an ImageError subclass naming the source."""
+    return open_image(source, limits).decode()
+
+
+def open_image(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS) -> OpenedImage:
+    """Read the header of `source` and check it (pixel cap, animation); no full decode yet."""
+    if isinstance(source, OpenedImage):
+        return source
+    if isinstance(source, Image.Image):
+        return _open_pil(source, describe_source(source), limits)
+    if isinstance(source, np.ndarray):
+        return _open_array(source, limits)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _open_bytes(bytes(source), describe_source(source), limits)
+    if isinstance(source, os.PathLike):
+        return _open_path(os.fspath(source), limits)
+    if isinstance(source, str):
+        return _open_string(source, limits)
+    raise ImageSourceError(f"unsupported image source type {type(source).__name__}: pass a path, an http(s) "
+                           "or data: URL, bytes, a PIL image or a numpy array", describe_source(source))
+
+
+# --------------------------------------------------------------------------------------------- sources
+def _open_string(s: str, limits: ImageLimits) -> OpenedImage:
+    name = describe_source(s)
+    stripped = s.strip()
+    m = _SCHEME.match(stripped)
+    scheme = m.group(1).lower() if m else ""
+    if len(scheme) == 1 and os.name == "nt":  # "C:\..." is a Windows drive, not a scheme
+        scheme = ""
+    if scheme == "data":
+        data, mime = _decode_data_url(stripped, name)
+        opened = _open_bytes(data, name, limits)
+        _check_mime(mime, opened, name)
+        return opened
+    if scheme in ("http", "https"):
+        return _open_bytes(fetch_url(stripped, limits), name, limits)
+    if scheme == "file":
+        return _open_path(urllib.parse.unquote(urllib.parse.urlparse(stripped).path), limits)
+    if scheme and stripped[len(scheme) + 1:].startswith("//"):
+        raise ImageSourceError(f"image URL {name} has unsupported scheme {scheme!r}: use http(s)://, data:image/"
+                               "...;base64,... or a local path", name)
+    if os.path.exists(s):
+        return _open_path(s, limits)
+    if len(stripped) >= 32 and _BASE64ISH.match(stripped) and not stripped.endswith((".png", ".jpg", ".jpeg")):
+        raise ImageSourceError(f"image {name} looks like raw base64 without the data-URL prefix: send it as "
+                               "'data:image/png;base64,<payload>' (or image/jpeg, image/webp...)", name)
+    if scheme:
+        raise ImageSourceError(f"image reference {name} has unsupported scheme {scheme!r}: use http(s)://, "
+                               "data:image/...;base64,... or a local path", name)
+    raise ImageSourceError(f"image file {name} does not exist", name)
+
+
+def _decode_data_url(url: str, name: str) -> tuple[bytes, str]:
+    head, sep, payload = url.partition(",")
+    if not sep:
+        raise ImageSourceError(f"data URL {name} has no ',' separating the header from the payload", name)
+    params = head[len("data:"):].split(";")
+    mime = params[0].strip().lower() or "text/plain"
+    if "base64" not in [p.strip().lower() for p in params[1:]]:
+        raise ImageSourceError(f"data URL {name} is not base64-encoded: use 'data:{mime};base64,<payload>'", name)
+    if not mime.startswith("image/"):
+        raise ImageSourceError(f"data URL {name} declares MIME type {mime!r}, not an image/* type", name)
+    compact = re.sub(r"\s+", "", urllib.parse.unquote(payload) if "%" in payload else payload)
+    if not compact:
+        raise ImageDecodeError(f"data URL {name} has an empty payload (0 bytes)", name)
+    try:
+        alt = b"-_" if ("-" in compact or "_" in compact) else None
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), altchars=alt, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageSourceError(f"data URL {name}: payload is not valid base64 ({exc})", name) from exc
+    return data, mime
+
+
+def _check_mime(mime: str, opened: OpenedImage, name: str) -> None:
+    allowed = _FORMATS_FOR_MIME.get(mime)
+    if allowed is not None and opened.format not in allowed:
+        raise ImageSourceError(f"data URL {name} declares {mime} but its bytes are {opened.format}: fix the MIME "
+                               "type or the payload", name)
+
+
+def _open_path(path: str, limits: ImageLimits) -> OpenedImage:
+    name = describe_source(path)
+    if not limits.allow_local_files:
+        raise ImageSourceError(f"image {name}: local files are not allowed here; send a URL or data: URL", name)
+    try:
+        size = os.path.getsize(path)
+        if size > limits.max_bytes:
+            raise ImageTooLargeError(f"image file {name} is {size} bytes, over the cap of {limits.max_bytes}", name)
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as exc:
+        raise ImageSourceError(f"image file {name} does not exist", name) from exc
+    except IsADirectoryError as exc:
+        raise ImageSourceError(f"image path {name} is a directory, not a file", name) from exc
+    except OSError as exc:
+        raise ImageSourceError(f"image file {name} cannot be read: {exc}", name) from exc
+    return _open_bytes(data, name, limits)
+
+
+class _BoundedRedirects(urllib.request.HTTPRedirectHandler):
+    def __init__(self, limit: int, name: str):
+        super().__init__()
+        self.limit, self.name, self.count = limit, name, 0
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
+        self.count += 1
+        if self.count > self.limit:
+            raise ImageFetchError(f"image URL {self.name}: more than {self.limit} redirects", self.name)
+        if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
+            raise ImageFetchError(f"image URL {self.name} redirects to a non-http(s) URL {newurl!r}", self.name)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
+    """Download an http(s) URL: whole-download deadline `limits.timeout`, at most `limits.max_bytes`,
+    at most `limits.max_redirects` redirects, with a User-Agent. Raises ImageFetchError / ImageTooLargeError."""
+    name = describe_source(url)
+    deadline = time.monotonic() + limits.timeout
+    opener = urllib.request.build_opener(_BoundedRedirects(limits.max_redirects, name))
+    req = urllib.request.Request(url, headers={"User-Agent": limits.user_agent, "Accept": "image/*,*/*;q=0.5"})
+    chunks, total = [], 0
+    try:
+        with opener.open(req, timeout=limits.timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limits.max_bytes:
+                raise ImageTooLargeError(f"image URL {name} is {int(length)} bytes (Content-Length), over the cap "
+                                         f"of {limits.max_bytes}", name)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ImageFetchError(f"image URL {name}: download not finished within {limits.timeout:g} s",
+                                          name)
+                if resp.fp is not None and getattr(resp.fp, "raw", None) is not None:
+                    try:
+                        resp.fp.raw._sock.settimeout(left)  # keep every read inside the overall deadline
+                    except Exception:  # noqa: BLE001 - best effort; the socket timeout still bounds each read
+                        pass
+                chunk = resp.read(min(1 << 16, limits.max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > limits.max_bytes:
+                    raise ImageTooLargeError(f"image URL {name} is over the cap of {limits.max_bytes} bytes", name)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise ImageFetchError(f"image URL {name}: HTTP {exc.code} {exc.reason}", name) from exc
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            raise ImageFetchError(f"image URL {name}: no answer within {limits.timeout:g} s (timed out)",
+                                  name) from exc
+        raise ImageFetchError(f"image URL {name} is unreachable: {reason}", name) from exc
+    except (TimeoutError, OSError) as exc:
+        kind = "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else "connection error"
+        raise ImageFetchError(f"image URL {name}: {kind} after at most {limits.timeout:g} s ({exc})", name) from exc
+    except ValueError as exc:  # malformed URL (e.g. bad port)
+        raise ImageSourceError(f"image URL {name} is malformed: {exc}", name) from exc
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------------------------- decoding
+def _sniff(data: bytes) -> str:
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return " (it is an HTML page, e.g. a saved web page or a server's error page, not an image)"
+    if head.startswith((b"{", b"[")):
+        return " (it looks like JSON text, not an image)"
+    if head.startswith(b"<?xml") or head.startswith(b"<svg"):
+        return " (it looks like XML/SVG; vector images are not supported, convert to PNG)"
+    return ""
+
+
+def _open_bytes(data: bytes, name: str, limits: ImageLimits) -> OpenedImage:
+    if not data:
+        raise ImageDecodeError(f"image {name} is empty (0 bytes)", name)
+    if len(data) > limits.max_bytes:
+        raise ImageTooLargeError(f"image {name} is {len(data)} bytes, over the cap of {limits.max_bytes}", name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image {name} is a decompression bomb: {exc}", name) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"image {name} is not a recognised image format{_sniff(data)}", name) from exc
+    except Exception as exc:  # noqa: BLE001 - corrupt headers raise many types
+        raise ImageDecodeError(f"image {name} has a corrupt header: {exc}", name) from exc
+    return _open_pil(im, name, limits)
+
+
+def _open_pil(im: Image.Image, name: str, limits: ImageLimits) -> OpenedImage:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"image {name} has an empty size {w}x{h}", name)
+    if w * h > limits.max_pixels:
+        raise ImageTooLargeError(f"image {name} is {w}x{h} = {w * h} pixels, over the cap of {limits.max_pixels} "
+                                 "(decompression-bomb guard): downscale it first", name)
+    try:
+        animated = bool(getattr(im, "is_animated", False))
+    except Exception as exc:  # noqa: BLE001 - seeking a broken second frame
+        raise ImageDecodeError(f"image {name} is corrupt (cannot read its frames): {exc}", name) from exc
+    if animated:
+        n = getattr(im, "n_frames", "several")
+        if not limits.allow_animated:
+            raise AnimatedImageError(f"image {name} is an animated {im.format} with {n} frames; only still images "
+                                     "are accepted here", name)
+        warnings.warn(AnimatedImageWarning(f"image {name} is an animated {im.format} with {n} frames: using the "
+                                           "first frame only"), stacklevel=3)
+    orientation = 1
+    if limits.apply_exif_orientation:
+        try:
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unusable
+            orientation = 1
+        if orientation not in range(1, 9):
+            orientation = 1
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    return OpenedImage(name=name, width=w, height=h, format=im.format, mode=im.mode, orientation=orientation,
+                       animated=animated, _pil=im)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """mistral_common's rule: RGB stays; anything else -> RGBA -> pasted onto white -> RGB.
+    16-bit single-channel modes are first scaled to 8 bits (mistral_common would saturate them)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in _16BIT_MODES:
+        a = np.asarray(im).astype(np.int64)
+        a = np.clip(a, 0, 65535)
+        im = Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    if im.mode != "RGBA":
+        im = im.convert("RGBA")
+    white = Image.new("RGBA", im.size, "WHITE")
+    white.paste(im, (0, 0), im)
+    return white.convert("RGB")
+
+
+def _open_array(a: np.ndarray, limits: ImageLimits) -> OpenedImage:
+    name = describe_source(a)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ImageSourceError(f"image array {name} must be (H, W), (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA",
+                               name)
+    h, w = a.shape[:2]
+    if h == 0 or w == 0:
+        raise ImageDecodeError(f"image array {name} is empty", name)
+    if w * h > limits.max_pixels:
+        raise ImageTooLargeError(f"image array {name} has {w * h} pixels, over the cap of {limits.max_pixels}", name)
+    if a.dtype == np.uint8:
+        pass
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype == np.uint16:
+        a = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or a.min() < 0.0 or a.max() > 1.0:
+            raise ImageSourceError(f"float image array {name} must hold finite values in [0, 1]", name)
+        a = np.rint(a.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        raise ImageSourceError(f"image array {name}: dtype {a.dtype} not supported (uint8, uint16, bool, float "
+                               "in [0, 1])", name)
+    if a.ndim == 3 and a.shape[2] == 3:
+        rgb = np.ascontiguousarray(a)
+    else:
+        rgb = np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(a), mode="L" if a.ndim == 2 else "RGBA")))
+    return OpenedImage(name=name, width=w, height=h, format=None, mode="array", _array=np.ascontiguousarray(rgb))
+
+
+__all__ = ["ImageLimits", "DEFAULT_LIMITS", "OpenedImage", "open_image", "load_image", "fetch_url",
+           "USER_AGENT"]
