@@ -1,0 +1,258 @@
+"""The request path: checkpoint -> model on the device -> (messages, sampling) -> streamed tokens.
+
+    engine = Engine.load("/path/to/Pixtral-12B-2409")          # or Engine.load() for the random default
+    for piece in engine.stream(messages, SamplingParams(max_tokens=64)):
+        print(piece, end="", flush=True)
+    engine.last                                                # GenerationResult: ids, text, timings
+
+Per request the host plans once (chat.encode_request: tokens, images, patch grids, [IMG] positions), then
+the backend runs: image patches -> vision encoder -> scatter into the prompt embeddings -> prefill ->
+first token, and then one decode step per token. Two backends share this interface:
+  ReferenceBackend  plain PyTorch reference model (CPU or GPU); the oracle, and the CPU path of the CLI
+  FastBackend       Triton kernels; vision encoder and each decode step (all layers + sampling) replayed
+                    from CUDA graphs (pixtral_rt/fast_backend.py)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .chat import EncodedRequest, encode_request, load_tokenizer
+from .config import PIXTRAL_12B, PRESETS, PixtralArgs, tiny
+from .sampling import SamplingParams, SamplingState, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""          # "stop" (EOS or stop string), "length", "interrupted"
+    prompt_tokens: int = 0
+    image_patches: int = 0
+    n_images: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def default_random_model(device: torch.device) -> tuple[PixtralArgs, Path]:
+    """The embedded default: seeded random weights of the real architecture (Pixtral-12B on a GPU, a tiny
+    config on CPU), written once to a cache folder and then loaded through the real loader."""
+    from .random_weights import write_random_checkpoint
+    args = PIXTRAL_12B if device.type == "cuda" else tiny()
+    root = Path(os.environ.get("PIXTRAL_RT_CACHE", Path.home() / ".cache" / "pixtral_rt"))
+    folder = root / f"random-{args.name}-seed0"
+    if not (folder / "params.json").is_file():
+        print(f"pixtral_rt: writing random {args.name} weights to {folder} (once)", file=sys.stderr)
+        tmp = folder.with_name(folder.name + ".partial")
+        write_random_checkpoint(tmp, args, "mistral", seed=0, device=device, progress=True)
+        if folder.exists():
+            import shutil
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    return args, folder
+
+
+def decoder_weight_bytes(args: PixtralArgs, dtype_bytes: int = 2) -> int:
+    """Bytes every decode step must read: all decoder matrices except the embedding table (one row only)."""
+    t = args.text
+    per_layer = (t.dim * (t.n_heads + 2 * t.n_kv_heads) * t.head_dim + t.n_heads * t.head_dim * t.dim
+                 + 3 * t.dim * t.hidden_dim + 2 * t.dim)
+    return (t.n_layers * per_layer + t.vocab_size * t.dim + t.dim) * dtype_bytes
+
+
+def kv_bytes_per_token(args: PixtralArgs, dtype_bytes: int = 2) -> int:
+    t = args.text
+    return 2 * t.n_layers * t.n_kv_heads * t.head_dim * dtype_bytes
+
+
+class ReferenceBackend:
+    """The plain PyTorch reference model behind the engine interface (batch 1)."""
+
+    name = "reference"
+
+    def __init__(self, model, args: PixtralArgs, device, dtype, max_context: int):
+        from .reference.transformer import KVCache
+        self.model, self.args, self.device, self.dtype = model, args, device, dtype
+        self.max_context = max_context
+        self._kv_cls = KVCache
+        self.sampling = SamplingState(1, device)
+
+    def start(self, req: EncodedRequest, params: SamplingParams) -> tuple[torch.Tensor, dict]:
+        """Vision + prefill for one request -> first token (1,) on the device, and timings."""
+        self.sampling.set(0, params)
+        self.cache = self._kv_cls.empty(self.args.text, req.prompt_tokens + params.max_tokens, self.device, self.dtype)
+        self.greedy = params.greedy
+        t0 = _now(self.device)
+        with torch.inference_mode():
+            images = [im.to(self.device) for im in req.images]
+            feats = self.model.image_features(images) if images else None
+            t1 = _now(self.device)
+            toks = torch.tensor(req.tokens, device=self.device)
+            h = self.model.tok_embeddings(toks)
+            if feats is not None:
+                h = h.clone()
+                h[torch.tensor(req.image_token_positions, device=self.device)] = feats.to(h.dtype)
+            logits = self.model(h, 0, self.cache)[-1:]
+            tok = sample(logits, self.sampling, greedy_only=self.greedy)
+        return tok, {"vision_ms": (t1 - t0) * 1e3}
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            h = self.model.tok_embeddings(tok)
+            logits = self.model(h, self.cache.length, self.cache)
+            return sample(logits, self.sampling, greedy_only=self.greedy)
+
+
+def _now(device) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class Engine:
+    def __init__(self, args: PixtralArgs, tokenizer, backend, info: dict, max_context: int, max_images: int = 12):
+        self.args, self.tokenizer, self.backend, self.info = args, tokenizer, backend, info
+        self.max_context, self.max_images = max_context, max_images
+        self.last: GenerationResult | None = None
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, device: str | None = None, dtype: str | None = None,
+             max_context: int | None = None, max_images: int = 12, backend: str = "auto",
+             fmt: str | None = None, progress: bool = True, use_graphs: bool = True) -> "Engine":
+        from .checkpoint import load_state_dict, plan_checkpoint
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
+        tdtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                  "float32": torch.float32, "fp32": torch.float32, None: None}[dtype]
+        if tdtype is None:
+            tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        t0 = time.perf_counter()
+        random_default = model is None
+        if random_default:
+            default_args, folder = default_random_model(dev)
+        else:
+            folder = Path(model)
+        plan = plan_checkpoint(folder, fmt)
+        args = plan.args
+        print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
+                                                   if random_default else ""), file=sys.stderr)
+        tokenizer = load_tokenizer(None if random_default else folder, args)
+        ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
+        use_fast = backend == "fast" or (backend == "auto" and dev.type == "cuda")
+        if use_fast:
+            if dev.type != "cuda":
+                raise RuntimeError("the fast backend needs a CUDA GPU; use --backend reference on CPU")
+            from .fast_backend import FastBackend
+            sd = load_state_dict(plan, device=dev, dtype=tdtype, progress=progress)
+            load_s = time.perf_counter() - t0
+            be = FastBackend(sd, args, dev, tdtype, max_context, max_images=max_images, progress=progress,
+                             use_graphs=use_graphs)
+            ctx = be.max_context
+        else:
+            from .reference.model import PixtralModel
+            sd = load_state_dict(plan, device=dev, dtype=tdtype, progress=progress)
+            with torch.device("meta"):
+                m = PixtralModel(args)
+            m.load_state_dict(sd, assign=True, strict=True)
+            load_s = time.perf_counter() - t0
+            be = ReferenceBackend(m.eval(), args, dev, tdtype, ctx)
+        info = {"model": f"random {default_args.name}" if random_default else str(folder), "format": plan.format,
+                "random_weights": random_default, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                else "cpu", "dtype": str(tdtype).replace("torch.", ""), "backend": be.name, "load_s": load_s,
+                "max_context": ctx}
+        return cls(args, tokenizer, be, info, ctx, max_images)
+
+    # ------------------------------------------------------------------------------ requests
+    def encode(self, messages, params: SamplingParams) -> EncodedRequest:
+        return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
+                              max_context=self.max_context, max_tokens=params.max_tokens)
+
+    def _eos(self) -> int:
+        return self.tokenizer.instruct_tokenizer.tokenizer.eos_id
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def stream(self, messages, params: SamplingParams | None = None, req: EncodedRequest | None = None
+               ) -> Iterator[str]:
+        """Yield text pieces as tokens are produced. `self.last` holds the result (also on Ctrl-C)."""
+        params = params or SamplingParams()
+        t_start = time.perf_counter()
+        req = req or self.encode(messages, params)
+        t_enc = time.perf_counter()
+        res = GenerationResult(prompt_tokens=req.prompt_tokens, image_patches=req.n_patches, n_images=req.n_images)
+        self.last = res
+        eos = self._eos()
+        printed = ""
+        dev = getattr(self.backend, "device", torch.device("cpu"))
+        try:
+            t0 = _now(dev)
+            tok, tinfo = self.backend.start(req, params)
+            nxt = int(tok.item())
+            t_first = time.perf_counter()
+            res.timings.update(encode_ms=(t_enc - t_start) * 1e3, vision_ms=tinfo.get("vision_ms", 0.0),
+                               ttft_ms=(t_first - t0) * 1e3)
+            text = ""
+            while True:
+                if nxt == eos:
+                    res.finish_reason = "stop"
+                    break
+                res.token_ids.append(nxt)
+                last = len(res.token_ids) >= params.max_tokens
+                if not last:
+                    tok = self.backend.step(tok)  # enqueue the next step before any host work
+                text = self._decode(res.token_ids)
+                stop_at = _find_stop(text, params.stop)
+                if stop_at is not None:
+                    text, res.finish_reason = text[:stop_at], "stop"
+                elif last:
+                    res.finish_reason = "length"
+                # hold back an incomplete UTF-8 sequence until the next token completes it
+                if (res.finish_reason or not text.endswith("\ufffd")) and text.startswith(printed):
+                    piece, printed = text[len(printed):], text
+                    if piece:
+                        yield piece
+                if res.finish_reason:
+                    break
+                nxt = int(tok.item())
+            res.text = text
+            t_end = _now(dev)
+            n_dec = len(res.token_ids) - 1
+            if n_dec > 0:
+                tps = n_dec / (t_end - t_first)
+                res.timings["decode_tok_s"] = tps
+                ctx = req.prompt_tokens + len(res.token_ids) / 2  # mean KV length read per step
+                res.timings["decode_GBps"] = tps * (decoder_weight_bytes(self.args)
+                                                    + kv_bytes_per_token(self.args) * ctx) / 1e9
+        except KeyboardInterrupt:
+            res.finish_reason = "interrupted"
+            res.text = self._decode(res.token_ids)
+            raise
+        finally:
+            res.timings.setdefault("decode_tok_s", 0.0)
+            res.timings.setdefault("decode_GBps", 0.0)
+
+    def generate(self, messages, params: SamplingParams | None = None) -> GenerationResult:
+        for _ in self.stream(messages, params):
+            pass
+        return self.last
+
+
+def _find_stop(text: str, stops) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
