@@ -148,7 +148,7 @@ GPU_GRIDS = [(1, 1), (1, 64), (64, 1), (3, 5), (64, 64)]
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_images", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n_images", [1, 3, 8])
 @pytest.mark.parametrize("d,heads", [(64, 16), (88, 16)])
 @pytest.mark.parametrize("mode", ["fused", "fused_half", "separate"])
 def test_vision_attention_gpu_bf16(n_images, d, heads, mode):
