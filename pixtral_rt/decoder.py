@@ -1,0 +1,224 @@
+"""Fast text decoder (Mistral / Pixtral): Triton kernels + cuBLAS GEMMs over a static KV cache.
+
+Weights come in Mistral checkpoint names (tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo},
+layers.{i}.{attention_norm,ffn_norm}, layers.{i}.feed_forward.{w1,w2,w3}, norm, output), from a state dict
+or from the reference `pixtral_rt.reference.transformer.Transformer`. At load, wq|wk|wv -> wqkv and
+w1|w3 -> w13 (one GEMM each); other weights are used as given (no copy when device/dtype already match).
+
+Static KV cache: k_cache, v_cache (n_layers, max_batch, n_kv_heads, max_seq, head_dim); slot b = row b of a
+decode batch. K is stored RoPE-rotated. Valid length of a slot is whatever the caller says it is
+(start_pos / positions): nothing on the host tracks it.
+
+API
+    dec = FastDecoder(args, state_dict, max_batch=8, max_seq=8192)      # or FastDecoder.from_reference(m)
+    dec.warmup(batch_sizes=(1, 8))      # compile every kernel, init cuBLAS: call before CUDA-graph capture
+    h = dec.embed(tokens)               # (T,) int -> (T, dim)
+    logits = dec.prefill(h, slot, start_pos)       # h (T, dim) at positions start_pos..start_pos+T-1 of
+                                                   # cache slot `slot` -> (vocab,) fp32 logits of the last token
+    logits = dec.decode_step(tokens, positions)    # tokens (B,), positions (B,) int device tensors, B <= max_batch:
+                                                   # token b sits at positions[b] of slot b and attends to
+                                                   # [0, positions[b]] -> (B, vocab) fp32. Static shapes, no host
+                                                   # sync: capturable in a CUDA graph.
+    graph = dec.capture_decode(B)       # convenience: CUDA graph of decode_step with static input buffers;
+    logits = graph(tokens, positions)   # copies inputs in, replays, returns the static logits buffer
+Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v into the cache) ->
+prefill_attention_cached | decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
+w2 GEMM. Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from .config import TransformerArgs
+from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
+from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
+from pixtral_rt.kernels.rms_norm import rms_norm
+from pixtral_rt.kernels.silu_mul import silu_mul
+
+
+@dataclass
+class _Layer:
+    wqkv: torch.Tensor          # ((Hq + 2 Hkv) * D, dim)
+    wo: torch.Tensor            # (dim, Hq * D)
+    w13: torch.Tensor           # (2 * hidden, dim): w1 (gate) rows then w3 (up) rows
+    w2: torch.Tensor            # (dim, hidden)
+    attention_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+
+
+class FastDecoder:
+    def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
+                 max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
+                 prefill_chunk: int = 8192, decode_config: dict | None = None):
+        self.args = args
+        emb = weights["tok_embeddings.weight"]
+        self.device = torch.device(device) if device is not None else emb.device
+        self.dtype = dtype or emb.dtype
+        self.max_batch = max_batch
+        self.max_seq = max_seq or args.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.decode_config = dict(block_n=64, num_warps=4, num_stages=3, **(decode_config or {}))
+        D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
+
+        def get(name, shape):
+            if name not in weights:
+                raise KeyError(f"FastDecoder: weight {name!r} missing from the state dict")
+            w = weights[name]
+            if tuple(w.shape) != tuple(shape):
+                raise ValueError(f"FastDecoder: {name} has shape {tuple(w.shape)}, config expects {tuple(shape)}")
+            return w.to(device=self.device, dtype=self.dtype)
+
+        self.tok_embeddings = get("tok_embeddings.weight", (args.vocab_size, args.dim))
+        self.layers: list[_Layer] = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            wqkv = torch.cat([get(p + "attention.wq.weight", (Hq * D, args.dim)),
+                              get(p + "attention.wk.weight", (Hkv * D, args.dim)),
+                              get(p + "attention.wv.weight", (Hkv * D, args.dim))])
+            w13 = torch.cat([get(p + "feed_forward.w1.weight", (args.hidden_dim, args.dim)),
+                             get(p + "feed_forward.w3.weight", (args.hidden_dim, args.dim))])
+            self.layers.append(_Layer(
+                wqkv=wqkv, wo=get(p + "attention.wo.weight", (args.dim, Hq * D)), w13=w13,
+                w2=get(p + "feed_forward.w2.weight", (args.dim, args.hidden_dim)),
+                attention_norm=get(p + "attention_norm.weight", (args.dim,)),
+                ffn_norm=get(p + "ffn_norm.weight", (args.dim,))))
+        self.norm = get("norm.weight", (args.dim,))
+        self.output = get("output.weight", (args.vocab_size, args.dim))
+        cache_shape = (args.n_layers, max_batch, Hkv, self.max_seq, D)
+        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.cos_sin = rope_table(self.max_seq, D, args.rope_theta, self.device)
+        self.slot_ids = torch.arange(max_batch, device=self.device, dtype=torch.int32)
+
+    @classmethod
+    def from_reference(cls, model, **kw) -> "FastDecoder":
+        """From `pixtral_rt.reference.transformer.Transformer` (shares its unfused weights, no copy)."""
+        return cls(model.args, dict(model.state_dict()), **kw)
+
+    @property
+    def weight_bytes_per_token(self) -> int:
+        """Bytes of weights a batch-1 decode step must read (all but the embedding table)."""
+        n = self.output.numel() + self.norm.numel()
+        for L in self.layers:
+            n += sum(t.numel() for t in (L.wqkv, L.wo, L.w13, L.w2, L.attention_norm, L.ffn_norm))
+        return n * self.tok_embeddings.element_size()
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T,) int -> (T, dim) in the model dtype."""
+        return F.embedding(tokens, self.tok_embeddings)
+
+    def _layers(self, x: torch.Tensor, attend, last_only: bool) -> torch.Tensor:
+        """x (T, dim) -> final-normed hidden (T or 1, dim). attend(i, qkv) -> (T, Hq, D)."""
+        eps = self.args.norm_eps
+        T = x.shape[0]
+        res, y = x, None
+        for i, L in enumerate(self.layers):
+            if y is None:
+                h = rms_norm(x, L.attention_norm, eps)
+            else:
+                h, res = rms_norm(y, L.attention_norm, eps, residual=res)
+            a = attend(i, F.linear(h, L.wqkv))                       # (T, Hq, D)
+            y = F.linear(a.view(T, -1), L.wo)
+            h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
+            y = F.linear(silu_mul(F.linear(h, L.w13)), L.w2)
+        if last_only:
+            y, res = y[-1:], res[-1:]
+        h, _ = rms_norm(y, self.norm, eps, residual=res)
+        return h
+
+    @torch.inference_mode()
+    def prefill(self, h: torch.Tensor, slot: int, start_pos: int) -> torch.Tensor:
+        """h (T, dim) embeddings of positions start_pos.. of cache slot `slot` -> (vocab,) fp32 last logits."""
+        T = h.shape[0]
+        if h.dim() != 2 or h.shape[1] != self.args.dim or T == 0:
+            raise ValueError(f"prefill: h must be (T >= 1, {self.args.dim}), got {tuple(h.shape)}")
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"prefill: slot {slot} outside 0..{self.max_batch - 1} (max_batch)")
+        if start_pos < 0 or start_pos + T > self.max_seq:
+            raise ValueError(f"prefill: positions {start_pos}..{start_pos + T} exceed max_seq {self.max_seq}; "
+                             f"build the decoder with a larger max_seq")
+        h = h.to(device=self.device, dtype=self.dtype)
+        args = self.args
+        out = None
+        for c0 in range(0, T, self.prefill_chunk):
+            x = h[c0:c0 + self.prefill_chunk]
+            n, pos0 = x.shape[0], start_pos + c0
+            positions = torch.arange(pos0, pos0 + n, device=self.device, dtype=torch.int32)
+            slots = torch.full((n,), slot, device=self.device, dtype=torch.int32)
+
+            def attend(i, qkv, n=n, pos0=pos0, positions=positions, slots=slots):
+                rope_store_kv(qkv, positions, slots, self.k_cache[i], self.v_cache[i], self.cos_sin,
+                              args.n_heads, args.n_kv_heads)
+                q = qkv[:, :args.n_heads * args.head_dim].view(n, args.n_heads, args.head_dim)
+                return prefill_attention_cached(q, self.k_cache[i], self.v_cache[i], slot, pos0)
+
+            out = self._layers(x, attend, last_only=True)
+        return F.linear(out, self.output)[0].float()
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (B,), positions (B,) int device tensors -> logits (B, vocab) fp32. Row b uses cache slot b."""
+        B = tokens.shape[0]
+        if tokens.shape != (B,) or positions.shape != (B,) or not 1 <= B <= self.max_batch:
+            raise ValueError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
+                             f"must both be (B,) with 1 <= B <= max_batch={self.max_batch}")
+        args = self.args
+        with torch.inference_mode():
+            slots = self.slot_ids[:B]
+            lens = (positions + 1).to(torch.int32)
+            ns = default_num_splits(B, args.n_kv_heads, self.device)
+
+            def attend(i, qkv):
+                rope_store_kv(qkv, positions, slots, self.k_cache[i], self.v_cache[i], self.cos_sin,
+                              args.n_heads, args.n_kv_heads)
+                q = qkv[:, :args.n_heads * args.head_dim].view(B, args.n_heads, args.head_dim)
+                return decode_attention(q, self.k_cache[i], self.v_cache[i], lens, num_splits=ns,
+                                        **self.decode_config)
+
+            h = self._layers(self.embed(tokens), attend, last_only=False)
+            return F.linear(h, self.output).float()
+
+    # ------------------------------------------------------------------ graphs
+    def warmup(self, batch_sizes=(1,), prefill_lens=(1, 97)) -> None:
+        """Compile every Triton kernel and initialise cuBLAS for these shapes. Writes garbage K/V at
+        positions 0.. of slots 0..max(batch_sizes)-1: call it before serving (or re-prefill after)."""
+        for T in prefill_lens:
+            T = min(T, self.max_seq)
+            self.prefill(torch.zeros(T, self.args.dim, device=self.device, dtype=self.dtype), 0, 0)
+        for B in batch_sizes:
+            tok = torch.zeros(B, dtype=torch.long, device=self.device)
+            self.decode_step(tok, torch.zeros(B, dtype=torch.int32, device=self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def capture_decode(self, batch: int) -> "DecodeGraph":
+        return DecodeGraph(self, batch)
+
+
+class DecodeGraph:
+    """decode_step for a fixed batch captured in a CUDA graph; call with (tokens, positions) device tensors."""
+
+    def __init__(self, decoder: FastDecoder, batch: int):
+        self.decoder = decoder
+        dev = decoder.device
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)
+        decoder.warmup(batch_sizes=(batch,), prefill_lens=())
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):  # warm the allocator on the side stream, as torch's docs advise
+            decoder.decode_step(self.tokens, self.positions)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.decode_step(self.tokens, self.positions)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens, non_blocking=True)
+        self.positions.copy_(positions, non_blocking=True)
+        self.graph.replay()
+        return self.logits
