@@ -22,6 +22,9 @@ class OptionalBuildExt(build_ext):
 
     def build_extension(self, ext):
         try:
+            prepare = getattr(ext, "prepare", None)  # csrc_build.CudaExtension: nvcc-compile .cu sources first
+            if prepare is not None:
+                prepare(self)
             super().build_extension(ext)
         except Exception as exc:  # noqa: BLE001
             print(f"pixtral_rt: extension {ext.name} not built ({exc}); the runtime uses its fallback",
