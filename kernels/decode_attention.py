@@ -25,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale,
                          stride_qb, stride_qh, stride_cb, stride_ch, stride_cs,
-                         NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
+                         NUM_SPLITS, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -68,7 +68,7 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_p
 
 @triton.jit
 def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh,
-                          NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          NUM_SPLITS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS
@@ -128,8 +128,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_split_kernel[(ns, Hkv, B)](
         q, k_cache, v_cache, cache_lens, po, pm, pl, qk_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_SPLITS=ns, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        ns, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    _decode_reduce_kernel[(B, Hq)](po, pm, pl, o, o.stride(0), o.stride(1), NUM_SPLITS=ns,
+    _decode_reduce_kernel[(B, Hq)](po, pm, pl, o, o.stride(0), o.stride(1), ns,
                                    BLOCK_S=triton.next_power_of_2(ns), HEAD_DIM=D, num_warps=4)
     return o
