@@ -263,7 +263,8 @@ def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
                         resp.fp.raw._sock.settimeout(left)  # keep every read inside the overall deadline
                     except Exception:  # noqa: BLE001 - best effort; the socket timeout still bounds each read
                         pass
-                chunk = resp.read(min(1 << 16, limits.max_bytes + 1 - total))
+                n = min(1 << 16, limits.max_bytes + 1 - total)
+                chunk = resp.read1(n) if hasattr(resp, "read1") else resp.read(n)  # read1: no waiting for n
                 if not chunk:
                     break
                 chunks.append(chunk)
