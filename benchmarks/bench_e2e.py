@@ -1,0 +1,168 @@
+"""End to end on the GPU: pixtral_rt (fast backend, CUDA graphs) vs HF transformers on the SAME random
+Pixtral-12B weights, in one run. Cases (performance.md):
+  a) one 1024x1024 image + ~30 text tokens: TTFT, decode tok/s
+  b) four mixed images (1024^2, 512x768, 768x512, 256^2): TTFT, decode tok/s
+  c) text only, 1k-token context: TTFT, decode tok/s
+  d) text only, 32k-token context: TTFT, decode tok/s
+Peak GPU memory for each. Floors: decode = weight bytes + KV bytes per token over the measured copy
+bandwidth; TTFT floor from performance.md's FLOP count over the measured bf16 matmul rate.
+
+    python benchmarks/bench_e2e.py --model /path/to/checkpoint [--skip-hf] [--tokens 128]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import record
+from pixtral_rt.chat import EncodedRequest
+from pixtral_rt.engine import Engine, decoder_weight_bytes, kv_bytes_per_token
+from pixtral_rt.sampling import SamplingParams
+
+IMAGE_SETS = {"a_1img_1024": [(1024, 1024)], "b_4imgs_mixed": [(1024, 1024), (512, 768), (768, 512), (256, 256)]}
+
+
+def ceilings() -> tuple[float, float]:
+    """Measured copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) on this GPU."""
+    from benchmarks.common import bench_ms
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    bw = 2 * n / (bench_ms(lambda: b.copy_(a)) * 1e-3)
+    del a, b
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(x)
+    fl = 2 * 8192 ** 3 / (bench_ms(lambda: x @ y) * 1e-3)
+    return bw, fl
+
+
+def request(engine: Engine, case: str, rng) -> EncodedRequest:
+    if case in IMAGE_SETS:
+        imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for (h, w) in IMAGE_SETS[case]]
+        text = " ".join(["describe the picture in detail please"] * 5)  # ~30 tokens
+        msgs = [{"role": "user", "content": [{"type": "image", "image": im} for im in imgs] +
+                 [{"type": "text", "text": text}]}]
+        return engine.encode(msgs, SamplingParams(max_tokens=1))
+    n = {"c_text_1k": 1000, "d_text_32k": 32000}[case]
+    toks = [1, 3] + rng.integers(1000, 100000, n - 3).tolist() + [4]
+    return EncodedRequest(tokens=toks, images=[], patch_grids=[], image_token_positions=[], cu_seqlens=[0],
+                          prompt_tokens=len(toks))
+
+
+def run_ours(engine: Engine, req: EncodedRequest, n_tokens: int, reps: int = 3) -> dict:
+    p = SamplingParams(max_tokens=n_tokens)
+    torch.cuda.reset_peak_memory_stats()
+    ttft, tps = [], []
+    for _ in range(reps):
+        for _ in engine.stream(None, p, req=req):
+            pass
+        r = engine.last
+        ttft.append(r.timings["ttft_ms"])
+        if len(r.token_ids) >= n_tokens // 2:
+            tps.append(r.timings["decode_tok_s"])
+    return {"ttft_ms": float(np.median(ttft)), "decode_tok_s": float(np.median(tps)) if tps else float("nan"),
+            "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "tokens": len(engine.last.token_ids),
+            "vision_ms": engine.last.timings.get("vision_ms", 0.0)}
+
+
+def build_hf(sd: dict, args):
+    """HF LlavaForConditionalGeneration with the same weights (HF names, q/k rows permuted as HF's
+    conversion does)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from pixtral_rt.checkpoint import mistral_to_hf_key, permute_for_hf, rotary_heads
+    cfg = LlavaConfig(**{k: v for k, v in args.to_hf_config().items() if k not in ("model_type", "architectures")})
+    with torch.device("cuda"):
+        hf = LlavaForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16).eval()
+    hsd = hf.state_dict()
+    with torch.no_grad():
+        for k in list(sd):
+            t = sd.pop(k)
+            h = rotary_heads(k, args)
+            hsd[mistral_to_hf_key(k)].copy_(permute_for_hf(t, h) if h else t)
+    return hf
+
+
+def run_hf(hf, args, req: EncodedRequest, n_tokens: int) -> dict:
+    ids = torch.tensor([req.tokens], device="cuda")
+    kw = {}
+    if req.images:
+        H = max(i.shape[1] for i in req.images)
+        W = max(i.shape[2] for i in req.images)
+        px = torch.zeros(len(req.images), 3, H, W, device="cuda", dtype=torch.bfloat16)
+        for i, im in enumerate(req.images):
+            px[i, :, :im.shape[1], :im.shape[2]] = im.to("cuda")
+        kw = {"pixel_values": px, "image_sizes": torch.tensor([[im.shape[1], im.shape[2]] for im in req.images],
+                                                               device="cuda")}
+    torch.cuda.reset_peak_memory_stats()
+    ts = []
+    with torch.inference_mode():
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            hf(input_ids=ids, logits_to_keep=1, **kw)
+            torch.cuda.synchronize()
+            ts.append((time.perf_counter() - t) * 1e3)
+        ttft = float(np.median(ts[1:]))
+        dts = []
+        for new in (1, n_tokens + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            hf.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kw)
+            torch.cuda.synchronize()
+            dts.append(time.perf_counter() - t)
+    return {"ttft_ms": ttft, "decode_tok_s": n_tokens / (dts[1] - dts[0]),
+            "peak_GB": torch.cuda.max_memory_allocated() / 1e9}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder (e.g. written by pixtral_rt.random_weights)")
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per case")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--cases", default="a_1img_1024,b_4imgs_mixed,c_text_1k,d_text_32k")
+    a = ap.parse_args()
+    bw, fl = ceilings()
+    print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {fl / 1e12:.0f} TFLOP/s")
+    t0 = time.perf_counter()
+    engine = Engine.load(a.model, max_context=40960, progress=False)
+    load_s = time.perf_counter() - t0
+    record("e2e", "engine_load_and_capture", "wall", load_s, "s", None, None, None)
+    rng = np.random.default_rng(0)
+    cases = a.cases.split(",")
+    reqs = {c: request(engine, c, rng) for c in cases}
+    args = engine.args
+    wbytes = decoder_weight_bytes(args)
+    ours = {c: run_ours(engine, reqs[c], a.tokens) for c in cases}
+    hf_res = {}
+    if not a.skip_hf:
+        from pixtral_rt.checkpoint import load_state_dict, plan_checkpoint
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        sd = load_state_dict(plan_checkpoint(a.model), device="cuda", dtype=torch.bfloat16, progress=False)
+        hf = build_hf(sd, args)
+        del sd
+        for c in cases:
+            if c == "d_text_32k":
+                continue  # HF at 32k: eager generate takes minutes of device time; gpt-fast anchor covers decode
+            hf_res[c] = run_hf(hf, args, reqs[c], min(a.tokens, 32))
+        del hf
+    for c in cases:
+        o, h = ours[c], hf_res.get(c)
+        ctx = reqs[c].prompt_tokens + a.tokens / 2
+        floor_tps = bw / (wbytes + kv_bytes_per_token(args) * ctx)
+        record("e2e", c, "decode_tok_s", o["decode_tok_s"], "tok/s", "hf_transformers_generate",
+               h["decode_tok_s"] if h else None, floor_tps, prompt_tokens=reqs[c].prompt_tokens,
+               fraction_of_floor=round(o["decode_tok_s"] / floor_tps, 3))
+        record("e2e", c, "ttft_ms", o["ttft_ms"], "ms", "hf_transformers_forward", h["ttft_ms"] if h else None, None,
+               prompt_tokens=reqs[c].prompt_tokens, vision_ms=round(o["vision_ms"], 2))
+        record("e2e", c, "peak_gpu_GB", o["peak_GB"], "GB", "hf_transformers", h["peak_GB"] if h else None, None)
+
+
+if __name__ == "__main__":
+    main()
