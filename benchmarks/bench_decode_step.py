@@ -7,6 +7,7 @@ the sum of those GEMMs over 40 layers (what the step would cost if everything bu
 Baseline: gpt-fast style torch.compile decoder, ../shared/reference/performance.md (not re-run here unless
 --gptfast).
 """
+import json
 import sys
 from collections.abc import Mapping
 
@@ -18,6 +19,9 @@ from common import bench_ms, device_name, record  # noqa: E402
 
 from pixtral_rt.config import PIXTRAL_12B  # noqa: E402
 from pixtral_rt.decoder import FastDecoder  # noqa: E402
+from pixtral_rt.kernels.gemv import gemv  # noqa: E402
+
+GEMV_CONFIGS = [(8, 512, 4, 4), (16, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 256, 4, 6), (32, 256, 8, 4)]
 
 GPTFAST_TOK_S = {"NVIDIA H100 80GB HBM3": 100.4, "NVIDIA H200": 119.6}  # performance.md, ctx 1k
 
@@ -48,6 +52,9 @@ class RandomWeights(Mapping):
             return (1 + 0.1 * torch.randn(shape, device="cuda")).to(torch.bfloat16)
         return (torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02)
 
+    def __contains__(self, k):
+        return k in self.shapes
+
     def __iter__(self):
         return iter(self.shapes)
 
@@ -71,9 +78,10 @@ def main():
     print(f"copy {copy_tb:.2f} TB/s; weights/token {wbytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms = "
           f"{1e3 / floor_ms:.1f} tok/s ({device_name()})")
 
-    # cuBLAS at M=1 on every decoder GEMM shape
+    # cuBLAS vs the Triton GEMV at M=1 on every decoder GEMM shape
     L0 = dec.layers[0]
-    gemm_ms_total = 0.0
+    gemm_ms_total = triton_ms_total = 0.0
+    best_cfgs = {}
     for name, w, count in (("wqkv", L0.wqkv, 40), ("wo", L0.wo, 40), ("w13", L0.w13, 40), ("w2", L0.w2, 40),
                            ("output", dec.output, 1)):
         x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
@@ -81,11 +89,35 @@ def main():
         gemm_ms_total += ms * count
         record("decode_step", f"cublas_gemv_{name}_{w.shape[0]}x{w.shape[1]}", "TB/s", w.numel() * 2 / ms / 1e9,
                "TB/s", "copy_bw", copy_tb, copy_tb, us=round(ms * 1e3, 2))
+        best = None
+        for bn, bk, nw, ns in GEMV_CONFIGS:
+            try:
+                tms = bench_ms(lambda: gemv(x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns), rep_ms=100)
+            except Exception as exc:  # noqa: BLE001
+                print(f"gemv config {(bn, bk, nw, ns)} failed: {type(exc).__name__} {str(exc)[:150]}")
+                continue
+            if best is None or tms < best[0]:
+                best = (tms, dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+        best_cfgs[tuple(w.shape)] = best[1]
+        triton_ms_total += best[0] * count
+        record("decode_step", f"triton_gemv_{name}_{w.shape[0]}x{w.shape[1]}", "TB/s", w.numel() * 2 / best[0] / 1e9,
+               "TB/s", "cublas_gemv", w.numel() * 2 / ms / 1e9, copy_tb, us=round(best[0] * 1e3, 2), config=best[1])
     record("decode_step", "sum_of_cublas_gemvs_B1", "tok/s", 1e3 / gemm_ms_total, "tok/s", "weight_read_floor",
            1e3 / floor_ms, 1e3 / floor_ms, ms=round(gemm_ms_total, 3))
+    record("decode_step", "sum_of_triton_gemvs_B1", "tok/s", 1e3 / triton_ms_total, "tok/s", "sum_of_cublas_gemvs_B1",
+           1e3 / gemm_ms_total, 1e3 / floor_ms, ms=round(triton_ms_total, 3))
+    dec.gemv_configs = best_cfgs
+    try:  # best decode-attention config from bench_decode_attention.py run just before (same machine)
+        best_attn = json.load(open("/tmp/decode_best.json"))
+        dec.decode_config = dict(block_n=best_attn[0], num_warps=best_attn[1], num_stages=best_attn[2])
+        print(f"decode attention config from the sweep: {dec.decode_config}")
+    except (OSError, ValueError):
+        pass
 
     gf = GPTFAST_TOK_S.get(device_name())
-    for B, pos in ((1, 1000), (1, 4000), (8, 1000)):
+    for backend, B, pos in (("cublas", 1, 1000), ("triton", 1, 1000), ("cublas", 1, 4000), ("triton", 1, 4000),
+                            ("cublas", 8, 1000)):
+        dec.gemv_backend = backend
         graph = dec.capture_decode(B)
         tok = torch.randint(1000, args.vocab_size, (B,), device="cuda")
         positions = torch.full((B,), pos, device="cuda", dtype=torch.int32)
@@ -94,12 +126,12 @@ def main():
         ms = bench_ms(graph.graph.replay, warmup_ms=100, rep_ms=1000)
         kv_bytes = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2 * (pos + 1)
         gbs = (wbytes + kv_bytes) / ms / 1e6
-        record("decode_step", f"graph_B{B}_ctx{pos}", "tok/s", B * 1e3 / ms, "tok/s",
+        record("decode_step", f"graph_{backend}_B{B}_ctx{pos}", "tok/s", B * 1e3 / ms, "tok/s",
                "gptfast_style_ctx1k(performance.md)" if gf else None, gf, B * 1e3 / floor_ms, ms=round(ms, 4),
                GBps=round(gbs, 1), frac_of_floor=round(floor_ms / ms, 4))
-        if B == 1 and pos == 1000:
+        if B == 1 and pos == 1000 and backend == "cublas":
             eager = bench_ms(lambda: dec.decode_step(tok, positions), rep_ms=500)
-            record("decode_step", "eager_B1_ctx1000", "tok/s", 1e3 / eager, "tok/s", "graph_B1_ctx1000",
+            record("decode_step", "eager_B1_ctx1000", "tok/s", 1e3 / eager, "tok/s", "graph_cublas_B1_ctx1000",
                    1e3 / ms, 1e3 / floor_ms, ms=round(eager, 4))
         del graph
     if "--gptfast" in sys.argv:

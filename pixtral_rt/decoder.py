@@ -23,7 +23,7 @@ API
     logits = graph(tokens, positions)   # copies inputs in, replays, returns the static logits buffer
 Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v into the cache) ->
 prefill_attention_cached | decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
-w2 GEMM. Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
+w2 GEMM (cuBLAS; or kernels/gemv.py for 1-row GEMMs with gemv_backend="triton"). Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TransformerArgs
+from pixtral_rt.kernels.gemv import gemv
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
 from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
 from pixtral_rt.kernels.rms_norm import rms_norm
@@ -53,7 +54,8 @@ class _Layer:
 class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 8192, decode_config: dict | None = None):
+                 prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str = "cublas",
+                 gemv_configs: dict | None = None):
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -62,6 +64,10 @@ class FastDecoder:
         self.max_seq = max_seq or args.max_seq_len
         self.prefill_chunk = prefill_chunk
         self.decode_config = dict(block_n=64, num_warps=4, num_stages=3, **(decode_config or {}))
+        if gemv_backend not in ("cublas", "triton"):
+            raise ValueError(f"gemv_backend must be 'cublas' or 'triton', got {gemv_backend!r}")
+        self.gemv_backend = gemv_backend      # 'triton': kernels/gemv.py for 1-row GEMMs (decode at batch 1)
+        self.gemv_configs = dict(gemv_configs or {})  # (N, K) -> dict(block_n, block_k, num_warps, num_stages)
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
 
         def get(name, shape):
@@ -112,6 +118,11 @@ class FastDecoder:
         """tokens (T,) int -> (T, dim) in the model dtype."""
         return F.embedding(tokens, self.tok_embeddings)
 
+    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.gemv_backend == "triton" and x.shape[0] == 1:
+            return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
+        return F.linear(x, w)
+
     def _layers(self, x: torch.Tensor, attend, last_only: bool) -> torch.Tensor:
         """x (T, dim) -> final-normed hidden (T or 1, dim). attend(i, qkv) -> (T, Hq, D)."""
         eps = self.args.norm_eps
@@ -122,10 +133,10 @@ class FastDecoder:
                 h = rms_norm(x, L.attention_norm, eps)
             else:
                 h, res = rms_norm(y, L.attention_norm, eps, residual=res)
-            a = attend(i, F.linear(h, L.wqkv))                       # (T, Hq, D)
-            y = F.linear(a.view(T, -1), L.wo)
+            a = attend(i, self._linear(h, L.wqkv))                   # (T, Hq, D)
+            y = self._linear(a.view(T, -1), L.wo)
             h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
-            y = F.linear(silu_mul(F.linear(h, L.w13)), L.w2)
+            y = self._linear(silu_mul(self._linear(h, L.w13)), L.w2)
         if last_only:
             y, res = y[-1:], res[-1:]
         h, _ = rms_norm(y, self.norm, eps, residual=res)
@@ -158,7 +169,7 @@ class FastDecoder:
                 return prefill_attention_cached(q, self.k_cache[i], self.v_cache[i], slot, pos0)
 
             out = self._layers(x, attend, last_only=True)
-        return F.linear(out, self.output)[0].float()
+        return self._linear(out, self.output)[0].float()
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) int device tensors -> logits (B, vocab) fp32. Row b uses cache slot b."""
@@ -180,7 +191,7 @@ class FastDecoder:
                                         **self.decode_config)
 
             h = self._layers(self.embed(tokens), attend, last_only=False)
-            return F.linear(h, self.output).float()
+            return self._linear(h, self.output).float()
 
     # ------------------------------------------------------------------ graphs
     def warmup(self, batch_sizes=(1,), prefill_lens=(1, 97)) -> None:
