@@ -32,7 +32,7 @@ def main():
         q = torch.randn(T, HQ, D, device="cuda", dtype=torch.bfloat16)
         kc = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        qs, ks, vs = q.transpose(0, 1)[None], kc, vc  # SDPA layout (1, H, T, D)
+        qs, ks, vs = q.transpose(0, 1).contiguous()[None], kc, vc  # SDPA layout (1, H, T, D)
         sdpa = flops / bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
                                                                           enable_gqa=True)) / 1e9
         best = None
