@@ -124,6 +124,7 @@ def main():
     ap.add_argument("--model", required=True, help="checkpoint folder (e.g. written by pixtral_rt.random_weights)")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per case")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--anchor-json", help="gptfast_anchor.py output (JSON lines) measured in the same GPU call")
     ap.add_argument("--cases", default="a_1img_1024,b_4imgs_mixed,c_text_1k,d_text_32k")
     a = ap.parse_args()
     bw, fl = ceilings()
@@ -161,6 +162,13 @@ def main():
                fraction_of_floor=round(o["decode_tok_s"] / floor_tps, 3))
         record("e2e", c, "ttft_ms", o["ttft_ms"], "ms", "hf_transformers_forward", h["ttft_ms"] if h else None, None,
                prompt_tokens=reqs[c].prompt_tokens, vision_ms=round(o["vision_ms"], 2))
+        if c == "c_text_1k" and a.anchor_json:
+            import json
+            from pathlib import Path
+            rec = json.loads(Path(a.anchor_json).read_text().strip().splitlines()[-1])
+            anchor = float(np.median([v for k, v in rec.items() if k.endswith("_tok_s")]))
+            record("e2e", c, "decode_tok_s_vs_gptfast", o["decode_tok_s"], "tok/s",
+                   "gptfast_style_torch_compile_reduce_overhead", anchor, floor_tps)
         record("e2e", c, "peak_gpu_GB", o["peak_GB"], "GB", "hf_transformers", h["peak_GB"] if h else None, None)
 
 

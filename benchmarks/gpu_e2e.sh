@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: install, GPU tests of the engine, load check (RSS + reference vs HF), end-to-end bench
+# (ours vs HF vs the gpt-fast anchor). Logs and JSON lines land in $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+STAGES=${STAGES:-tests,load,anchor,e2e}
+if [[ $STAGES == *tests* ]]; then
+  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -rs -x ${TESTS:-tests/test_engine_gpu.py} -s 2>&1 | tee "$OUT/tests.log" | tail -25
+fi
+if [[ $STAGES == *load* || $STAGES == *e2e* ]]; then
+  [ -f /tmp/p12b/params.json ] || python -m pixtral_rt.random_weights /tmp/p12b --preset Pixtral-12B-2409 --device cuda 2>&1 | tail -1
+fi
+[[ $STAGES == *load* ]] && timeout 180 python benchmarks/bench_load.py --model /tmp/p12b 2>&1 | tee "$OUT/load.log" | grep -v Warn | tail -6
+[[ $STAGES == *anchor* ]] && timeout 240 python benchmarks/gptfast_anchor.py 2>&1 | tail -2
+[[ $STAGES == *e2e* ]] && timeout 300 python benchmarks/bench_e2e.py --model /tmp/p12b ${E2E_ARGS:-} \
+  $( [ -f "$OUT/gptfast.jsonl" ] && echo --anchor-json "$OUT/gptfast.jsonl" ) 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -20
+echo done
