@@ -40,8 +40,8 @@ py::array_t<float> preprocess(U8Array src, int out_h, int out_w, std::array<floa
   return out;
 }
 
-py::tuple cubic_taps(int src, int dst) {
-  auto t = pixtral::cubic_taps(src, dst);
+py::tuple cubic_taps(int src, int dst, bool precise) {
+  auto t = pixtral::cubic_taps(src, dst, precise);
   py::array_t<int32_t> idx({py::ssize_t(dst), py::ssize_t(4)});
   py::array_t<float> w({py::ssize_t(dst), py::ssize_t(4)});
   std::copy(t.idx.begin(), t.idx.end(), idx.mutable_data());
@@ -56,7 +56,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("preprocess", &preprocess, py::arg("src"), py::arg("out_h"), py::arg("out_w"), py::arg("mean"),
         py::arg("std"), py::arg("threads") = 0,
         "uint8 RGB (H, W, 3) -> float32 (3, out_h, out_w): OpenCV INTER_CUBIC resize, /255, (x - mean) / std");
-  m.def("cubic_taps", &cubic_taps, py::arg("src"), py::arg("dst"),
+  m.def("cubic_taps", &cubic_taps, py::arg("src"), py::arg("dst"), py::arg("precise") = true,
         "OpenCV INTER_CUBIC taps for one axis: (idx int32 (dst, 4), weights float32 (dst, 4))");
   m.def("num_threads", &pixtral::default_threads, "default worker threads (hardware concurrency, <= 64)");
 }

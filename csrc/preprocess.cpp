@@ -11,22 +11,32 @@
 
 namespace pixtral {
 
-CubicTaps cubic_taps(int src, int dst) {
+template <typename T>
+static void keys_weights(T x, float* w) {  // Keys cubic, A = -0.75, evaluated in T
+  const T A = T(-0.75);
+  T w0 = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A;
+  T w1 = ((A + 2) * x - (A + 3)) * x * x + 1;
+  T w2 = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1;
+  w[0] = float(w0), w[1] = float(w1), w[2] = float(w2), w[3] = float(T(1) - w0 - w1 - w2);
+}
+
+CubicTaps cubic_taps(int src, int dst, bool precise) {
   if (src < 1 || dst < 1) throw std::invalid_argument("cubic_taps: sizes must be positive");
   CubicTaps t;
   t.idx.resize(size_t(dst) * 4);
   t.w.resize(size_t(dst) * 4);
   const double scale = 1.0 / (double(dst) / double(src));  // OpenCV: scale = 1 / inv_scale
-  const float A = -0.75f;
   for (int d = 0; d < dst; ++d) {
-    float fx = float((d + 0.5) * scale - 0.5);
-    int sx = int(std::floor(fx));
-    float x = fx - float(sx);
-    float* w = &t.w[size_t(d) * 4];
-    w[0] = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A;
-    w[1] = ((A + 2) * x - (A + 3)) * x * x + 1;
-    w[2] = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1;
-    w[3] = 1.f - w[0] - w[1] - w[2];
+    int sx;
+    if (precise) {  // OpenCV 5, both source sides >= 4: positions and weights in double
+      double fy = (d + 0.5) * scale - 0.5;
+      sx = int(std::floor(fy));
+      keys_weights<double>(fy - sx, &t.w[size_t(d) * 4]);
+    } else {        // OpenCV's generic path (a source side < 4): in float
+      float fx = float((d + 0.5) * scale - 0.5);
+      sx = int(std::floor(fx));
+      keys_weights<float>(fx - float(sx), &t.w[size_t(d) * 4]);
+    }
     for (int k = 0; k < 4; ++k) t.idx[size_t(d) * 4 + k] = std::min(std::max(sx - 1 + k, 0), src - 1);
   }
   return t;
@@ -87,7 +97,8 @@ void preprocess_cpu(const uint8_t* src, int h, int w, int64_t src_row_stride, fl
     throw std::invalid_argument("preprocess: sizes must be positive, got src " + std::to_string(h) + "x" +
                                 std::to_string(w) + " dst " + std::to_string(oh) + "x" + std::to_string(ow));
   if (src_row_stride < int64_t(w) * 3) throw std::invalid_argument("preprocess: src_row_stride < 3 * width");
-  const CubicTaps tx = cubic_taps(w, ow), ty = cubic_taps(h, oh);
+  const bool precise = std::min(h, w) >= 4;  // OpenCV 5's choice of code path
+  const CubicTaps tx = cubic_taps(w, ow, precise), ty = cubic_taps(h, oh, precise);
   int n = threads > 0 ? threads : default_threads();
   n = std::max(1, std::min(n, (oh + 15) / 16));  // >= 16 output rows per band
   if (n == 1) {

@@ -1,8 +1,8 @@
 // CUDA version of preprocess_cpu (preprocess.h): one thread per output pixel, 4x4 taps per channel, same
-// float arithmetic and summation order as the CPU op (built with --fmad=false so no FMA contraction):
+// arithmetic and summation order as the CPU op (built with --fmad=false so no FMA contraction):
 // h_k = ((s0*a0 + s1*a1) + s2*a2) + s3*a3 for each of the 4 source rows, then v = h0*b0 + h1*b1 + h2*b2 + h3*b3,
-// then (v / 255 - mean) / std. Tap positions: fx = float((d + 0.5) * scale - 0.5), scale = 1 / (dst / src)
-// in double, as OpenCV INTER_CUBIC. Shapes: src (h, w, 3) uint8, dst (3, oh, ow) or (n_patches, 3*p*p).
+// then (v / 255 - mean) / std. Tap positions fx = (d + 0.5) * scale - 0.5, scale = 1 / (dst / src), and the
+// Keys weights in double when both source sides are >= 4, else float, as OpenCV 5's INTER_CUBIC. Shapes: src (h, w, 3) uint8, dst (3, oh, ow) or (n_patches, 3*p*p).
 #include <cuda_runtime.h>
 
 #include <string>
@@ -21,15 +21,27 @@ struct Params {
   float mean[3], stdv[3];
 };
 
-__device__ __forceinline__ void taps(int d, double scale, int src, int idx[4], float wt[4]) {
-  const float A = -0.75f;
-  float fx = float((d + 0.5) * scale - 0.5);
-  int sx = int(floorf(fx));
-  float x = fx - float(sx);
-  wt[0] = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A;
-  wt[1] = ((A + 2) * x - (A + 3)) * x * x + 1;
-  wt[2] = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1;
-  wt[3] = 1.f - wt[0] - wt[1] - wt[2];
+template <typename T>
+__device__ __forceinline__ void keys_weights(T x, float wt[4]) {  // Keys cubic, A = -0.75, evaluated in T
+  const T A = T(-0.75);
+  T w0 = ((A * (x + 1) - 5 * A) * (x + 1) + 8 * A) * (x + 1) - 4 * A;
+  T w1 = ((A + 2) * x - (A + 3)) * x * x + 1;
+  T w2 = ((A + 2) * (1 - x) - (A + 3)) * (1 - x) * (1 - x) + 1;
+  wt[0] = float(w0), wt[1] = float(w1), wt[2] = float(w2), wt[3] = float(T(1) - w0 - w1 - w2);
+}
+
+// double math when both source sides are >= 4, else float: the same choice as the CPU op (and OpenCV 5)
+__device__ __forceinline__ void taps(int d, double scale, int src, bool precise, int idx[4], float wt[4]) {
+  int sx;
+  if (precise) {
+    double fy = (d + 0.5) * scale - 0.5;
+    sx = int(floor(fy));
+    keys_weights<double>(fy - sx, wt);
+  } else {
+    float fx = float((d + 0.5) * scale - 0.5);
+    sx = int(floorf(fx));
+    keys_weights<float>(fx - float(sx), wt);
+  }
 #pragma unroll
   for (int k = 0; k < 4; ++k) idx[k] = min(max(sx - 1 + k, 0), src - 1);
 }
@@ -40,8 +52,9 @@ __global__ void _preprocess_kernel(Params p) {
   if (x >= p.ow || y >= p.oh) return;
   int xi[4], yi[4];
   float xw[4], yw[4];
-  taps(x, p.scale_x, p.w, xi, xw);
-  taps(y, p.scale_y, p.h, yi, yw);
+  const bool precise = min(p.h, p.w) >= 4;
+  taps(x, p.scale_x, p.w, precise, xi, xw);
+  taps(y, p.scale_y, p.h, precise, yi, yw);
   float v[3];
 #pragma unroll
   for (int c = 0; c < 3; ++c) {

@@ -79,7 +79,7 @@ static std::vector<float> run_cpu(const std::vector<uint8_t>& img, int h, int w,
 static void test_taps() {
   const int sizes[][2] = {{1, 16}, {17, 16}, {1500, 1024}, {1024, 1024}, {5000, 1024}, {40, 48}};
   for (auto& s : sizes) {
-    auto t = pixtral::cubic_taps(s[0], s[1]);
+    auto t = pixtral::cubic_taps(s[0], s[1], s[0] % 2 == 0);
     for (int d = 0; d < s[1]; ++d) {
       float sum = 0;
       for (int k = 0; k < 4; ++k) {
@@ -90,7 +90,7 @@ static void test_taps() {
       CHECK(std::fabs(sum - 1.f) < 1e-5f, "taps %d->%d: weights of %d sum to %f", s[0], s[1], d, sum);
     }
   }
-  auto id = pixtral::cubic_taps(7, 7);
+  auto id = pixtral::cubic_taps(7, 7, false);
   for (int d = 0; d < 7; ++d)
     CHECK(id.w[d * 4 + 1] == 1.f && id.idx[d * 4 + 1] == d, "identity taps wrong at %d", d);
 }
