@@ -2,7 +2,7 @@
   - mistral_common's transform_image (OpenCV INTER_CUBIC on float + NumPy normalise): the baseline,
   - the NumPy fallback, the C++ op (pixtral_rt._C, all cores), and the CUDA op (pixtral_rt._C_cuda) with
     the pixels already on the GPU (device time, CUDA events) and including the host->device upload.
-Floor for the CUDA op: bytes moved (uint8 in + float32 out) / HBM bandwidth (3.35 TB/s on H100 SXM).
+Floor for the CUDA op: bytes moved (uint8 in + float32 out) / HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
 Also checks that every backend agrees with mistral_common (max abs error) and prints it.
 
     python benchmarks/bench_preprocess.py [--quick]
@@ -95,7 +95,8 @@ def main():
             out = torch.empty((3, *out_hw), device="cuda")
             got = pp.preprocess_cuda(dev, out_hw, out=out)
             err = float((got.cpu() - torch.from_numpy(ref)).abs().max())
-            floor = (pixels.nbytes + out.numel() * 4) / HBM_BYTES_PER_S * 1e3
+            bw = 4.8e12 if "H200" in torch.cuda.get_device_name(0) else HBM_BYTES_PER_S
+            floor = (pixels.nbytes + out.numel() * 4) / bw * 1e3
             ms = bench_ms(lambda: pp.preprocess_cuda(dev, out_hw, out=out))
             record("preprocess", name, "cuda_op_device_ms", ms, "ms", bname, base, floor, max_abs_err=err)
             pinned = torch.from_numpy(pixels).pin_memory()
