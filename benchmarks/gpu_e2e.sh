@@ -6,7 +6,9 @@ export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=$(git rev-parse --short HEAD 2>/dev/
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
-pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1; tail -2 "$OUT/install.log"
+# the source tree on PYTHONPATH (pixtral_rt maps kernels/ itself); native extension built in place
+python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1; grep -i "not built\|error" "$OUT/install.log" | head -3
+python -c "import pixtral_rt.preprocess as p; print('preprocess backend:', p.backend_info())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 STAGES=${STAGES:-tests,load,anchor,e2e}
 if [[ $STAGES == *tests* ]]; then
