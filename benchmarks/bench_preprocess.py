@@ -91,7 +91,7 @@ def main():
             cuda = False
         if cuda:
             from benchmarks.common import bench_ms
-            dev = torch.from_numpy(pixels).cuda()
+            dev = torch.from_numpy(pixels.copy()).cuda()
             out = torch.empty((3, *out_hw), device="cuda")
             got = pp.preprocess_cuda(dev, out_hw, out=out)
             err = float((got.cpu() - torch.from_numpy(ref)).abs().max())
@@ -99,7 +99,7 @@ def main():
             floor = (pixels.nbytes + out.numel() * 4) / bw * 1e3
             ms = bench_ms(lambda: pp.preprocess_cuda(dev, out_hw, out=out))
             record("preprocess", name, "cuda_op_device_ms", ms, "ms", bname, base, floor, max_abs_err=err)
-            pinned = torch.from_numpy(pixels).pin_memory()
+            pinned = torch.from_numpy(pixels.copy()).pin_memory()
             ms = bench_ms(lambda: pp.preprocess_cuda(pinned, out_hw, out=out, device="cuda"))
             record("preprocess", name, "cuda_op_with_upload_ms", ms, "ms", bname, base, floor)
         else:

@@ -231,6 +231,8 @@ def preprocess_cuda(pixels, out_hw: tuple[int, int], *, device=None, out=None, l
                          f"{tuple(getattr(pixels, 'shape', ()))}")
     device = torch.device(device) if device is not None else (pixels.device if pixels.is_cuda
                                                                else torch.device("cuda"))
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: compare as cuda:N
+        device = torch.device("cuda", torch.cuda.current_device())
     shape = (3, oh, ow) if layout == "chw" else ((oh // patch_size) * (ow // patch_size), 3 * patch_size ** 2)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=device)

@@ -23,6 +23,7 @@ TOL = 1e-4  # the issue's bound on max abs error vs mistral_common, after normal
 
 
 def _mc_encoder(vision):
+    pytest.importorskip("mistral_common", reason="mistral_common (the reference) not installed")
     from mistral_common.tokens.tokenizers.image import ImageConfig, ImageEncoder, SpecialImageIDs
     return ImageEncoder(ImageConfig(vision.patch_size, vision.image_size, vision.spatial_merge_size),
                         SpecialImageIDs(vision.image_token_id, vision.image_break_token_id, vision.image_end_token_id))
@@ -57,6 +58,8 @@ def test_plan_matches_mistral_common_token_grid(vision):
 
 
 def _reference_pixels(pixels, plan):
+    pytest.importorskip("mistral_common", reason="mistral_common (the reference) not installed")
+    pytest.importorskip("cv2", reason="OpenCV (mistral_common's resize) not installed")
     from mistral_common.tokens.tokenizers.image import transform_image
     return transform_image(Image.fromarray(pixels), (plan.out_width, plan.out_height))
 
@@ -142,7 +145,9 @@ def test_cuda_op_matches_mistral_common_and_fallback():
         pixels = _image(w, h, i)
         plan = pp.plan_image(w, h, PIXTRAL_12B.vision)
         try:
-            want = _reference_pixels(pixels, plan)
+            import cv2  # noqa: F401
+            from mistral_common.tokens.tokenizers.image import transform_image
+            want = transform_image(Image.fromarray(pixels), (plan.out_width, plan.out_height))
         except ImportError:  # GPU machine without mistral_common / OpenCV: the fallback is the reference
             want = pp.preprocess(pixels, (plan.out_height, plan.out_width), use="numpy")
         for src in (pixels, torch.from_numpy(pixels).cuda()):
