@@ -57,11 +57,12 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "pillow>=10",
-        "mistral_common>=1.5",
+        "mistral_common[sentencepiece]>=1.5",  # sentencepiece: Pixtral-Large's v7m1 tokenizer
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless"],
+        # numpy<2.3: Triton's CPU interpreter; OpenCV 5: the cubic-resize maths the pixel tests match
+        "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless>=5"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
