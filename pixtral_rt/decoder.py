@@ -23,7 +23,8 @@ API
     logits = graph(tokens, positions)   # copies inputs in, replays, returns the static logits buffer
 Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v into the cache) ->
 prefill_attention_cached | decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
-w2 GEMM (cuBLAS; or kernels/gemv.py for 1-row GEMMs with gemv_backend="triton"). Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
+w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", the default on CUDA:
++7% decode tok/s on an H200; gemv_backend="cublas" to turn it off). Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
 """
 from __future__ import annotations
 
@@ -41,6 +42,17 @@ from pixtral_rt.kernels.rms_norm import rms_norm
 from pixtral_rt.kernels.silu_mul import silu_mul
 
 
+# Triton GEMV tiles per weight shape (N, K), best of a sweep on an H200 (benchmarks/results/decode_step.jsonl,
+# 2026-11-22): with them, batch-1 decode reached 146 tok/s vs 136 with cuBLAS. Other shapes: gemv() defaults.
+GEMV_CONFIGS = {
+    (6144, 5120): dict(block_n=8, block_k=512, num_warps=4, num_stages=4),     # wqkv
+    (5120, 4096): dict(block_n=16, block_k=512, num_warps=4, num_stages=4),    # wo
+    (28672, 5120): dict(block_n=16, block_k=256, num_warps=4, num_stages=6),   # w13
+    (5120, 14336): dict(block_n=8, block_k=512, num_warps=4, num_stages=4),    # w2
+    (131072, 5120): dict(block_n=8, block_k=1024, num_warps=8, num_stages=3),  # output
+}
+
+
 @dataclass
 class _Layer:
     wqkv: torch.Tensor          # ((Hq + 2 Hkv) * D, dim)
@@ -54,7 +66,7 @@ class _Layer:
 class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str = "cublas",
+                 prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None):
         self.args = args
         emb = weights["tok_embeddings.weight"]
@@ -63,11 +75,13 @@ class FastDecoder:
         self.max_batch = max_batch
         self.max_seq = max_seq or args.max_seq_len
         self.prefill_chunk = prefill_chunk
-        self.decode_config = dict(block_n=64, num_warps=4, num_stages=3, **(decode_config or {}))
+        self.decode_config = dict(block_n=64, num_warps=4, num_stages=4, **(decode_config or {}))
+        gemv_backend = gemv_backend or ("triton" if self.device.type == "cuda" else "cublas")
         if gemv_backend not in ("cublas", "triton"):
             raise ValueError(f"gemv_backend must be 'cublas' or 'triton', got {gemv_backend!r}")
         self.gemv_backend = gemv_backend      # 'triton': kernels/gemv.py for 1-row GEMMs (decode at batch 1)
-        self.gemv_configs = dict(gemv_configs or {})  # (N, K) -> dict(block_n, block_k, num_warps, num_stages)
+        # (N, K) -> dict(block_n, block_k, num_warps, num_stages)
+        self.gemv_configs = dict(GEMV_CONFIGS if gemv_configs is None else gemv_configs)
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
 
         def get(name, shape):

@@ -127,7 +127,7 @@ def test_decoder_pixtral12b_bf16_prefill_and_32_decode_steps():
     n_decode = 32
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(1000, args.vocab_size, (n + n_decode,), generator=g).tolist() for n in (97, 40)]
-    dec = FastDecoder.from_reference(model, max_batch=2, max_seq=512)
+    dec = FastDecoder.from_reference(model, max_batch=2, max_seq=512, gemv_backend="cublas")
     graph = dec.capture_decode(2)  # before prefill: capture warms up by writing slots 0..1 at position 0
     fast = run_fast(dec, seqs, splits=[[], [25]], n_decode=n_decode, graph=graph)
     ref16 = ref_logits(model, seqs, n_decode)
