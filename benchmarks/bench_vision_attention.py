@@ -3,8 +3,10 @@
 Shapes: 16 heads, head_dim 64, bf16; packs (patches per image): 4096+2048+1024+1024, 4096, 16 x 256.
 Metric: useful TFLOP/s = 4 * H * D * sum(n_i^2) / time (only the FLOPs inside the diagonal blocks).
 Ours includes the 2D RoPE of q and k; the stock baselines (as in ../shared/bench/hf_baseline.py) do not.
-Variants: RoPE fused in the kernel ("half" = HF-permuted wq/wk layout, "interleaved" = Mistral layout),
-RoPE in a separate kernel (kernels/rope_2d.py, in place) + attention, attention alone, BLOCK_M 64/128.
+Variants: RoPE fused in the kernel ("half" layout, one fixed config: known slow, kept for the record),
+RoPE of q and k in ONE launch on the fused (N, 3, H, D) qkv buffer (kernels/rope_2d.py) + attention (what
+the encoder runs), attention alone (autotuned), and a sweep of the autotuner's configs (attention alone).
+RoPE alone: ms and GB/s vs the copy-bandwidth floor (read + write of q and k), vs torch eager RoPE.
 Floor: useful FLOPs at the bf16 matmul ceiling measured in this run (8192^3 torch matmul).
 """
 from __future__ import annotations
@@ -17,9 +19,12 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, record
 from pixtral_rt.kernels import vision_attention as va
-from pixtral_rt.kernels.rope_2d import rope_2d_
+from pixtral_rt.kernels.rope_2d import rope_2d_qk_
+from pixtral_rt.reference.rope import apply_rope, vision_rope_angles
 
 H, D = 16, 64
+COPY_TBPS = 4.23  # H200 copy bandwidth (read + write), ../shared/reference/performance.md
+PREV_ROPE_MS = {"4img_4096_2048_1024_1024": 0.3259, "1img_4096": 0.153}  # old rope_2d_ x2, H200 2026-11-22
 CASES = {
     "4img_4096_2048_1024_1024": [(64, 64), (32, 64), (32, 32), (32, 32)],
     "1img_4096": [(64, 64)],
@@ -83,33 +88,42 @@ def main():
             record("vision_attention", case, f"{name}_useful_tflops", tf(ms), "TFLOP/s", None, None, floor_tflops,
                    ms=ms, provider=name)
 
-        # ---- ours
-        qh, kh = q.clone(), k.clone()  # stand-ins for HF-permuted (half-layout) q/k: same cost
-        variants = {}
-        for bm_ in (128, 64):
-            plan = va.plan_vision_attention(lens, bm_, device="cuda")
-            variants[f"fused_half_bm{bm_}"] = (lambda plan=plan: va.vision_attention(
-                qh, kh, v, cu, plan, pos, freqs, layout="half", out=out))
+        # ---- ours (q, k, v as strided views of one fused qkv buffer, as in the encoder)
+        qkv = torch.stack([q, k, v], 1)
+        qv, kv, vv = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         plan = va.plan_vision_attention(lens, 128, device="cuda")
-        variants["fused_interleaved_bm128"] = lambda: va.vision_attention(q, k, v, cu, plan, pos, freqs, out=out)
-        qs, ks = q.clone(), k.clone()
-
-        def separate():
-            rope_2d_(qs, pos, freqs)
-            rope_2d_(ks, pos, freqs)
-            va.vision_attention(qs, ks, v, cu, plan, rope=False, out=out)
-        variants["separate_rope_kernel+attn_bm128"] = separate
-        variants["attention_only_no_rope_bm128"] = lambda: va.vision_attention(q, k, v, cu, plan, rope=False, out=out)
+        variants = {
+            "fused_half_bm128_fixedcfg": lambda: va.vision_attention(
+                qv, kv, vv, cu, plan, pos, freqs, layout="half", out=out,
+                config={"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
+            "rope_qk_kernel+attn_bm128": lambda: (rope_2d_qk_(qkv, pos, freqs, H),
+                                                  va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out)),
+            "attention_only_no_rope_bm128": lambda: va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out),
+        }
+        for cfg in va._configs():
+            c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            name = "attention_only_cfg_bn{BLOCK_N}_w{num_warps}_s{num_stages}".format(**c)
+            variants[name] = (lambda c=c: va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out, config=c))
         ref_ms = base["sdpa_per_image"]
         for name, fn in variants.items():
-            fn()  # autotune outside timing
-            torch.cuda.synchronize()
+            try:
+                fn()  # autotune outside timing
+                torch.cuda.synchronize()
+            except Exception as ex:  # noqa: BLE001
+                print(f"{name} failed: {type(ex).__name__}: {str(ex)[:200]}")
+                continue
             ms = bench_ms(fn)
             record("vision_attention", case, f"ours_{name}_useful_tflops", tf(ms), "TFLOP/s", "sdpa_per_image",
                    tf(ref_ms), floor_tflops, ms=ms, provider="ours_" + name,
                    flex_tflops=tf(base["flex_document_mask"]) if "flex_document_mask" in base else None)
-        rope_only = bench_ms(lambda: (rope_2d_(qs, pos, freqs), rope_2d_(ks, pos, freqs)))
-        record("vision_attention", case, "ours_rope_2d_kernel_only_qk_ms", rope_only, "ms", None, None, None)
+        # RoPE alone: q and k read + written once
+        rope_bytes = 2 * 2 * n * H * D * q.element_size()
+        ang = vision_rope_angles(pos.long(), D, 10000.0)
+        torch_ms = bench_ms(lambda: (apply_rope(qv, ang), apply_rope(kv, ang)))
+        rope_ms = bench_ms(lambda: rope_2d_qk_(qkv, pos, freqs, H))
+        floor_ms = rope_bytes / COPY_TBPS / 1e9
+        record("vision_attention", case, "ours_rope_2d_qk_one_launch_ms", rope_ms, "ms", "torch_eager_apply_rope",
+               torch_ms, floor_ms, gbps=rope_bytes / rope_ms / 1e6, prev_two_launch_kernel_ms_h200=PREV_ROPE_MS.get(case))
     print("autotune choices:", json.dumps(va.best_config()))
 
 

@@ -8,8 +8,9 @@ patch-merger gather index), copies the plan to the GPU in one go, then the forwa
     per layer:
         h, x = rms_norm(f_prev, attention_norm, residual=x)     residual add fused into the norm (fp32 math)
         qkv  = h @ wqkv.T                         fused wq|wk|wv
-        rope_2d_(q), rope_2d_(k)                 in place (rope="separate", default: measured faster), or
-        o    = vision_attention(qkv...)          RoPE fused in the attention kernel (rope="fused")
+        rope_2d_qk_(qkv)                          q and k rotated in place, ONE launch (rope="separate", default:
+        o    = vision_attention(qkv...)          measured faster), or RoPE fused in the attention kernel
+                                                  (rope="fused": cos/sin recomputed per key tile)
         h, x = rms_norm(o @ wo.T, ffn_norm, residual=x)
         f    = silu_mul(h @ w13.T) @ w2.T         fused w1|w3 GEMM, SiLU gate in one pass
     [Mistral3] rms_norm(pre_mm_projector_norm); patch merger = gather 2x2 blocks + GEMM (weight columns
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from .config import PixtralArgs, VisionEncoderArgs
 from .kernels.rms_norm import rms_norm
-from .kernels.rope_2d import rope_2d_
+from .kernels.rope_2d import rope_2d_qk_
 from .kernels.silu_mul import silu_mul
 from .kernels.vision_attention import (max_tiles_for, plan_tiles, rope_pair_freqs, vision_attention,
                                        VisionAttentionPlan, warmup_vision_attention)
@@ -128,14 +129,17 @@ class FastVisionEncoder(torch.nn.Module):
     runs kernels/rope_2d.py on q and k, then attention without rotation; rope="fused" rotates q/k inside the
     attention kernel (wq/wk rows permuted to rotate-half order). Measured on an H200 (benchmarks/results/
     vision_encoder.jsonl, 2026-11-22): separate 13.7 ms vs fused 19.6 ms for one 1024^2 image, because the
-    fused kernel recomputes cos/sin for every key tile of every query tile."""
+    fused kernel recomputes cos/sin for every key tile of every query tile. The separate kernel now turns
+    q and k of the fused qkv buffer in one fully parallel launch (kernels/rope_2d.py).
+    attn_config: optional fixed attention config ({"BLOCK_N", "num_warps", "num_stages"}) instead
+    of the autotuner (tests; saves compile time)."""
 
     def __init__(self, args: VisionEncoderArgs, weights: dict[str, torch.Tensor], text_dim: int | None = None,
-                 rope: str = "separate", block_m: int = 128):
+                 rope: str = "separate", block_m: int = 128, attn_config: dict | None = None):
         super().__init__()
         if rope not in ("fused", "separate"):
             raise ValueError(f"rope: 'fused' or 'separate', got {rope!r}")
-        self.args, self.rope_mode, self.block_m = args, rope, block_m
+        self.args, self.rope_mode, self.block_m, self.attn_config = args, rope, block_m, attn_config
         self.text_dim = text_dim
         self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
         self.eps = args.norm_eps
@@ -148,7 +152,8 @@ class FastVisionEncoder(torch.nn.Module):
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], args: PixtralArgs | VisionEncoderArgs,
-                        dtype=torch.bfloat16, device=None, rope: str = "separate", block_m: int = 128):
+                        dtype=torch.bfloat16, device=None, rope: str = "separate", block_m: int = 128,
+                        attn_config: dict | None = None):
         """sd: Mistral names, either a full Pixtral state dict (`vision_encoder.*`, `vision_language_adapter.*`,
         `patch_merger.*`, `pre_mm_projector_norm.*`) or a bare VisionEncoder's (`patch_conv.weight`, ...)."""
         v = args.vision if isinstance(args, PixtralArgs) else args
@@ -188,17 +193,17 @@ class FastVisionEncoder(torch.nn.Module):
             w["b_in"] = get("vision_language_adapter.w_in.bias") if "vision_language_adapter.w_in.bias" in sd else None
             w["b_out"] = get("vision_language_adapter.w_out.bias") if "vision_language_adapter.w_out.bias" in sd else None
             text_dim = w["w_in"].shape[0]
-        return cls(v, w, text_dim=text_dim, rope=rope, block_m=block_m)
+        return cls(v, w, text_dim=text_dim, rope=rope, block_m=block_m, attn_config=attn_config)
 
     @classmethod
     def from_reference(cls, ref: torch.nn.Module, dtype=torch.bfloat16, device=None, rope: str = "separate",
-                       block_m: int = 128):
+                       block_m: int = 128, attn_config: dict | None = None):
         """ref: reference PixtralModel (vision + adapter [+ merger]) or a bare reference VisionEncoder."""
         sd = ref.state_dict()
         if hasattr(ref, "pixtral_args"):
             sd = {k: t for k, t in sd.items() if not k.startswith(("layers.", "tok_embeddings", "norm.", "output"))}
-            return cls.from_state_dict(sd, ref.pixtral_args, dtype, device, rope, block_m)
-        return cls.from_state_dict(sd, ref.args, dtype, device, rope, block_m)
+            return cls.from_state_dict(sd, ref.pixtral_args, dtype, device, rope, block_m, attn_config)
+        return cls.from_state_dict(sd, ref.args, dtype, device, rope, block_m, attn_config)
 
     # ---------------------------------------------------------------- planning
     def plan(self, grids: list[tuple[int, int]], bucket: int | None = None, max_images: int | None = None
@@ -224,12 +229,11 @@ class FastVisionEncoder(torch.nn.Module):
             else:
                 h, x = rms_norm(f, L["attention_norm"], self.eps, residual=x, residual_out=x)
             qkv = (h @ L["wqkv"].t()).view(N, 3, H, D)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
             if not fused:
-                rope_2d_(q, plan.positions, self.rope_freqs)
-                rope_2d_(k, plan.positions, self.rope_freqs)
+                rope_2d_qk_(qkv, plan.positions, self.rope_freqs, H)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
             vision_attention(q, k, v, plan.cu_seqlens, plan.attn, plan.positions, self.rope_freqs, rope=fused,
-                             layout="half" if fused else "interleaved", out=attn_out)
+                             layout="half" if fused else "interleaved", out=attn_out, config=self.attn_config)
             h, x = rms_norm(attn_out.view(N, H * D) @ L["wo"].t(), L["ffn_norm"], self.eps, residual=x,
                             residual_out=x)
             f = silu_mul(h @ L["w13"].t()) @ L["w2"].t()
@@ -253,6 +257,8 @@ class FastVisionEncoder(torch.nn.Module):
     # ---------------------------------------------------------------- CUDA graphs
     def warmup(self, token_counts: list[int]) -> None:
         """Autotune the attention kernel for these bucket sizes (call before capture)."""
+        if self.attn_config is not None:
+            return
         warmup_vision_attention(self.n_heads, self.head_dim, token_counts, dtype=self.w["patch_w"].dtype,
                                 block_m=self.block_m, rope=self.rope_mode == "fused",
                                 layout="half" if self.rope_mode == "fused" else "interleaved",

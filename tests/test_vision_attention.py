@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import HAS_CUDA, requires_gpu
-from pixtral_rt.kernels.rope_2d import rope_2d_
+from pixtral_rt.kernels.rope_2d import rope_2d_, rope_2d_qk_
 from pixtral_rt.kernels.vision_attention import (max_tiles_for, plan_vision_attention, rope_pair_freqs,
                                                  vision_attention)
 from pixtral_rt.reference.attention import block_diagonal_attention
 from pixtral_rt.reference.rope import apply_rope, image_patch_positions, vision_rope_angles
 
 THETA = 10000.0
-HALF_PERM = {}
+# GPU tests run one fixed config (the autotuner's compile time is spent once, in test_autotuned_gpu)
+GPU_CFG = {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
 def half_perm(d):
@@ -58,27 +59,31 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def run_kernel(q, k, v, pos, cu, lens, d, mode, block_m):
+def run_kernel(q, k, v, pos, cu, lens, d, mode, block_m, config=None):
     plan = plan_vision_attention(lens, block_m, device=q.device)
     freqs = rope_pair_freqs(d, THETA, q.device)
     out = torch.full_like(q, float("nan"))
+    if config is None and q.is_cuda:
+        config = GPU_CFG
     if mode == "fused":
-        return vision_attention(q, k, v, cu, plan, pos, freqs, out=out)
+        return vision_attention(q, k, v, cu, plan, pos, freqs, out=out, config=config)
     if mode == "fused_half":
         p = half_perm(d).to(q.device)
         return vision_attention(q[:, :, p].contiguous(), k[:, :, p].contiguous(), v, cu, plan, pos, freqs,
-                                layout="half", out=out)
-    if mode == "separate":
-        qr, kr = rope_2d_(q.clone(), pos, freqs), rope_2d_(k.clone(), pos, freqs)
-        return vision_attention(qr, kr, v, cu, plan, rope=False, out=out)
+                                layout="half", out=out, config=config)
+    if mode == "separate":  # as the encoder: q and k rotated in place in a fused (N, 3, H, D) buffer
+        qkv = torch.stack([q, k, v], 1)
+        rope_2d_qk_(qkv, pos, freqs, q.shape[1])
+        assert torch.equal(qkv[:, 2], v)
+        return vision_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, plan, rope=False, out=out, config=config)
     raise AssertionError(mode)
 
 
-def check(grids, heads, d, dtype, device, seed, mode, block_m):
+def check(grids, heads, d, dtype, device, seed, mode, block_m, config=None):
     lens, q, k, v, pos, cu = make_case(grids, heads, d, dtype, device, seed)
     ref = reference(q, k, v, pos, cu, d)
     base = rel(sdpa_same_dtype(q, k, v, pos, cu, d), ref)
-    out = run_kernel(q, k, v, pos, cu, lens, d, mode, block_m)
+    out = run_kernel(q, k, v, pos, cu, lens, d, mode, block_m, config)
     assert not torch.isnan(out).any(), "some outputs were not written"
     err = rel(out, ref)
     assert err <= 2 * base + 1e-4, f"{grids} d={d} {mode}: kernel err {err:.2e} vs SDPA-{dtype} err {base:.2e}"
@@ -107,6 +112,29 @@ def test_rope_2d_matches_reference(device):
         p = half_perm(d).to(device)
         out_h = rope_2d_(q[:, :, p].contiguous(), pos, rope_pair_freqs(d, THETA, device), layout="half")
         assert rel(out_h, apply_rope(q, ang)[:, :, p]) < 1e-5
+
+
+@pytest.mark.parametrize("heads,d", [(3, 64), (16, 64), (5, 88), (2, 16)])
+def test_rope_2d_qk_fused_buffer(heads, d, device):
+    """q and k of a fused (N, 3, H, D) buffer turn in one launch; v and every other byte stay as they were.
+    Token counts that are not multiples of the token block, head counts that are not powers of two."""
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+    for i, dtype in enumerate(dtypes):
+        grids = [(3, 5), (1, 7), (2, 2)] if device == "cpu" else [(37, 41), (1, 3), (64, 64)]
+        g = torch.Generator().manual_seed(100 * heads + d + i)
+        pos = image_patch_positions(grids).to(device=device, dtype=torch.int32)
+        n = pos.shape[0]
+        buf = torch.randn(n, 3 * heads * d + 8, generator=g).to(device=device, dtype=dtype)  # padded rows
+        qkv = buf[:, :3 * heads * d].view(n, 3, heads, d)
+        before = buf.clone()
+        rope_2d_qk_(qkv, pos, rope_pair_freqs(d, THETA, device), heads)
+        ang = vision_rope_angles(pos.long(), d, THETA)
+        for j in (0, 1):
+            want = apply_rope(before[:, :3 * heads * d].view(n, 3, heads, d)[:, j].float(), ang)
+            got = qkv[:, j].float()
+            tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+            assert rel(got, want) < tol, (dtype, j, rel(got, want))
+        assert torch.equal(buf[:, 2 * heads * d:], before[:, 2 * heads * d:]), "v / row padding changed"
 
 
 def test_padded_plan_and_padding_segment(device):
@@ -141,6 +169,11 @@ def test_bad_inputs_raise(device):
         vision_attention(q, q, q, cu, plan)
     with pytest.raises(ValueError, match="max_tiles"):
         plan_vision_attention([100], 16, max_tiles=2)
+    with pytest.raises(ValueError, match="positions"):
+        rope_2d_(q, cu.view(1, 2).repeat(10, 1)[:9], rope_pair_freqs(64, THETA, device))
+    with pytest.raises(ValueError, match="qkv"):
+        rope_2d_qk_(torch.randn(10, 100, device=device), cu.view(1, 2).repeat(10, 1),
+                    rope_pair_freqs(64, THETA, device), 16)
 
 
 GPU_GRIDS = [(1, 1), (1, 64), (64, 1), (3, 5), (64, 64)]
@@ -148,7 +181,7 @@ GPU_GRIDS = [(1, 1), (1, 64), (64, 1), (3, 5), (64, 64)]
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("n_images", [1, 3, 8])
+@pytest.mark.parametrize("n_images", [1, 8])
 @pytest.mark.parametrize("d,heads", [(64, 16), (88, 16)])
 @pytest.mark.parametrize("mode", ["fused", "fused_half", "separate"])
 def test_vision_attention_gpu_bf16(n_images, d, heads, mode):
@@ -161,28 +194,43 @@ def test_vision_attention_gpu_bf16(n_images, d, heads, mode):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m", [64, 128])
-def test_vision_attention_gpu_every_grid(block_m):
-    check(GPU_GRIDS, 16, 64, torch.bfloat16, "cuda", seed=block_m, mode="fused_half", block_m=block_m)
-    check(GPU_GRIDS, 16, 64, torch.float16, "cuda", seed=block_m + 1, mode="fused", block_m=block_m)
+@pytest.mark.parametrize("block_n,warps,stages", [(128, 8, 3), (64, 8, 4)])
+def test_vision_attention_gpu_autotune_configs(block_n, warps, stages):
+    """The autotuner's tile shapes, bf16 and fp16, every grid shape in one pack, q/k/v strided views."""
+    cfg = {"BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+    check(GPU_GRIDS, 16, 64, torch.bfloat16, "cuda", seed=block_n, mode="separate", block_m=128, config=cfg)
+    check(GPU_GRIDS + [(32, 32)], 16, 64, torch.float16, "cuda", seed=block_n + 9, mode="separate",
+          block_m=128, config=cfg)
 
 
 @requires_gpu
 @pytest.mark.gpu
-def test_vision_attention_cuda_graph():
+def test_vision_attention_gpu_block_m64():
+    check(GPU_GRIDS, 16, 64, torch.bfloat16, "cuda", seed=64, mode="fused_half", block_m=64,
+          config={"BLOCK_N": 64, "num_warps": 4, "num_stages": 2})
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_vision_attention_autotuned_cuda_graph():
+    """The autotuned path the encoder uses (rope=False after rope_2d_qk_), then a CUDA graph replay."""
     from pixtral_rt.kernels.vision_attention import warmup_vision_attention
     grids = [(64, 64), (3, 5)]
     lens, q, k, v, pos, cu = make_case(grids, 16, 64, torch.bfloat16, "cuda", seed=3)
-    warmup_vision_attention(16, 64, [q.shape[0]], layout="interleaved")
+    warmup_vision_attention(16, 64, [q.shape[0]], rope=False, layout="interleaved")
     plan = plan_vision_attention(lens, 128, device="cuda")
     freqs = rope_pair_freqs(64, THETA, "cuda")
+    qr, kr = rope_2d_(q.clone(), pos, freqs), rope_2d_(k.clone(), pos, freqs)
     out = torch.full_like(q, float("nan"))
-    vision_attention(q, k, v, cu, plan, pos, freqs, out=out, layout="interleaved")
+    vision_attention(qr, kr, v, cu, plan, rope=False, out=out)
+    ref = reference(q, k, v, pos, cu, 64)
+    base = rel(sdpa_same_dtype(q, k, v, pos, cu, 64), ref)
+    assert rel(out, ref) <= 2 * base + 1e-4
     eager = out.clone()
     out.fill_(float("nan"))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        vision_attention(q, k, v, cu, plan, pos, freqs, out=out, layout="interleaved")
+        vision_attention(qr, kr, v, cu, plan, rope=False, out=out)
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
