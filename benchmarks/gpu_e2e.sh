@@ -2,7 +2,7 @@
 # One device call: install, GPU tests of the engine, load check (RSS + reference vs HF), end-to-end bench
 # (ours vs HF vs the gpt-fast anchor). Logs and JSON lines land in $OUT.
 set -o pipefail
-export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
