@@ -51,6 +51,8 @@ class EncodedRequest:
     image_sizes: list[tuple[int, int]] = field(default_factory=list)   # (width, height) as loaded (upright)
     image_names: list[str] = field(default_factory=list)
     preprocess_backend: str = ""
+    image_out_hw: list[tuple[int, int]] = field(default_factory=list)   # (H, W) after resize, per image
+    images_are_raw: bool = False            # images hold decoded uint8 (h, w, 3) pixels, not yet preprocessed
 
     @property
     def n_images(self) -> int:
@@ -267,11 +269,12 @@ def _tokenize(tokenizer, msgs: list[dict], images: list[_Image]) -> tuple[list[i
 # --------------------------------------------------------------------------------------------- encode
 def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12, max_context: int | None = None,
                    max_tokens: int = 0, image_limits: ImageLimits = DEFAULT_LIMITS, threads: int = 0,
-                   to_torch: bool = True) -> EncodedRequest:
+                   to_torch: bool = True, raw_pixels: bool = False) -> EncodedRequest:
     """Plan, check and encode one chat request. Order of work: shape check -> image count cap -> image headers
     (pixel cap) -> tokens -> context check -> decode + preprocess. Raises a PixtralInputError subclass naming
     the input (MessageFormatError, TooManyImagesError, ImageError..., ContextLengthError); nothing is
-    decoded for a request that is refused on counts."""
+    decoded for a request that is refused on counts. raw_pixels=True stops after decoding: `images` then
+    holds uint8 (h, w, 3) arrays, to be resized and normalised on the GPU (preprocess.preprocess_cuda)."""
     msgs, images = _parse_messages(messages)
     if max_tokens < 0:
         raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -308,8 +311,12 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
             pixels = im.opened.decode()
         except ImageError as exc:
             raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
+        im.opened = None  # drop the decoder's copy early
+        if raw_pixels:
+            tensors.append(pixels)
+            cu.append(cu[-1] + im.plan.n_patches)
+            continue
         chw = preprocess(pixels, (im.plan.out_height, im.plan.out_width), threads=threads)
-        im.opened = None  # drop the decoded pixels early
         if to_torch:
             import torch
             chw = torch.from_numpy(chw)
@@ -319,4 +326,5 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
         tokens=tokens, images=tensors, patch_grids=[(im.plan.rows, im.plan.cols) for im in ordered],
         image_token_positions=positions, cu_seqlens=cu, prompt_tokens=len(tokens), max_tokens=max_tokens,
         image_tokens=image_tokens, image_sizes=[(im.plan.width, im.plan.height) for im in ordered],
-        image_names=[im.where for im in ordered], preprocess_backend=backend())
+        image_names=[im.where for im in ordered], preprocess_backend="deferred" if raw_pixels else backend(),
+        image_out_hw=[(im.plan.out_height, im.plan.out_width) for im in ordered], images_are_raw=raw_pixels)

@@ -174,9 +174,13 @@ class Engine:
         return cls(args, tokenizer, be, info, ctx, max_images)
 
     # ------------------------------------------------------------------------------ requests
-    def encode(self, messages, params: SamplingParams) -> EncodedRequest:
+    def encode(self, messages, params: SamplingParams, raw_pixels: bool | None = None) -> EncodedRequest:
+        """Plan + tokenise on the host. raw_pixels (default: what the backend wants) leaves resize and
+        normalisation to the backend (the fast backend does them on the GPU)."""
+        if raw_pixels is None:
+            raw_pixels = getattr(self.backend, "raw_pixels", False)
         return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
-                              max_context=self.max_context, max_tokens=params.max_tokens)
+                              max_context=self.max_context, max_tokens=params.max_tokens, raw_pixels=raw_pixels)
 
     def _eos(self) -> int:
         return self.tokenizer.instruct_tokenizer.tokenizer.eos_id

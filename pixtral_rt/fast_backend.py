@@ -107,17 +107,29 @@ class FastBackend:
         return self.vision.capture(bucket, self.max_images)
 
     # ------------------------------------------------------------------------------ request
+    raw_pixels = True  # the engine hands over decoded uint8 pixels; resize + normalise run on the GPU
+
     @torch.inference_mode()
-    def image_features(self, images: list[torch.Tensor], grids: list[tuple[int, int]]) -> torch.Tensor:
-        """Normalised (3, H, W) host images -> (n_image_tokens, text dim) on the device."""
+    def patches(self, req) -> torch.Tensor:
+        """The request's images as packed patches (n_patches, 3*p*p) fp32 on the device: preprocessed on the
+        GPU straight into the packed buffer (raw uint8 pixels), or uploaded if already normalised."""
+        from .preprocess import preprocess_cuda
         p = self.args.vision.patch_size
-        patches = pack_patches(images, p, dtype=torch.float32)
-        if patches.device.type == "cpu":
-            patches = patches.pin_memory()
-        patches = patches.to(self.device, non_blocking=True)
-        n = patches.shape[0]
+        if not req.images_are_raw:
+            packed = pack_patches(req.images, p, dtype=torch.float32)
+            return packed.pin_memory().to(self.device, non_blocking=True)
+        packed = torch.empty(req.n_patches, 3 * p * p, device=self.device, dtype=torch.float32)
+        for pixels, hw, a, b in zip(req.images, req.image_out_hw, req.cu_seqlens[:-1], req.cu_seqlens[1:]):
+            preprocess_cuda(pixels, hw, device=self.device, out=packed[a:b], layout="patches", patch_size=p)
+        return packed
+
+    @torch.inference_mode()
+    def image_features(self, req) -> torch.Tensor:
+        """Images of a request -> (n_image_tokens, text dim) on the device (vision graph of its bucket)."""
+        patches = self.patches(req)
+        grids = req.patch_grids
         if self.use_graphs:
-            bucket = vision_bucket(n)
+            bucket = vision_bucket(patches.shape[0])
             plan = self.vision.plan(grids, bucket=bucket, max_images=self.max_images)
             return self._vision_graph(bucket)(patches, plan)
         return self.vision(patches, self.vision.plan(grids))
@@ -134,7 +146,7 @@ class FastBackend:
         toks = torch.tensor(req.tokens, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
         h = self.decoder.embed(toks)
         if req.images:
-            feats = self.image_features(req.images, req.patch_grids)
+            feats = self.image_features(req)
             slots = torch.tensor(req.image_token_positions, dtype=torch.long).pin_memory().to(self.device,
                                                                                               non_blocking=True)
             h.index_copy_(0, slots, feats.to(h.dtype))

@@ -47,8 +47,8 @@ def test_greedy_tokens_match_reference(setup, n_images):
     args, ref, eng = setup
     msgs = _messages(n_images, seed=n_images)
     p = SamplingParams(max_tokens=32)
-    req = eng.encode(msgs, p)
-    res = eng.generate(msgs, p)
+    req = eng.encode(msgs, p, raw_pixels=False)  # normalised on the host, for the reference
+    res = eng.generate(msgs, p)                  # the engine's own path: raw pixels, GPU preprocessing
     ours = res.token_ids
     assert len(ours) >= 1
     with torch.inference_mode():
@@ -57,16 +57,19 @@ def test_greedy_tokens_match_reference(setup, n_images):
         logits = ref.forward_tokens(seq, images or None)[len(req.tokens) - 1:].float()  # (n+1, V)
         # fast path's own prefill logits, to measure the bf16 gap between the two implementations
         fast_first = eng.backend.decoder.prefill(_embed(eng, req), 0, 0).float()
-    err = (fast_first - logits[0]).abs().max().item()
-    tol = max(3 * err, 1e-3)
+    diff = fast_first - logits[0]
+    err = diff.abs().max().item()
+    # bf16 error of a logit DIFFERENCE between the two implementations: 4 sigma of (d_i - d_j)
+    tol = 4 * (2 ** 0.5) * diff.std().item()
     exact = 0
     for t, tok in enumerate(ours):
         row = logits[t]
         top = row.max().item()
         assert row[tok].item() >= top - tol, (f"step {t}: token {tok} has reference logit {row[tok].item():.4f}, "
-                                              f"top is {top:.4f} (tolerance {tol:.4f} = 3x prefill logit error)")
+                                              f"top is {top:.4f} (tolerance {tol:.4f} = 4 sigma of the bf16 logit-difference error)")
         exact += int(row.argmax().item() == tok)
-    print(f"[{n_images} images] {exact}/{len(ours)} tokens are the reference argmax; prefill logit max err {err:.4f}")
+    print(f"[{n_images} images] {exact}/{len(ours)} tokens are the reference argmax; prefill logits: max err "
+          f"{err:.4f}, err std {diff.std().item():.4f}, logit std {logits[0].std().item():.4f}, tol {tol:.4f}")
     assert exact >= len(ours) // 2  # near-ties may flip a few, not most
 
 
@@ -75,7 +78,7 @@ def _embed(eng, req):
     toks = torch.tensor(req.tokens, device="cuda")
     h = be.decoder.embed(toks)
     if req.images:
-        feats = be.image_features(req.images, req.patch_grids)
+        feats = be.image_features(req)
         h[torch.tensor(req.image_token_positions, device="cuda")] = feats.to(h.dtype)
     return h
 
@@ -97,15 +100,20 @@ def test_graph_replay_equals_eager(setup):
 def test_vision_graph_bucket_padding_matches_eager(setup):
     args, ref, eng = setup
     be = eng.backend
-    req = eng.encode(_messages(3, seed=4), __import__("pixtral_rt.sampling", fromlist=["x"]).SamplingParams(max_tokens=1))
+    from pixtral_rt.sampling import SamplingParams
+    msgs = _messages(3, seed=4)
+    host = eng.encode(msgs, SamplingParams(max_tokens=1), raw_pixels=False)
+    raw = eng.encode(msgs, SamplingParams(max_tokens=1), raw_pixels=True)
     with torch.inference_mode():
-        graphed = be.image_features(req.images, req.patch_grids).float()
+        # GPU preprocessing into the packed buffer == host preprocessing (mistral_common-exact, 1e-4)
+        assert (be.patches(raw) - be.patches(host)).abs().max().item() <= 1e-4
+        graphed = be.image_features(raw).float()
         be.use_graphs = False
         try:
-            eager = be.image_features(req.images, req.patch_grids).float()
+            eager = be.image_features(host).float()
         finally:
             be.use_graphs = True
-        refd = ref.image_features([im.to("cuda") for im in req.images]).float()
+        refd = ref.image_features([im.to("cuda") for im in host.images]).float()
     assert graphed.shape == eager.shape == refd.shape
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(graphed, eager) < 1e-2
