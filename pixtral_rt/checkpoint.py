@@ -44,6 +44,8 @@ class TensorSource:
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name
     unpermute_heads: int = 0  # >0: undo HF's rotary row permutation with this many heads
+    offset: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
 
 
 @dataclass
@@ -110,8 +112,11 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from exc
     header.pop("__metadata__", None)
+    header["__data_start__"] = 8 + n
     data_size = size - 8 - n
     for key, meta in header.items():
+        if key == "__data_start__":
+            continue
         try:
             dtype, shape, (a, b) = meta["dtype"], meta["shape"], meta["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
@@ -273,7 +278,9 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
     plan = CheckpointPlan(folder=folder, format=fmt, args=args, files=files)
     unexpected = []
     for path in files:
-        for key, meta in read_safetensors_header(path).items():
+        header = read_safetensors_header(path)
+        data_start = header.pop("__data_start__")
+        for key, meta in header.items():
             ours = key if fmt == "mistral" else hf_to_mistral_key(key)
             if ours is None or ours not in want:
                 unexpected.append(f"{key} ({path.name})")
@@ -287,8 +294,9 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
             if meta["dtype"] not in _ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {key!r} has dtype {meta['dtype']}; expected BF16, F16 or F32 "
                                       f"(quantised checkpoints are not supported yet)")
+            a, b = meta["data_offsets"]
             plan.sources[ours] = TensorSource(path, key, shape, meta["dtype"],
-                                              rotary_heads(ours, args) if fmt == "hf" else 0)
+                                              rotary_heads(ours, args) if fmt == "hf" else 0, data_start + a, b - a)
     missing = [k for k in want if k not in plan.sources]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the {fmt}-format checkpoint, "
@@ -302,38 +310,101 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
 # ---------------------------------------------------------------------------------------- loading
 def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = torch.bfloat16,
                     keys: Iterable[str] | None = None, progress: bool = True,
-                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Load (a subset of) the planned tensors, each memory-mapped and placed straight on `device` in `dtype`.
-    Returns our-named tensors. Peak host memory stays about one tensor, not one model."""
-    from safetensors import safe_open
+                    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                    staged: bool | None = None) -> dict[str, torch.Tensor]:
+    """Load (a subset of) the planned tensors onto `device` in `dtype`; returns our-named tensors.
+
+    To a GPU (staged, the default there) each file is read with plain reads into two reusable pinned
+    buffers and copied to the device chunk by chunk, so host memory stays at the staging buffers (no
+    mapped file pages, no copy of the model). To the CPU, safetensors memory-maps each file."""
     from tqdm import tqdm
 
+    dev = torch.device(device)
+    staged = dev.type == "cuda" if staged is None else staged
     wanted = list(plan.sources) if keys is None else list(keys)
     by_file: dict[Path, list[str]] = {}
     for k in wanted:
         by_file.setdefault(plan.sources[k].file, []).append(k)
-    total = sum(_numel(plan.sources[k].shape) * torch.tensor([], dtype=dtype).element_size() for k in wanted)
-    dev = torch.device(device)
+    total = sum(plan.sources[k].nbytes for k in wanted)
     out: dict[str, torch.Tensor] = {}
+
+    def finish(k: str, t: torch.Tensor) -> None:
+        src = plan.sources[k]
+        t = t.to(dtype)
+        if src.unpermute_heads:
+            t = unpermute_from_hf(t, src.unpermute_heads).contiguous()
+        out[k] = transform(k, t) if transform is not None else t
+
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
               file=sys.stderr, leave=False) as bar:
+        reader = _StagedReader(dev) if staged else None
         for path, ks in by_file.items():
             try:
-                with safe_open(str(path), framework="pt", device=str(dev) if dev.type != "cpu" else "cpu") as f:
-                    for k in ks:
+                if staged:
+                    for k in sorted(ks, key=lambda k: plan.sources[k].offset):
                         src = plan.sources[k]
-                        t = f.get_tensor(src.key).to(dtype)
-                        if src.unpermute_heads:
-                            t = unpermute_from_hf(t, src.unpermute_heads).contiguous()
-                        if transform is not None:
-                            t = transform(k, t)
-                        out[k] = t
-                        bar.update(t.numel() * t.element_size())
+                        finish(k, reader.read(path, src.offset, src.nbytes, _ST_DTYPES[src.dtype], src.shape))
+                        bar.update(src.nbytes)
+                    continue
+                from safetensors import safe_open
+                with safe_open(str(path), framework="pt", device="cpu" if dev.type == "cpu" else str(dev)) as f:
+                    for k in ks:
+                        finish(k, f.get_tensor(plan.sources[k].key))
+                        bar.update(plan.sources[k].nbytes)
             except CheckpointError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - safetensors raises several types on corrupt data
-                raise CheckpointError(f"{path}: failed while reading tensors ({exc})") from exc
+            except Exception as exc:  # noqa: BLE001 - safetensors / OS errors on corrupt or vanished data
+                raise CheckpointError(f"{path}: failed while reading tensors ({type(exc).__name__}: {exc})") from exc
+        if reader is not None:
+            reader.close()
     return out
+
+
+class _StagedReader:
+    """File bytes -> device tensors through two pinned host buffers (double-buffered, async copies)."""
+
+    def __init__(self, device: torch.device, chunk: int = 128 << 20):
+        self.device, self.chunk = device, chunk
+        pin = device.type == "cuda"
+        self.bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.views = [memoryview(b.numpy()) for b in self.bufs]
+        self.events: list = [None, None]
+        self.i = 0
+        self._file, self._path = None, None
+
+    def read(self, path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        if self._path != path:
+            if self._file is not None:
+                self._file.close()
+            self._file, self._path = open(path, "rb", buffering=0), path
+        raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        f = self._file
+        f.seek(offset)
+        pos = 0
+        while pos < nbytes:
+            n = min(self.chunk, nbytes - pos)
+            j = self.i % 2
+            if self.events[j] is not None:
+                self.events[j].synchronize()  # the copy out of this buffer has finished
+            view, got = self.views[j], 0
+            while got < n:
+                r = f.readinto(view[got:n])
+                if not r:
+                    raise CheckpointError(f"{path}: unexpected end of file at byte {offset + pos + got}")
+                got += r
+            raw[pos:pos + n].copy_(self.bufs[j][:n], non_blocking=True)
+            if self.device.type == "cuda":
+                self.events[j] = torch.cuda.Event()
+                self.events[j].record()
+            pos += n
+            self.i += 1
+        return raw.view(dtype).view(shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 def load_reference_model(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float32,

@@ -35,14 +35,15 @@ def copy(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("staged", [False, True], ids=["mmap", "staged-reads"])
 @pytest.mark.parametrize("name", ["mistral", "hf", "hf-sharded-legacy", "mistral-sharded"])
-def test_all_layouts_load_the_same_weights(good, name):
+def test_all_layouts_load_the_same_weights(good, name, staged):
     plan = plan_checkpoint(good[name])
     assert plan.format == name.split("-")[0]
     assert plan.args.text == ARGS.text and plan.args.vision == ARGS.vision
     if "sharded" in name:
         assert len(plan.files) > 1
-    sd = load_state_dict(plan, dtype=torch.float32, progress=False)
+    sd = load_state_dict(plan, dtype=torch.float32, progress=False, staged=staged)
     want = {k: v.float() for k, v in random_state_dict(ARGS, seed=1).items()}  # written in bf16
     assert sd.keys() == want.keys()
     for k in want:
@@ -165,3 +166,16 @@ def test_config_roundtrip_all_presets():
         for got in (a, b):
             assert got.text == args.text and got.vision == args.vision, args.name
     assert PIXTRAL_12B.vision.head_dim == 64 and PRESETS["Pixtral-Large-Instruct-2411"].vision.head_dim == 88
+
+
+def test_staged_reader_chunks_and_truncation(tmp_path):
+    from pixtral_rt.checkpoint import CheckpointError, _StagedReader
+    data = torch.randn(1000, 37)
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"x" * 13 + data.numpy().tobytes())
+    r = _StagedReader(torch.device("cpu"), chunk=1000)  # many chunks, both buffers in turn
+    got = r.read(f, 13, data.numel() * 4, torch.float32, (1000, 37))
+    assert torch.equal(got, data)
+    with pytest.raises(CheckpointError, match="unexpected end of file"):
+        r.read(f, 13 + 4 * 37 * 999, 4 * 37 * 2, torch.float32, (2, 37))
+    r.close()
