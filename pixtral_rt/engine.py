@@ -167,6 +167,10 @@ class Engine:
             m.load_state_dict(sd, assign=True, strict=True)
             load_s = time.perf_counter() - t0
             be = ReferenceBackend(m.eval(), args, dev, tdtype, ctx)
+        from .preprocess import backend_info
+        pre = "GPU (CUDA op, raw pixels uploaded)" if getattr(be, "raw_pixels", False) else backend_info()
+        print(f"pixtral_rt: {be.name} backend on {dev}, {str(tdtype).replace('torch.', '')}, context {ctx} tokens; "
+              f"image preprocessing: {pre}", file=sys.stderr)
         info = {"model": f"random {default_args.name}" if random_default else str(folder), "format": plan.format,
                 "random_weights": random_default, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                 else "cpu", "dtype": str(tdtype).replace("torch.", ""), "backend": be.name, "load_s": load_s,

@@ -127,3 +127,20 @@ def test_help_explains(env):
     assert p.returncode == 0
     for flag in ("--model", "--image", "--chat", "--json", "--max-context", "random"):
         assert flag in p.stdout
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_output(env):
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--device", "cpu", "--max-tokens", "6000",
+                          "--max-context", "8192", "--prompt", "Tell me a long story"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    # wait until tokens stream, then interrupt
+    first = p.stdout.read(1)
+    assert first, "no output before the interrupt"
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert len(first + out) > 1
