@@ -4,8 +4,10 @@ CUDA graph: ms/token, tok/s and achieved GB/s of weight reads vs the weight-read
 Floor: weight bytes per token (all but the embedding table, 23.1 GB) / copy bandwidth measured in the same
 run. Also: cuBLAS's achieved TB/s on every decoder GEMM shape at M=1 (the input to the GEMV decision) and
 the sum of those GEMMs over 40 layers (what the step would cost if everything but the GEMMs were free).
-Baseline: gpt-fast style torch.compile decoder, ../shared/reference/performance.md (not re-run here unless
---gptfast).
+Baseline: the previous decode path (Triton GEMV + separate norm/SiLU/add kernels, 'none') replayed in the same
+run; gpt-fast style torch.compile decoder from ../shared/reference/performance.md (not re-run unless --gptfast).
+Variants: decode_fusion 'none' / 'fused' (gemv_fused prologues/epilogues) / 'pdl' (fused + programmatic
+dependent launches).
 """
 import json
 import sys
@@ -19,8 +21,16 @@ from common import bench_ms, device_name, record  # noqa: E402
 
 from pixtral_rt.config import PIXTRAL_12B  # noqa: E402
 from pixtral_rt.decoder import FastDecoder  # noqa: E402
-from pixtral_rt.kernels.gemv import gemv  # noqa: E402
+from pixtral_rt.kernels.gemv import gemv, gemv_fused  # noqa: E402
 
+# fused-GEMV tile sweep (block_n, block_k, num_warps, num_stages) per shape; the first is the old default
+FUSED_SWEEP = {
+    "wqkv": [(8, 512, 4, 4), (4, 512, 4, 4), (8, 256, 4, 4), (16, 256, 4, 6)],
+    "wo": [(16, 512, 4, 4), (4, 512, 4, 4), (8, 512, 4, 4), (8, 256, 4, 4)],
+    "w13": [(16, 256, 4, 6), (16, 512, 4, 4), (32, 256, 8, 4)],
+    "w2": [(8, 512, 4, 4), (8, 1024, 8, 3), (16, 512, 4, 4), (4, 1024, 4, 4)],
+    "output": [(8, 1024, 8, 3), (16, 512, 4, 4)],
+}
 GEMV_CONFIGS = [(8, 512, 4, 4), (16, 512, 4, 4), (4, 1024, 4, 4), (8, 1024, 8, 3), (16, 256, 4, 6), (32, 256, 8, 4)]
 
 GPTFAST_TOK_S = {"NVIDIA H100 80GB HBM3": 100.4, "NVIDIA H200": 119.6}  # performance.md, ctx 1k
@@ -78,35 +88,40 @@ def main():
     print(f"copy {copy_tb:.2f} TB/s; weights/token {wbytes / 1e9:.2f} GB; floor {floor_ms:.2f} ms = "
           f"{1e3 / floor_ms:.1f} tok/s ({device_name()})")
 
-    # cuBLAS vs the Triton GEMV at M=1 on every decoder GEMM shape
+    # fused Triton GEMV (prologue/epilogue as the decode step uses them) at M=1, small tile sweep; the plain
+    # Triton GEMV with the decoder's current tiles (GEMV_CONFIGS) as the baseline of the same run
     L0 = dec.layers[0]
-    gemm_ms_total = triton_ms_total = 0.0
+    d = args.dim
+    old_total = fused_total = 0.0
     best_cfgs = {}
-    for name, w, count in (("wqkv", L0.wqkv, 40), ("wo", L0.wo, 40), ("w13", L0.w13, 40), ("w2", L0.w2, 40),
-                           ("output", dec.output, 1)):
+    r = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    for name, w, count, kw in (("wqkv", L0.wqkv, 40, dict(norm_weight=L0.attention_norm)),
+                               ("wo", L0.wo, 40, dict(residual=r)),
+                               ("w13", L0.w13, 40, dict(norm_weight=L0.ffn_norm)),
+                               ("w2", L0.w2, 40, dict(silu=True, residual=r)),
+                               ("output", dec.output, 1, dict(norm_weight=dec.norm, out_dtype=torch.float32))):
         x = torch.randn(1, w.shape[1], device="cuda", dtype=torch.bfloat16)
-        ms = bench_ms(lambda: F.linear(x, w), rep_ms=200)
-        gemm_ms_total += ms * count
-        record("decode_step", f"cublas_gemv_{name}_{w.shape[0]}x{w.shape[1]}", "TB/s", w.numel() * 2 / ms / 1e9,
-               "TB/s", "copy_bw", copy_tb, copy_tb, us=round(ms * 1e3, 2))
+        x2 = torch.randn(1, 2 * w.shape[1], device="cuda", dtype=torch.bfloat16) if kw.get("silu") else x
+        ms = bench_ms(lambda: gemv(x, w, **dec.gemv_configs.get(tuple(w.shape), {})), rep_ms=100)
+        old_total += ms * count
         best = None
-        for bn, bk, nw, ns in GEMV_CONFIGS:
+        for bn, bk, nw, ns in FUSED_SWEEP[name]:
+            cfg = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
             try:
-                tms = bench_ms(lambda: gemv(x, w, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns), rep_ms=100)
+                tms = bench_ms(lambda: gemv_fused(x2, w, **kw, **cfg), rep_ms=100)
             except Exception as exc:  # noqa: BLE001
-                print(f"gemv config {(bn, bk, nw, ns)} failed: {type(exc).__name__} {str(exc)[:150]}")
+                print(f"gemv_fused config {(bn, bk, nw, ns)} failed: {type(exc).__name__} {str(exc)[:150]}")
                 continue
             if best is None or tms < best[0]:
-                best = (tms, dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns))
+                best = (tms, cfg)
         best_cfgs[tuple(w.shape)] = best[1]
-        triton_ms_total += best[0] * count
-        record("decode_step", f"triton_gemv_{name}_{w.shape[0]}x{w.shape[1]}", "TB/s", w.numel() * 2 / best[0] / 1e9,
-               "TB/s", "cublas_gemv", w.numel() * 2 / ms / 1e9, copy_tb, us=round(best[0] * 1e3, 2), config=best[1])
-    record("decode_step", "sum_of_cublas_gemvs_B1", "tok/s", 1e3 / gemm_ms_total, "tok/s", "weight_read_floor",
-           1e3 / floor_ms, 1e3 / floor_ms, ms=round(gemm_ms_total, 3))
-    record("decode_step", "sum_of_triton_gemvs_B1", "tok/s", 1e3 / triton_ms_total, "tok/s", "sum_of_cublas_gemvs_B1",
-           1e3 / gemm_ms_total, 1e3 / floor_ms, ms=round(triton_ms_total, 3))
-    dec.gemv_configs = best_cfgs
+        fused_total += best[0] * count
+        record("decode_step", f"fused_gemv_{name}_{w.shape[0]}x{w.shape[1]}", "TB/s", w.numel() * 2 / best[0] / 1e9,
+               "TB/s", "triton_gemv_plain", w.numel() * 2 / ms / 1e9, copy_tb, us=round(best[0] * 1e3, 2),
+               us_plain=round(ms * 1e3, 2), config=best[1], fused=sorted(k for k in kw))
+    record("decode_step", "sum_of_fused_gemvs_B1", "tok/s", 1e3 / fused_total, "tok/s", "sum_of_triton_gemvs_B1",
+           1e3 / old_total, 1e3 / floor_ms, ms=round(fused_total, 3))
+    dec.fused_gemv_configs = best_cfgs
     try:  # best decode-attention config from bench_decode_attention.py run just before (same machine)
         best_attn = json.load(open("/tmp/decode_best.json"))
         dec.decode_config = dict(block_n=best_attn[0], num_warps=best_attn[1], num_stages=best_attn[2])
@@ -115,10 +130,16 @@ def main():
         pass
 
     gf = GPTFAST_TOK_S.get(device_name())
-    for backend, B, pos in (("cublas", 1, 1000), ("triton", 1, 1000), ("cublas", 1, 4000), ("triton", 1, 4000),
-                            ("cublas", 8, 1000)):
-        dec.gemv_backend = backend
-        graph = dec.capture_decode(B)
+    res = {}
+    for backend, fusion, B, pos in (("triton", "none", 1, 1000), ("triton", "fused", 1, 1000),
+                                    ("triton", "pdl", 1, 1000), ("triton", "none", 1, 4000),
+                                    ("triton", "pdl", 1, 4000)):
+        dec.gemv_backend, dec.decode_fusion = backend, fusion
+        try:
+            graph = dec.capture_decode(B)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
+            print(f"capture {fusion} ctx{pos} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            continue
         tok = torch.randint(1000, args.vocab_size, (B,), device="cuda")
         positions = torch.full((B,), pos, device="cuda", dtype=torch.int32)
         graph.tokens.copy_(tok)
@@ -126,13 +147,13 @@ def main():
         ms = bench_ms(graph.graph.replay, warmup_ms=100, rep_ms=1000)
         kv_bytes = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2 * (pos + 1)
         gbs = (wbytes + kv_bytes) / ms / 1e6
-        record("decode_step", f"graph_{backend}_B{B}_ctx{pos}", "tok/s", B * 1e3 / ms, "tok/s",
-               "gptfast_style_ctx1k(performance.md)" if gf else None, gf, B * 1e3 / floor_ms, ms=round(ms, 4),
-               GBps=round(gbs, 1), frac_of_floor=round(floor_ms / ms, 4))
-        if B == 1 and pos == 1000 and backend == "cublas":
-            eager = bench_ms(lambda: dec.decode_step(tok, positions), rep_ms=500)
-            record("decode_step", "eager_B1_ctx1000", "tok/s", 1e3 / eager, "tok/s", "graph_cublas_B1_ctx1000",
-                   1e3 / ms, 1e3 / floor_ms, ms=round(eager, 4))
+        base = res.get(("none", pos))
+        res[(fusion, pos)] = B * 1e3 / ms
+        case = f"graph_{backend}{'' if fusion == 'none' else '_' + fusion}_B{B}_ctx{pos}"
+        record("decode_step", case, "tok/s", B * 1e3 / ms, "tok/s",
+               f"graph_triton_B{B}_ctx{pos}" if base else "gptfast_style_ctx1k(performance.md)",
+               base or gf, B * 1e3 / floor_ms, ms=round(ms, 4), GBps=round(gbs, 1),
+               frac_of_floor=round(floor_ms / ms, 4), gptfast=gf)
         del graph
     if "--gptfast" in sys.argv:
         import subprocess

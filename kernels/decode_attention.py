@@ -21,12 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, qk_scale,
                          stride_qb, stride_qh, stride_cb, stride_ch, stride_cs,
                          NUM_SPLITS, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -68,7 +73,10 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_p
 
 @triton.jit
 def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh,
-                          NUM_SPLITS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          NUM_SPLITS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS
@@ -99,8 +107,11 @@ def default_num_splits(batch: int, n_kv_heads: int, device: torch.device, max_sp
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_lens: torch.Tensor,
                      num_splits: int | None = None, out: torch.Tensor | None = None,
-                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """q (B, Hq, D), caches (n_slots >= B, Hkv, max_seq, D), cache_lens (B,) int32 device -> out (B, Hq, D)."""
+                     block_n: int = 64, num_warps: int = 4, num_stages: int = 3, pdl: bool = False,
+                     workspace: dict | None = None) -> torch.Tensor:
+    """q (B, Hq, D), caches (n_slots >= B, Hkv, max_seq, D), cache_lens (B,) int32 device -> out (B, Hq, D).
+    pdl: both launches as programmatic dependent launches (sm90+). workspace: a dict the caller keeps (one per
+    decoder): the fp32 partial buffers are allocated into it once per (B, Hq, num_splits) and reused."""
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(f"q must be (B, Hq, D) with a contiguous last dim, got {tuple(q.shape)} {q.stride()}")
     B, Hq, D = q.shape
@@ -118,9 +129,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"cache_lens must be ({B},) int32/int64, got {tuple(cache_lens.shape)} {cache_lens.dtype}")
     ns = num_splits or default_num_splits(B, Hkv, q.device)
     group = Hq // Hkv
-    po = torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device)
-    pm = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
-    pl = torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device)
+    key = (B, Hq, ns, D, q.device)
+    bufs = workspace.get(key) if workspace is not None else None
+    if bufs is None:
+        bufs = (torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device))
+        if workspace is not None:
+            workspace[key] = bufs
+    po, pm, pl = bufs
+    if pdl and not pdl_supported(q.device):
+        pdl = False
+    extra = dict(launch_pdl=True) if pdl else {}
     o = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device) if out is None else out
     if o.shape != (B, Hq, D) or o.stride(2) != 1:
         raise ValueError(f"out must be ({B}, {Hq}, {D}) with a contiguous last dim")
@@ -129,7 +149,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, cache_lens, po, pm, pl, qk_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         ns, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_N=block_n, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **extra)
     _decode_reduce_kernel[(B, Hq)](po, pm, pl, o, o.stride(0), o.stride(1), ns,
-                                   BLOCK_S=triton.next_power_of_2(ns), HEAD_DIM=D, num_warps=4)
+                                   BLOCK_S=triton.next_power_of_2(ns), HEAD_DIM=D, USE_PDL=pdl, num_warps=4, **extra)
     return o

@@ -4,12 +4,31 @@ fp32 accumulate. Candidate replacement for cuBLAS at M=1, kept only if it reads 
 
 Grid: cdiv(N, BLOCK_N) programs; each streams its BLOCK_N rows of W in (BLOCK_N, BLOCK_K) tiles along K
 (16-byte vector loads, coalesced), keeps a (BLOCK_N, BLOCK_K) fp32 partial and reduces it once at the end.
+
+gemv_fused: the same GEMV with the decode step's neighbours folded in (one launch instead of two or three):
+    prologue  norm_weight=g:  x <- x * rsqrt(mean(x^2) + eps) * g   (RMSNorm of the K-row; every program
+                              streams the whole row anyway, so sum(x^2) is accumulated in the K loop and
+                              rstd applied to the dot product at the end: y = rstd * sum_k w[n,k] x[k] g[k])
+              silu=True:      x (1, 2K) is the w13 output -> x <- silu(x[:K]) * x[K:] (rounded to x's dtype,
+                              like silu_mul), computed on the fly from L2
+    epilogue  residual=r:     y <- y + r  (y rounded to the output dtype first, then the add rounded: the
+                              same two roundings as `y = x @ W.T; r + y` in the model dtype)
+    pdl=True (sm90+):         launched as a programmatic dependent launch: the kernel lets the next one
+                              launch at once, loads its first weight tile (constant), then waits on the
+                              previous grid (griddepcontrol.wait) before touching x or writing y. Every
+                              kernel of a PDL chain waits before its first dependent access, so ordering
+                              stays transitive.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # grid dependency control (PDL); absent in old Triton
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 
 
 @triton.jit
@@ -48,3 +67,101 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bloc
     _gemv_kernel[(triton.cdiv(N, block_n),)](x2, w, y, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
                                              EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages)
     return y.view(N) if squeeze else y
+
+
+@triton.jit
+def _x_tile(x_ptr, g_ptr, k0, offs_k, K, NORM: tl.constexpr, SILU: tl.constexpr):
+    """fp32 input chunk x[k0:k0+BLOCK_K] after the prologue (norm weight applied, rstd not) and its x^2."""
+    k = k0 + offs_k
+    km = k < K
+    if SILU:
+        g = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + K + k, mask=km, other=0.0).to(tl.float32)
+        xv = (g / (1.0 + tl.exp(-g)) * u).to(x_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        xv = tl.load(x_ptr + k, mask=km, other=0.0).to(tl.float32)
+    sq = xv * xv
+    if NORM:
+        xv = xv * tl.load(g_ptr + k, mask=km, other=0.0).to(tl.float32)
+    return xv, sq
+
+
+@triton.jit
+def _gemv_fused_kernel(x_ptr, g_ptr, w_ptr, r_ptr, y_ptr, N, K, stride_w, eps,
+                       NORM: tl.constexpr, SILU: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    # first weight tile: constant data, loaded before waiting on the producer of x (PDL)
+    if EVEN_K:
+        w0 = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
+    else:
+        w0 = tl.load(w_ptrs, mask=nmask[:, None] & (offs_k < K)[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+    xv, sq = _x_tile(x_ptr, g_ptr, 0, offs_k, K, NORM, SILU)
+    acc = w0.to(tl.float32) * xv[None, :]
+    ss = sq
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        xv, sq = _x_tile(x_ptr, g_ptr, k0, offs_k, K, NORM, SILU)
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * xv[None, :]
+        ss += sq
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * (1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps))
+    y = y.to(y_ptr.dtype.element_ty)
+    if RESIDUAL:
+        r = tl.load(r_ptr + offs_n, mask=nmask, other=0.0)
+        y = (y.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_n, y, mask=nmask)
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: CUDA sm90+ and a Triton with griddepcontrol."""
+    device = torch.device(device)
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def gemv_fused(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+               silu: bool = False, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None, pdl: bool = False, block_n: int = 8, block_k: int = 512,
+               num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """y (1, N) = prologue(x) @ W.T [+ residual]. W (N, K) row-major.
+    x: (1, K) (or (1, 2K) with silu=True: the w13 output [gate | up]); norm_weight (K,): RMSNorm of x first;
+    residual (1, N): added after rounding. Output dtype: out's, else out_dtype, else x's."""
+    if w.dim() != 2 or w.stride(1) != 1:
+        raise ValueError(f"gemv_fused: w must be row-major (N, K), got {tuple(w.shape)} strides {w.stride()}")
+    N, K = w.shape
+    kx = 2 * K if silu else K
+    if x.numel() != kx or x.dim() not in (1, 2):
+        raise ValueError(f"gemv_fused: x {tuple(x.shape)} must hold {kx} values (w {tuple(w.shape)}, silu={silu})")
+    x2 = x.reshape(1, kx)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if norm_weight is not None and (norm_weight.shape != (K,) or not norm_weight.is_contiguous()):
+        raise ValueError(f"gemv_fused: norm_weight must be contiguous ({K},), got {tuple(norm_weight.shape)}")
+    if residual is not None and (residual.numel() != N or not residual.is_contiguous()):
+        raise ValueError(f"gemv_fused: residual must be contiguous with {N} values, got {tuple(residual.shape)}")
+    y = torch.empty(1, N, dtype=out_dtype or x.dtype, device=x.device) if out is None else out
+    if y.numel() != N or not y.is_contiguous():
+        raise ValueError(f"gemv_fused: out must be contiguous with {N} values, got {tuple(y.shape)}")
+    if pdl and not pdl_supported(x.device):
+        pdl = False
+    extra = dict(launch_pdl=True) if pdl else {}
+    _gemv_fused_kernel[(triton.cdiv(N, block_n),)](
+        x2, x2 if norm_weight is None else norm_weight, w, y if residual is None else residual, y, N, K,
+        w.stride(0), eps, NORM=norm_weight is not None, SILU=silu, RESIDUAL=residual is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, **extra)
+    return y

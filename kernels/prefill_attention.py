@@ -11,7 +11,8 @@ position p of slot b lives at [b, :, p, :], already RoPE-rotated (K) -- what dec
                      angle[p, i] = p * theta^(-2i/D) in fp32, see pixtral_rt/reference/rope.py)
 
 Two launches, one pass over qkv each:
-  1. rope_store_kv: per token, rotate q IN PLACE inside qkv, rotate k and write k, v to the cache. The
+  1. rope_store_kv: per block of tokens x group of heads, rotate q IN PLACE inside qkv, rotate k and write
+     k, v to the cache (whole-row 16-byte loads, pairs split in registers). The
      cos/sin come from a table of fp32 angles built once (`rope_table`), so they match the reference
      bit for bit. Also used by the decode step (positions/slots read from device memory).
   2. _prefill_attn_kernel: flash attention (online softmax, exp2) over cache positions [0, start_pos+T):
@@ -21,9 +22,13 @@ Two launches, one pass over qkv each:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+
+from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
 
 from pixtral_rt.reference.rope import text_rope_angles
 
@@ -36,39 +41,44 @@ def rope_table(max_seq: int, head_dim: int, theta: float, device=None) -> torch.
 
 # ----------------------------------------------------------------------------- RoPE + cache write
 @triton.jit
-def _rope_store_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, cs_ptr,
+def _rope_store_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, cs_ptr, T,
                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_tab,
-                          HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr,
-                          HEAD_DIM: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    half = tl.arange(0, HEAD_DIM // 2)
-    c = tl.load(cs_ptr + pos * stride_tab + 2 * half)[None, :]      # (1, D/2) fp32
-    s = tl.load(cs_ptr + pos * stride_tab + 2 * half + 1)[None, :]
-    row = qkv_ptr + t * stride_qkv
-    # q heads: rotate in place (even / odd elements of each pair)
-    hq = tl.arange(0, BLOCK_HQ)[:, None]
-    qm = hq < HQ
-    qe_ptr = row + hq * HEAD_DIM + 2 * half[None, :]
-    qe = tl.load(qe_ptr, mask=qm, other=0.0).to(tl.float32)
-    qo = tl.load(qe_ptr + 1, mask=qm, other=0.0).to(tl.float32)
-    tl.store(qe_ptr, (qe * c - qo * s).to(qkv_ptr.dtype.element_ty), mask=qm)
-    tl.store(qe_ptr + 1, (qe * s + qo * c).to(qkv_ptr.dtype.element_ty), mask=qm)
-    # k heads: rotate, store to the cache
-    hk = tl.arange(0, BLOCK_HKV)[:, None]
-    km = hk < HKV
-    ke_ptr = row + HQ * HEAD_DIM + hk * HEAD_DIM + 2 * half[None, :]
-    ke = tl.load(ke_ptr, mask=km, other=0.0).to(tl.float32)
-    ko = tl.load(ke_ptr + 1, mask=km, other=0.0).to(tl.float32)
-    dst = slot * stride_cb + hk * stride_ch + pos * stride_cs + 2 * half[None, :]
-    tl.store(k_cache_ptr + dst, (ke * c - ko * s).to(k_cache_ptr.dtype.element_ty), mask=km)
-    tl.store(k_cache_ptr + dst + 1, (ke * s + ko * c).to(k_cache_ptr.dtype.element_ty), mask=km)
-    # v heads: copy
+                          HQ: tl.constexpr, HKV: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+    # program (tb, hg): tokens tb*BLOCK_T.., heads hg*HPP..hg*HPP+HPP-1 of the (HQ q heads | HKV kv heads) list;
+    # a kv head's program rotates k into the cache and copies v. Rows are loaded whole (contiguous 16-byte
+    # vectors) and split into (even, odd) pairs in registers; cos/sin loaded once per token block.
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = (offs_t < T)[:, None]
+    hg = tl.program_id(1)
+    pos = tl.load(pos_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)[None, :]
-    v = tl.load(row + (HQ + HKV) * HEAD_DIM + hk * HEAD_DIM + d, mask=km, other=0.0)
-    tl.store(v_cache_ptr + slot * stride_cb + hk * stride_ch + pos * stride_cs + d,
-             v.to(v_cache_ptr.dtype.element_ty), mask=km)
+    cs = tl.load(cs_ptr + pos[:, None] * stride_tab + d, mask=tmask, other=0.0)       # (BLOCK_T, D) fp32
+    c, s = tl.split(tl.reshape(cs, (BLOCK_T, HEAD_DIM // 2, 2)))
+    rows = qkv_ptr + offs_t[:, None].to(tl.int64) * stride_qkv
+    if hg < HQ // HPP:
+        for j in range(HPP):
+            ptrs = rows + (hg * HPP + j) * HEAD_DIM + d
+            x = tl.load(ptrs, mask=tmask, other=0.0).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_T, HEAD_DIM // 2, 2)))
+            y = tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (BLOCK_T, HEAD_DIM))
+            tl.store(ptrs, y.to(qkv_ptr.dtype.element_ty), mask=tmask)
+    else:
+        slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
+        dst0 = slot[:, None] * stride_cb + pos[:, None] * stride_cs + d
+        for j in range(HPP):
+            kvh = (hg - HQ // HPP) * HPP + j
+            kp = rows + (HQ + kvh) * HEAD_DIM + d
+            x = tl.load(kp, mask=tmask, other=0.0).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_T, HEAD_DIM // 2, 2)))
+            y = tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (BLOCK_T, HEAD_DIM))
+            dst = dst0 + kvh * stride_ch
+            tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=tmask)
+            v = tl.load(kp + HKV * HEAD_DIM, mask=tmask, other=0.0)
+            tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=tmask)
 
 
 def _check_cache(k_cache, v_cache, n_kv_heads, head_dim, dtype):
@@ -83,10 +93,12 @@ def _check_cache(k_cache, v_cache, n_kv_heads, head_dim, dtype):
 
 
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, cos_sin: torch.Tensor, n_heads: int, n_kv_heads: int) -> None:
+                  v_cache: torch.Tensor, cos_sin: torch.Tensor, n_heads: int, n_kv_heads: int,
+                  pdl: bool = False, block_t: int | None = None, heads_per_program: int | None = None) -> None:
     """In place: rotate q inside qkv (T, (Hq+2Hkv)*D); write rotated k and v of token t to
     k_cache/v_cache[slots[t], :, positions[t]]. positions, slots: (T,) int32/int64 on the device.
-    cos_sin: rope_table(...) (max_seq, D/2, 2) fp32. Capturable (no host sync)."""
+    cos_sin: rope_table(...) (max_seq, D/2, 2) fp32. Capturable (no host sync). pdl: launch as a
+    programmatic dependent launch (waits on the previous grid before any access; sm90+)."""
     D = k_cache.shape[-1]
     T = qkv.shape[0]
     if qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * D or qkv.stride(1) != 1:
@@ -98,11 +110,19 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
         raise ValueError(f"cos_sin must be a contiguous (max_seq, {D // 2}, 2) fp32 table from rope_table()")
     if T == 0:
         return
-    _rope_store_kv_kernel[(T,)](
-        qkv, positions, slots, k_cache, v_cache, cos_sin,
+    # decode (few tokens): one head per program, for parallelism; prefill: 8 tokens x a group of heads per
+    # program (cos/sin loaded once per group, 2-4 KB contiguous rows per head)
+    bt = block_t or (2 if T <= 2 else 8 if T <= 64 else 16)
+    hpp = heads_per_program or (1 if T <= 64 else math.gcd(math.gcd(n_heads, n_kv_heads), 8))
+    if n_heads % hpp or n_kv_heads % hpp:
+        raise ValueError(f"heads_per_program {hpp} must divide n_heads {n_heads} and n_kv_heads {n_kv_heads}")
+    if pdl and not pdl_supported(qkv.device):
+        pdl = False
+    extra = dict(launch_pdl=True) if pdl else {}
+    _rope_store_kv_kernel[(triton.cdiv(T, bt), (n_heads + n_kv_heads) // hpp)](
+        qkv, positions, slots, k_cache, v_cache, cos_sin, T,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin.stride(0),
-        HQ=n_heads, HKV=n_kv_heads, BLOCK_HQ=triton.next_power_of_2(n_heads),
-        BLOCK_HKV=triton.next_power_of_2(n_kv_heads), HEAD_DIM=D, num_warps=4)
+        HQ=n_heads, HKV=n_kv_heads, HPP=hpp, HEAD_DIM=D, BLOCK_T=bt, USE_PDL=pdl, num_warps=4, **extra)
 
 
 # ----------------------------------------------------------------------------- attention

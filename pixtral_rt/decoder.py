@@ -25,6 +25,17 @@ Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v in
 prefill_attention_cached | decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
 w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", the default on CUDA:
 +7% decode tok/s on an H200; gemv_backend="cublas" to turn it off). Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
+
+Batch-1 decode with the Triton GEMV and decode_fusion "fused" or "pdl" (kernels/gemv.py: gemv_fused) runs
+7 launches per layer instead of 10; the residual stream r lives in the GEMV outputs:
+    qkv = wqkv @ rmsnorm(r)            (norm in the GEMV's input load)
+    rope_store_kv; decode_attention (split + reduce)
+    r = r + wo @ a                     (residual add in the GEMV epilogue)
+    x13 = w13 @ rmsnorm(r)
+    r = r + w2 @ silu_mul(x13)         (SiLU-mul in the input load, residual add in the epilogue)
+    logits = output @ rmsnorm(r)       (final norm fused, fp32 logits written directly)
+"pdl" also launches every kernel of that chain as a programmatic dependent launch (sm90+): each lets the
+next launch early; a GEMV loads its first weight tile before waiting on its producer.
 """
 from __future__ import annotations
 
@@ -35,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import TransformerArgs
-from pixtral_rt.kernels.gemv import gemv
+from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
 from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
 from pixtral_rt.kernels.rms_norm import rms_norm
@@ -53,6 +64,10 @@ GEMV_CONFIGS = {
 }
 
 
+# batch-1 decode path when the Triton GEMV serves it (see the module docstring)
+DEFAULT_DECODE_FUSION = "none"
+
+
 @dataclass
 class _Layer:
     wqkv: torch.Tensor          # ((Hq + 2 Hkv) * D, dim)
@@ -67,7 +82,7 @@ class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
-                 gemv_configs: dict | None = None):
+                 gemv_configs: dict | None = None, decode_fusion: str | None = None):
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -82,6 +97,16 @@ class FastDecoder:
         self.gemv_backend = gemv_backend      # 'triton': kernels/gemv.py for 1-row GEMMs (decode at batch 1)
         # (N, K) -> dict(block_n, block_k, num_warps, num_stages)
         self.gemv_configs = dict(GEMV_CONFIGS if gemv_configs is None else gemv_configs)
+        self.fused_gemv_configs = dict(self.gemv_configs)    # tiles of gemv_fused, same keys
+        # batch-1 decode with the Triton GEMV: 'none' (separate norm / silu / add kernels), 'fused'
+        # (gemv_fused prologues/epilogues), 'pdl' (fused + programmatic dependent launches, sm90+)
+        decode_fusion = decode_fusion or DEFAULT_DECODE_FUSION
+        if decode_fusion not in ("none", "fused", "pdl"):
+            raise ValueError(f"decode_fusion must be 'none', 'fused' or 'pdl', got {decode_fusion!r}")
+        if decode_fusion == "pdl" and not pdl_supported(self.device):
+            decode_fusion = "fused"
+        self.decode_fusion = decode_fusion
+        self.attn_workspace: dict = {}     # decode attention partials, allocated once per shape
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
 
         def get(name, shape):
@@ -192,6 +217,8 @@ class FastDecoder:
             raise ValueError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
                              f"must both be (B,) with 1 <= B <= max_batch={self.max_batch}")
         args = self.args
+        fused = B == 1 and self.gemv_backend == "triton" and self.decode_fusion != "none"
+        pdl = fused and self.decode_fusion == "pdl"
         with torch.inference_mode():
             slots = self.slot_ids[:B]
             lens = (positions + 1).to(torch.int32)
@@ -199,13 +226,29 @@ class FastDecoder:
 
             def attend(i, qkv):
                 rope_store_kv(qkv, positions, slots, self.k_cache[i], self.v_cache[i], self.cos_sin,
-                              args.n_heads, args.n_kv_heads)
+                              args.n_heads, args.n_kv_heads, pdl=pdl)
                 q = qkv[:, :args.n_heads * args.head_dim].view(B, args.n_heads, args.head_dim)
-                return decode_attention(q, self.k_cache[i], self.v_cache[i], lens, num_splits=ns,
-                                        **self.decode_config)
+                return decode_attention(q, self.k_cache[i], self.v_cache[i], lens, num_splits=ns, pdl=pdl,
+                                        workspace=self.attn_workspace, **self.decode_config)
 
+            if fused:
+                return self._decode_fused(self.embed(tokens), attend, pdl)
             h = self._layers(self.embed(tokens), attend, last_only=False)
             return self._linear(h, self.output).float()
+
+    def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
+        """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""
+        eps = self.args.norm_eps
+        cfg = self.fused_gemv_configs
+
+        def lin(x, w, **kw):
+            return gemv_fused(x, w, eps=eps, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
+
+        for i, L in enumerate(self.layers):
+            a = attend(i, lin(r, L.wqkv, norm_weight=L.attention_norm))
+            r = lin(a.view(1, -1), L.wo, residual=r)
+            r = lin(lin(r, L.w13, norm_weight=L.ffn_norm), L.w2, silu=True, residual=r)
+        return lin(r, self.output, norm_weight=self.norm, out_dtype=torch.float32)
 
     # ------------------------------------------------------------------ graphs
     def warmup(self, batch_sizes=(1,), prefill_lens=(1, 97)) -> None:

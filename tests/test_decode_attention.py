@@ -127,3 +127,21 @@ def test_decode_bf16_batch64_and_graph():
         graph.replay()
         torch.cuda.synchronize()
         check(q, kc, vc, new, out)
+
+
+def test_decode_workspace_reused(device):
+    """Preallocated partials: a second call with other lengths reuses (and fully rewrites) the buffers."""
+    ws = {}
+    run(device, torch.float16, [50, 3], num_splits=3, block_n=16, workspace=ws)
+    bufs = next(iter(ws.values()))
+    for b in bufs:
+        b.fill_(float("nan"))
+    run(device, torch.float16, [7, 64], num_splits=3, block_n=16, workspace=ws)
+    assert len(ws) == 1 and next(iter(ws.values()))[0] is bufs[0]
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens", [[1], [1025], [4097, 7]])
+def test_decode_bf16_pdl(lens):
+    run("cuda", torch.bfloat16, lens, hq=32, hkv=8, pdl=True, workspace={})

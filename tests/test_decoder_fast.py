@@ -79,8 +79,8 @@ def ref_logits(model, seqs, n_decode, dtype=None):
     return res
 
 
-@pytest.mark.parametrize("gemv_backend", ["cublas", "triton"])
-def test_decoder_tiny_cpu_interpreter(device, gemv_backend):
+@pytest.mark.parametrize("gemv_backend,fusion", [("cublas", "none"), ("triton", "none"), ("triton", "fused")])
+def test_decoder_tiny_cpu_interpreter(device, gemv_backend, fusion):
     args = tiny(vocab_size=1000).text
     torch.manual_seed(0)
     model = Transformer(args).to(device)
@@ -90,7 +90,8 @@ def test_decoder_tiny_cpu_interpreter(device, gemv_backend):
     seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9 + n_decode, 14 + n_decode)]
     if gemv_backend == "triton":  # the Triton GEMV serves 1-row GEMMs: one sequence, so decode has B = 1
         seqs = seqs[1:]
-    dec = FastDecoder.from_reference(model, max_batch=2, max_seq=40, prefill_chunk=6, gemv_backend=gemv_backend)
+    dec = FastDecoder.from_reference(model, max_batch=2, max_seq=40, prefill_chunk=6, gemv_backend=gemv_backend,
+                                     decode_fusion=fusion)
     fast = run_fast(dec, seqs, splits=[[5]] * len(seqs), n_decode=n_decode)
     ref32 = ref_logits(model, seqs, n_decode)
     ref64 = ref_logits(model, seqs, n_decode, dtype=torch.float64)
@@ -142,8 +143,10 @@ def test_decoder_pixtral12b_bf16_prefill_and_32_decode_steps():
 
 @requires_gpu
 @pytest.mark.gpu
-def test_decoder_full_width_2_layers_triton_gemv_bf16():
-    """Full-width shapes (dim 5120, ffn 14336, vocab 131072), 2 layers, batch 1, Triton GEMV path."""
+@pytest.mark.parametrize("fusion,graph", [("none", False), ("fused", False), ("pdl", False), ("pdl", True)])
+def test_decoder_full_width_2_layers_triton_gemv_bf16(fusion, graph):
+    """Full-width shapes (dim 5120, ffn 14336, vocab 131072), 2 layers, batch 1, Triton GEMV path, each
+    decode fusion (eager, and 'pdl' replayed from a CUDA graph)."""
     args = dataclasses.replace(PIXTRAL_12B.text, n_layers=2)
     with torch.device("cuda"):
         model = Transformer(args).to(torch.bfloat16)
@@ -151,10 +154,12 @@ def test_decoder_full_width_2_layers_triton_gemv_bf16():
     n_decode = 8
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(1000, args.vocab_size, (61 + n_decode,), generator=g).tolist()]
-    dec = FastDecoder.from_reference(model, max_batch=1, max_seq=128, gemv_backend="triton")
-    fast = run_fast(dec, seqs, splits=[[]], n_decode=n_decode)
+    dec = FastDecoder.from_reference(model, max_batch=1, max_seq=128, gemv_backend="triton", decode_fusion=fusion)
+    assert dec.decode_fusion == fusion
+    g = dec.capture_decode(1) if graph else None
+    fast = run_fast(dec, seqs, splits=[[]], n_decode=n_decode, graph=g)
     ref16 = ref_logits(model, seqs, n_decode)
     ref32 = ref_logits(model, seqs, n_decode, dtype=torch.float32)
     err, err_ref = rel(fast[0], ref32[0]), rel(ref16[0], ref32[0])
-    print(f"triton gemv 2-layer: fast err {err:.3e}, reference-bf16 err {err_ref:.3e}")
+    print(f"triton gemv 2-layer ({fusion}, graph={graph}): fast err {err:.3e}, reference-bf16 err {err_ref:.3e}")
     assert err <= 2 * err_ref + 1e-3

@@ -116,3 +116,43 @@ def test_prefill_bf16(T, start_pos):
 @pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)])
 def test_prefill_bf16_configs(config):
     run_case("cuda", torch.bfloat16, 777, 130, hq=32, hkv=8, slots=2, config=config)
+
+
+def check_rope_store(device, dtype, T, hq, hkv, block_t=None, hpp=None, pdl=False, D=128, slots=3, max_seq=50):
+    """rope_store_kv alone: scattered positions and slots (the decode batch case), several token blocks
+    and head groups; poisoned cache, every untouched entry must stay NaN."""
+    from pixtral_rt.kernels.prefill_attention import rope_store_kv
+    torch.manual_seed(T * 13 + hq + (block_t or 0))
+    cs = rope_table(max_seq, D, THETA, device)
+    flat = torch.randperm(slots * max_seq)[:T]
+    pos, slot = (flat % max_seq).to(device=device, dtype=torch.int32), (flat // max_seq).to(device=device,
+                                                                                          dtype=torch.int32)
+    kc = torch.full((slots, hkv, max_seq, D), float("nan"), device=device, dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=device, dtype=dtype)
+    q, k, v = qkv.float().split([hq * D, hkv * D, hkv * D], -1)
+    ang = text_rope_angles(pos.long(), D, THETA)
+    q_rot, k_rot = apply_rope(q.view(T, hq, D), ang), apply_rope(k.view(T, hkv, D), ang)
+    rope_store_kv(qkv, pos, slot, kc, vc, cs, hq, hkv, pdl=pdl, block_t=block_t, heads_per_program=hpp)
+    tol = lambda r: 2 * rel(r.to(dtype), r) + 1e-6  # noqa: E731 - one rounding of the exact rotation
+    assert rel(qkv[:, :hq * D].view(T, hq, D), q_rot) <= tol(q_rot)
+    assert rel(kc[slot.long(), :, pos.long()], k_rot) <= tol(k_rot)
+    assert torch.equal(vc[slot.long(), :, pos.long()], v.view(T, hkv, D).to(dtype))
+    assert torch.equal(qkv[:, hq * D:].float(), torch.cat([k, v], -1))   # k, v untouched in qkv
+    written = torch.zeros(slots, max_seq, dtype=torch.bool, device=device)
+    written[slot.long(), pos.long()] = True
+    assert torch.isnan(kc.transpose(1, 2)[~written]).all() and torch.isnan(vc.transpose(1, 2)[~written]).all()
+
+
+@pytest.mark.parametrize("T,hq,hkv,block_t,hpp", [(1, 4, 2, None, None), (3, 4, 2, 2, 1), (19, 8, 2, 8, 2),
+                                                  (70, 4, 2, None, None), (37, 12, 4, 16, 4)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rope_store_kv(device, dtype, T, hq, hkv, block_t, hpp):
+    check_rope_store(device, dtype, T, hq, hkv, block_t, hpp)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,pdl", [(1, False), (1, True), (2, True), (97, False), (4097, False)])
+def test_rope_store_kv_bf16(T, pdl):
+    check_rope_store("cuda", torch.bfloat16, T, 32, 8, pdl=pdl, max_seq=4200 if T > 100 else 300)
