@@ -18,6 +18,9 @@ gemv_fused: the same GEMV with the decode step's neighbours folded in (one launc
                               previous grid (griddepcontrol.wait) before touching x or writing y. Every
                               kernel of a PDL chain waits before its first dependent access, so ordering
                               stays transitive.
+Measured (H200, benchmarks/results/decode_step.jsonl, 2026-11-22): the fused prologues cost more than they
+save (per K tile every thread re-loads the norm weight / recomputes silu for its columns): wqkv+norm 0.88x,
+w2+silu 0.81x the plain GEMV; the decode step lost 6% ('fused') and 7% ('pdl'), so the decoder keeps them off.
 """
 from __future__ import annotations
 
