@@ -12,8 +12,10 @@ python -c "import pixtral_rt.preprocess as p; print('preprocess backend:', p.bac
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 STAGES=${STAGES:-tests,load,anchor,e2e}
 if [[ $STAGES == *tests* ]]; then
-  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -rs -x ${TESTS:-tests/test_engine_gpu.py} -s 2>&1 | tee "$OUT/tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -rs ${TESTS:-tests/test_engine_gpu.py} -s -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|tokens are the reference" | tail -25
 fi
+[[ $STAGES == *pre* ]] && timeout 120 python benchmarks/bench_preprocess.py 2>&1 | tee "$OUT/preprocess.log" | grep "^\[" | tail -12
 if [[ $STAGES == *load* || $STAGES == *e2e* ]]; then
   [ -f /tmp/p12b/params.json ] || python -m pixtral_rt.random_weights /tmp/p12b --preset Pixtral-12B-2409 --device cuda 2>&1 | tail -1
 fi
