@@ -23,4 +23,14 @@ fi
 [[ $STAGES == *anchor* ]] && timeout 240 python benchmarks/gptfast_anchor.py 2>&1 | tail -2
 [[ $STAGES == *e2e* ]] && timeout 300 python benchmarks/bench_e2e.py --model /tmp/p12b ${E2E_ARGS:-} \
   $( [ -f "$OUT/gptfast.jsonl" ] && echo --anchor-json "$OUT/gptfast.jsonl" ) 2>&1 | tee "$OUT/e2e.log" | grep -v Warn | tail -20
+if [[ $STAGES == *cli* ]]; then  # the user's command on the GPU, through the real loader
+  python -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0,256,(700,1100,3),dtype=n.uint8)).save('/tmp/cli.png')"
+  python -m pixtral_rt.generate --model /tmp/p12b --image /tmp/cli.png --prompt "Describe the image." --max-tokens 24 \
+    --json 2>"$OUT/cli_err.log" | tee "$OUT/cli.json" | cut -c1-400; echo "rc=$?"; tail -3 "$OUT/cli_err.log"
+  python -m pixtral_rt.generate --model /tmp/p12b --image /tmp/cli.png --prompt "Describe." --max-tokens 16 --temperature 0.7 \
+    --top-p 0.9 --seed 1 2>&1 | tail -3
+  printf 'Hello\n/image /tmp/cli.png\nWhat is in it?\n/quit\n' | python -m pixtral_rt.generate --model /tmp/p12b --chat \
+    --max-tokens 8 --json 2>/dev/null | cut -c1-200
+  python -m pixtral_rt.generate --model /tmp/p12b --image /tmp/nope.png --prompt x; echo "missing image rc=$?"
+fi
 echo done
