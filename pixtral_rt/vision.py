@@ -278,9 +278,9 @@ class VisionGraph:
         self.enc, self.bucket, self.max_images = enc, bucket, max_images
         dev = enc.w["patch_w"].device
         merge = enc.merge if "merge_w" in enc.w else 1
-        side = max(1, int(bucket ** 0.5) // merge * merge)
-        grids = [(merge, merge)] if merge > 1 else [(1, 1)]
-        del side
+        # captured with a placeholder plan (one merge x merge image + a padding segment); every call copies
+        # its own plan's device tensors into these same buffers before replaying
+        grids = [(merge, merge)]
         self.plan = plan_vision(grids, merge, bucket, max_images, enc.block_m, dev)
         self.patches = torch.randn(bucket, enc.w["patch_w"].shape[1], device=dev, dtype=enc.w["patch_w"].dtype)
         fn = enc.encode if encode_only else enc.forward
