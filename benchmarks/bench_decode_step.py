@@ -6,8 +6,9 @@ run. Also: cuBLAS's achieved TB/s on every decoder GEMM shape at M=1 (the input 
 the sum of those GEMMs over 40 layers (what the step would cost if everything but the GEMMs were free).
 Baseline: the previous decode path (Triton GEMV + separate norm/SiLU/add kernels, 'none') replayed in the same
 run; gpt-fast style torch.compile decoder from ../shared/reference/performance.md (not re-run unless --gptfast).
-Variants: decode_fusion 'none' / 'fused' (gemv_fused prologues/epilogues) / 'pdl' (fused + programmatic
-dependent launches).
+Variants (STEP_VARIANTS; --variants a,b to pick): decode_fusion 'none' (timed twice: run-to-run spread),
+'none+pdl', 'fused2' (SiLU-mul in the w13 GEMV), 'fused2+pdl' at 1k and 4k context. The old 'fused'/'pdl'
+tile sweep runs only with --fused-sweep.
 """
 import json
 import sys
@@ -22,6 +23,7 @@ from common import bench_ms, device_name, record  # noqa: E402
 from pixtral_rt.config import PIXTRAL_12B  # noqa: E402
 from pixtral_rt.decoder import FastDecoder  # noqa: E402
 from pixtral_rt.kernels.gemv import gemv, gemv_fused  # noqa: E402
+from pixtral_rt.kernels.silu_mul import silu_mul  # noqa: E402
 
 # fused-GEMV tile sweep (block_n, block_k, num_warps, num_stages) per shape; the first is the old default
 FUSED_SWEEP = {
@@ -92,6 +94,25 @@ def main():
     # Triton GEMV with the decoder's current tiles (GEMV_CONFIGS) as the baseline of the same run
     L0 = dec.layers[0]
     d = args.dim
+    # w13 GEMV + silu_mul (two launches) vs the GLU-epilogue GEMV ('fused2'), standalone
+    xg = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+    ms_two = bench_ms(lambda: silu_mul(gemv(xg, L0.w13, **dec.gemv_configs[tuple(L0.w13.shape)])), rep_ms=100)
+    ms_glu = bench_ms(lambda: gemv(xg, L0.w13, glu=True, **dec.glu_config), rep_ms=100)
+    record("decode_step", "w13_glu_gemv", "TB/s", L0.w13.numel() * 2 / ms_glu / 1e9, "TB/s", "w13_gemv+silu_mul",
+           L0.w13.numel() * 2 / ms_two / 1e9, copy_tb, us=round(ms_glu * 1e3, 2), us_two=round(ms_two * 1e3, 2),
+           config=dec.glu_config)
+    if "--fused-sweep" in sys.argv:
+        fused_sweep(dec, args, L0, d, copy_tb, floor_ms)
+    run_steps(dec, args, wbytes, floor_ms)
+    if "--gptfast" in sys.argv:
+        import subprocess
+        del dec
+        torch.cuda.empty_cache()
+        subprocess.run([sys.executable, "/work/shared/bench/gptfast_decode.py"], check=False)
+
+
+def fused_sweep(dec, args, L0, d, copy_tb, floor_ms):
+    """Old 'fused' path: gemv_fused tile sweep per shape vs the plain GEMV (sets dec.fused_gemv_configs)."""
     old_total = fused_total = 0.0
     best_cfgs = {}
     r = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
@@ -129,12 +150,23 @@ def main():
     except (OSError, ValueError):
         pass
 
+
+# (fusion, context, rep_ms): 'none' timed twice at 1k (first and last) for the run-to-run spread
+STEP_VARIANTS = [("none", 1000, 1000), ("none+pdl", 1000, 1000), ("fused2", 1000, 1000), ("fused2+pdl", 1000, 1000),
+                 ("none", 1000, 1000), ("none", 4000, 600), ("none+pdl", 4000, 600), ("fused2", 4000, 600),
+                 ("fused2+pdl", 4000, 600)]
+
+
+def run_steps(dec, args, wbytes, floor_ms):
     gf = GPTFAST_TOK_S.get(device_name())
+    variants = STEP_VARIANTS
+    if "--variants" in sys.argv:
+        keep = sys.argv[sys.argv.index("--variants") + 1].split(",")
+        variants = [v for v in variants if v[0] in keep]
     res = {}
-    for backend, fusion, B, pos in (("triton", "none", 1, 1000), ("triton", "fused", 1, 1000),
-                                    ("triton", "pdl", 1, 1000), ("triton", "none", 1, 4000),
-                                    ("triton", "pdl", 1, 4000)):
-        dec.gemv_backend, dec.decode_fusion = backend, fusion
+    B = 1
+    for fusion, pos, rep in variants:
+        dec.gemv_backend, dec.decode_fusion = "triton", fusion
         try:
             graph = dec.capture_decode(B)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
@@ -144,22 +176,24 @@ def main():
         positions = torch.full((B,), pos, device="cuda", dtype=torch.int32)
         graph.tokens.copy_(tok)
         graph.positions.copy_(positions)
-        ms = bench_ms(graph.graph.replay, warmup_ms=100, rep_ms=1000)
+        ms = bench_ms(graph.graph.replay, warmup_ms=100, rep_ms=rep)
         kv_bytes = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2 * (pos + 1)
         gbs = (wbytes + kv_bytes) / ms / 1e6
         base = res.get(("none", pos))
-        res[(fusion, pos)] = B * 1e3 / ms
-        case = f"graph_{backend}{'' if fusion == 'none' else '_' + fusion}_B{B}_ctx{pos}"
+        rep_i = sum(1 for k in res if k[0] == fusion and k[1] == pos)
+        res[(fusion, pos, rep_i)] = B * 1e3 / ms
+        if fusion == "none" and base is None:
+            res[("none", pos)] = B * 1e3 / ms
+        case = f"graph_triton{'' if fusion == 'none' else '_' + fusion}_B{B}_ctx{pos}" + (f"_rep{rep_i + 1}" if rep_i else "")
         record("decode_step", case, "tok/s", B * 1e3 / ms, "tok/s",
                f"graph_triton_B{B}_ctx{pos}" if base else "gptfast_style_ctx1k(performance.md)",
                base or gf, B * 1e3 / floor_ms, ms=round(ms, 4), GBps=round(gbs, 1),
                frac_of_floor=round(floor_ms / ms, 4), gptfast=gf)
         del graph
-    if "--gptfast" in sys.argv:
-        import subprocess
-        del dec
-        torch.cuda.empty_cache()
-        subprocess.run([sys.executable, "/work/shared/bench/gptfast_decode.py"], check=False)
+    print("=== decode step, graph-replayed, B=1 (tok/s; floor %.1f)" % (1e3 / floor_ms))
+    for k, v in res.items():
+        if len(k) == 3:
+            print(f"  {k[0]:<12} ctx{k[1]:<5} rep{k[2] + 1}  {v:7.2f} tok/s  {v * floor_ms / 1e3:.3f} of floor")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_p
                          stride_qb, stride_qh, stride_cb, stride_ch, stride_cs,
                          NUM_SPLITS, GROUP: tl.constexpr, BLOCK_H: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        gdc_launch_dependents()
+    if USE_PDL:  # wait first, then trigger: at most one grid waits behind this one (no launch cascade)
         gdc_wait()
+        gdc_launch_dependents()
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
@@ -74,9 +74,9 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, po_ptr, pm_p
 @triton.jit
 def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh,
                           NUM_SPLITS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:
-        gdc_launch_dependents()
+    if USE_PDL:  # wait first, then trigger: at most one grid waits behind this one (no launch cascade)
         gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS

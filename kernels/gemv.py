@@ -36,39 +36,83 @@ except ImportError:  # pragma: no cover
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, GLU: tl.constexpr = False, PEEL: tl.constexpr = False,
+                 USE_PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    # GLU: the up rows (w3) sit N rows below the gate rows
+    u_ptrs = w_ptr + (offs_n + N)[:, None].to(tl.int64) * stride_w + offs_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    k_start = 0
+    if PEEL:
+        # first K tile of W (constant data) loaded before waiting on the producer of x (PDL)
+        m0 = nmask[:, None] & (offs_k < K)[None, :]
+        w0 = tl.load(w_ptrs, mask=m0, other=0.0)
+        if GLU:
+            u0 = tl.load(u_ptrs, mask=m0, other=0.0)
+        if USE_PDL:
+            gdc_wait()
+            gdc_launch_dependents()   # after the wait: at most one grid waits behind this one (no cascade)
+        x0 = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        acc += w0.to(tl.float32) * x0[None, :]
+        if GLU:
+            acc_u += u0.to(tl.float32) * x0[None, :]
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptr + k0 + offs_k)
             w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
+            if GLU:
+                u = tl.load(u_ptrs + k0, mask=nmask[:, None], other=0.0)
         else:
             kmask = k0 + offs_k < K
             x = tl.load(x_ptr + k0 + offs_k, mask=kmask, other=0.0)
             w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            if GLU:
+                u = tl.load(u_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        if GLU:
+            acc_u += u.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if GLU:  # silu(gate) * up with the roundings of w13 GEMV -> silu_mul in x's dtype
+        g = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        up = tl.sum(acc_u, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
+        y = (g / (1.0 + tl.exp(-g)) * up).to(x_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, block_n: int = 8,
-         block_k: int = 512, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """x (1, K) or (K,), w (N, K) -> (1, N) (or (N,)) in x's dtype."""
+         block_k: int = 512, num_warps: int = 4, num_stages: int = 4, *, glu: bool = False, pdl: bool = False,
+         peel: bool | None = None) -> torch.Tensor:
+    """x (1, K) or (K,), w (N, K) -> (1, N) (or (N,)) in x's dtype (or out's: fp32 out = unrounded dot).
+    glu=True: w is the fused w13 (2H, K) -> (1, H) = silu(x @ w[:H].T) * (x @ w[H:].T) (each dot rounded to
+    x's dtype first, product rounded once: the same values as gemv -> silu_mul). pdl=True (sm90+): launched as
+    a programmatic dependent launch; the first W tile is loaded before waiting on the previous grid.
+    peel: that first-tile structure without PDL (default: = pdl; tests use it on the CPU)."""
     squeeze = x.dim() == 1
     x2 = x.reshape(1, -1)
     if x2.shape[1] != w.shape[1] or w.dim() != 2 or w.stride(1) != 1:
         raise ValueError(f"gemv: x {tuple(x.shape)} and w {tuple(w.shape)} (row-major (N, K)) do not match")
+    if glu and w.shape[0] % 2:
+        raise ValueError(f"gemv: glu=True needs w with an even row count (gate | up), got {tuple(w.shape)}")
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     N, K = w.shape
+    if glu:
+        N //= 2
     y = torch.empty(1, N, dtype=x.dtype, device=x.device) if out is None else out
+    if y.numel() != N or not y.is_contiguous():
+        raise ValueError(f"gemv: out must be contiguous with {N} values, got {tuple(y.shape)}")
+    if pdl and not pdl_supported(x.device):
+        pdl = False
+    extra = dict(launch_pdl=True) if pdl else {}
     _gemv_kernel[(triton.cdiv(N, block_n),)](x2, w, y, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             EVEN_K=K % block_k == 0, num_warps=num_warps, num_stages=num_stages)
+                                             EVEN_K=K % block_k == 0, GLU=glu, PEEL=pdl if peel is None else peel,
+                                             USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **extra)
     return y.view(N) if squeeze else y
 
 

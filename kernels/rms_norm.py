@@ -8,6 +8,7 @@ Shapes: x, residual (..., N) with a contiguous last dim; weight (N,). One progra
 
     y = rms_norm(x, weight, eps)                       # plain
     y, s = rms_norm(x, weight, eps, residual=r)        # fused add: s = x + r, y = norm(s)
+rms_norm_pdl(...): the same, as a programmatic dependent launch (sm90+; decode chain, see pixtral_rt/decoder.py).
 `out=` / `residual_out=` let a caller (a CUDA graph) reuse buffers; `residual_out` may alias `residual`.
 """
 from __future__ import annotations
@@ -16,11 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, y_ptr, s_ptr, N, eps,
                      stride_x, stride_r, stride_y, stride_s,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:  # wait for the producer first, then let the consumer launch (it preloads its weights)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -46,6 +52,12 @@ def _rows(t: torch.Tensor, name: str, n: int) -> torch.Tensor:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
     """x (..., N), weight (N,) -> y (..., N); with residual (..., N): returns (y, x + residual)."""
+    return rms_norm_pdl(x, weight, eps, residual, out, residual_out, pdl=False)
+
+
+def rms_norm_pdl(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None, pdl: bool = True):
+    """rms_norm launched as a programmatic dependent launch when pdl and sm90+ (decode chain); same results."""
     if weight.dim() != 1:
         raise ValueError(f"rms_norm: weight must be 1-D, got shape {tuple(weight.shape)}")
     N = weight.shape[0]
@@ -59,13 +71,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     M = x2.shape[0]
     BLOCK_N = triton.next_power_of_2(N)
     num_warps = 4 if BLOCK_N <= 2048 else (8 if BLOCK_N <= 8192 else 16)
+    pdl = pdl and pdl_supported(x.device)
+    extra = dict(USE_PDL=True, launch_pdl=True) if pdl else {}
     if residual is None:
         _rms_norm_kernel[(M,)](x2, x2, weight, y2, y2, N, eps, x2.stride(0), 0, y2.stride(0), 0,
-                               HAS_RESIDUAL=False, BLOCK_N=BLOCK_N, num_warps=num_warps)
+                               HAS_RESIDUAL=False, BLOCK_N=BLOCK_N, num_warps=num_warps, **extra)
         return y
     r2 = _rows(residual, "residual", N)
     s = torch.empty_like(x) if residual_out is None else residual_out
     s2 = _rows(s, "residual_out", N)
     _rms_norm_kernel[(M,)](x2, r2, weight, y2, s2, N, eps, x2.stride(0), r2.stride(0), y2.stride(0),
-                           s2.stride(0), HAS_RESIDUAL=True, BLOCK_N=BLOCK_N, num_warps=num_warps)
+                           s2.stride(0), HAS_RESIDUAL=True, BLOCK_N=BLOCK_N, num_warps=num_warps, **extra)
     return y, s

@@ -10,9 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, o_ptr, H, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, o_ptr, H, stride_x, stride_o, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
@@ -24,6 +29,11 @@ def _silu_mul_kernel(x_ptr, o_ptr, H, stride_x, stride_o, BLOCK: tl.constexpr):
 
 def silu_mul(x13: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x13 (..., 2H) -> (..., H): silu(gate) * up, gate = first half."""
+    return silu_mul_pdl(x13, out, pdl=False)
+
+
+def silu_mul_pdl(x13: torch.Tensor, out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
+    """silu_mul as a programmatic dependent launch when pdl and sm90+ (decode chain); same results."""
     if x13.shape[-1] % 2:
         raise ValueError(f"silu_mul: x13 last dim {x13.shape[-1]} is odd; expected 2 * hidden")
     if x13.stride(-1) != 1:
@@ -36,5 +46,7 @@ def silu_mul(x13: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
     o2 = o.view(-1, H)
     M = x2.shape[0]
     BLOCK = 1024
-    _silu_mul_kernel[(M, triton.cdiv(H, BLOCK))](x2, o2, H, x2.stride(0), o2.stride(0), BLOCK=BLOCK, num_warps=4)
+    extra = dict(USE_PDL=True, launch_pdl=True) if pdl and pdl_supported(x13.device) else {}
+    _silu_mul_kernel[(M, triton.cdiv(H, BLOCK))](x2, o2, H, x2.stride(0), o2.stride(0), BLOCK=BLOCK, num_warps=4,
+                                                 **extra)
     return o

@@ -36,6 +36,17 @@ Batch-1 decode with the Triton GEMV and decode_fusion "fused" or "pdl" (kernels/
     logits = output @ rmsnorm(r)       (final norm fused, fp32 logits written directly)
 "pdl" also launches every kernel of that chain as a programmatic dependent launch (sm90+): each lets the
 next launch early; a GEMV loads its first weight tile before waiting on its producer.
+
+decode_fusion "none+pdl" / "fused2" / "fused2+pdl" (batch 1, Triton GEMV; `_decode_chain`): the 'none' kernel
+sequence, with
+    +pdl    every launch programmatic-dependent (sm90+). Each kernel waits on its producer (griddepcontrol.wait)
+            and only THEN lets its consumer launch, so at most one grid waits behind a running one (the old
+            'pdl' triggered first, letting a whole chain of waiting grids launch early); a GEMV loads its
+            first weight tile before the wait, so weight streaming starts while the tiny kernels run.
+            Same results as 'none', bit for bit.
+    fused2  SiLU-mul folded into the w13 GEMV (each program computes its gate AND up rows, then
+            silu(g) * u: no redundant work, unlike 'fused''s SiLU prologue), fp32 logits written by the
+            output GEMV: 8 launches per layer instead of 10.
 """
 from __future__ import annotations
 
@@ -49,8 +60,8 @@ from .config import TransformerArgs
 from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
 from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
-from pixtral_rt.kernels.rms_norm import rms_norm
-from pixtral_rt.kernels.silu_mul import silu_mul
+from pixtral_rt.kernels.rms_norm import rms_norm, rms_norm_pdl
+from pixtral_rt.kernels.silu_mul import silu_mul, silu_mul_pdl
 
 
 # Triton GEMV tiles per weight shape (N, K), best of a sweep on an H200 (benchmarks/results/decode_step.jsonl,
@@ -71,6 +82,10 @@ GEMV_CONFIGS = {
 # 'none' stays the default. Next: build the prologue's x once per program (registers / shared memory)
 # instead of per K tile, then re-measure.
 DEFAULT_DECODE_FUSION = "none"
+DECODE_FUSIONS = ("none", "fused", "pdl", "none+pdl", "fused2", "fused2+pdl")
+# tiles of the w13 GEMV with the SiLU-mul epilogue (decode_fusion 'fused2*'): each program reads block_n gate
+# rows and the block_n matching up rows, i.e. the same 16-row footprint as the plain w13 tile
+GLU_CONFIG = dict(block_n=8, block_k=256, num_warps=4, num_stages=6)
 
 
 @dataclass
@@ -106,10 +121,11 @@ class FastDecoder:
         # batch-1 decode with the Triton GEMV: 'none' (separate norm / silu / add kernels), 'fused'
         # (gemv_fused prologues/epilogues), 'pdl' (fused + programmatic dependent launches, sm90+)
         decode_fusion = decode_fusion or DEFAULT_DECODE_FUSION
-        if decode_fusion not in ("none", "fused", "pdl"):
-            raise ValueError(f"decode_fusion must be 'none', 'fused' or 'pdl', got {decode_fusion!r}")
+        if decode_fusion not in DECODE_FUSIONS:
+            raise ValueError(f"decode_fusion must be one of {DECODE_FUSIONS}, got {decode_fusion!r}")
         if decode_fusion == "pdl" and not pdl_supported(self.device):
             decode_fusion = "fused"
+        self.glu_config = dict(GLU_CONFIG)
         self.decode_fusion = decode_fusion
         self.attn_workspace: dict = {}     # decode attention partials, allocated once per shape
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
@@ -222,8 +238,10 @@ class FastDecoder:
             raise ValueError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
                              f"must both be (B,) with 1 <= B <= max_batch={self.max_batch}")
         args = self.args
-        fused = B == 1 and self.gemv_backend == "triton" and self.decode_fusion != "none"
-        pdl = fused and self.decode_fusion == "pdl"
+        fusion = self.decode_fusion
+        fused = B == 1 and self.gemv_backend == "triton" and fusion in ("fused", "pdl")
+        chain = B == 1 and self.gemv_backend == "triton" and fusion in ("none+pdl", "fused2", "fused2+pdl")
+        pdl = (fused and fusion == "pdl") or (chain and fusion.endswith("+pdl") and pdl_supported(self.device))
         with torch.inference_mode():
             slots = self.slot_ids[:B]
             lens = (positions + 1).to(torch.int32)
@@ -238,6 +256,8 @@ class FastDecoder:
 
             if fused:
                 return self._decode_fused(self.embed(tokens), attend, pdl)
+            if chain:
+                return self._decode_chain(self.embed(tokens), attend, glu=fusion.startswith("fused2"), pdl=pdl)
             h = self._layers(self.embed(tokens), attend, last_only=False)
             return self._linear(h, self.output).float()
 
@@ -254,6 +274,38 @@ class FastDecoder:
             r = lin(a.view(1, -1), L.wo, residual=r)
             r = lin(lin(r, L.w13, norm_weight=L.ffn_norm), L.w2, silu=True, residual=r)
         return lin(r, self.output, norm_weight=self.norm, out_dtype=torch.float32)
+
+    def _decode_chain(self, x: torch.Tensor, attend, glu: bool, pdl: bool) -> torch.Tensor:
+        """Batch-1 decode body of 'none+pdl' / 'fused2' / 'fused2+pdl': the 'none' kernels (rms_norm with the
+        residual add, plain GEMVs), optionally (glu) with SiLU-mul in the w13 GEMV's epilogue (no separate
+        silu_mul launch; no redundant work: each program computes its own gate and up rows) and fp32 logits
+        written by the output GEMV directly, optionally (pdl) every launch programmatic-dependent.
+        'none+pdl' computes exactly what 'none' computes."""
+        eps = self.args.norm_eps
+        cfg = self.gemv_configs
+
+        def lin(h, w, **kw):
+            return gemv(h, w, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
+
+        res, y = x, None
+        for i, L in enumerate(self.layers):
+            if y is None:
+                h = rms_norm_pdl(x, L.attention_norm, eps, pdl=pdl)
+            else:
+                h, res = rms_norm_pdl(y, L.attention_norm, eps, residual=res, pdl=pdl)
+            a = attend(i, lin(h, L.wqkv))
+            y = lin(a.view(1, -1), L.wo)
+            h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=pdl)
+            if glu:
+                g = gemv(h, L.w13, glu=True, pdl=pdl, **self.glu_config)
+            else:
+                g = silu_mul_pdl(lin(h, L.w13), pdl=pdl)
+            y = lin(g, L.w2)
+        h, _ = rms_norm_pdl(y, self.norm, eps, residual=res, pdl=pdl)
+        if not glu:
+            return lin(h, self.output).float()
+        logits = torch.empty(1, self.output.shape[0], device=h.device, dtype=torch.float32)
+        return lin(h, self.output, out=logits)
 
     # ------------------------------------------------------------------ graphs
     def warmup(self, batch_sizes=(1,), prefill_lens=(1, 97)) -> None:

@@ -79,7 +79,9 @@ def ref_logits(model, seqs, n_decode, dtype=None):
     return res
 
 
-@pytest.mark.parametrize("gemv_backend,fusion", [("cublas", "none"), ("triton", "none"), ("triton", "fused")])
+@pytest.mark.parametrize("gemv_backend,fusion", [("cublas", "none"), ("triton", "none"), ("triton", "fused"),
+                                                 ("triton", "none+pdl"), ("triton", "fused2"),
+                                                 ("triton", "fused2+pdl")])
 def test_decoder_tiny_cpu_interpreter(device, gemv_backend, fusion):
     args = tiny(vocab_size=1000).text
     torch.manual_seed(0)
@@ -143,7 +145,9 @@ def test_decoder_pixtral12b_bf16_prefill_and_32_decode_steps():
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("fusion,graph", [("none", False), ("fused", False), ("pdl", False), ("pdl", True)])
+@pytest.mark.parametrize("fusion,graph", [("none", False), ("fused", False), ("pdl", False), ("pdl", True),
+                                          ("none+pdl", True), ("fused2", False), ("fused2", True),
+                                          ("fused2+pdl", True)])
 def test_decoder_full_width_2_layers_triton_gemv_bf16(fusion, graph):
     """Full-width shapes (dim 5120, ffn 14336, vocab 131072), 2 layers, batch 1, Triton GEMV path, each
     decode fusion (eager, and 'pdl' replayed from a CUDA graph)."""
@@ -163,3 +167,50 @@ def test_decoder_full_width_2_layers_triton_gemv_bf16(fusion, graph):
     err, err_ref = rel(fast[0], ref32[0]), rel(ref16[0], ref32[0])
     print(f"triton gemv 2-layer ({fusion}, graph={graph}): fast err {err:.3e}, reference-bf16 err {err_ref:.3e}")
     assert err <= 2 * err_ref + 1e-3
+
+
+def test_decoder_bad_fusion(device):
+    args = tiny(vocab_size=100).text
+    with pytest.raises(ValueError, match="decode_fusion"):
+        FastDecoder(args, dict(Transformer(args).state_dict()), max_seq=16, decode_fusion="bogus")
+
+
+def _tiny_decode(device, fusion, graph=False):
+    args = tiny(vocab_size=1000).text
+    torch.manual_seed(0)
+    model = Transformer(args).to(device)
+    randomize(model, 4)
+    dec = FastDecoder.from_reference(model, max_batch=1, max_seq=40, gemv_backend="triton", decode_fusion=fusion)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 1000, (13,), generator=g).tolist()]
+    return run_fast(dec, seqs, splits=[[4]], n_decode=4)[0]
+
+
+def test_decoder_chain_none_pdl_same_as_none(device):
+    """'none+pdl' runs the 'none' kernels (on the CPU without PDL): identical logits; 'fused2' close to them."""
+    a, b, c = (_tiny_decode(device, f) for f in ("none", "none+pdl", "fused2"))
+    assert torch.equal(a, b)
+    assert rel(c, a) < 1e-2 and not torch.isnan(c).any()
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_decoder_full_width_none_pdl_bitwise_graph():
+    """Full width, 2 layers, CUDA graph: 'none+pdl' logits == 'none' logits bit for bit (a PDL ordering race
+    would show as a moving difference); every fusion agrees with 'none' to bf16 rounding."""
+    args = dataclasses.replace(PIXTRAL_12B.text, n_layers=2)
+    with torch.device("cuda"):
+        model = Transformer(args).to(torch.bfloat16)
+    randomize(model, 2)
+    g = torch.Generator().manual_seed(6)
+    seqs = [torch.randint(1000, args.vocab_size, (45 + 6,), generator=g).tolist()]
+    outs = {}
+    for fusion in ("none", "none+pdl", "fused2", "fused2+pdl"):
+        dec = FastDecoder.from_reference(model, max_batch=1, max_seq=128, gemv_backend="triton",
+                                         decode_fusion=fusion)
+        outs[fusion] = run_fast(dec, seqs, splits=[[]], n_decode=6, graph=dec.capture_decode(1))[0]
+        del dec
+    for f, o in outs.items():
+        print(f"{f}: rel vs none {rel(o, outs['none']):.3e}")
+    assert torch.equal(outs["none"], outs["none+pdl"])
+    assert rel(outs["fused2"], outs["none"]) < 2e-2 and rel(outs["fused2+pdl"], outs["fused2"]) < 1e-6

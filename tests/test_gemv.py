@@ -36,6 +36,111 @@ def test_gemv_bf16(N, K, block_n, block_k):
     check("cuda", torch.bfloat16, N, K, block_n=block_n, block_k=block_k)
 
 
+# ----------------------------------------------------------------------------- peeled first tile / PDL / GLU
+def ref_glu(x, w, dtype):
+    """w13 GEMV then silu_mul, in `dtype` (torch's rounding): what the 'none' decode path computes."""
+    y = x.to(dtype) @ w.to(dtype).T
+    g, u = y.chunk(2, -1)
+    return torch.nn.functional.silu(g) * u
+
+
+def check_glu(device, dtype, H, K, out_dtype=None, **cfg):
+    torch.manual_seed(H * 3 + K)
+    x = torch.randn(1, K, device=device, dtype=dtype)
+    w = torch.randn(2 * H, K, device=device, dtype=dtype) * 0.1
+    out = torch.full((1, H), float("nan"), device=device, dtype=out_dtype or dtype)
+    gemv(x, w, out=out, glu=True, **cfg)
+    ref = ref_glu(x, w, torch.float64)
+    assert not torch.isnan(out).any()
+    err, err_torch = rel(out, ref), rel(ref_glu(x, w, dtype), ref)
+    assert err <= 2 * err_torch + 1e-6, (err, err_torch)
+    return out
+
+
+@pytest.mark.parametrize("N,K,block_n,block_k", [(37, 300, 8, 64), (64, 256, 16, 128), (1, 97, 4, 32),
+                                                 (33, 20, 8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemv_peeled_equals_plain(device, dtype, N, K, block_n, block_k):
+    """The PDL code shape (first W tile loaded before the loop) without PDL: same values as the plain loop."""
+    check(device, dtype, N, K, block_n=block_n, block_k=block_k, peel=True)
+    torch.manual_seed(5)
+    x = torch.randn(1, K, device=device, dtype=dtype)
+    w = torch.randn(N, K, device=device, dtype=dtype)
+    a = gemv(x, w, block_n=block_n, block_k=block_k)
+    b = gemv(x, w, block_n=block_n, block_k=block_k, peel=True)
+    torch.testing.assert_close(a, b, rtol=1e-5 if dtype == torch.float32 else 2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,K,block_n,block_k", [(37, 300, 8, 64), (64, 256, 16, 128), (1, 97, 4, 32),
+                                                 (29, 64, 8, 64)])
+@pytest.mark.parametrize("peel", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemv_glu_small(device, dtype, H, K, block_n, block_k, peel):
+    check_glu(device, dtype, H, K, block_n=block_n, block_k=block_k, peel=peel)
+
+
+def test_gemv_glu_fp32_out_and_errors(device):
+    check_glu(device, torch.float16, 50, 128, out_dtype=torch.float32, block_k=64)
+    x = torch.randn(1, 64, device=device)
+    with pytest.raises(ValueError, match="glu"):
+        gemv(x, torch.randn(15, 64, device=device), glu=True)
+    with pytest.raises(ValueError, match="out"):
+        gemv(x, torch.randn(16, 64, device=device), glu=True, out=torch.empty(1, 16, device=device))
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K,cfg", [(6144, 5120, (8, 512, 4, 4)), (5120, 4096, (16, 512, 4, 4)),
+                                     (28672, 5120, (16, 256, 4, 6)), (5120, 14336, (8, 512, 4, 4)),
+                                     (131072, 5120, (8, 1024, 8, 3)), (97, 1000, (8, 512, 4, 4))])
+def test_gemv_pdl_bf16(N, K, cfg):
+    """pdl=True (peeled, griddepcontrol) on every decoder shape: correct, and bit-identical to pdl=False."""
+    bn, bk, nw, ns = cfg
+    kw = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+    check("cuda", torch.bfloat16, N, K, pdl=True, **kw)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    a = gemv(x, w, **kw)
+    b = gemv(x, w, pdl=True, **kw)
+    assert torch.equal(a, b)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,K", [(14336, 5120), (97, 1000)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv_glu_bf16(H, K, pdl):
+    from pixtral_rt.kernels.silu_mul import silu_mul
+    out = check_glu("cuda", torch.bfloat16, H, K, block_n=8, block_k=256, num_warps=4, num_stages=6, pdl=pdl)
+    torch.manual_seed(H * 3 + K)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(2 * H, K, device="cuda", dtype=torch.bfloat16) * 0.1
+    two = silu_mul(gemv(x, w, block_n=8, block_k=256))   # same K tiling: same dot products, same roundings
+    print(f"glu vs gemv+silu_mul: max abs diff {(out.float() - two.float()).abs().max().item():.3e}")
+    torch.testing.assert_close(out, two, rtol=1e-2, atol=1e-3)
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_pdl_chain_kernels_bf16():
+    """rms_norm_pdl / silu_mul_pdl (programmatic dependent launches in a chain after a PDL GEMV) give the
+    same bits as the plain launchers."""
+    from pixtral_rt.kernels.rms_norm import rms_norm, rms_norm_pdl
+    from pixtral_rt.kernels.silu_mul import silu_mul, silu_mul_pdl
+    torch.manual_seed(11)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    g = (1 + 0.1 * torch.randn(5120, device="cuda")).to(torch.bfloat16)
+    w = torch.randn(28672, 5120, device="cuda", dtype=torch.bfloat16) * 0.02
+    ya, sa = rms_norm(x, g, 1e-5, residual=r)
+    a = silu_mul(gemv(ya, w, block_n=16, block_k=256))
+    for _ in range(3):
+        yb, sb = rms_norm_pdl(x, g, 1e-5, residual=r)
+        b = silu_mul_pdl(gemv(yb, w, block_n=16, block_k=256, pdl=True))
+        torch.cuda.synchronize()
+        assert torch.equal(ya, yb) and torch.equal(sa, sb) and torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------- gemv_fused (decode fusions)
 from pixtral_rt.kernels.gemv import gemv_fused  # noqa: E402
 
