@@ -180,7 +180,7 @@ def run_steps(dec, args, wbytes, floor_ms):
         kv_bytes = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2 * (pos + 1)
         gbs = (wbytes + kv_bytes) / ms / 1e6
         base = res.get(("none", pos))
-        rep_i = sum(1 for k in res if k[0] == fusion and k[1] == pos)
+        rep_i = sum(1 for k in res if len(k) == 3 and k[0] == fusion and k[1] == pos)
         res[(fusion, pos, rep_i)] = B * 1e3 / ms
         if fusion == "none" and base is None:
             res[("none", pos)] = B * 1e3 / ms

@@ -21,6 +21,9 @@ gemv_fused: the same GEMV with the decode step's neighbours folded in (one launc
 Measured (H200, benchmarks/results/decode_step.jsonl, 2026-11-22): the fused prologues cost more than they
 save (per K tile every thread re-loads the norm weight / recomputes silu for its columns): wqkv+norm 0.88x,
 w2+silu 0.81x the plain GEMV; the decode step lost 6% ('fused') and 7% ('pdl'), so the decoder keeps them off.
+gemv(pdl=True) (plain GEMV as a programmatic dependent launch, first W tile loaded before griddepcontrol.wait,
+dependents triggered after it) on the 'none' chain: +4.2% tok/s at 1k, +3.8% at 4k (H200, same run); gemv(glu=True)
+(w13 with the SiLU-mul epilogue) 3.75 vs 3.63 TB/s for w13 GEMV + silu_mul.
 """
 from __future__ import annotations
 

@@ -77,11 +77,12 @@ GEMV_CONFIGS = {
 
 # batch-1 decode path when the Triton GEMV serves it (see the module docstring). Measured on an H200,
 # 2026-11-22, one run (benchmarks/results/decode_step.jsonl): graph-replayed at 1k context 'none' 152.7 tok/s,
-# 'fused' 143.4, 'pdl' 141.3 (4k: 150.4 vs pdl 137.5). The fused GEMVs lose more in the K loop than the 3
-# removed launches save (per shape vs the plain GEMV: wqkv+norm 0.88x, w2+silu 0.81x, w13+norm 0.96x), so
-# 'none' stays the default. Next: build the prologue's x once per program (registers / shared memory)
-# instead of per K tile, then re-measure.
-DEFAULT_DECODE_FUSION = "none"
+# 'fused' 143.4, 'pdl' 141.3 (4k: 150.4 vs pdl 137.5): the fused GEMVs lose more in the K loop than the 3
+# removed launches save. Next run, same process (copy 4.24 TB/s, floor 183.2 tok/s): 1k 'none' 154.55 and
+# 154.57 (timed twice), 'none+pdl' 161.12 (+4.2%), 'fused2' 156.02 (+0.9%), 'fused2+pdl' 161.41 (+4.4%);
+# 4k 'none' 152.33, 'none+pdl' 158.14 (+3.8%), 'fused2' 153.64, 'fused2+pdl' 151.14 (-0.8%, unexplained,
+# one sample). 'none+pdl' wins at both contexts, is bit-identical to 'none' (GPU test) -> the default.
+DEFAULT_DECODE_FUSION = "none+pdl"
 DECODE_FUSIONS = ("none", "fused", "pdl", "none+pdl", "fused2", "fused2+pdl")
 # tiles of the w13 GEMV with the SiLU-mul epilogue (decode_fusion 'fused2*'): each program reads block_n gate
 # rows and the block_n matching up rows, i.e. the same 16-row footprint as the plain w13 tile
