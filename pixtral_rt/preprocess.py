@@ -224,7 +224,7 @@ def preprocess_cuda(pixels, out_hw: tuple[int, int], *, device=None, out=None, l
         raise ValueError(f"out_hw {out_hw} is not a multiple of patch_size {patch_size}")
     if isinstance(pixels, np.ndarray):
         _check_pixels(pixels)
-        pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        pixels = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # torch wants writable
     if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8 or pixels.dim() != 3 \
             or pixels.shape[2] != 3:
         raise ValueError(f"pixels must be uint8 (H, W, 3), got {getattr(pixels, 'dtype', type(pixels))} "
