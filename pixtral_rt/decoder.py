@@ -103,7 +103,9 @@ class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
-                 gemv_configs: dict | None = None, decode_fusion: str | None = None):
+                 gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False):
+        """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
+        layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them."""
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -134,7 +136,7 @@ class FastDecoder:
         def get(name, shape):
             if name not in weights:
                 raise KeyError(f"FastDecoder: weight {name!r} missing from the state dict")
-            w = weights[name]
+            w = weights.pop(name) if consume else weights[name]
             if tuple(w.shape) != tuple(shape):
                 raise ValueError(f"FastDecoder: {name} has shape {tuple(w.shape)}, config expects {tuple(shape)}")
             return w.to(device=self.device, dtype=self.dtype)

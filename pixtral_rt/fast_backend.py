@@ -51,10 +51,10 @@ class FastBackend:
         self.vision = FastVisionEncoder.from_state_dict(vision_sd, args, dtype, self.device)
         del vision_sd
         # KV cache size: what the caller asked for, capped by the model and by free memory (after the
-        # transient copies the decoder makes when it fuses wqkv / w13, and a reserve for activations)
+        # one-layer transient the decoder makes when it fuses wqkv / w13, and a reserve for activations)
         t = args.text
         free, _ = torch.cuda.mem_get_info(self.device)
-        fused = t.n_layers * t.dim * ((t.n_heads + 2 * t.n_kv_heads) * t.head_dim + 2 * t.hidden_dim) * 2
+        fused = t.dim * ((t.n_heads + 2 * t.n_kv_heads) * t.head_dim + 2 * t.hidden_dim) * 2
         fit = max(0, free - fused - reserve_bytes) // kv_bytes_per_token(args)
         want = min(max_context or t.max_seq_len, t.max_seq_len)
         if fit < min(want, 4096):
@@ -64,8 +64,9 @@ class FastBackend:
         if self.max_context < want:
             print(f"pixtral_rt: KV cache capped at {self.max_context} tokens by GPU memory (asked {want})",
                   file=sys.stderr)
-        self.decoder = FastDecoder(t, sd, max_batch=1, max_seq=self.max_context, device=self.device, dtype=dtype)
-        sd.clear()  # the decoder holds what it needs; drop the unfused copies
+        self.decoder = FastDecoder(t, sd, max_batch=1, max_seq=self.max_context, device=self.device, dtype=dtype,
+                                   consume=True)  # frees each unfused weight as it is fused
+        sd.clear()
         torch.cuda.empty_cache()
         self.sampling = SamplingState(1, self.device)
         self.tok = torch.zeros(1, dtype=torch.long, device=self.device)      # decode graph input/output

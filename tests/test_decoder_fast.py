@@ -214,3 +214,21 @@ def test_decoder_full_width_none_pdl_bitwise_graph():
         print(f"{f}: rel vs none {rel(o, outs['none']):.3e}")
     assert torch.equal(outs["none"], outs["none+pdl"])
     assert rel(outs["fused2"], outs["none"]) < 2e-2 and rel(outs["fused2+pdl"], outs["fused2"]) < 1e-6
+
+
+def test_consume_frees_weights_and_changes_nothing():
+    """consume=True pops every text weight from the dict while building; same decoder as without it."""
+    import torch
+    from pixtral_rt.config import tiny
+    from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.random_weights import random_state_dict
+    args = tiny(vocab_size=512).text
+    sd = {k: v for k, v in random_state_dict(tiny(vocab_size=512), seed=9, dtype=torch.float32).items()
+          if not k.startswith(("vision_encoder.", "vision_language_adapter."))}
+    keep = FastDecoder(args, dict(sd), max_seq=64)
+    mine = dict(sd)
+    eaten = FastDecoder(args, mine, max_seq=64, consume=True)
+    assert mine == {}
+    for a, b in zip(keep.layers, eaten.layers):
+        assert torch.equal(a.wqkv, b.wqkv) and torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
+    assert torch.equal(keep.output, eaten.output)
