@@ -4,8 +4,11 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then  # offline machine: wheels carried in for what it lacks (mistral_common and its needs)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PYTHONPATH || exit 1
+fi
 # the source tree on PYTHONPATH (pixtral_rt maps kernels/ itself); native extension built in place
 python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1; grep -i "not built\|error" "$OUT/install.log" | head -3
 python -c "import pixtral_rt.preprocess as p; print('preprocess backend:', p.backend_info())"
