@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import bench_ms, record  # noqa: E402
+from common import bench_ms, copy_bandwidth_TBps, record  # noqa: E402
 
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 
@@ -20,12 +20,7 @@ CONFIGS = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 8,
 
 
 def copy_bw():
-    n = 2 * 2 ** 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    tb = 2 * n / bench_ms(lambda: b.copy_(a)) / 1e9
-    del a, b
-    return tb
+    return copy_bandwidth_TBps()
 
 
 def main():

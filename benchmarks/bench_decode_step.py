@@ -15,10 +15,9 @@ import sys
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import bench_ms, device_name, record  # noqa: E402
+from common import bench_ms, copy_bandwidth_TBps, device_name, record  # noqa: E402
 
 from pixtral_rt.config import PIXTRAL_12B  # noqa: E402
 from pixtral_rt.decoder import FastDecoder  # noqa: E402
@@ -76,11 +75,7 @@ class RandomWeights(Mapping):
 
 def main():
     torch.manual_seed(0)
-    n = 2 * 2 ** 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    copy_tb = 2 * n / bench_ms(lambda: b.copy_(a)) / 1e9
-    del a, b
+    copy_tb = copy_bandwidth_TBps()
     args = PIXTRAL_12B.text
     dec = FastDecoder(args, RandomWeights(args), max_batch=8, max_seq=4160)
     dec.k_cache.normal_()

@@ -28,16 +28,8 @@ IMAGE_SETS = {"a_1img_1024": [(1024, 1024)], "b_4imgs_mixed": [(1024, 1024), (51
 
 def ceilings() -> tuple[float, float]:
     """Measured copy bandwidth (B/s, read + write) and bf16 matmul rate (FLOP/s) on this GPU."""
-    from benchmarks.common import bench_ms
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    bw = 2 * n / (bench_ms(lambda: b.copy_(a)) * 1e-3)
-    del a, b
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn_like(x)
-    fl = 2 * 8192 ** 3 / (bench_ms(lambda: x @ y) * 1e-3)
-    return bw, fl
+    from benchmarks.common import copy_bandwidth_TBps, matmul_TFLOPs
+    return copy_bandwidth_TBps() * 1e12, matmul_TFLOPs() * 1e12
 
 
 def ttft_flops(args, req: EncodedRequest) -> float:

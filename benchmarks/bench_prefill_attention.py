@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import bench_ms, record  # noqa: E402
+from common import bench_ms, copy_bandwidth_TBps, matmul_TFLOPs, record  # noqa: E402
 
 from pixtral_rt.kernels.prefill_attention import (prefill_attention, prefill_attention_cached, rope_store_kv,  # noqa: E402
                                                   rope_table)
@@ -63,11 +63,7 @@ def rope_v1(qkv, positions, slots, kc, vc, cs):
 
 
 def bench_rope():
-    n = 2 * 2 ** 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    copy_tb = 2 * n / bench_ms(lambda: b.copy_(a)) / 1e9
-    del a, b
+    copy_tb = copy_bandwidth_TBps()
     for T in (1, 4096, 16384):
         qkv = torch.randn(T, (HQ + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16)
         kc = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
@@ -92,10 +88,7 @@ def main():
     rope_only = "--rope" in sys.argv
     if rope_only:
         bench_rope()
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm = 2 * 8192 ** 3 / bench_ms(lambda: x @ y) / 1e9
-    del x, y
+    mm = matmul_TFLOPs()
     print(f"bf16 8192^3 matmul: {mm:.0f} TFLOP/s (floor for attention FLOPs)")
     for T in (4096,) if rope_only else (4096, 16384):
         torch.manual_seed(T)

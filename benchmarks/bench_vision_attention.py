@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import bench_ms, record
+from benchmarks.common import bench_ms, matmul_TFLOPs, record
 from pixtral_rt.kernels import vision_attention as va
 from pixtral_rt.kernels.rope_2d import rope_2d_qk_
 from pixtral_rt.reference.rope import apply_rope, vision_rope_angles
@@ -33,10 +33,7 @@ CASES = {
 
 
 def matmul_ceiling_tflops() -> float:
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn_like(x)
-    ms = bench_ms(lambda: x @ y)
-    return 2 * 8192 ** 3 / ms / 1e9
+    return matmul_TFLOPs()
 
 
 def main():

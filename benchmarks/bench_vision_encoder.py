@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from benchmarks.common import bench_ms, record
+from benchmarks.common import matmul_TFLOPs, record
 from pixtral_rt.config import PIXTRAL_12B
 from pixtral_rt.vision import FastVisionEncoder, pack_patches
 
@@ -69,10 +69,7 @@ def hf_to_mistral(sd, n_heads=16):
 
 
 def main():
-    ceiling = None
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ceiling = 2 * 8192 ** 3 / bench_ms(lambda: x @ x) / 1e9
-    del x
+    ceiling = matmul_TFLOPs()
     v = PIXTRAL_12B.vision
     hf = hf_model()
     sd = hf_to_mistral(hf.state_dict())

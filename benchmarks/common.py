@@ -59,6 +59,24 @@ def record(bench: str, case: str, metric: str, value: float, unit: str, baseline
     return row
 
 
+def copy_bandwidth_TBps(nbytes: int = 2 << 30) -> float:
+    """Measured device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
+    import torch
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    tb = 2 * nbytes / bench_ms(lambda: b.copy_(a)) / 1e9
+    del a, b
+    return tb
+
+
+def matmul_TFLOPs(n: int = 8192) -> float:
+    """Measured bf16 n x n x n matmul rate in TFLOP/s on random data."""
+    import torch
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(x)
+    return 2 * n ** 3 / bench_ms(lambda: x @ y) / 1e9
+
+
 def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     """Median milliseconds of fn() on the GPU (CUDA events via triton.testing.do_bench)."""
     from triton.testing import do_bench

@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from .chat import EncodedRequest, encode_request, load_tokenizer
-from .config import PIXTRAL_12B, PRESETS, PixtralArgs, tiny
+from .config import PIXTRAL_12B, PixtralArgs, tiny
 from .sampling import SamplingParams, SamplingState, sample
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ Checks: RoPE (interleaved pairs, fp32 angles) on q and k, k/v written to the rig
 Tolerance: error vs the fp32 reference <= 2x PyTorch's own same-dtype error + eps. Cache tail, other slots
 and the output are poisoned with NaN. CPU (interpreter): fp16/fp32, small shapes; GPU: bf16, T up to 4097.
 """
-import math
 
 import pytest
 import torch

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pixtral_rt.kernels.rms_norm import rms_norm
-from tests.conftest import HAS_CUDA, requires_gpu
+from tests.conftest import requires_gpu
 
 
 def rel(a, b):

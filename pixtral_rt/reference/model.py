@@ -7,7 +7,6 @@ as is (text keys at top level, vision under `vision_encoder.`, ...).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..config import PixtralArgs
 from .layers import RMSNorm
