@@ -60,3 +60,24 @@ def test_weight_bytes_formula():
     from pixtral_rt.config import PIXTRAL_12B
     # performance.md: 11.57 B params read per token (all but the embedding table) = 23.1 GB
     assert abs(decoder_weight_bytes(PIXTRAL_12B) / 2 / 1e9 - 11.57) < 0.01
+
+
+def test_incremental_text_matches_full_decode_on_multibyte_text(engine):
+    """Window decoding yields exactly the full decode, for text with multi-byte characters split across
+    byte-level tokens, and holds back the start of a stop string."""
+    from pixtral_rt.engine import _IncrementalText, _stop_prefix_len
+    tok = engine.tokenizer
+    text = "naïve café — 東京タワー 🚀🚀 ok"
+    ids = tok.instruct_tokenizer.tokenizer.encode(text, bos=False, eos=False)
+    det = _IncrementalText(tok.decode)
+    out = "".join(det.add(i) for i in ids) + det.flush()
+    assert out == tok.decode(ids) == text
+    assert _stop_prefix_len("hello wor", ("world",)) == 3 and _stop_prefix_len("hello", ("xyz",)) == 0
+
+
+def test_stop_string_spanning_tokens_is_never_streamed(engine):
+    full = engine.generate(msgs(1), SamplingParams(max_tokens=12))
+    stop = full.text[2:9]
+    pieces = list(engine.stream(msgs(1), SamplingParams(max_tokens=12, stop=(stop,))))
+    res = engine.last
+    assert "".join(pieces) == res.text == full.text[:full.text.find(stop)]
