@@ -15,6 +15,13 @@ import os
 import signal
 import sys
 
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .errors import ImageSourceError, PixtralInputError
+
+# bad input of any kind: one line on stderr, exit code 2, no traceback
+_INPUT_ERRORS = (PixtralInputError, CheckpointError, ConfigError)
+
 EXAMPLES = """
 examples:
   %(prog)s --image cat.png --prompt "Describe the image."
@@ -171,7 +178,7 @@ def main(argv=None) -> int:
         from .engine import Engine
         for src in args.image:  # fail on a missing local file before spending time loading the model
             if "://" not in src and not src.startswith("data:") and not os.path.isfile(os.path.expanduser(src)):
-                raise _input_error_type()(f"--image {src!r}: no such file")
+                raise ImageSourceError(f"--image {src!r}: no such file")
         prompt = args.prompt
         if prompt is None and not args.chat:
             if sys.stdin.isatty():
@@ -202,19 +209,6 @@ def main(argv=None) -> int:
         return 1
 
 
-def _input_error_type():
-    from .errors import PixtralInputError
-    return PixtralInputError
-
-
-def _input_errors() -> tuple:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .errors import PixtralInputError
-    return (PixtralInputError, CheckpointError, ConfigError)
-
-
-_INPUT_ERRORS = _input_errors()
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `... | head` must not print a BrokenPipe traceback
