@@ -15,7 +15,8 @@ Two launches, one pass over qkv each:
      k, v to the cache (whole-row 16-byte loads, pairs split in registers; H200: 37 us per 4k tokens vs 315 us
      for one token per program, 4.9 vs 13.7 us for the 1-token decode launch). The
      cos/sin come from a table of fp32 angles built once (`rope_table`), so they match the reference
-     bit for bit. Also used by the decode step (positions/slots read from device memory).
+     bit for bit. Also used by the decode step (positions/slots read from device memory) and, with
+     slots = page ids and cache_pos = position % P, to write the paged cache of paged_*_attention.py.
   2. _prefill_attn_kernel: flash attention (online softmax, exp2) over cache positions [0, start_pos+T):
      blocks fully below the diagonal run without masks, the diagonal band with the causal mask.
   Why not one launch: a q block needs the K of every earlier new token, written by other programs of
@@ -42,13 +43,14 @@ def rope_table(max_seq: int, head_dim: int, theta: float, device=None) -> torch.
 
 # ----------------------------------------------------------------------------- RoPE + cache write
 @triton.jit
-def _rope_store_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, cs_ptr, T,
+def _rope_store_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, cpos_ptr, k_cache_ptr, v_cache_ptr, cs_ptr, T,
                           stride_qkv, stride_cb, stride_ch, stride_cs, stride_tab,
                           HQ: tl.constexpr, HKV: tl.constexpr, HPP: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
     # program (tb, hg): tokens tb*BLOCK_T.., heads hg*HPP..hg*HPP+HPP-1 of the (HQ q heads | HKV kv heads) list;
     # a kv head's program rotates k into the cache and copies v. Rows are loaded whole (contiguous 16-byte
     # vectors) and split into (even, odd) pairs in registers; cos/sin loaded once per token block.
+    # Token t's k/v go to row cpos[t] of slot slot[t] (cpos = pos for the static cache, pos % P for pages).
     if USE_PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -69,7 +71,8 @@ def _rope_store_kv_kernel(qkv_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, 
             tl.store(ptrs, y.to(qkv_ptr.dtype.element_ty), mask=tmask)
     else:
         slot = tl.load(slot_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
-        dst0 = slot[:, None] * stride_cb + pos[:, None] * stride_cs + d
+        cpos = tl.load(cpos_ptr + offs_t, mask=offs_t < T, other=0).to(tl.int64)
+        dst0 = slot[:, None] * stride_cb + cpos[:, None] * stride_cs + d
         for j in range(HPP):
             kvh = (hg - HQ // HPP) * HPP + j
             kp = rows + (HQ + kvh) * HEAD_DIM + d
@@ -95,11 +98,14 @@ def _check_cache(k_cache, v_cache, n_kv_heads, head_dim, dtype):
 
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, cos_sin: torch.Tensor, n_heads: int, n_kv_heads: int,
-                  pdl: bool = False, block_t: int | None = None, heads_per_program: int | None = None) -> None:
+                  pdl: bool = False, block_t: int | None = None, heads_per_program: int | None = None,
+                  cache_pos: torch.Tensor | None = None) -> None:
     """In place: rotate q inside qkv (T, (Hq+2Hkv)*D); write rotated k and v of token t to
-    k_cache/v_cache[slots[t], :, positions[t]]. positions, slots: (T,) int32/int64 on the device.
-    cos_sin: rope_table(...) (max_seq, D/2, 2) fp32. Capturable (no host sync). pdl: launch as a
-    programmatic dependent launch (waits on the previous grid before any access; sm90+)."""
+    k_cache/v_cache[slots[t], :, cache_pos[t]]. positions (RoPE angles), slots, cache_pos (row inside the slot;
+    default: positions): (T,) int32/int64 on the device. Paged cache (n_pages, Hkv, P, D): slots = page ids
+    block_table[pos // P], cache_pos = pos % P. cos_sin: rope_table(...) (max_seq, D/2, 2) fp32. Capturable
+    (no host sync). pdl: launch as a programmatic dependent launch (waits on the previous grid before any
+    access; sm90+)."""
     D = k_cache.shape[-1]
     T = qkv.shape[0]
     if qkv.dim() != 2 or qkv.shape[1] != (n_heads + 2 * n_kv_heads) * D or qkv.stride(1) != 1:
@@ -107,6 +113,10 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
     _check_cache(k_cache, v_cache, n_kv_heads, D, qkv.dtype)
     if positions.shape != (T,) or slots.shape != (T,):
         raise ValueError(f"positions {tuple(positions.shape)} and slots {tuple(slots.shape)} must be ({T},)")
+    if cache_pos is None:
+        cache_pos = positions
+    elif cache_pos.shape != (T,) or cache_pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cache_pos must be ({T},) int32/int64, got {tuple(cache_pos.shape)} {cache_pos.dtype}")
     if cos_sin.dtype != torch.float32 or cos_sin.shape[1:] != (D // 2, 2) or not cos_sin.is_contiguous():
         raise ValueError(f"cos_sin must be a contiguous (max_seq, {D // 2}, 2) fp32 table from rope_table()")
     if T == 0:
@@ -121,7 +131,7 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
         pdl = False
     extra = dict(launch_pdl=True) if pdl else {}
     _rope_store_kv_kernel[(triton.cdiv(T, bt), (n_heads + n_kv_heads) // hpp)](
-        qkv, positions, slots, k_cache, v_cache, cos_sin, T,
+        qkv, positions, slots, cache_pos, k_cache, v_cache, cos_sin, T,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin.stride(0),
         HQ=n_heads, HKV=n_kv_heads, HPP=hpp, HEAD_DIM=D, BLOCK_T=bt, USE_PDL=pdl, num_warps=4, **extra)
 

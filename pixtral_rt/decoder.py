@@ -59,6 +59,8 @@ import torch.nn.functional as F
 from .config import TransformerArgs
 from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
+from pixtral_rt.kernels.paged_decode_attention import paged_decode_attention
+from pixtral_rt.kernels.paged_prefill_attention import paged_prefill_attention
 from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
 from pixtral_rt.kernels.rms_norm import rms_norm, rms_norm_pdl
 from pixtral_rt.kernels.silu_mul import silu_mul, silu_mul_pdl
@@ -103,9 +105,11 @@ class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
-                 gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False):
+                 gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
+                 static_cache: bool = True):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
-        layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them."""
+        layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
+        static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods)."""
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -157,9 +161,11 @@ class FastDecoder:
                 ffn_norm=get(p + "ffn_norm.weight", (args.dim,))))
         self.norm = get("norm.weight", (args.dim,))
         self.output = get("output.weight", (args.vocab_size, args.dim))
-        cache_shape = (args.n_layers, max_batch, Hkv, self.max_seq, D)
+        cache_shape = (args.n_layers, max_batch if static_cache else 0, Hkv, self.max_seq, D)
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.k_pages = self.v_pages = None     # paged cache (alloc_pages)
+        self.page_size = 0
         self.cos_sin = rope_table(self.max_seq, D, args.rope_theta, self.device)
         self.slot_ids = torch.arange(max_batch, device=self.device, dtype=torch.int32)
 
@@ -186,8 +192,9 @@ class FastDecoder:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
 
-    def _layers(self, x: torch.Tensor, attend, last_only: bool) -> torch.Tensor:
-        """x (T, dim) -> final-normed hidden (T or 1, dim). attend(i, qkv) -> (T, Hq, D)."""
+    def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (T, dim) -> final-normed hidden (T, 1 or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
+        rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows)."""
         eps = self.args.norm_eps
         T = x.shape[0]
         res, y = x, None
@@ -202,6 +209,8 @@ class FastDecoder:
             y = self._linear(silu_mul(self._linear(h, L.w13)), L.w2)
         if last_only:
             y, res = y[-1:], res[-1:]
+        elif rows is not None:
+            y, res = y.index_select(0, rows), res.index_select(0, rows)
         h, _ = rms_norm(y, self.norm, eps, residual=res)
         return h
 
@@ -234,6 +243,22 @@ class FastDecoder:
             out = self._layers(x, attend, last_only=True)
         return self._linear(out, self.output)[0].float()
 
+    def _decode_mode(self, B: int) -> tuple[bool, bool, bool]:
+        """(fused, chain, pdl) for a batch of B rows (the batch-1 Triton GEMV paths, see the docstring)."""
+        fusion = self.decode_fusion
+        fused = B == 1 and self.gemv_backend == "triton" and fusion in ("fused", "pdl")
+        chain = B == 1 and self.gemv_backend == "triton" and fusion in ("none+pdl", "fused2", "fused2+pdl")
+        pdl = (fused and fusion == "pdl") or (chain and fusion.endswith("+pdl") and pdl_supported(self.device))
+        return fused, chain, pdl
+
+    def _decode(self, tokens: torch.Tensor, attend, fused: bool, chain: bool, pdl: bool) -> torch.Tensor:
+        if fused:
+            return self._decode_fused(self.embed(tokens), attend, pdl)
+        if chain:
+            return self._decode_chain(self.embed(tokens), attend, glu=self.decode_fusion.startswith("fused2"), pdl=pdl)
+        h = self._layers(self.embed(tokens), attend, last_only=False)
+        return self._linear(h, self.output).float()
+
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) int device tensors -> logits (B, vocab) fp32. Row b uses cache slot b."""
         B = tokens.shape[0]
@@ -241,10 +266,7 @@ class FastDecoder:
             raise ValueError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
                              f"must both be (B,) with 1 <= B <= max_batch={self.max_batch}")
         args = self.args
-        fusion = self.decode_fusion
-        fused = B == 1 and self.gemv_backend == "triton" and fusion in ("fused", "pdl")
-        chain = B == 1 and self.gemv_backend == "triton" and fusion in ("none+pdl", "fused2", "fused2+pdl")
-        pdl = (fused and fusion == "pdl") or (chain and fusion.endswith("+pdl") and pdl_supported(self.device))
+        fused, chain, pdl = self._decode_mode(B)
         with torch.inference_mode():
             slots = self.slot_ids[:B]
             lens = (positions + 1).to(torch.int32)
@@ -257,12 +279,60 @@ class FastDecoder:
                 return decode_attention(q, self.k_cache[i], self.v_cache[i], lens, num_splits=ns, pdl=pdl,
                                         workspace=self.attn_workspace, **self.decode_config)
 
-            if fused:
-                return self._decode_fused(self.embed(tokens), attend, pdl)
-            if chain:
-                return self._decode_chain(self.embed(tokens), attend, glu=fusion.startswith("fused2"), pdl=pdl)
-            h = self._layers(self.embed(tokens), attend, last_only=False)
-            return self._linear(h, self.output).float()
+            return self._decode(tokens, attend, fused, chain, pdl)
+
+    # ------------------------------------------------------------------ paged KV cache (serving)
+    def alloc_pages(self, n_pages: int, page_size: int) -> None:
+        """Paged cache: k_pages, v_pages (n_layers, n_pages, Hkv, page_size, D); a sequence's position p lives
+        in page block_table[p // page_size], row p % page_size (pixtral_rt/serving/kv_pages.py)."""
+        a = self.args
+        shape = (a.n_layers, n_pages, a.n_kv_heads, page_size, a.head_dim)
+        self.k_pages = self.v_pages = None
+        self.k_pages = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_pages = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.page_size = page_size
+
+    def decode_step_paged(self, tokens: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor,
+                          lens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) int64, positions (B,) int32, block_table (>= B, max_pages) int32, lens (B,) int32 (keys
+        each row attends to: positions + 1, or 0 for an idle row) -> logits (B, vocab) fp32. Writes each
+        token's K/V at its position through the block table. No host sync: capturable."""
+        B, args, P = tokens.shape[0], self.args, self.page_size
+        fused, chain, pdl = self._decode_mode(B)
+        with torch.inference_mode():
+            pages = block_table[:B].gather(1, (positions // P).long()[:, None])[:, 0]
+            pages = torch.where(lens > 0, pages, 0)      # idle rows write the trash page, never a real one
+            offs = positions % P
+            ns = default_num_splits(B, args.n_kv_heads, self.device)
+
+            def attend(i, qkv):
+                rope_store_kv(qkv, positions, pages, self.k_pages[i], self.v_pages[i], self.cos_sin,
+                              args.n_heads, args.n_kv_heads, pdl=pdl, cache_pos=offs)
+                q = qkv[:, :args.n_heads * args.head_dim].view(B, args.n_heads, args.head_dim)
+                return paged_decode_attention(q, self.k_pages[i], self.v_pages[i], block_table, lens, num_splits=ns,
+                                              pdl=pdl, workspace=self.attn_workspace, **self.decode_config)
+
+            return self._decode(tokens, attend, fused, chain, pdl)
+
+    @torch.inference_mode()
+    def prefill_paged(self, h: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
+                      block_table: torch.Tensor, cu_q: torch.Tensor, start_pos: torch.Tensor, max_q_len: int,
+                      rows: torch.Tensor) -> torch.Tensor:
+        """Prompt chunks of S sequences packed in h (T, dim): sequence s owns rows cu_q[s]..cu_q[s+1]-1 at
+        positions start_pos[s].., written through block_table[s]. positions / pages / offsets (T,) int32 per
+        row (position, its page, row in the page). rows (R,) int64: rows whose logits are wanted
+        -> (R, vocab) fp32."""
+        args, T = self.args, h.shape[0]
+
+        def attend(i, qkv):
+            rope_store_kv(qkv, positions, pages, self.k_pages[i], self.v_pages[i], self.cos_sin,
+                          args.n_heads, args.n_kv_heads, cache_pos=offsets)
+            q = qkv[:, :args.n_heads * args.head_dim].view(T, args.n_heads, args.head_dim)
+            return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
+                                           max_q_len)
+
+        out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows)
+        return self._linear(out, self.output).float()
 
     def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
         """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""

@@ -40,6 +40,7 @@ class GenerationResult:
     image_patches: int = 0
     n_images: int = 0
     timings: dict = field(default_factory=dict)
+    logprobs: list[float] = field(default_factory=list)   # of each output token, when asked for
 
 
 def default_random_model(device: torch.device) -> tuple[PixtralArgs, Path]:
@@ -71,6 +72,56 @@ def decoder_weight_bytes(args: PixtralArgs, dtype_bytes: int = 2) -> int:
 def kv_bytes_per_token(args: PixtralArgs, dtype_bytes: int = 2) -> int:
     t = args.text
     return 2 * t.n_layers * t.n_kv_heads * t.head_dim * dtype_bytes
+
+
+@dataclass
+class ModelSource:
+    """What a load starts from: device, dtype, checkpoint plan, config and tokenizer (no weights yet)."""
+    device: torch.device
+    dtype: torch.dtype
+    plan: object
+    args: PixtralArgs
+    folder: Path
+    tokenizer: object
+    random_default: bool
+    t0: float
+
+    def describe(self) -> str:
+        return f"random {self.args.name}" if self.random_default else str(self.folder)
+
+
+def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None) -> ModelSource:
+    """Device and dtype (CUDA + bf16 when a GPU is visible, else CPU + fp32), the checkpoint plan (format
+    detected and printed; the embedded random default when model is None) and the tokenizer."""
+    from .checkpoint import plan_checkpoint
+
+    t0 = time.perf_counter()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
+    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+              "float32": torch.float32, "fp32": torch.float32, None: None}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r} is not one of bfloat16, float16, float32")
+    tdtype = dtypes[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    random_default = model is None
+    folder = default_random_model(dev)[1] if random_default else Path(model)
+    plan = plan_checkpoint(folder, fmt)
+    print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
+                                               if random_default else ""), file=sys.stderr)
+    tokenizer = load_tokenizer(None if random_default else folder, plan.args)
+    return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0)
+
+
+def load_reference_model(src: ModelSource, progress: bool = True):
+    """The plain PyTorch reference model with the checkpoint's weights (built on meta, weights assigned)."""
+    from .checkpoint import load_state_dict
+    from .reference.model import PixtralModel
+    sd = load_state_dict(src.plan, device=src.device, dtype=src.dtype, progress=progress)
+    with torch.device("meta"):
+        m = PixtralModel(src.args)
+    m.load_state_dict(sd, assign=True, strict=True)
+    return m.eval()
 
 
 class ReferenceBackend:
@@ -128,26 +179,12 @@ class Engine:
     def load(cls, model: str | Path | None = None, *, device: str | None = None, dtype: str | None = None,
              max_context: int | None = None, max_images: int = 12, backend: str = "auto",
              fmt: str | None = None, progress: bool = True, use_graphs: bool = True) -> "Engine":
-        from .checkpoint import load_state_dict, plan_checkpoint
+        from .checkpoint import load_state_dict
 
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
-        tdtype = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-                  "float32": torch.float32, "fp32": torch.float32, None: None}[dtype]
-        if tdtype is None:
-            tdtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        t0 = time.perf_counter()
-        random_default = model is None
-        if random_default:
-            default_args, folder = default_random_model(dev)
-        else:
-            folder = Path(model)
-        plan = plan_checkpoint(folder, fmt)
-        args = plan.args
-        print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
-                                                   if random_default else ""), file=sys.stderr)
-        tokenizer = load_tokenizer(None if random_default else folder, args)
+        src = resolve_model(model, device, dtype, fmt)
+        dev, tdtype, plan, args, folder, tokenizer, t0 = (src.device, src.dtype, src.plan, src.args, src.folder,
+                                                          src.tokenizer, src.t0)
+        random_default, default_args = src.random_default, src.args
         ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
         use_fast = backend == "fast" or (backend == "auto" and dev.type == "cuda")
         if use_fast:
@@ -160,13 +197,9 @@ class Engine:
                              use_graphs=use_graphs)
             ctx = be.max_context
         else:
-            from .reference.model import PixtralModel
-            sd = load_state_dict(plan, device=dev, dtype=tdtype, progress=progress)
-            with torch.device("meta"):
-                m = PixtralModel(args)
-            m.load_state_dict(sd, assign=True, strict=True)
+            m = load_reference_model(src, progress)
             load_s = time.perf_counter() - t0
-            be = ReferenceBackend(m.eval(), args, dev, tdtype, ctx)
+            be = ReferenceBackend(m, args, dev, tdtype, ctx)
         from .preprocess import backend_info
         pre = "GPU (CUDA op, raw pixels uploaded)" if getattr(be, "raw_pixels", False) else backend_info()
         print(f"pixtral_rt: {be.name} backend on {dev}, {str(tdtype).replace('torch.', '')}, context {ctx} tokens; "

@@ -36,6 +36,35 @@ def vision_bucket(n_patches: int, minimum: int = 256) -> int:
     return b
 
 
+@torch.inference_mode()
+def request_patches(req, patch_size: int, device) -> torch.Tensor:
+    """The request's images as packed patches (n_patches, 3*p*p) fp32 on the device: preprocessed on the
+    GPU straight into the packed buffer (raw uint8 pixels), or uploaded if already normalised."""
+    from .preprocess import preprocess_cuda
+    p = patch_size
+    if not req.images_are_raw:
+        packed = pack_patches(req.images, p, dtype=torch.float32)
+        return packed.pin_memory().to(device, non_blocking=True)
+    packed = torch.empty(req.n_patches, 3 * p * p, device=device, dtype=torch.float32)
+    for pixels, hw, a, b in zip(req.images, req.image_out_hw, req.cu_seqlens[:-1], req.cu_seqlens[1:]):
+        preprocess_cuda(pixels, hw, device=device, out=packed[a:b], layout="patches", patch_size=p)
+    return packed
+
+
+@torch.inference_mode()
+def image_features(vision: FastVisionEncoder, req, patch_size: int, device, max_images: int,
+                   use_graphs: bool) -> torch.Tensor:
+    """Images of a request -> (n_image_tokens, text dim) on the device (vision graph of its patch bucket,
+    captured on first use). The result may be a view of the graph's output buffer: use it before the next
+    call."""
+    patches = request_patches(req, patch_size, device)
+    if use_graphs:
+        bucket = vision_bucket(patches.shape[0])
+        plan = vision.plan(req.patch_grids, bucket=bucket, max_images=max_images)
+        return vision.capture(bucket, max_images)(patches, plan)
+    return vision(patches, vision.plan(req.patch_grids))
+
+
 class FastBackend:
     name = "fast"
 
@@ -110,30 +139,12 @@ class FastBackend:
     # ------------------------------------------------------------------------------ request
     raw_pixels = True  # the engine hands over decoded uint8 pixels; resize + normalise run on the GPU
 
-    @torch.inference_mode()
     def patches(self, req) -> torch.Tensor:
-        """The request's images as packed patches (n_patches, 3*p*p) fp32 on the device: preprocessed on the
-        GPU straight into the packed buffer (raw uint8 pixels), or uploaded if already normalised."""
-        from .preprocess import preprocess_cuda
-        p = self.args.vision.patch_size
-        if not req.images_are_raw:
-            packed = pack_patches(req.images, p, dtype=torch.float32)
-            return packed.pin_memory().to(self.device, non_blocking=True)
-        packed = torch.empty(req.n_patches, 3 * p * p, device=self.device, dtype=torch.float32)
-        for pixels, hw, a, b in zip(req.images, req.image_out_hw, req.cu_seqlens[:-1], req.cu_seqlens[1:]):
-            preprocess_cuda(pixels, hw, device=self.device, out=packed[a:b], layout="patches", patch_size=p)
-        return packed
+        return request_patches(req, self.args.vision.patch_size, self.device)
 
-    @torch.inference_mode()
     def image_features(self, req) -> torch.Tensor:
-        """Images of a request -> (n_image_tokens, text dim) on the device (vision graph of its bucket)."""
-        patches = self.patches(req)
-        grids = req.patch_grids
-        if self.use_graphs:
-            bucket = vision_bucket(patches.shape[0])
-            plan = self.vision.plan(grids, bucket=bucket, max_images=self.max_images)
-            return self._vision_graph(bucket)(patches, plan)
-        return self.vision(patches, self.vision.plan(grids))
+        return image_features(self.vision, req, self.args.vision.patch_size, self.device, self.max_images,
+                              self.use_graphs)
 
     @torch.inference_mode()
     def start(self, req, params: SamplingParams) -> tuple[torch.Tensor, dict]:

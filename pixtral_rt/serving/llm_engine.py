@@ -1,0 +1,314 @@
+"""The serving engine: continuous batching over a paged KV cache, stepped by one thread of its own.
+
+    eng = LLMEngine.load(model_dir or None, max_batch=64)     # loads, sizes the KV pool, captures graphs
+    req = eng.encode(messages, max_tokens)                    # host work, in the caller's thread
+    h = eng.submit(req, SamplingParams(...), on_output=cb, logprobs=None)
+    h.cancel()
+    for piece in eng.stream(messages, params): ...            # sync convenience (CLI, tests)
+
+The step loop (one thread) owns the scheduler and the model runner. Other threads only append to the
+waiting queue (under a lock) and set cancel flags, so HTTP work never delays a step. Each iteration:
+schedule (host, under the lock) -> launch the step on the device -> deliver the PREVIOUS step's tokens
+(wait for its event; callbacks) while this one runs. A sequence that ends is seen one step late: the step
+after its last token is computed and discarded (its pages have room for it, see Sequence.pages_needed).
+Interface for the HTTP side: pixtral_rt/serving/API.md.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..chat import EncodedRequest, encode_request
+from ..engine import GenerationResult, kv_bytes_per_token, load_reference_model, resolve_model
+from ..images import DEFAULT_LIMITS, ImageLimits
+from ..sampling import SamplingParams
+from .detokenize import TextStream
+from .kv_pages import PagePool
+from .model_runner import MAX_TOP_LOGPROBS, ModelRunner, StepOutput
+from .outputs import TokenEvent
+from .scheduler import QueueFullError, Scheduler  # noqa: F401 - QueueFullError is part of this module's API
+from .sequence import Sequence, Status, image_digest
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+class RequestHandle:
+    def __init__(self, engine: "LLMEngine", seq: Sequence):
+        self._engine, self._seq = engine, seq
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request_id
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._seq)
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    requests_finished: int = 0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, args, tokenizer, model, info: dict, max_context: int, max_images: int, max_batch: int,
+                 n_pages: int, page_size: int = 64, max_queue: int = 1024, chunk_tokens: int = 512,
+                 use_graphs: bool = True, progress: bool = True):
+        self.args, self.tokenizer, self.info = args, tokenizer, info
+        self.max_context, self.max_images, self.max_batch = max_context, max_images, max_batch
+        self.eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
+        self.raw_pixels = model.raw_pixels
+        self.pool = PagePool(n_pages, page_size)
+        self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue)
+        self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
+                                  use_graphs=use_graphs, progress=progress)
+        self.counters = _Counters()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="pixtral-rt-step-loop", daemon=True)
+        self._thread.start()
+        self.ready = True
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model=None, *, device: str | None = None, dtype: str | None = None, max_context: int | None = None,
+             max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
+             kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
+             chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB) -> "LLMEngine":
+        """kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
+        reserve_bytes; on CPU 4 full contexts)."""
+        src = resolve_model(model, device, dtype, fmt)
+        args, dev = src.args, src.device
+        t = args.text
+        ctx = min(max_context or t.max_seq_len, t.max_seq_len)
+        if dev.type == "cuda":
+            from ..checkpoint import load_state_dict
+            from ..decoder import FastDecoder
+            from ..fast_backend import _TEXT_PREFIXES
+            from ..vision import FastVisionEncoder
+            from .paged_model import FastPagedModel
+            sd = load_state_dict(src.plan, device=dev, dtype=src.dtype, progress=progress)
+            vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
+            vision = FastVisionEncoder.from_state_dict(vision_sd, args, src.dtype, dev)
+            del vision_sd
+            decoder = FastDecoder(t, sd, max_batch=max_batch, max_seq=ctx + page_size, device=dev, dtype=src.dtype,
+                                  consume=True, static_cache=False)
+            sd.clear()
+            torch.cuda.empty_cache()
+            model_ = FastPagedModel(decoder, vision, args, dev, max_images, use_graphs)
+            backend = "fast (paged, continuous batching)"
+            if kv_tokens is None:
+                free, _ = torch.cuda.mem_get_info(dev)
+                kv_tokens = max(0, free - reserve_bytes) // kv_bytes_per_token(args, src.dtype.itemsize)
+        else:
+            from .paged_model import ReferencePagedModel
+            model_ = ReferencePagedModel(load_reference_model(src, progress), args, dev, src.dtype)
+            backend = "reference (paged, continuous batching)"
+            kv_tokens = kv_tokens or 4 * (ctx + page_size)
+        n_pages = int(kv_tokens) // page_size
+        if (n_pages - 1) * page_size < min(ctx, 4096):
+            raise RuntimeError(f"not enough memory for a KV cache: room for {max(0, n_pages - 1) * page_size} "
+                               f"tokens, fewer than one request of {min(ctx, 4096)}")
+        load_s = time.perf_counter() - src.t0
+        info = {"model": src.describe(), "format": src.plan.format, "random_weights": src.random_default,
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
+                "max_context": ctx, "kv_cache_tokens": (n_pages - 1) * page_size, "max_batch": max_batch}
+        eng = cls(args, src.tokenizer, model_, info, ctx, max_images, max_batch, n_pages, page_size, max_queue,
+                  chunk_tokens, use_graphs, progress)
+        info["load_s"] = time.perf_counter() - src.t0
+        print(f"pixtral_rt: {backend} on {dev}, {info['dtype']}, context {ctx} tokens, KV cache "
+              f"{info['kv_cache_tokens']} tokens in {n_pages - 1} pages of {page_size}, max batch {max_batch}; "
+              f"ready in {info['load_s']:.1f} s", file=sys.stderr)
+        return eng
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest:
+        """Plan, fetch / decode images, tokenise, check the context (raises PixtralInputError subclasses)."""
+        return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
+                              max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
+                              raw_pixels=self.raw_pixels)
+
+    def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
+               logprobs: int | None = None, request_id: str = "") -> RequestHandle:
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+        seq = Sequence(req, params, on_output, logprobs, digests=[image_digest(im) for im in req.images],
+                       request_id=request_id)
+        seq.plan_prefix(self.pool.page_size, self.args.vision.spatial_merge_size)
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            self.scheduler.add(seq)
+            self._cv.notify()
+        return RequestHandle(self, seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify()
+
+    def metrics(self) -> dict:
+        c = self.counters
+        return {"running": self.scheduler.n_running, "waiting": self.scheduler.n_waiting,
+                "kv_pages_used": self.pool.used, "kv_pages_total": self.pool.usable,
+                "kv_page_size": self.pool.page_size, "prompt_tokens_total": c.prompt_tokens,
+                "generation_tokens_total": c.generation_tokens, "cached_prompt_tokens_total": c.cached_prompt_tokens,
+                "requests_finished_total": c.requests_finished, "steps_total": c.steps}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            if self._stop:
+                return
+            for s in list(self.scheduler.waiting) + list(self.scheduler.running):
+                s.cancelled = True
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        self.ready = False
+
+    # ------------------------------------------------------------------ sync convenience
+    def stream(self, messages, params: SamplingParams | None = None, logprobs: int | None = None,
+               req: EncodedRequest | None = None, result: GenerationResult | None = None) -> Iterator[str]:
+        """Text pieces of one request (stop strings applied). `result` (optional) is filled as it goes."""
+        params = params or SamplingParams()
+        res = result if result is not None else GenerationResult()
+        t0 = time.perf_counter()
+        req = req or self.encode(messages, params.max_tokens)
+        res.prompt_tokens, res.image_patches, res.n_images = req.prompt_tokens, req.n_patches, req.n_images
+        q: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        h = self.submit(req, params, q.put, logprobs)
+        text = TextStream(self.tokenizer, params.stop)
+        res.timings["encode_ms"] = (time.perf_counter() - t0) * 1e3
+        t_first = None
+        try:
+            while True:
+                ev = q.get()
+                if ev.token_ids and t_first is None:
+                    t_first = time.perf_counter()
+                    res.timings["ttft_ms"] = (t_first - t0) * 1e3
+                res.token_ids += ev.token_ids
+                if ev.logprobs is not None:
+                    res.logprobs += ev.logprobs
+                piece = text.add(ev.token_ids)
+                if text.stopped:
+                    h.cancel()
+                    res.finish_reason = "stop"
+                elif ev.finish_reason:
+                    piece += text.finish()
+                    res.finish_reason = ev.finish_reason
+                    if ev.error:
+                        raise RuntimeError(ev.error)
+                if piece:
+                    yield piece
+                if res.finish_reason:
+                    break
+        except BaseException:
+            h.cancel()
+            res.finish_reason = res.finish_reason or "interrupted"
+            raise
+        finally:
+            res.text = text.text
+            n = len(res.token_ids)
+            if t_first is not None and n > 1:
+                res.timings["decode_tok_s"] = (n - 1) / (time.perf_counter() - t_first)
+
+    def generate(self, messages, params: SamplingParams | None = None, logprobs: int | None = None
+                 ) -> GenerationResult:
+        res = GenerationResult()
+        for _ in self.stream(messages, params, logprobs, result=res):
+            pass
+        return res
+
+    # ------------------------------------------------------------------ the step loop (its own thread)
+    def _loop(self) -> None:
+        prev: StepOutput | None = None
+        while True:
+            with self._cv:
+                while not self._stop and prev is None and not self.scheduler.running and not self.scheduler.waiting:
+                    self._cv.wait()
+                if self._stop and prev is None:
+                    plan = self.scheduler.schedule()     # releases everything (all cancelled)
+                    self._finish_released(plan.released)
+                    return
+                plan = self.scheduler.schedule()
+            self._finish_released(plan.released)
+            try:
+                out = self.runner.run(plan)
+                for c in plan.prefill:
+                    self.scheduler.register_prefix(c.seq)
+                self.counters.steps += 1
+            except Exception as exc:  # noqa: BLE001 - e.g. CUDA OOM: fail the step's requests, keep serving
+                log.exception("step failed")
+                self._fail(plan, exc)
+                out = None
+            if prev is not None:
+                self._deliver(prev)
+            prev = out if out is not None and out.reports else None
+
+    def _finish_released(self, released: list[Sequence]) -> None:
+        for s in released:
+            if s.finish_reason is None:                 # cancelled before it finished
+                s.finish_reason = "abort"
+                self._emit(s, TokenEvent(finish_reason="abort", prompt_tokens=s.prompt_len,
+                                         cached_tokens=s.num_cached))
+
+    def _fail(self, plan, exc: Exception) -> None:
+        msg = ("the GPU ran out of memory during this step; retry with a shorter request"
+               if isinstance(exc, torch.cuda.OutOfMemoryError) else f"internal error in the model step: {exc}")
+        for s in plan.decode + [c.seq for c in plan.prefill]:
+            if s.finish_reason is None:
+                s.finish_reason, s.status = "error", Status.FINISHED
+                self._emit(s, TokenEvent(finish_reason="error", error=msg, prompt_tokens=s.prompt_len))
+
+    def _deliver(self, out: StepOutput) -> None:
+        out.wait()
+        toks = out.tokens.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        now = time.perf_counter()
+        c = self.counters
+        for seq, slot in out.reports:
+            if seq.finish_reason is not None or seq.cancelled:
+                continue                                # ended earlier: this token was computed past its end
+            tok = toks[slot]
+            ev = TokenEvent(prompt_tokens=seq.prompt_len, cached_tokens=seq.num_cached)
+            if not seq.output and not seq.t_first:
+                seq.t_first = now
+                c.prompt_tokens += seq.prompt_len
+                c.cached_prompt_tokens += seq.num_cached
+            if tok == self.eos_id:
+                seq.finish_reason = "stop"
+            else:
+                seq.output.append(tok)
+                c.generation_tokens += 1
+                ev.token_ids = [tok]
+                if seq.logprobs is not None and lps is not None:
+                    ev.logprobs = [lps[slot]]
+                    k = seq.logprobs
+                    ev.top_logprobs = [list(zip(out.top_ids[slot, :k].tolist(), out.top_logprobs[slot, :k].tolist()))]
+                if len(seq.output) >= seq.max_tokens:
+                    seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                seq.status = Status.FINISHED
+                c.requests_finished += 1
+                ev.finish_reason = seq.finish_reason
+            self._emit(seq, ev)
+
+    @staticmethod
+    def _emit(seq: Sequence, ev: TokenEvent) -> None:
+        try:
+            seq.on_output(ev)
+        except Exception:  # noqa: BLE001 - a consumer's bug must not stop the step loop
+            log.exception("output callback of %s failed", seq.request_id)
