@@ -41,6 +41,7 @@ class GenerationResult:
     n_images: int = 0
     timings: dict = field(default_factory=dict)
     logprobs: list[float] = field(default_factory=list)   # of each output token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def default_random_model(device: torch.device) -> tuple[PixtralArgs, Path]:

@@ -202,6 +202,7 @@ class LLMEngine:
                 res.token_ids += ev.token_ids
                 if ev.logprobs is not None:
                     res.logprobs += ev.logprobs
+                    res.top_logprobs += ev.top_logprobs or []
                 piece = text.add(ev.token_ids)
                 if text.stopped:
                     h.cancel()
@@ -234,6 +235,20 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step loop (its own thread)
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as exc:  # noqa: BLE001 - a bug in the loop: fail every request rather than hang
+            log.exception("the step loop stopped")
+            with self._cv:
+                self._stop, self.ready = True, False
+                seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
+            for s in seqs:
+                if s.finish_reason is None:
+                    s.finish_reason, s.status = "error", Status.FINISHED
+                    self._emit(s, TokenEvent(finish_reason="error", error=f"the engine stopped: {exc}",
+                                             prompt_tokens=s.prompt_len))
+
+    def _steps(self) -> None:
         prev: StepOutput | None = None
         while True:
             with self._cv:

@@ -54,7 +54,7 @@ def token_keys(req: EncodedRequest, digests: list[bytes], merge: int = 1) -> np.
 
 
 
-@dataclass
+@dataclass(eq=False)          # identity: sequences are compared and looked up by object, never by value
 class Sequence:
     req: EncodedRequest
     params: SamplingParams
