@@ -208,6 +208,16 @@ def main():
                 print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
                       f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
                       f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms", flush=True)
+            # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
+            rng = np.random.default_rng(3)
+            dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]
+            st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels)))
+            u = max(levels)
+            floor = u * bw / (wbytes + u * kvtok * (150 + 128))
+            itl = np.percentile(st["itl"], [50, 99]) * 1e3
+            record(BENCH, f"decode_{u}_users", "output_tok_s", st["tokens"] / st["wall"], "tok/s",
+                   "decode-step HBM roofline", floor, floor, users=u, itl_p50_ms=itl[0], itl_p99_ms=itl[1],
+                   wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor)
             t = asyncio.run(chat_turns(a.port, model, np.random.default_rng(7)))
             record(BENCH, "chat_turn2_1024_image", "ttft_ms", t["warm"], "ms", "same turn 2 without cached prefix",
                    t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"])
