@@ -86,9 +86,7 @@ class ModelSource:
     tokenizer: object
     random_default: bool
     t0: float
-
-    def describe(self) -> str:
-        return f"random {self.args.name}" if self.random_default else str(self.folder)
+    name: str                  # for messages: the folder, or "random <preset>"
 
 
 def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None) -> ModelSource:
@@ -106,12 +104,16 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
         raise ValueError(f"dtype {dtype!r} is not one of bfloat16, float16, float32")
     tdtype = dtypes[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     random_default = model is None
-    folder = default_random_model(dev)[1] if random_default else Path(model)
+    if random_default:
+        default_args, folder = default_random_model(dev)
+    else:
+        folder = Path(model)
     plan = plan_checkpoint(folder, fmt)
     print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
                                                if random_default else ""), file=sys.stderr)
     tokenizer = load_tokenizer(None if random_default else folder, plan.args)
-    return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0)
+    name = f"random {default_args.name}" if random_default else str(folder)
+    return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0, name)
 
 
 def load_reference_model(src: ModelSource, progress: bool = True):
@@ -185,9 +187,18 @@ class Engine:
         src = resolve_model(model, device, dtype, fmt)
         dev, tdtype, plan, args, folder, tokenizer, t0 = (src.device, src.dtype, src.plan, src.args, src.folder,
                                                           src.tokenizer, src.t0)
-        random_default, default_args = src.random_default, src.args
+        random_default = src.random_default
         ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
-        use_fast = backend == "fast" or (backend == "auto" and dev.type == "cuda")
+        if backend not in ("auto", "serving", "fast", "reference"):
+            raise ValueError(f"backend must be auto, serving, fast or reference, got {backend!r}")
+        if backend in ("auto", "serving"):
+            # the continuous-batching engine (paged KV cache, prefix cache across chat turns), one request
+            # at a time here; the CLI and this class are a thin layer over it
+            from .serving.llm_engine import LLMEngine
+            llm = LLMEngine.load(src, max_context=max_context, max_images=max_images, max_batch=1,
+                                 progress=progress, use_graphs=use_graphs)
+            return cls(args, tokenizer, llm, llm.info, llm.max_context, max_images)
+        use_fast = backend == "fast"
         if use_fast:
             if dev.type != "cuda":
                 raise RuntimeError("the fast backend needs a CUDA GPU; use --backend reference on CPU")
@@ -205,7 +216,7 @@ class Engine:
         pre = "GPU (CUDA op, raw pixels uploaded)" if getattr(be, "raw_pixels", False) else backend_info()
         print(f"pixtral_rt: {be.name} backend on {dev}, {str(tdtype).replace('torch.', '')}, context {ctx} tokens; "
               f"image preprocessing: {pre}", file=sys.stderr)
-        info = {"model": f"random {default_args.name}" if random_default else str(folder), "format": plan.format,
+        info = {"model": src.name, "format": plan.format,
                 "random_weights": random_default, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                 else "cpu", "dtype": str(tdtype).replace("torch.", ""), "backend": be.name, "load_s": load_s,
                 "max_context": ctx}
@@ -230,6 +241,17 @@ class Engine:
                ) -> Iterator[str]:
         """Yield text pieces as tokens are produced. `self.last` holds the result (also on Ctrl-C)."""
         params = params or SamplingParams()
+        if hasattr(self.backend, "submit"):          # the serving engine
+            res = GenerationResult()
+            self.last = res
+            yield from self.backend.stream(messages, params, req=req, result=res)
+            tps = res.timings.get("decode_tok_s", 0.0)
+            ctx = res.prompt_tokens + len(res.token_ids) / 2  # mean KV length read per step
+            res.timings["decode_tok_s"] = tps
+            res.timings["decode_GBps"] = tps * (decoder_weight_bytes(self.args)
+                                                + kv_bytes_per_token(self.args) * ctx) / 1e9
+            res.timings.setdefault("vision_ms", 0.0)
+            return
         t_start = time.perf_counter()
         req = req or self.encode(messages, params)
         t_enc = time.perf_counter()

@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weight/activation dtype (default: bfloat16 on GPU, float32 on CPU)")
-    m.add_argument("--backend", choices=["auto", "fast", "reference"], default="auto",
-                   help="fast = Triton kernels + CUDA graphs (GPU); reference = plain PyTorch (default: auto)")
+    m.add_argument("--backend", choices=["auto", "serving", "fast", "reference"], default="auto",
+                   help="serving (= auto) = the continuous-batching engine over a paged KV cache, as the server "
+                        "runs it (Triton kernels + CUDA graphs on a GPU, the PyTorch reference on CPU; --chat turns "
+                        "reuse the cached prefix); fast / reference = the earlier batch-1 engines (default: auto)")
     m.add_argument("--max-context", type=int, help="KV cache size in tokens (default: the model's, capped by GPU "
                                                    "memory); longer requests are refused up front")
     m.add_argument("--max-images", type=int, default=12, help="images allowed per request (default 12)")

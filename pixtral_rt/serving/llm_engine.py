@@ -15,6 +15,7 @@ Interface for the HTTP side: pixtral_rt/serving/API.md.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import sys
@@ -26,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..chat import EncodedRequest, encode_request
-from ..engine import GenerationResult, kv_bytes_per_token, load_reference_model, resolve_model
+from ..engine import GenerationResult, ModelSource, kv_bytes_per_token, load_reference_model, resolve_model
 from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
 from .detokenize import TextStream
@@ -79,6 +80,8 @@ class LLMEngine:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="pixtral-rt-step-loop", daemon=True)
         self._thread.start()
+        # stop the loop before interpreter teardown: a daemon thread inside a torch op at exit aborts the process
+        atexit.register(self.shutdown)
         self.ready = True
 
     # ------------------------------------------------------------------ loading
@@ -87,9 +90,10 @@ class LLMEngine:
              max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
              kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
              chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB) -> "LLMEngine":
-        """kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
+        """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
+        kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
         reserve_bytes; on CPU 4 full contexts)."""
-        src = resolve_model(model, device, dtype, fmt)
+        src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt)
         args, dev = src.args, src.device
         t = args.text
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
@@ -122,7 +126,7 @@ class LLMEngine:
             raise RuntimeError(f"not enough memory for a KV cache: room for {max(0, n_pages - 1) * page_size} "
                                f"tokens, fewer than one request of {min(ctx, 4096)}")
         load_s = time.perf_counter() - src.t0
-        info = {"model": src.describe(), "format": src.plan.format, "random_weights": src.random_default,
+        info = {"model": src.name, "format": src.plan.format, "random_weights": src.random_default,
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
                 "max_context": ctx, "kv_cache_tokens": (n_pages - 1) * page_size, "max_batch": max_batch}

@@ -117,11 +117,14 @@ class ModelRunner:
         from tqdm import tqdm
         steps = [("prefill", T) for T in (1, 97, 2048)] + [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
+        steps += [("vision", b) for b in self.model.vision_buckets()]
         pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        with tqdm(steps, desc="warm-up + decode graphs", disable=not progress, file=sys.stderr, leave=False) as bar:
+        with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
             for kind, what in bar:
                 bar.set_postfix_str(f"{kind} {what}")
-                if kind == "prefill":
+                if kind == "vision":
+                    self.model.capture_vision(what)
+                elif kind == "prefill":
                     T = what
                     z = torch.zeros(T, dtype=torch.int32, device=self.device)
                     self.model.prefill(torch.randn(T, self.args.text.dim, device=self.device, dtype=self.model.dtype),

@@ -42,6 +42,9 @@ class ReferencePagedModel:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(tokens)
 
+    def vision_buckets(self) -> list[int]:
+        return []                                   # no graphs: nothing to capture
+
     @torch.inference_mode()
     def image_features(self, req) -> torch.Tensor:
         return self.model.image_features([im.to(self.device, self.dtype) for im in req.images])
@@ -101,6 +104,17 @@ class FastPagedModel:
 
     def embed(self, tokens):
         return self.decoder.embed(tokens)
+
+    def vision_buckets(self, max_bucket: int = 16384) -> list[int]:
+        """Patch-count buckets whose encoder graphs are captured at load (up to four full-size images);
+        larger ones are captured when first needed."""
+        from ..fast_backend import vision_bucket
+        top = vision_bucket(min(max_bucket, self.max_images * (self.args.vision.image_size //
+                                                               self.args.vision.patch_size) ** 2))
+        return [b for b in (256 << i for i in range(12)) if b <= top] if self.use_graphs else []
+
+    def capture_vision(self, bucket: int) -> None:
+        self.vision.capture(bucket, self.max_images)
 
     def image_features(self, req):
         from ..fast_backend import image_features
