@@ -29,7 +29,7 @@ import urllib.request
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import copy_bandwidth_TBps, record  # noqa: E402
+from benchmarks.common import copy_bandwidth_TBps, record as _record  # noqa: E402
 
 BENCH = "serve"
 WORDS = "the a of river image light stone window garden city music table paper cloud green small old".split()
@@ -123,8 +123,9 @@ async def chat_turns(port, model, rng):
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
-def start_server(model, port, max_batch, log):
+def start_server(model, port, max_batch, log, engine="process"):
     cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--engine", engine,
            "--max-context", "32768", "--log-level", "warning"] + (["--model", model] if model else [])
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
@@ -164,21 +165,33 @@ def main():
     ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(8, 2 x users))")
     ap.add_argument("--baseline-requests", type=int, default=12)
     ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--engine", default="process,thread",
+                    help="server engine modes to run, in order (process: step loop in its own process)")
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "serve_server.log"))
     a = ap.parse_args()
-    import torch
-    from pixtral_rt.config import PIXTRAL_12B
-    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
-    dev = torch.cuda.get_device_name(0)
     bw = copy_bandwidth_TBps() * 1e12
     levels = [int(x) for x in a.levels.split(",")]
     reqs = workload(max(max(8, 2 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
     base_rate, base_dec = baseline_batch1(a.model, reqs[:a.baseline_requests])
     print(f"batch-1 engine: {base_rate:.1f} output tok/s over {a.baseline_requests} requests one at a time; "
           f"decode {base_dec:.1f} tok/s at ~1k context", flush=True)
+    for mode in a.engine.split(","):
+        serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw)
+
+
+def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
+    import torch
+    from pixtral_rt.config import PIXTRAL_12B
+    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
-    with open(a.log, "w") as log:
-        proc = start_server(a.model, a.port, max(levels), log)
+    sfx = "" if mode == "process" else f"@{mode}"
+    print(f"--- server engine: {mode}", flush=True)
+
+    def record(bench, case, *rest, **kw):
+        return _record(bench, case + sfx, *rest, engine=mode, **kw)
+
+    with open(a.log.replace(".log", f"_{mode}.log"), "w") as log:
+        proc = start_server(a.model, a.port, max(levels), log, mode)
         try:
             model = "default"
             from openai import OpenAI

@@ -22,6 +22,16 @@ fi
 if [[ $STAGES == *paged* ]]; then
   timeout 180 python benchmarks/bench_paged_attention.py ${PAGED_ARGS:-} 2>&1 | tee "$OUT/paged.log" | grep -v Warn | tail -24
 fi
+if [[ $STAGES == *batch* ]]; then
+  timeout 240 python benchmarks/bench_decode_batch.py 2>&1 | tee "$OUT/decode_batch.log" | grep "^\[" | tail -8
+fi
+if [[ $STAGES == *cli* ]]; then  # the user's command on the GPU (serving backend, embedded random 12B)
+  python -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0,256,(700,1100,3),dtype=n.uint8)).save('/tmp/cli.png')"
+  python -m pixtral_rt.generate --image /tmp/cli.png --prompt "Describe the image." --max-tokens 24 --json \
+    2>"$OUT/cli_err.log" | tee "$OUT/cli.json" | cut -c1-300; echo "rc=$?"; grep -v "it/s\|B/s" "$OUT/cli_err.log" | tail -2
+  printf 'Hello\n/image /tmp/cli.png\nWhat is in it?\nAnd the colours?\n/quit\n' | python -m pixtral_rt.generate --chat \
+    --max-tokens 8 --json 2>/dev/null | cut -c1-160
+fi
 if [[ $STAGES == *serve* ]]; then
   python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
   timeout ${SERVE_TIMEOUT:-540} python benchmarks/bench_serve.py ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | grep -v Warn | tail -30

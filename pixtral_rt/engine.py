@@ -185,8 +185,7 @@ class Engine:
         from .checkpoint import load_state_dict
 
         src = resolve_model(model, device, dtype, fmt)
-        dev, tdtype, plan, args, folder, tokenizer, t0 = (src.device, src.dtype, src.plan, src.args, src.folder,
-                                                          src.tokenizer, src.t0)
+        dev, tdtype, plan, args, tokenizer, t0 = src.device, src.dtype, src.plan, src.args, src.tokenizer, src.t0
         random_default = src.random_default
         ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
         if backend not in ("auto", "serving", "fast", "reference"):

@@ -11,8 +11,9 @@ HTTP work delays the steps (measured: see docs/NOTES.md, serving). The engine pr
 (step loop thread + a command reader); this process keeps the tokenizer for encode() and the consumers'
 TextStreams. Messages (pickled over two pipes):
     to the engine:   ("submit", rid, EncodedRequest, SamplingParams, logprobs) | ("cancel", rid) | ("stop",)
-    from the engine: ("ready", info, args) | ("error", message) at start, then per drain
-                     ("events", [(rid, TokenEvent), ...], metrics dict) | ("refused", rid, status, message)
+    to the engine:   ("metrics",) -> ("metrics", dict) back
+    from the engine: ("ready", info, args, max_context, max_images, metrics) | ("error", message) at start,
+                     then per drain ("events", [(rid, TokenEvent), ...]) | ("refused", rid, status, kind, message)
 The engine's submission refusals (can never fit, queue full) are checked here first, so submit() raises
 them synchronously as LLMEngine.submit does; a refusal that still happens there comes back as a final
 TokenEvent with finish_reason "error".
@@ -52,7 +53,7 @@ def _engine_main(conn_in, conn_out, kwargs: dict) -> None:
     except BaseException as exc:  # noqa: BLE001 - report any load failure to the parent as one line
         conn_out.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn_out.send(("ready", eng.info, eng.args, eng.max_context, eng.max_images, eng.pool.page_size))
+    conn_out.send(("ready", eng.info, eng.args, eng.max_context, eng.max_images, eng.metrics()))
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     send_lock = threading.Lock()
 
@@ -72,7 +73,7 @@ def _engine_main(conn_in, conn_out, kwargs: dict) -> None:
             except queue.Empty:
                 pass
             with send_lock:
-                conn_out.send(("events", batch, eng.metrics()))
+                conn_out.send(("events", batch))
 
     th = threading.Thread(target=sender, daemon=True)
     th.start()
@@ -98,6 +99,9 @@ def _engine_main(conn_in, conn_out, kwargs: dict) -> None:
             h = handles.get(msg[1])
             if h is not None:
                 h.cancel()
+        elif msg[0] == "metrics":
+            with send_lock:
+                conn_out.send(("metrics", eng.metrics()))
         elif msg[0] == "stop":
             break
     eng.shutdown()
@@ -112,6 +116,7 @@ class EngineClient:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._metrics: dict = {}
+        self._metrics_fresh = threading.Event()
 
     @classmethod
     def start(cls, model=None, *, timeout: float = 1800.0, **kwargs) -> "EngineClient":
@@ -136,16 +141,17 @@ class EngineClient:
         if msg[0] == "error":
             self._proc.join(5)
             raise RuntimeError(f"the engine failed to load: {msg[1]}")
-        _, self.info, self.args, self.max_context, self.max_images, page_size = msg
+        _, self.info, self.args, self.max_context, self.max_images, msg_metrics = msg
+        page_size = msg_metrics["kv_page_size"]
         self.info = dict(self.info, engine="separate process")
         random_default = bool(self.info.get("random_weights"))
         self.tokenizer = load_tokenizer(None if random_default else model, self.args)
         self.eos_id = self.tokenizer.instruct_tokenizer.tokenizer.eos_id
         self.raw_pixels = self.info.get("device", "cpu") != "cpu"
+        self._page_size = page_size
         self._kv_pages_total = self.info["kv_cache_tokens"] // page_size
         self._max_in_flight = self.info["max_batch"] + kwargs.get("max_queue", 1024)
-        self._metrics = {"running": 0, "waiting": 0, "kv_pages_used": 0, "kv_pages_total": self._kv_pages_total,
-                         "kv_page_size": page_size}
+        self._metrics = dict(msg_metrics)
         self._reader = threading.Thread(target=self._read, name="pixtral-rt-engine-reader", daemon=True)
         self._reader.start()
         self.ready = True
@@ -164,7 +170,7 @@ class EngineClient:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise ValueError(f"top_logprobs must be in 0..20, got {logprobs}")
         # the engine's own refusals, checked here so they raise synchronously (as LLMEngine.submit does)
-        P = self._metrics["kv_page_size"]
+        P = self._page_size
         if -(-(req.prompt_tokens + params.max_tokens + 1) // P) > self._kv_pages_total:
             raise ContextLengthError(
                 f"request needs {req.prompt_tokens} prompt tokens + {params.max_tokens} max_tokens = "
@@ -179,7 +185,15 @@ class EngineClient:
             self._to_engine.send(("submit", rid, req, params, logprobs))
         return _Handle(self, rid)
 
-    def metrics(self) -> dict:
+    def metrics(self, timeout: float = 2.0) -> dict:
+        """The engine's counters, asked for now (the last known ones if it does not answer in time)."""
+        if self.ready:
+            self._metrics_fresh.clear()
+            try:
+                self._send(("metrics",))
+                self._metrics_fresh.wait(timeout)
+            except (OSError, ValueError):
+                pass
         return dict(self._metrics)
 
     def shutdown(self, timeout: float = 5.0) -> None:
@@ -205,8 +219,10 @@ class EngineClient:
                 msg = self._from_engine.recv()
             except (EOFError, OSError):
                 break
-            if msg[0] == "events":
-                self._metrics = msg[2]
+            if msg[0] == "metrics":
+                self._metrics = msg[1]
+                self._metrics_fresh.set()
+            elif msg[0] == "events":
                 for rid, ev in msg[1]:
                     cb = self._callbacks.get(rid)
                     if cb is None:

@@ -34,7 +34,9 @@ from .detokenize import TextStream
 from .kv_pages import PagePool
 from .model_runner import MAX_TOP_LOGPROBS, ModelRunner, StepOutput
 from .outputs import TokenEvent
-from .scheduler import QueueFullError, Scheduler  # noqa: F401 - QueueFullError is part of this module's API
+from .scheduler import QueueFullError, Scheduler
+
+__all__ = ["LLMEngine", "QueueFullError", "RequestHandle"]
 from .sequence import Sequence, Status, image_digest
 
 log = logging.getLogger(__name__)
