@@ -44,6 +44,9 @@ def native_extensions():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 
+# fastapi >= 0.100: pydantic v2; uvicorn >= 0.30: Server.capture_signals, which pixtral_rt.serve overrides
+SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.30", "prometheus-client>=0.17"]
+
 setup(
     name="pixtral_rt",
     version="0.1.0",
@@ -61,10 +64,14 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # numpy<2.3: Triton's CPU interpreter; OpenCV 5: the cubic-resize maths the pixel tests match
-        "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless>=5"],
+        # the OpenAI-compatible HTTP server, python -m pixtral_rt.serve
+        "serve": SERVE_REQUIRES,
+        # numpy<2.3: Triton's CPU interpreter; OpenCV 5: the cubic-resize maths the pixel tests match;
+        # openai + httpx: the server tests call it as clients do
+        "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless>=5", *SERVE_REQUIRES,
+                 "openai>=1.40", "httpx"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
-    entry_points={"console_scripts": ["pixtral-rt=pixtral_rt.generate:main"]},
+    entry_points={"console_scripts": ["pixtral-rt=pixtral_rt.generate:main", "pixtral-rt-serve=pixtral_rt.serve:main"]},
 )

@@ -4,6 +4,11 @@ Sources: a local path (str or Path, or a file:// URL), an http(s) URL (timeout o
 byte cap, User-Agent, bounded redirects), a `data:image/<type>;base64,...` URL, raw bytes, a PIL image,
 or a numpy array (H, W), (H, W, 1|3|4) of uint8 / uint16 / bool / float in [0, 1].
 
+A server sets stricter ImageLimits: no local files, or only those inside one folder (real paths, so
+neither `..` nor a symlink leads out of it), and no URL whose host resolves to a loopback, private,
+link-local or otherwise non-public address (checked on every redirect hop, and the checked address is the
+one connected to, so a DNS answer that changes between check and connect cannot slip through).
+
 Two steps, so a request can be planned and refused before any pixel is decoded:
   open_image(src)  -> OpenedImage: header read only (size after EXIF rotation, format, animated?);
                       the pixel cap (decompression bombs) is checked here.
@@ -20,9 +25,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -55,6 +63,7 @@ _FORMATS_FOR_MIME = {
     "image/x-ms-bmp": {"BMP"}, "image/tiff": {"TIFF"}, "image/x-icon": {"ICO"},
     "image/vnd.microsoft.icon": {"ICO"},
 }
+_NO_SPACE = {ord(c): None for c in " \t\r\n\f\v"}
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 _BASE64ISH = re.compile(r"^[A-Za-z0-9+/_\-\s]+={0,2}\s*$")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -62,7 +71,8 @@ _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Operator limits for loading one image. Defaults suit a server; all are settable."""
+    """Operator limits for loading one image. The defaults suit the CLI on the user's own machine; a server
+    narrows local-file access and refuses private addresses (pixtral_rt.serve)."""
 
     max_pixels: int = 64 * 1024 * 1024   # width * height from the header, before decoding
     max_bytes: int = 64 * 1024 * 1024    # encoded size (download, file or data URL)
@@ -71,6 +81,8 @@ class ImageLimits:
     user_agent: str = USER_AGENT
     allow_animated: bool = True           # False: refuse animated input instead of taking frame 0
     allow_local_files: bool = True        # False for servers that must not read the local disk
+    local_files_root: str | None = None   # with allow_local_files: only files whose real path is inside it
+    allow_private_urls: bool = True       # False: refuse hosts resolving to non-public addresses (SSRF guard)
     apply_exif_orientation: bool = True
 
 
@@ -163,11 +175,15 @@ def _open_string(s: str, limits: ImageLimits) -> OpenedImage:
     if scheme in ("http", "https"):
         return _open_bytes(fetch_url(stripped, limits), name, limits)
     if scheme == "file":
-        return _open_path(urllib.parse.unquote(urllib.parse.urlparse(stripped).path), limits)
+        parsed = urllib.parse.urlparse(stripped)
+        if parsed.netloc not in ("", "localhost"):
+            raise ImageSourceError(f"file URL {name} names host {parsed.netloc!r}: only local files "
+                                   "(file:///absolute/path) can be read", name)
+        return _open_path(urllib.parse.unquote(parsed.path), limits)
     if scheme and stripped[len(scheme) + 1:].startswith("//"):
         raise ImageSourceError(f"image URL {name} has unsupported scheme {scheme!r}: use http(s)://, data:image/"
                                "...;base64,... or a local path", name)
-    if os.path.exists(s):
+    if _is_readable_file(s, limits, name):
         return _open_path(s, limits)
     if len(stripped) >= 32 and _BASE64ISH.match(stripped) and not stripped.endswith((".png", ".jpg", ".jpeg")):
         raise ImageSourceError(f"image {name} looks like raw base64 without the data-URL prefix: send it as "
@@ -175,7 +191,7 @@ def _open_string(s: str, limits: ImageLimits) -> OpenedImage:
     if scheme:
         raise ImageSourceError(f"image reference {name} has unsupported scheme {scheme!r}: use http(s)://, "
                                "data:image/...;base64,... or a local path", name)
-    raise ImageSourceError(f"image file {name} does not exist", name)
+    return _open_path(s, limits)  # raises, naming why: local files not allowed, outside the folder, missing
 
 
 def _decode_data_url(url: str, name: str) -> tuple[bytes, str]:
@@ -188,7 +204,9 @@ def _decode_data_url(url: str, name: str) -> tuple[bytes, str]:
         raise ImageSourceError(f"data URL {name} is not base64-encoded: use 'data:{mime};base64,<payload>'", name)
     if not mime.startswith("image/"):
         raise ImageSourceError(f"data URL {name} declares MIME type {mime!r}, not an image/* type", name)
-    compact = re.sub(r"\s+", "", urllib.parse.unquote(payload) if "%" in payload else payload)
+    compact = urllib.parse.unquote(payload) if "%" in payload else payload
+    if any(c in compact for c in " \t\r\n\f\v"):      # a regex pass over a 4 MB payload costs ~100 ms
+        compact = compact.translate(_NO_SPACE)
     if not compact:
         raise ImageDecodeError(f"data URL {name} has an empty payload (0 bytes)", name)
     try:
@@ -206,15 +224,43 @@ def _check_mime(mime: str, opened: OpenedImage, name: str) -> None:
                                "type or the payload", name)
 
 
+def _allowed_local_path(path: str, limits: ImageLimits, name: str) -> str:
+    """The real path (symlinks and '..' resolved) to read for `path`, or ImageSourceError when the limits
+    forbid local files or the real path lies outside `limits.local_files_root`. The file is then opened by
+    that real path; only a folder that untrusted users cannot write to is safe to allow (one who can could
+    swap a symlink in between)."""
+    if not limits.allow_local_files:
+        raise ImageSourceError(f"image {name}: local files are not allowed here; send an http(s) URL or a "
+                               "data: URL", name)
+    try:
+        real = os.path.realpath(path)
+    except ValueError as exc:  # an embedded NUL byte
+        raise ImageSourceError(f"image path {name} is not a valid path: {exc}", name) from exc
+    if limits.local_files_root is not None:
+        root = os.path.realpath(limits.local_files_root)
+        if os.path.commonpath([real, root]) != root:
+            # the folder itself is not named: it is the operator's business, not the client's
+            raise ImageSourceError(f"image {name} is outside the folder that local images may be read from", name)
+    return real
+
+
+def _is_readable_file(path: str, limits: ImageLimits, name: str) -> bool:
+    """An existing file that the limits allow; the disk is not probed for a path outside them (a client must
+    not learn which files exist there)."""
+    try:
+        return os.path.isfile(_allowed_local_path(path, limits, name))
+    except ImageSourceError:
+        return False
+
+
 def _open_path(path: str, limits: ImageLimits) -> OpenedImage:
     name = describe_source(path)
-    if not limits.allow_local_files:
-        raise ImageSourceError(f"image {name}: local files are not allowed here; send a URL or data: URL", name)
+    real = _allowed_local_path(path, limits, name)
     try:
-        size = os.path.getsize(path)
+        size = os.path.getsize(real)
         if size > limits.max_bytes:
             raise ImageTooLargeError(f"image file {name} is {size} bytes, over the cap of {limits.max_bytes}", name)
-        with open(path, "rb") as f:
+        with open(real, "rb") as f:
             data = f.read()
     except FileNotFoundError as exc:
         raise ImageSourceError(f"image file {name} does not exist", name) from exc
@@ -239,12 +285,95 @@ class _BoundedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+# cloud instance-metadata endpoints (AWS, GCP, Azure, ...): named apart so the refusal says what they are
+_METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+
+def private_address_kind(ip: str) -> str | None:
+    """What makes `ip` unfit for a server to fetch from ("loopback", "private", "cloud-metadata", ...), or
+    None for a public address. IPv4 addresses embedded in IPv6 (::ffff:a.b.c.d, 6to4) are judged as IPv4."""
+    a = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone index ("fe80::1%eth0")
+    if a.version == 6:
+        a = a.ipv4_mapped or a.sixtofour or a
+    if a in _METADATA_ADDRESSES:
+        return "cloud-metadata"
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):  # specific first
+        if getattr(a, f"is_{kind}"):
+            return kind.replace("_", "-")
+    return None if a.is_global else "non-public"
+
+
+class _RefusedAddress(Exception):
+    """A host resolved to a non-public address. Not an OSError, so urllib does not wrap it as 'unreachable'."""
+
+    def __init__(self, host: str, ip: str, kind: str):
+        super().__init__(f"host {host!r} resolves to {ip}, a {kind} address")
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    return list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+
+
+def _check_address(host: str, ip: str) -> None:
+    kind = private_address_kind(ip)
+    if kind is not None:
+        raise _RefusedAddress(host, ip, kind)
+
+
+def _connect_public(address, timeout, source_address=None) -> socket.socket:
+    """socket.create_connection for public hosts only: resolve once, refuse the host if any of its addresses
+    is not public, then connect to those same addresses (a second lookup could answer differently)."""
+    host, port = address
+    ips = _resolve(host, port)
+    for ip in ips:
+        _check_address(host, ip)
+    error: OSError = OSError(f"no address found for {host!r}")
+    for ip in ips:
+        try:
+            return socket.create_connection((ip, port), timeout, source_address)
+        except OSError as exc:
+            error = exc
+    raise error
+
+
+class _PublicHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_public  # http.client's hook for opening the socket
+
+
+class _PublicHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect_public  # TLS still verifies the certificate against the host name
+
+
+class _PublicHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_PublicHTTPConnection, req)
+
+
+class _PublicHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_PublicHTTPSConnection, req, context=self._context)
+
+
+def _opener(limits: ImageLimits, name: str) -> urllib.request.OpenerDirector:
+    handlers: list = [_BoundedRedirects(limits.max_redirects, name)]
+    if not limits.allow_private_urls:
+        # every hop (redirects included) opens its socket through _connect_public; no proxy, since a proxy
+        # would resolve the host itself, out of reach of the check
+        handlers += [urllib.request.ProxyHandler({}), _PublicHTTPHandler(), _PublicHTTPSHandler()]
+    return urllib.request.build_opener(*handlers)
+
+
 def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """Download an http(s) URL: whole-download deadline `limits.timeout`, at most `limits.max_bytes`,
-    at most `limits.max_redirects` redirects, with a User-Agent. Raises ImageFetchError / ImageTooLargeError."""
+    at most `limits.max_redirects` redirects, with a User-Agent; with `limits.allow_private_urls` False, only
+    from public addresses. Raises ImageFetchError / ImageTooLargeError / ImageSourceError (refused address)."""
     name = describe_source(url)
     deadline = time.monotonic() + limits.timeout
-    opener = urllib.request.build_opener(_BoundedRedirects(limits.max_redirects, name))
+    opener = _opener(limits, name)
     req = urllib.request.Request(url, headers={"User-Agent": limits.user_agent, "Accept": "image/*,*/*;q=0.5"})
     chunks, total = [], 0
     try:
@@ -273,6 +402,10 @@ def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
                     raise ImageTooLargeError(f"image URL {name} is over the cap of {limits.max_bytes} bytes", name)
     except ImageError:
         raise
+    except _RefusedAddress as exc:
+        raise ImageSourceError(f"image URL {name} refused: {exc}; this server fetches images from public "
+                               "addresses only (the operator may allow others with --allow-private-urls)",
+                               name) from exc
     except urllib.error.HTTPError as exc:
         raise ImageFetchError(f"image URL {name}: HTTP {exc.code} {exc.reason}", name) from exc
     except urllib.error.URLError as exc:
@@ -400,4 +533,4 @@ def _open_array(a: np.ndarray, limits: ImageLimits) -> OpenedImage:
 
 
 __all__ = ["ImageLimits", "DEFAULT_LIMITS", "OpenedImage", "open_image", "load_image", "fetch_url",
-           "USER_AGENT"]
+           "private_address_kind", "USER_AGENT"]
