@@ -434,3 +434,36 @@ def test_sigterm_ends_streams_and_exits_0(env, tmp_path):
     assert data[-1] == "data: [DONE]" and '"shutting_down"' in data[-2]
     assert s.proc.wait(15) == 0, s.log()
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
+    """The hand-built SSE chunk of the streaming hot path parses to exactly what the pydantic model gives."""
+    import asyncio
+    import json as _json
+    from types import SimpleNamespace
+
+    from pixtral_rt.openai_protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
+    from pixtral_rt.serve import _stream_events
+
+    texts = ["plain", 'quote " and \\ backslash', "new\nline\ttab", "é ü 漢字 🙂", "\x01ctl", ""]
+
+    class Run:
+        choices = [object()]
+
+        async def deltas(self):
+            for t in texts:
+                yield SimpleNamespace(index=0, text=t, logprobs=None, finish_reason=None)
+
+        def usage(self):
+            return None
+
+    async def collect():
+        return [x async for x in _stream_events(Run(), SimpleNamespace(include_usage=include_usage), "chatcmpl-t",
+                                                 7, "m/\u00e9")]
+    out = asyncio.run(collect())
+    got = [_json.loads(x[len("data: "):]) for x in out[1:1 + len(texts) - 1]]
+    exclude = None if include_usage else {"usage"}
+    want = [_json.loads(ChatCompletionChunk(id="chatcmpl-t", created=7, model="m/\u00e9", choices=[
+        ChunkChoice(index=0, delta=DeltaMessage(content=t))]).model_dump_json(exclude=exclude)) for t in texts[:-1]]
+    assert got == want
