@@ -27,6 +27,7 @@ import torch
 from .chat import EncodedRequest, encode_request, load_tokenizer
 from .config import PIXTRAL_12B, PixtralArgs, tiny
 from .sampling import SamplingParams, SamplingState, sample
+from .serving.detokenize import IncrementalText, find_stop, stop_prefix_len
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,7 @@ class Engine:
         res = GenerationResult(prompt_tokens=req.prompt_tokens, image_patches=req.n_patches, n_images=req.n_images)
         self.last = res
         eos = self._eos()
-        det = _IncrementalText(self._decode)
+        det = IncrementalText(self._decode)
         parts: list[str] = []   # yielded text
         pending = ""            # decoded, held back (may be the start of a stop string)
         dev = getattr(self.backend, "device", torch.device("cpu"))
@@ -281,11 +282,11 @@ class Engine:
                     if last:
                         res.finish_reason = "length"
                         pending += det.flush()
-                stop_at = _find_stop(pending, params.stop)
+                stop_at = find_stop(pending, params.stop)
                 if stop_at is not None:
                     pending, res.finish_reason = pending[:stop_at], "stop"
                 # a stop string can only begin in `pending`: never yield what may be its first characters
-                keep = 0 if res.finish_reason else _stop_prefix_len(pending, params.stop)
+                keep = 0 if res.finish_reason else stop_prefix_len(pending, params.stop)
                 out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
                 if out:
                     parts.append(out)
@@ -314,54 +315,3 @@ class Engine:
         for _ in self.stream(messages, params):
             pass
         return self.last
-
-
-class _IncrementalText:
-    """Token ids -> new text per token, decoding only a short window (host work per token stays constant
-    instead of re-decoding the whole answer). Each step decodes ids[prefix:] and ids[prefix:read] and
-    returns the difference: both windows start at the same token, so a tokenizer that drops a leading space
-    at the start of a sequence drops it from both. A window ending in an incomplete UTF-8 sequence is held
-    until the next token completes it."""
-
-    def __init__(self, decode):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.prefix = self.read = 0
-
-    def add(self, token: int) -> str:
-        self.ids.append(token)
-        new = self.decode(self.ids[self.prefix:])
-        if new.endswith("\ufffd"):
-            return ""
-        return self._advance(new)
-
-    def flush(self) -> str:
-        """Whatever is held back (an incomplete sequence at the very end decodes as U+FFFD)."""
-        if self.read == len(self.ids):
-            return ""
-        return self._advance(self.decode(self.ids[self.prefix:]))
-
-    def _advance(self, new: str) -> str:
-        old = self.decode(self.ids[self.prefix:self.read])
-        self.prefix, self.read = self.read, len(self.ids)
-        return new[len(old):]
-
-
-def _stop_prefix_len(text: str, stops) -> int:
-    """Length of the longest end of `text` that is the beginning of a stop string (held back)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def _find_stop(text: str, stops) -> int | None:
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best

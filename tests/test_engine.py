@@ -65,7 +65,7 @@ def test_weight_bytes_formula():
 def test_incremental_text_matches_full_decode_on_multibyte_text(engine):
     """Window decoding yields exactly the full decode, for text with multi-byte characters split across
     byte-level tokens, and holds back the start of a stop string."""
-    from pixtral_rt.engine import _IncrementalText, _stop_prefix_len
+    from pixtral_rt.serving.detokenize import IncrementalText as _IncrementalText, stop_prefix_len as _stop_prefix_len
     tok = engine.tokenizer
     text = "naïve café — 東京タワー 🚀🚀 ok"
     ids = tok.instruct_tokenizer.tokenizer.encode(text, bos=False, eos=False)
