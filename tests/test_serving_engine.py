@@ -232,3 +232,36 @@ def test_queue_full_is_refused():
         gate.set()
     finally:
         e.shutdown()
+
+
+def test_engine_process_matches_the_thread_engine_and_reports_its_death(eng):
+    """EngineClient (the engine in its own process, what the server uses) gives the in-process engine's
+    tokens; if the engine process dies, open requests end with an error instead of hanging."""
+    import queue
+
+    from pixtral_rt.serving.engine_client import EngineClient
+    c = EngineClient.start(None, device="cpu", max_batch=4, kv_tokens=4096 + 64, page_size=16, progress=False)
+    try:
+        m = _msgs(21, 1)
+
+        def run(max_tokens, kill=False):
+            q = queue.SimpleQueue()
+            c.submit(c.encode(m, max_tokens), SamplingParams(max_tokens=max_tokens), q.put)
+            toks = []
+            while True:
+                ev = q.get(timeout=60)
+                toks += ev.token_ids
+                if kill and toks:
+                    c._proc.kill()
+                    kill = False
+                if ev.finish_reason:
+                    return toks, ev
+        toks, ev = run(6)
+        assert ev.finish_reason in ("length", "stop") and toks == eng.generate(m, SamplingParams(max_tokens=6)).token_ids
+        _, ev = run(500, kill=True)
+        assert ev.finish_reason == "error" and "engine process" in ev.error
+        assert not c.ready
+        with pytest.raises(RuntimeError, match="not running"):
+            c.submit(c.encode(m, 4), SamplingParams(max_tokens=4), lambda ev: None)
+    finally:
+        c.shutdown()

@@ -37,6 +37,14 @@ from .scheduler import QueueFullError
 log = logging.getLogger(__name__)
 
 
+def _call(cb, ev: TokenEvent) -> None:
+    """A consumer's callback; its failure (e.g. its event loop closed) must not stop the reader."""
+    try:
+        cb(ev)
+    except Exception:  # noqa: BLE001
+        log.exception("an output callback failed")
+
+
 class _Handle:
     def __init__(self, client: "EngineClient", rid: str):
         self._client, self.request_id = client, rid
@@ -229,14 +237,14 @@ class EngineClient:
                         continue
                     if ev.finish_reason is not None:
                         del self._callbacks[rid]
-                    cb(ev)
+                    _call(cb, ev)
             elif msg[0] == "refused":
                 _, rid, _status, kind, text = msg
                 cb = self._callbacks.pop(rid, None)
                 if cb is not None:
-                    cb(TokenEvent(finish_reason="error", error=f"{kind}: {text}"))
+                    _call(cb, TokenEvent(finish_reason="error", error=f"{kind}: {text}"))
         # the engine process is gone: every open request ends with an error
         self.ready = False
         for rid, cb in list(self._callbacks.items()):
-            cb(TokenEvent(finish_reason="error", error="the engine process stopped"))
+            _call(cb, TokenEvent(finish_reason="error", error="the engine process stopped"))
         self._callbacks.clear()

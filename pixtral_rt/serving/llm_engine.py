@@ -16,11 +16,13 @@ Interface for the HTTP side: pixtral_rt/serving/API.md.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import queue
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -41,6 +43,12 @@ from .sequence import Sequence, Status, image_digest
 
 log = logging.getLogger(__name__)
 GIB = 1 << 30
+
+
+def _shutdown_if_alive(ref) -> None:
+    eng = ref()
+    if eng is not None:
+        eng.shutdown()
 
 
 class RequestHandle:
@@ -83,7 +91,9 @@ class LLMEngine:
         self._thread = threading.Thread(target=self._loop, name="pixtral-rt-step-loop", daemon=True)
         self._thread.start()
         # stop the loop before interpreter teardown: a daemon thread inside a torch op at exit aborts the process
-        atexit.register(self.shutdown)
+        # (a weak reference: a shut-down engine's memory must not stay pinned by the atexit table)
+        self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
+        atexit.register(self._atexit)
         self.ready = True
 
     # ------------------------------------------------------------------ loading
@@ -183,6 +193,7 @@ class LLMEngine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout)
+        atexit.unregister(self._atexit)
         self.ready = False
 
     # ------------------------------------------------------------------ sync convenience
