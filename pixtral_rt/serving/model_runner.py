@@ -162,9 +162,9 @@ class ModelRunner:
 
     def _set_slot(self, seq: Sequence) -> None:
         s, p = seq.slot, seq.params
-        row = torch.zeros(self.max_pages, dtype=torch.int32)
-        row[:len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        self.block_table[s].copy_(row, non_blocking=False)
+        row = np.zeros(self.max_pages, dtype=np.int64)       # unused entries: the trash page
+        row[:len(seq.pages)] = seq.pages
+        self.block_table[s].copy_(self._upload([row])[0])
         self.sampling.set(s, p)
         self.active[s] = 0
         self.positions[s] = 0
@@ -231,68 +231,63 @@ class ModelRunner:
         return StepOutput(reports, toks, lp, top_ids, top_lp, ev)
 
     # ------------------------------------------------------------------ prefill
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Small int64 host arrays -> device views, in one pinned, non-blocking copy (no stream sync)."""
+        host = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in arrays]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        out, o = [], 0
+        for x in arrays:
+            out.append(dev[o:o + len(x)])
+            o += len(x)
+        return out
+
     def _prefill(self, chunks: list[PrefillChunk]) -> list[Sequence]:
         """All prompt chunks of the step in one varlen forward; samples the first token of every sequence
-        whose prompt ends here. Returns those sequences."""
+        whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync."""
         P = self.page_size
-        toks, pos, cu, start = [], [], [0], []
+        toks, pos, cu, start, img_rows, feats = [], [], [0], [], [], []
         for c in chunks:
             toks.append(np.asarray(c.seq.req.tokens[c.start:c.end], dtype=np.int64))
             pos.append(np.arange(c.start, c.end, dtype=np.int64))
+            # [IMG] rows of this chunk and the matching feature rows (features computed on first need)
+            img_pos = c.seq.req.image_token_positions
+            i0, i1 = bisect.bisect_left(img_pos, c.start), bisect.bisect_left(img_pos, c.end)
+            if i1 > i0:
+                img_rows.append(np.asarray(img_pos[i0:i1], dtype=np.int64) - c.start + cu[-1])
+                feats.append(self._features(c.seq)[i0:i1])
             cu.append(cu[-1] + c.end - c.start)
             start.append(c.start)
         pos_np = np.concatenate(pos)
-        tables = [np.asarray(c.seq.pages, dtype=np.int64) for c in chunks]
-        pages_np = np.concatenate([t[p // P] for t, p in zip(tables, pos)])
+        pages_np = np.concatenate([np.asarray(c.seq.pages, dtype=np.int64)[p // P] for c, p in zip(chunks, pos)])
         done = [c for c in chunks if c.last]
-        rows_np = np.asarray([cu[i + 1] - 1 for i, c in enumerate(chunks) if c.last], dtype=np.int64)
-        # one host->device copy of all the int planning arrays
-        T, S = len(pos_np), len(chunks)
-        host = np.concatenate([np.concatenate(toks), pos_np, pages_np, pos_np % P, np.asarray(cu), np.asarray(start),
-                               rows_np, np.asarray([c.seq.slot for c in chunks])])
-        dev = torch.from_numpy(host)
-        dev = (dev.pin_memory() if self.device.type == "cuda" else dev).to(self.device, non_blocking=True)
-        o = 0
-        tokens_d = dev[o:o + T]; o += T
-        pos_d = dev[o:o + T].int(); o += T
-        pages_d = dev[o:o + T].int(); o += T
-        offs_d = dev[o:o + T].int(); o += T
-        cu_d = dev[o:o + S + 1].int(); o += S + 1
-        start_d = dev[o:o + S].int(); o += S
-        rows_d = dev[o:o + len(rows_np)]; o += len(rows_np)
-        slots_d = dev[o:o + S]
+        rows_np = [cu[i + 1] - 1 for i, c in enumerate(chunks) if c.last]
+        img_np = np.concatenate(img_rows) if img_rows else np.zeros(0, dtype=np.int64)
+        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d) = self._upload(
+            [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, rows_np, [c.seq.slot for c in chunks],
+             img_np, [c.seq.slot for c in done], [c.seq.prompt_len for c in done]])
         h = self.model.embed(tokens_d)
-        for i, c in enumerate(chunks):
-            self._scatter_images(h, c, cu[i])
-        logits = self.model.prefill(h, pos_d, pages_d, offs_d, self.block_table.index_select(0, slots_d.long()),
-                                    cu_d, start_d, max(c.end - c.start for c in chunks), rows_d)
+        if feats:
+            h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
+        logits = self.model.prefill(h, pos_d.int(), pages_d.int(), offs_d.int(),
+                                    self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
+                                    max(c.end - c.start for c in chunks), rows_d)
         if not done:
             return []
         # first tokens: sample with each sequence's own settings (step 0), then hand the slot to decode
-        done_slots = torch.tensor([c.seq.slot for c in done], device=self.device)
-        st = _rows(self.sampling, done_slots)
+        st = _rows(self.sampling, done_d)
         first = sample(logits, st, greedy_only=all(c.seq.params.greedy for c in done))
-        self.sampling.step[done_slots] = 1
-        self.tokens[done_slots] = first
-        self.out_tokens[done_slots] = first
-        self.positions[done_slots] = torch.tensor([c.seq.prompt_len for c in done], dtype=torch.int32,
-                                                  device=self.device)
-        self.active[done_slots] = 1
+        self.sampling.step[done_d] = 1
+        self.tokens[done_d] = first
+        self.out_tokens[done_d] = first
+        self.positions[done_d] = done_pos_d.int()
+        self.active[done_d] = 1
         if any(c.seq.logprobs is not None for c in done):
-            self._logprobs(logits, first, done_slots)
+            self._logprobs(logits, first, done_d)
         for c in done:
             c.seq.features = None                  # the prompt is in the cache: features no longer needed
         return [c.seq for c in done]
-
-    def _scatter_images(self, h: torch.Tensor, c: PrefillChunk, row0: int) -> None:
-        """Image features into the [IMG] rows of chunk c (rows row0.. of h)."""
-        img_pos = c.seq.req.image_token_positions
-        a, b = bisect.bisect_left(img_pos, c.start), bisect.bisect_left(img_pos, c.end)
-        if a == b:
-            return
-        feats = self._features(c.seq)
-        rows = torch.as_tensor(np.asarray(img_pos[a:b], dtype=np.int64) - c.start + row0).to(self.device)
-        h.index_copy_(0, rows, feats[a:b].to(h.dtype))
 
     def _features(self, seq: Sequence) -> torch.Tensor:
         """(n_img_tokens, dim) features of all the sequence's images: from the cache where the same pixels
