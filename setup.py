@@ -52,7 +52,7 @@ setup(
     version="0.1.0",
     description="GPU inference runtime for Mistral's Pixtral vision-language models (Triton + CUDA graphs)",
     python_requires=">=3.10",
-    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.kernels"],
+    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.serving", "pixtral_rt.kernels"],
     package_dir={"pixtral_rt": "pixtral_rt", "pixtral_rt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
