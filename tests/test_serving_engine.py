@@ -265,3 +265,36 @@ def test_engine_process_matches_the_thread_engine_and_reports_its_death(eng):
             c.submit(c.encode(m, 4), SamplingParams(max_tokens=4), lambda ev: None)
     finally:
         c.shutdown()
+
+
+def test_generated_pages_are_reused_by_the_next_turn(eng):
+    """A request whose prompt continues an earlier prompt + its generated tokens reuses the pages that hold
+    those generated tokens too, and still gives the reference model's tokens."""
+    from pixtral_rt.chat import EncodedRequest
+    m = _msgs(31, 1, "tell me " * 9)
+    req1 = eng.encode(m, 40)
+    out1 = eng.generate(m, SamplingParams(max_tokens=40)).token_ids
+    assert len(out1) == 40
+    toks = req1.tokens + out1 + [3, 1045, 1049]
+    req2 = EncodedRequest(tokens=toks, images=req1.images, patch_grids=req1.patch_grids,
+                          image_token_positions=req1.image_token_positions, cu_seqlens=req1.cu_seqlens,
+                          prompt_tokens=len(toks), image_out_hw=req1.image_out_hw,
+                          images_are_raw=req1.images_are_raw)
+    assert _idle(eng)
+    c0 = eng.metrics()["cached_prompt_tokens_total"]
+    res2 = _run_encoded(eng, req2, 5)
+    hit = eng.metrics()["cached_prompt_tokens_total"] - c0
+    P = eng.pool.page_size
+    assert hit == P * ((len(req1.tokens) + len(out1) - 1) // P) > P * ((len(req1.tokens) - 1) // P)
+    model = eng.runner.model.model
+    want = [t for t in model.generate(toks, encode_request(m, eng.tokenizer, eng.args).images, max_new_tokens=5,
+                                      eos_id=eng.eos_id) if t != eng.eos_id]
+    assert res2 == want
+
+
+def _run_encoded(eng, req, n):
+    from pixtral_rt.engine import GenerationResult
+    res = GenerationResult()
+    for _ in eng.stream(None, SamplingParams(max_tokens=n), req=req, result=res):
+        pass
+    return res.token_ids

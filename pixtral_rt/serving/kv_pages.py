@@ -23,11 +23,14 @@ import numpy as np
 TRASH_PAGE = 0
 
 
-def page_hashes(keys: np.ndarray, page_size: int, n_pages: int | None = None) -> list[bytes]:
-    """keys (T,) int64 -> hash of each full page's prefix, chained; at most n_pages of them."""
+def page_hashes(keys: np.ndarray, page_size: int, n_pages: int | None = None,
+                known: list[bytes] = ()) -> list[bytes]:
+    """keys (T,) int64 -> hash of each full page's prefix, chained; at most n_pages of them. `known`: the
+    hashes of the first pages, already computed from the same keys (the chain goes on from them)."""
     n = len(keys) // page_size if n_pages is None else min(n_pages, len(keys) // page_size)
-    out, prev = [], b""
-    for i in range(n):
+    out = list(known[:n])
+    prev = out[-1] if out else b""
+    for i in range(len(out), n):
         prev = hashlib.blake2b(prev + keys[i * page_size:(i + 1) * page_size].tobytes(), digest_size=16).digest()
         out.append(prev)
     return out

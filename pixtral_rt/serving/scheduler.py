@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import ContextLengthError, RequestError
-from .kv_pages import PagePool
+from .kv_pages import PagePool, page_hashes
 from .sequence import Sequence, Status
 
 
@@ -132,7 +134,26 @@ class Scheduler:
             self.pool.register(seq.pages[i], seq.hashes[i])
         seq.registered = max(seq.registered, upto)
 
+    def register_output(self, seq: Sequence) -> None:
+        """At the end of a sequence: register the full pages that also hold its generated tokens, so the next
+        turn of a chat (which re-sends the answer) reuses them. Keys of generated tokens are their ids.
+        Only positions below the last output token are certain to be in the cache (the last one is written
+        by the step after it, which may not have run)."""
+        P = self.pool.page_size
+        if not seq.output or seq.keys is None or not seq.pages:
+            return
+        keys = np.concatenate([seq.keys, np.asarray(seq.output, dtype=np.int64)])
+        n = (seq.prompt_len + len(seq.output) - 1) // P
+        if n <= seq.registered:
+            return
+        hashes = page_hashes(keys, P, n, known=seq.hashes)
+        for i in range(seq.registered, n):
+            self.pool.register(seq.pages[i], hashes[i])
+        seq.registered = n
+
     def _release(self, seq: Sequence) -> None:
+        if seq.status != Status.WAITING and seq.num_computed >= seq.prompt_len:
+            self.register_output(seq)
         self.pool.release(seq.pages)
         seq.pages = []
         self.free_slots.append(seq.slot)
