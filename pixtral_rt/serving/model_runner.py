@@ -106,7 +106,6 @@ class ModelRunner:
         self.features = _FeatureCache(feature_cache_bytes)
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._logits: torch.Tensor | None = None
         if self.device.type == "cuda":
             self._warmup(progress)
 
