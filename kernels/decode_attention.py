@@ -99,6 +99,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def split_partials(workspace: dict | None, B: int, Hq: int, ns: int, D: int, device):
+    """The fp32 partials (acc (B, Hq, ns, D), max (B, Hq, ns), sum (B, Hq, ns)) of a split-KV launch, made
+    once per shape and kept in the caller's workspace dict (graph replays then reuse the same buffers)."""
+    key = (B, Hq, ns, D, device)
+    bufs = workspace.get(key) if workspace is not None else None
+    if bufs is None:
+        bufs = (torch.empty(B, Hq, ns, D, dtype=torch.float32, device=device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=device))
+        if workspace is not None:
+            workspace[key] = bufs
+    return bufs
+
+
 def default_num_splits(batch: int, n_kv_heads: int, device: torch.device, max_splits: int = 64) -> int:
     """Enough (split, kv head, batch) programs for ~4 per SM; 1 on small grids that already fill the GPU."""
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
@@ -129,15 +143,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"cache_lens must be ({B},) int32/int64, got {tuple(cache_lens.shape)} {cache_lens.dtype}")
     ns = num_splits or default_num_splits(B, Hkv, q.device)
     group = Hq // Hkv
-    key = (B, Hq, ns, D, q.device)
-    bufs = workspace.get(key) if workspace is not None else None
-    if bufs is None:
-        bufs = (torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device),
-                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device),
-                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device))
-        if workspace is not None:
-            workspace[key] = bufs
-    po, pm, pl = bufs
+    po, pm, pl = split_partials(workspace, B, Hq, ns, D, q.device)
     if pdl and not pdl_supported(q.device):
         pdl = False
     extra = dict(launch_pdl=True) if pdl else {}

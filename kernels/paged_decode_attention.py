@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_rt.kernels.decode_attention import _decode_reduce_kernel, default_num_splits
+from pixtral_rt.kernels.decode_attention import _decode_reduce_kernel, default_num_splits, split_partials
 from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
@@ -146,15 +146,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         raise ValueError(f"out must be ({B}, {Hq}, {D}) {q.dtype} with a contiguous last dim, "
                          f"got {tuple(o.shape)} {o.dtype}")
     ns = num_splits or default_num_splits(B, Hkv, q.device)
-    key = (B, Hq, ns, D, q.device)
-    bufs = workspace.get(key) if workspace is not None else None
-    if bufs is None:
-        bufs = (torch.empty(B, Hq, ns, D, dtype=torch.float32, device=q.device),
-                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device),
-                torch.empty(B, Hq, ns, dtype=torch.float32, device=q.device))
-        if workspace is not None:
-            workspace[key] = bufs
-    po, pm, pl = bufs
+    po, pm, pl = split_partials(workspace, B, Hq, ns, D, q.device)
     if pdl and not pdl_supported(q.device):
         pdl = False
     extra = dict(launch_pdl=True) if pdl else {}
