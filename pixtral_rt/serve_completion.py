@@ -8,6 +8,7 @@ and logprob strings happen here, on the consumer side, so they never slow a deco
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class CompletionRun:
         self.prompt_tokens = self.cached_tokens = 0
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._held = None                               # an item taken from the queue, not yet handled
         self._abort_reason = ""
         self._first_token_seen = False
 
@@ -131,10 +133,10 @@ class CompletionRun:
         """Yields a Delta per engine event until every choice has finished."""
         open_choices = len(self.choices)
         while open_choices:
-            item = await self._queue.get()
+            item, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
             if item is _ABORT:
                 raise Aborted(self._abort_reason)
-            index, ev = item
+            index, ev = self._coalesce(*item)
             c = self.choices[index]
             if c.finish_reason is not None:  # e.g. the "abort" that follows our own cancel at a stop string
                 continue
@@ -157,6 +159,35 @@ class CompletionRun:
                 c.finish_reason = finish
                 open_choices -= 1
             yield Delta(index, text, self._logprob_items(ev), finish)
+
+    def _coalesce(self, index: int, ev):
+        """Merge the events of this choice that are already queued behind `ev` into one (a client or an event
+        loop that fell behind catches up with one chunk instead of one per token: the per-chunk cost, not the
+        engine, limits a server with many streams). Stops at an event of another choice or an abort, so
+        order is kept."""
+        merged = None
+        while ev.finish_reason is None:
+            try:
+                nxt = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt is _ABORT or nxt[0] != index:
+                self._held = nxt                        # handled first on the next round
+                break
+            nev = nxt[1]
+            if merged is None:
+                merged = ev = dataclasses.replace(ev, token_ids=list(ev.token_ids),
+                                                  logprobs=None if ev.logprobs is None else list(ev.logprobs),
+                                                  top_logprobs=None if ev.top_logprobs is None
+                                                  else list(ev.top_logprobs))
+            ev.token_ids += nev.token_ids
+            if ev.logprobs is not None and nev.logprobs is not None:
+                ev.logprobs += nev.logprobs
+            if ev.top_logprobs is not None and nev.top_logprobs is not None:
+                ev.top_logprobs += nev.top_logprobs
+            ev.finish_reason, ev.error = nev.finish_reason, nev.error
+            ev.cached_tokens = max(ev.cached_tokens, nev.cached_tokens)
+        return index, ev
 
     def _observe_latency(self, c: _Choice, n_new: int) -> None:
         if not n_new:

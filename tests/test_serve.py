@@ -467,3 +467,41 @@ def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
     want = [_json.loads(ChatCompletionChunk(id="chatcmpl-t", created=7, model="m/\u00e9", choices=[
         ChunkChoice(index=0, delta=DeltaMessage(content=t))]).model_dump_json(exclude=exclude)) for t in texts[:-1]]
     assert got == want
+
+
+def test_queued_events_coalesce_in_order():
+    """Events already queued for a choice are merged into one delta (a behind consumer catches up in one
+    chunk); text, token counts, logprobs and finish reasons stay exactly as sent, in order, per choice."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from pixtral_rt.serve_completion import CompletionRun, TokenText
+    from pixtral_rt.serving.outputs import TokenEvent
+    tok = load_tokenizer(None, tiny())
+    ids = tok.instruct_tokenizer.tokenizer.encode("Hello there, general Kenobi! How are you today?", bos=False,
+                                                  eos=False)
+    hist = SimpleNamespace(observe=lambda v: None)
+
+    async def run():
+        eng = SimpleNamespace(tokenizer=tok, submit=lambda *a, **k: SimpleNamespace(cancel=lambda: None))
+        r = CompletionRun(eng, TokenText(tok), SimpleNamespace(ttft=hist, itl=hist), n=2, stop=(), logprobs=1,
+                          arrived=0.0)
+        r.submit(SimpleNamespace(prompt_tokens=3), [None, None])
+        last = {0: len(ids) - 1, 1: max(i for i in range(len(ids)) if i % 3 == 0)}
+        for i, t in enumerate(ids):                # interleave the two choices in bursts, all queued at once
+            for ch in ((0,) if i % 3 else (0, 1)):
+                r._queue.put_nowait((ch, TokenEvent(token_ids=[t], logprobs=[-0.5 - i], top_logprobs=[[(t, -0.5 - i)]],
+                                                    finish_reason="length" if i == last[ch] else None)))
+        out = [d async for d in r.deltas()]
+        r.close()
+        return out
+
+    out = asyncio.run(run())
+    assert len(out) < 2 * len(ids)                 # merged
+    for ch, n in ((0, len(ids)), (1, len([i for i in range(len(ids)) if i % 3 == 0]))):
+        ds = [d for d in out if d.index == ch]
+        lps = [x.logprob for d in ds for x in (d.logprobs or [])]
+        assert lps == [-0.5 - i for i in range(len(ids)) if ch == 0 or i % 3 == 0]
+        assert [d.finish_reason for d in ds][-1] == "length" and all(d.finish_reason is None for d in ds[:-1])
+        want = tok.decode([t for i, t in enumerate(ids) if ch == 0 or i % 3 == 0])
+        assert "".join(d.text for d in ds) == want and len(lps) == n
