@@ -14,7 +14,7 @@ A request that could never fit (more pages than the pool has) is refused at subm
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +34,6 @@ class PrefillChunk:
     seq: Sequence
     start: int          # first prompt position of the chunk
     end: int            # one past the last
-    images: list[int] = field(default_factory=list)   # images whose features this chunk needs first
 
     @property
     def last(self) -> bool:
@@ -47,10 +46,6 @@ class StepPlan:
     prefill: list[PrefillChunk]
     admitted: list[Sequence]            # newly admitted this step (slots to set up)
     released: list[Sequence]            # left this step (slots to clear)
-
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
 
 
 class Scheduler:
@@ -121,8 +116,6 @@ class Scheduler:
         for c in prefill:
             if c.last:
                 c.seq.status = Status.DECODE       # its first token is sampled at the end of this step
-        for s in decode:
-            s.steps_scheduled += 1
         return StepPlan(decode, prefill, admitted, released)
 
     def register_prefix(self, seq: Sequence) -> None:

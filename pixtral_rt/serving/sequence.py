@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -69,15 +68,13 @@ class Sequence:
     num_cached: int = 0                         # prompt tokens whose K/V came from the prefix cache
     num_computed: int = 0                       # prompt tokens whose K/V are in the cache (or scheduled)
     output: list[int] = field(default_factory=list)      # delivered output tokens (no EOS)
-    steps_scheduled: int = 0                    # decode steps launched (>= len(output) - 1 while running)
     cancelled: bool = False
     finish_reason: str | None = None
     keys: np.ndarray | None = None              # prefix-cache keys of the prompt
     hashes: list[bytes] = field(default_factory=list)    # chained hashes of the prompt's full pages
     registered: int = 0                         # pages of this sequence registered in the prefix cache
     features: object = None                     # (n_img_tokens, dim) device tensor while the prompt is computed
-    t_arrival: float = field(default_factory=time.perf_counter)
-    t_first: float = 0.0
+    t_first: float = 0.0                        # when its first token was delivered (0: not yet)
 
     def __post_init__(self):
         if not self.request_id:
