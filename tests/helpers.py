@@ -1,5 +1,9 @@
-"""Small shared test utilities: prompts with the Pixtral image-token layout, random images."""
+"""Small shared test utilities: prompts with the Pixtral image-token layout, random images, a local PNG server."""
 from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
 
 import torch
 
@@ -34,3 +38,32 @@ def prompt_with_images(args: PixtralArgs, grids: list[tuple[int, int]], text_ids
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def png_server(png: bytes):
+    """A local HTTP server on 127.0.0.1 (tests never reach other addresses): every path answers `png` as
+    image/png, except /to?url=U, which redirects (302) to U. Yields "http://127.0.0.1:PORT"."""
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/to?url="):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/to?url="):])
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -3,10 +3,8 @@ symlinks), and image URLs only from public addresses (every redirect hop, the ad
 to). Unit level; the only network traffic goes to a local HTTP server on 127.0.0.1, stopped at the end."""
 from __future__ import annotations
 
-import http.server
 import io
 import os
-import threading
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from PIL import Image
 from pixtral_rt import images
 from pixtral_rt.errors import ImageSourceError
 from pixtral_rt.images import ImageLimits, fetch_url, load_image, private_address_kind
+from tests.helpers import png_server
 
 _b = io.BytesIO()
 Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(_b, "PNG")
@@ -112,27 +111,8 @@ def test_the_cli_default_still_reads_any_local_file(tree):
 @pytest.fixture(scope="module")
 def origin():
     """http://127.0.0.1:PORT serving /img.png, and /to?url=... redirecting (302) to url."""
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path.startswith("/to?url="):
-                self.send_response(302)
-                self.send_header("Location", self.path[len("/to?url="):])
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            self.wfile.write(PNG)
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+    with png_server(PNG) as url:
+        yield url
 
 
 def test_loopback_url_refused_by_a_server_and_allowed_by_the_cli(origin):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-import http.server
 import io
 import json
 import os
@@ -18,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -29,6 +27,7 @@ from PIL import Image
 
 from pixtral_rt.chat import encode_request, load_tokenizer
 from pixtral_rt.config import tiny
+from tests.helpers import png_server
 
 KEY = "test-key-123"
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -128,22 +127,8 @@ def secure(env, media, tmp_path_factory):
 @pytest.fixture(scope="module")
 def png_origin():
     """http://127.0.0.1:PORT/img.png on a local HTTP server."""
-    class H(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            self.wfile.write(PNG)
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/img.png"
-    srv.shutdown()
-    srv.server_close()
+    with png_server(PNG) as url:
+        yield url + "/img.png"
 
 
 @pytest.fixture(scope="module")
