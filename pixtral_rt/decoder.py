@@ -57,6 +57,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import TransformerArgs
+from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
+from pixtral_rt.kernels.fp8_gemm import fp8_gemm
+from pixtral_rt.kernels.fp8_gemv import fp8_gemv
+from pixtral_rt.kernels.fp8_quant import fp8_quant
 from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
 from pixtral_rt.kernels.paged_decode_attention import paged_decode_attention
@@ -90,13 +94,23 @@ DECODE_FUSIONS = ("none", "fused", "pdl", "none+pdl", "fused2", "fused2+pdl")
 # rows and the block_n matching up rows, i.e. the same 16-row footprint as the plain w13 tile
 GLU_CONFIG = dict(block_n=8, block_k=256, num_warps=4, num_stages=6)
 
+# FP8 decoder (pixtral_rt/fp8.py): tiles of kernels/fp8_gemv.py per weight shape (N, K) for 1 row ("gemv") and
+# 2..64 rows ("skinny"); shapes not listed take the kernel's defaults.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], dict] = {}
+FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict] = {}
+# prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
+DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
+
+
+Linear = torch.Tensor | Fp8Weight    # a bf16 (N, K) weight, or FP8 weight + per-channel scale
+
 
 @dataclass
 class _Layer:
-    wqkv: torch.Tensor          # ((Hq + 2 Hkv) * D, dim)
-    wo: torch.Tensor            # (dim, Hq * D)
-    w13: torch.Tensor           # (2 * hidden, dim): w1 (gate) rows then w3 (up) rows
-    w2: torch.Tensor            # (dim, hidden)
+    wqkv: Linear                # ((Hq + 2 Hkv) * D, dim)
+    wo: Linear                  # (dim, Hq * D)
+    w13: Linear                 # (2 * hidden, dim): w1 (gate) rows then w3 (up) rows
+    w2: Linear                  # (dim, hidden)
     attention_norm: torch.Tensor
     ffn_norm: torch.Tensor
 
@@ -106,10 +120,14 @@ class FastDecoder:
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
-                 static_cache: bool = True):
+                 static_cache: bool = True, fp8_gemm_backend: str | None = None):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
-        static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods)."""
+        static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods).
+        FP8: a decoder linear given as float8_e4m3fn `<name>.weight` + fp32 `<name>.weight_scale` (N, 1) (the
+        contract of pixtral_rt/fp8.py) is kept in FP8: decode runs kernels/fp8_gemv.py on bf16 activations,
+        prefill quantises activations per token (kernels/fp8_quant.py) and runs the FP8 GEMM
+        (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or "triton")."""
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -143,17 +161,32 @@ class FastDecoder:
             w = weights.pop(name) if consume else weights[name]
             if tuple(w.shape) != tuple(shape):
                 raise ValueError(f"FastDecoder: {name} has shape {tuple(w.shape)}, config expects {tuple(shape)}")
+            if w.dtype == FP8_DTYPE:
+                s = weights.pop(scale_key(name)) if consume else weights.get(scale_key(name))
+                if not is_quantized_weight(name) or s is None or s.numel() != shape[0]:
+                    raise ValueError(f"FastDecoder: {name} is float8_e4m3fn but "
+                                     + ("only decoder linears may be FP8" if not is_quantized_weight(name) else
+                                        f"its {scale_key(name)} is missing or not ({shape[0]}, 1)"))
+                return Fp8Weight(w.to(self.device), s.to(self.device, torch.float32).reshape(-1).contiguous())
             return w.to(device=self.device, dtype=self.dtype)
+
+        def cat(name, parts):
+            if all(isinstance(p, Fp8Weight) for p in parts):
+                return Fp8Weight.cat(parts)
+            if any(isinstance(p, Fp8Weight) for p in parts):
+                raise ValueError(f"FastDecoder: {name} mixes FP8 and unquantised weights; the fused GEMM needs "
+                                 f"one precision (quantise all of them or none)")
+            return torch.cat(parts)
 
         self.tok_embeddings = get("tok_embeddings.weight", (args.vocab_size, args.dim))
         self.layers: list[_Layer] = []
         for i in range(args.n_layers):
             p = f"layers.{i}."
-            wqkv = torch.cat([get(p + "attention.wq.weight", (Hq * D, args.dim)),
-                              get(p + "attention.wk.weight", (Hkv * D, args.dim)),
-                              get(p + "attention.wv.weight", (Hkv * D, args.dim))])
-            w13 = torch.cat([get(p + "feed_forward.w1.weight", (args.hidden_dim, args.dim)),
-                             get(p + "feed_forward.w3.weight", (args.hidden_dim, args.dim))])
+            wqkv = cat(p + "attention.wq/wk/wv", [get(p + "attention.wq.weight", (Hq * D, args.dim)),
+                                                   get(p + "attention.wk.weight", (Hkv * D, args.dim)),
+                                                   get(p + "attention.wv.weight", (Hkv * D, args.dim))])
+            w13 = cat(p + "feed_forward.w1/w3", [get(p + "feed_forward.w1.weight", (args.hidden_dim, args.dim)),
+                                                  get(p + "feed_forward.w3.weight", (args.hidden_dim, args.dim))])
             self.layers.append(_Layer(
                 wqkv=wqkv, wo=get(p + "attention.wo.weight", (args.dim, Hq * D)), w13=w13,
                 w2=get(p + "feed_forward.w2.weight", (args.dim, args.hidden_dim)),
@@ -161,6 +194,17 @@ class FastDecoder:
                 ffn_norm=get(p + "ffn_norm.weight", (args.dim,))))
         self.norm = get("norm.weight", (args.dim,))
         self.output = get("output.weight", (args.vocab_size, args.dim))
+        if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
+            raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
+        self.fp8 = any(isinstance(w, Fp8Weight) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2))
+        if self.fp8 and self.decode_fusion not in ("none", "none+pdl"):
+            raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} has no FP8 kernels; use 'none' "
+                             f"or 'none+pdl' with FP8 weights")
+        self.fp8_gemm_backend = fp8_gemm_backend or (
+            DEFAULT_FP8_GEMM_BACKEND if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)
+            >= (8, 9) else "triton")
+        self.fp8_gemv_configs = dict(FP8_GEMV_CONFIGS)
+        self.fp8_skinny_configs = dict(FP8_SKINNY_CONFIGS)
         cache_shape = (args.n_layers, max_batch if static_cache else 0, Hkv, self.max_seq, D)
         self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
@@ -177,24 +221,37 @@ class FastDecoder:
     @property
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a batch-1 decode step must read (all but the embedding table)."""
-        n = self.output.numel() + self.norm.numel()
+        def nbytes(t):
+            return t.nbytes() if isinstance(t, Fp8Weight) else t.numel() * t.element_size()
+
+        n = nbytes(self.output) + nbytes(self.norm)
         for L in self.layers:
-            n += sum(t.numel() for t in (L.wqkv, L.wo, L.w13, L.w2, L.attention_norm, L.ffn_norm))
-        return n * self.tok_embeddings.element_size()
+            n += sum(nbytes(t) for t in (L.wqkv, L.wo, L.w13, L.w2, L.attention_norm, L.ffn_norm))
+        return n
 
     # ------------------------------------------------------------------ forward pieces
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (T,) int -> (T, dim) in the model dtype."""
         return F.embedding(tokens, self.tok_embeddings)
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, w: Linear, act_quant: bool = False) -> torch.Tensor:
+        """x (T, K) @ w.T. FP8 w: act_quant (prefill) quantises x per token and runs the FP8 GEMM; otherwise
+        (decode) the FP8-weight GEMV / skinny GEMM on x as it is."""
+        if isinstance(w, Fp8Weight):
+            if act_quant:
+                x8, sx = fp8_quant(x)
+                return fp8_gemm(x8, sx, w.weight, w.scale, out_dtype=x.dtype, backend=self.fp8_gemm_backend)
+            cfgs = self.fp8_gemv_configs if x.shape[0] == 1 else self.fp8_skinny_configs
+            return fp8_gemv(x, w.weight, w.scale, **cfgs.get(tuple(w.shape), {}))
         if self.gemv_backend == "triton" and x.shape[0] == 1:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
 
-    def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None,
+                act_quant: bool = False) -> torch.Tensor:
         """x (T, dim) -> final-normed hidden (T, 1 or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
-        rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows)."""
+        rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows).
+        act_quant: FP8 linears quantise their input per token (prefill); decode passes False."""
         eps = self.args.norm_eps
         T = x.shape[0]
         res, y = x, None
@@ -203,10 +260,10 @@ class FastDecoder:
                 h = rms_norm(x, L.attention_norm, eps)
             else:
                 h, res = rms_norm(y, L.attention_norm, eps, residual=res)
-            a = attend(i, self._linear(h, L.wqkv))                   # (T, Hq, D)
-            y = self._linear(a.view(T, -1), L.wo)
+            a = attend(i, self._linear(h, L.wqkv, act_quant))         # (T, Hq, D)
+            y = self._linear(a.view(T, -1), L.wo, act_quant)
             h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
-            y = self._linear(silu_mul(self._linear(h, L.w13)), L.w2)
+            y = self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant)
         if last_only:
             y, res = y[-1:], res[-1:]
         elif rows is not None:
@@ -240,7 +297,7 @@ class FastDecoder:
                 q = qkv[:, :args.n_heads * args.head_dim].view(n, args.n_heads, args.head_dim)
                 return prefill_attention_cached(q, self.k_cache[i], self.v_cache[i], slot, pos0)
 
-            out = self._layers(x, attend, last_only=True)
+            out = self._layers(x, attend, last_only=True, act_quant=True)
         return self._linear(out, self.output)[0].float()
 
     def _decode_mode(self, B: int) -> tuple[bool, bool, bool]:
@@ -331,7 +388,7 @@ class FastDecoder:
             return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
                                            max_q_len)
 
-        out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows)
+        out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows, act_quant=True)
         return self._linear(out, self.output).float()
 
     def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
@@ -358,6 +415,8 @@ class FastDecoder:
         cfg = self.gemv_configs
 
         def lin(h, w, **kw):
+            if isinstance(w, Fp8Weight):      # FP8 decode (glu is refused at construction)
+                return fp8_gemv(h, w.weight, w.scale, pdl=pdl, **self.fp8_gemv_configs.get(tuple(w.shape), {}))
             return gemv(h, w, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
 
         res, y = x, None

@@ -76,26 +76,72 @@ def kv_bytes_per_token(args: PixtralArgs, dtype_bytes: int = 2) -> int:
     return 2 * t.n_layers * t.n_kv_heads * t.head_dim * dtype_bytes
 
 
+QUANTIZATIONS = ("fp8",)
+RANDOM_PRESETS = ("tiny", "tiny-mistral3")      # + the names in config.PRESETS
+
+
 @dataclass
 class ModelSource:
     """What a load starts from: device, dtype, checkpoint plan, config and tokenizer (no weights yet)."""
     device: torch.device
     dtype: torch.dtype
-    plan: object
+    plan: object               # CheckpointPlan, or None for weights drawn on the device (random_preset)
     args: PixtralArgs
-    folder: Path
+    folder: Path | None
     tokenizer: object
-    random_default: bool
+    random_default: bool       # no real weights (the embedded default or random_preset): text is meaningless
     t0: float
     name: str                  # for messages: the folder, or "random <preset>"
+    quantization: str | None = None   # "fp8": decoder linears in FP8 (pixtral_rt/fp8.py)
+    random_preset: str | None = None  # --random-weights PRESET: seeded weights generated on the device
+
+    @property
+    def format(self) -> str:
+        return self.plan.format if self.plan is not None else "random (generated on the device)"
+
+    def load_weights(self, progress: bool = True) -> dict[str, torch.Tensor]:
+        """The weight dictionary the loader produces (our key names; FP8 linears as weight + weight_scale):
+        from the checkpoint, or drawn on the device for random_preset (same per-name seeding as the writer)."""
+        if self.random_preset is not None:
+            from .random_weights import random_state_dict_on_device
+            return random_state_dict_on_device(self.args, seed=0, device=self.device, dtype=self.dtype,
+                                               quantization=self.quantization, progress=progress)
+        from .checkpoint import load_state_dict
+        kw = {"quantization": self.quantization} if self.quantization else {}
+        return load_state_dict(self.plan, device=self.device, dtype=self.dtype, progress=progress, **kw)
+
+    def precision(self) -> str:
+        """For the load message and --json: which weights are in which precision."""
+        dt = str(self.dtype).replace("torch.", "")
+        if self.quantization != "fp8":
+            return dt
+        return (f"fp8 e4m3 decoder linears (wq wk wv wo w1 w2 w3: per-channel weight scales, per-token "
+                f"dynamic activation scales in prefill); embeddings, lm_head, vision encoder, adapter {dt}")
 
 
-def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None) -> ModelSource:
+def _random_preset_args(preset: str) -> PixtralArgs:
+    from .config import PRESETS
+    if preset == "tiny":
+        return tiny()
+    if preset == "tiny-mistral3":
+        return tiny(merge=True)
+    if preset in PRESETS:
+        return PRESETS[preset]
+    raise ValueError(f"--random-weights {preset!r}: unknown preset; one of {', '.join(RANDOM_PRESETS + tuple(PRESETS))}")
+
+
+def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None,
+                  quantization: str | None = None, random_weights: str | None = None) -> ModelSource:
     """Device and dtype (CUDA + bf16 when a GPU is visible, else CPU + fp32), the checkpoint plan (format
-    detected and printed; the embedded random default when model is None) and the tokenizer."""
+    detected and printed; the embedded random default when model is None) and the tokenizer.
+    quantization "fp8": quantise the decoder linears at load (an FP8 checkpoint is FP8 without asking).
+    random_weights PRESET: no checkpoint; seeded random weights of that preset generated on the device at
+    load (a benchmark / testing aid for models whose checkpoint does not fit the disk)."""
     from .checkpoint import plan_checkpoint
 
     t0 = time.perf_counter()
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
@@ -104,26 +150,38 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
     if dtype not in dtypes:
         raise ValueError(f"dtype {dtype!r} is not one of bfloat16, float16, float32")
     tdtype = dtypes[dtype] or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if random_weights is not None:
+        if model is not None:
+            raise ValueError("give a checkpoint (--model) or --random-weights PRESET, not both")
+        args = _random_preset_args(random_weights)
+        print(f"pixtral_rt: random {args.name} weights (seed 0) generated on {dev} at load "
+              f"[random weights: the text will be meaningless]", file=sys.stderr)
+        tokenizer = load_tokenizer(None, args)
+        return ModelSource(dev, tdtype, None, args, None, tokenizer, True, t0, f"random {args.name}", quantization,
+                           random_weights)
     random_default = model is None
     if random_default:
         default_args, folder = default_random_model(dev)
     else:
         folder = Path(model)
     plan = plan_checkpoint(folder, fmt)
+    if getattr(plan, "quantization", None) is not None:
+        quantization = "fp8"             # the checkpoint's own scheme (checkpoint.py validated it)
     print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
                                                if random_default else ""), file=sys.stderr)
     tokenizer = load_tokenizer(None if random_default else folder, plan.args)
     name = f"random {default_args.name}" if random_default else str(folder)
-    return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0, name)
+    return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0, name, quantization)
 
 
 def load_reference_model(src: ModelSource, progress: bool = True):
     """The plain PyTorch reference model with the checkpoint's weights (built on meta, weights assigned)."""
-    from .checkpoint import load_state_dict
+    from .reference.fp8_linear import install_fp8_linears
     from .reference.model import PixtralModel
-    sd = load_state_dict(src.plan, device=src.device, dtype=src.dtype, progress=progress)
+    sd = src.load_weights(progress)
     with torch.device("meta"):
         m = PixtralModel(src.args)
+    install_fp8_linears(m, sd)
     m.load_state_dict(sd, assign=True, strict=True)
     return m.eval()
 
@@ -160,7 +218,8 @@ class ReferenceBackend:
         return tok, {"vision_ms": (t1 - t0) * 1e3}
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        from .reference.fp8_linear import decode_mode
+        with torch.inference_mode(), decode_mode(self.model):
             h = self.model.tok_embeddings(tok)
             logits = self.model(h, self.cache.length, self.cache)
             return sample(logits, self.sampling, greedy_only=self.greedy)
@@ -182,10 +241,11 @@ class Engine:
     @classmethod
     def load(cls, model: str | Path | None = None, *, device: str | None = None, dtype: str | None = None,
              max_context: int | None = None, max_images: int = 12, backend: str = "auto",
-             fmt: str | None = None, progress: bool = True, use_graphs: bool = True) -> "Engine":
-        from .checkpoint import load_state_dict
-
-        src = resolve_model(model, device, dtype, fmt)
+             fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
+             quantization: str | None = None, random_weights: str | None = None) -> "Engine":
+        """quantization "fp8": FP8 decoder linears (an FP8 checkpoint is FP8 anyway); random_weights PRESET:
+        seeded random weights generated on the device instead of a checkpoint (see resolve_model)."""
+        src = resolve_model(model, device, dtype, fmt, quantization, random_weights)
         dev, tdtype, plan, args, tokenizer, t0 = src.device, src.dtype, src.plan, src.args, src.tokenizer, src.t0
         random_default = src.random_default
         ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
@@ -203,7 +263,7 @@ class Engine:
             if dev.type != "cuda":
                 raise RuntimeError("the fast backend needs a CUDA GPU; use --backend reference on CPU")
             from .fast_backend import FastBackend
-            sd = load_state_dict(plan, device=dev, dtype=tdtype, progress=progress)
+            sd = src.load_weights(progress)
             load_s = time.perf_counter() - t0
             be = FastBackend(sd, args, dev, tdtype, max_context, max_images=max_images, progress=progress,
                              use_graphs=use_graphs)
@@ -214,9 +274,10 @@ class Engine:
             be = ReferenceBackend(m, args, dev, tdtype, ctx)
         from .preprocess import backend_info
         pre = "GPU (CUDA op, raw pixels uploaded)" if getattr(be, "raw_pixels", False) else backend_info()
-        print(f"pixtral_rt: {be.name} backend on {dev}, {str(tdtype).replace('torch.', '')}, context {ctx} tokens; "
+        print(f"pixtral_rt: {be.name} backend on {dev}, {src.precision()}, context {ctx} tokens; "
               f"image preprocessing: {pre}", file=sys.stderr)
-        info = {"model": src.name, "format": plan.format,
+        info = {"model": src.name, "format": src.format, "quantization": src.quantization,
+                "precision": src.precision(),
                 "random_weights": random_default, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
                 else "cpu", "dtype": str(tdtype).replace("torch.", ""), "backend": be.name, "load_s": load_s,
                 "max_context": ctx}

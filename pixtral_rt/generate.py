@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="checkpoint folder, Mistral format (params.json + consolidated.safetensors) or "
                                    "HF format (config.json + model*.safetensors); default: embedded random weights")
     m.add_argument("--format", choices=["mistral", "hf"], help="force the checkpoint format (default: detect)")
+    m.add_argument("--quantization", choices=["fp8"],
+                   help="fp8: run the text decoder's linears in FP8 e4m3 (per-channel weight scales, per-token "
+                        "activation scales in prefill), quantised at load from a bf16 checkpoint of either format; "
+                        "the vision encoder, adapter, embeddings and lm_head stay bf16. An FP8 checkpoint "
+                        "(compressed-tensors, e.g. pixtral-12b-FP8-dynamic) is FP8 without this flag")
+    m.add_argument("--random-weights", metavar="PRESET",
+                   help="benchmark / testing aid: no checkpoint; seeded random weights of PRESET (tiny, "
+                        "Pixtral-12B-2409, Pixtral-Large-Instruct-2411, Mistral-Small-3.1-24B-2503) generated on "
+                        "the device at load (with --quantization fp8, Pixtral-Large fits one 141 GB GPU). "
+                        "The text is meaningless")
     m.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weight/activation dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -97,6 +107,7 @@ def _json_record(engine, res) -> dict:
     t["load_s"] = engine.info["load_s"]
     return {"model": engine.info["model"], "format": engine.info["format"], "device": engine.info["device"],
             "dtype": engine.info["dtype"], "backend": engine.info["backend"],
+            "quantization": engine.info.get("quantization"), "precision": engine.info.get("precision"),
             "random_weights": engine.info["random_weights"], "prompt_tokens": res.prompt_tokens,
             "n_images": res.n_images, "image_patches": res.image_patches, "generated_token_ids": res.token_ids,
             "text": res.text, "finish_reason": res.finish_reason, "timings": t}
@@ -190,7 +201,8 @@ def main(argv=None) -> int:
                 parser.error("empty prompt on stdin: give --prompt TEXT")
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                              max_images=args.max_images, backend=args.backend, fmt=args.format,
-                             progress=not (args.quiet or args.json), use_graphs=not args.no_graphs)
+                             progress=not (args.quiet or args.json), use_graphs=not args.no_graphs,
+                             quantization=args.quantization, random_weights=args.random_weights)
         if args.chat:
             _chat_loop(engine, params, args)
         else:

@@ -380,6 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-context", type=int, metavar="TOKENS",
                    help="longest prompt + answer in tokens (default: the model's, capped by GPU memory); "
                         "longer requests are refused with the counts")
+    m.add_argument("--quantization", choices=["fp8"],
+                   help="fp8: the text decoder's linears in FP8 e4m3, quantised at load from a bf16 checkpoint "
+                        "(an FP8 compressed-tensors checkpoint is FP8 without this flag); vision, adapter, "
+                        "embeddings and lm_head stay bf16")
+    m.add_argument("--random-weights", metavar="PRESET",
+                   help="benchmark / testing aid: seeded random weights of PRESET generated on the device instead "
+                        "of --model (meaningless text)")
     m.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="requests decoded together at most (default 64)")
     m.add_argument("--engine", choices=["process", "thread"], default="process",
@@ -462,7 +469,8 @@ def main(argv=None) -> int:
     try:
         load = EngineClient.start if args.engine == "process" else LLMEngine.load
         engine = load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                      max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue)
+                      max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
+                      quantization=args.quantization, random_weights=args.random_weights)
     except KeyboardInterrupt:
         return 130
     except (PixtralInputError, CheckpointError, ConfigError) as exc:

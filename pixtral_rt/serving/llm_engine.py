@@ -101,21 +101,23 @@ class LLMEngine:
     def load(cls, model=None, *, device: str | None = None, dtype: str | None = None, max_context: int | None = None,
              max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
              kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
-             chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB) -> "LLMEngine":
+             chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB, quantization: str | None = None,
+             random_weights: str | None = None) -> "LLMEngine":
         """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
         kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
-        reserve_bytes; on CPU 4 full contexts)."""
-        src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt)
+        reserve_bytes; on CPU 4 full contexts). quantization "fp8": FP8 decoder linears; random_weights
+        PRESET: seeded random weights generated on the device (engine.resolve_model)."""
+        src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
+                                                                         random_weights)
         args, dev = src.args, src.device
         t = args.text
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
         if dev.type == "cuda":
-            from ..checkpoint import load_state_dict
             from ..decoder import FastDecoder
             from ..fast_backend import _TEXT_PREFIXES
             from ..vision import FastVisionEncoder
             from .paged_model import FastPagedModel
-            sd = load_state_dict(src.plan, device=dev, dtype=src.dtype, progress=progress)
+            sd = src.load_weights(progress)
             vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
             vision = FastVisionEncoder.from_state_dict(vision_sd, args, src.dtype, dev)
             del vision_sd
@@ -138,14 +140,15 @@ class LLMEngine:
             raise RuntimeError(f"not enough memory for a KV cache: room for {max(0, n_pages - 1) * page_size} "
                                f"tokens, fewer than one request of {min(ctx, 4096)}")
         load_s = time.perf_counter() - src.t0
-        info = {"model": src.name, "format": src.plan.format, "random_weights": src.random_default,
+        info = {"model": src.name, "format": src.format, "random_weights": src.random_default,
+                "quantization": src.quantization, "precision": src.precision(),
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
                 "max_context": ctx, "kv_cache_tokens": (n_pages - 1) * page_size, "max_batch": max_batch}
         eng = cls(args, src.tokenizer, model_, info, ctx, max_images, max_batch, n_pages, page_size, max_queue,
                   chunk_tokens, use_graphs, progress)
         info["load_s"] = time.perf_counter() - src.t0
-        print(f"pixtral_rt: {backend} on {dev}, {info['dtype']}, context {ctx} tokens, KV cache "
+        print(f"pixtral_rt: {backend} on {dev}, {info['precision']}, context {ctx} tokens, KV cache "
               f"{info['kv_cache_tokens']} tokens in {n_pages - 1} pages of {page_size}, max batch {max_batch}; "
               f"ready in {info['load_s']:.1f} s", file=sys.stderr)
         return eng
