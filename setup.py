@@ -69,7 +69,7 @@ setup(
         # numpy<2.3: Triton's CPU interpreter; OpenCV 5: the cubic-resize maths the pixel tests match;
         # openai + httpx: the server tests call it as clients do
         "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless>=5", *SERVE_REQUIRES,
-                 "openai>=1.40", "httpx"],
+                 "openai>=1.40", "httpx", "compressed-tensors>=0.9"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

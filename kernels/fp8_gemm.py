@@ -9,7 +9,8 @@ dtype). fp32 accumulation; both scales applied once in the epilogue. FLOPs: 2 M 
 Two implementations, same formula:
   backend "scaled_mm"  torch._scaled_mm with row-wise scales (cuBLASLt on sm89+; needs K, N % 16 == 0)
   backend "triton"     _fp8_gemm_kernel below: (BLOCK_M, BLOCK_N) output tiles, grouped launch order for L2
-                       reuse of W, tl.dot on fp8 operands (wgmma on sm90). Runs in the interpreter (CI).
+                       reuse of W, tl.dot on fp8 operands (wgmma on sm90), each K tile's partial sum added
+                       to an fp32 accumulator. Runs in the interpreter (CI).
 benchmarks/bench_fp8_linear.py measures both on the decoder's shapes; pixtral_rt/decoder.py uses the winner.
 No autotuning: fixed tiles, so nothing is tuned on the request path.
 """
@@ -49,7 +50,8 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, st
             kmask = k0 + offs_k < K
             a = tl.load(x_ptrs + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w_ptrs + k0, mask=nmask[None, :] & kmask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc += tl.dot(a, b)   # each K tile's sum promoted into the fp32 accumulator: Hopper's FP8 MMA
+        #                       accumulates with fewer mantissa bits, which over K = 14336 doubled the error
     sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
     y = acc * sx[:, None] * sw[None, :]

@@ -12,6 +12,13 @@ Everything that can be checked is checked before a byte of weights is read: file
 by the index), safetensors headers parse, every tensor's bytes lie inside its file (truncation), no
 missing or unexpected tensor, shapes and dtypes. Errors name the file and the tensor. Loading then
 memory-maps each file and places each tensor straight on the target device in the target dtype.
+
+FP8 (HF format only): a config.json with a `quantization_config` (compressed-tensors FP8-dynamic, see
+pixtral_rt.quantization_config) makes the text decoder's linears F8_E4M3 [out, in] with a
+`<module>.weight_scale` [out, 1] each. They are loaded as pixtral_rt.fp8's state-dict contract says:
+float8_e4m3fn weights (never cast to the load dtype), float32 (N, 1) scales, q/k rows and their scales
+un-permuted together. `load_state_dict(..., quantization="fp8")` quantises a bf16 checkpoint's decoder
+linears the same way, one tensor at a time as it arrives.
 """
 from __future__ import annotations
 
@@ -25,14 +32,18 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import fp8
 from .config import ConfigError, PixtralArgs
+from .quantization_config import QuantizationConfig
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder or file cannot be used; the message names the file and tensor."""
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # unquantised tensors
+_READ_DTYPES = {**_ST_DTYPES, "F8_E4M3": fp8.FP8_DTYPE}  # what the readers turn raw bytes into
+QUANTIZATIONS = ("fp8",)  # load_state_dict(quantization=...)
 _ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -55,12 +66,20 @@ class CheckpointPlan:
     format: str  # "mistral" or "hf"
     args: PixtralArgs
     files: list[Path]
-    sources: dict[str, TensorSource] = field(default_factory=dict)  # our key -> source
+    sources: dict[str, TensorSource] = field(default_factory=dict)  # our key -> source (incl. weight_scale)
+    quantization: QuantizationConfig | None = None  # config.json's quantization_config (FP8), None: bf16
 
     def describe(self) -> str:
-        n = sum(_numel(s.shape) for s in self.sources.values())
-        return (f"{self.folder}: {self.format} format ({'params.json' if self.format == 'mistral' else 'config.json'}), "
+        n = sum(_numel(s.shape) for k, s in self.sources.items() if not k.endswith("_scale"))
+        text = (f"{self.folder}: {self.format} format ({_config_name(self.format)}), "
                 f"{len(self.files)} safetensors file(s), {len(self.sources)} tensors, {n / 1e9:.2f} B params")
+        if self.quantization is not None:
+            linears = [s for k, s in self.sources.items() if fp8.is_quantized_weight(k)]
+            n8 = sum(s.dtype == "F8_E4M3" for s in linears)
+            text += (f"; FP8 (compressed-tensors float-quantized): {n8} of {len(linears)} decoder linears FP8 e4m3 "
+                     f"with per-channel scales, the rest (embeddings, lm_head, norms, vision tower, adapter"
+                     f"{', ignored linears' if n8 < len(linears) else ''}) unquantised")
+        return text
 
 
 def _numel(shape) -> int:
@@ -263,7 +282,8 @@ def expected_shapes(args: PixtralArgs) -> dict[str, tuple[int, ...]]:
 
 
 def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPlan:
-    """Detect the format, read the config, and validate every tensor's presence, shape, dtype and bytes."""
+    """Detect the format, read the config, and validate every tensor's presence, shape, dtype and bytes
+    (for FP8 checkpoints also every weight_scale), all before a byte of weights is read."""
     folder = Path(folder)
     fmt = fmt or detect_format(folder)
     if fmt not in ("mistral", "hf"):
@@ -271,17 +291,32 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
     try:
         args = (PixtralArgs.from_params_json(folder / "params.json") if fmt == "mistral"
                 else PixtralArgs.from_hf_config(folder / "config.json"))
+        quant = _read_quantization(folder, fmt)
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
     files = _list_files(folder, fmt)
     want = expected_shapes(args)
-    plan = CheckpointPlan(folder=folder, format=fmt, args=args, files=files)
+    plan = CheckpointPlan(folder=folder, format=fmt, args=args, files=files, quantization=quant)
     unexpected = []
+    scales: list[TensorSource] = []  # checked once every file's header is read (a scale may sit in another shard)
     for path in files:
         header = read_safetensors_header(path)
         data_start = header.pop("__data_start__")
         for key, meta in header.items():
+            _reject_quantization_parameter(path, key, meta)
             ours = key if fmt == "mistral" else hf_to_mistral_key(key)
+            if ours is not None and ours.endswith(".weight_scale"):
+                if not fp8.is_quantized_weight(ours[:-6]):
+                    raise CheckpointError(f"{path}: tensor {key!r} is an FP8 weight scale of a layer this runtime "
+                                          f"keeps unquantised: FP8 is read only for the text decoder's linears "
+                                          f"(embeddings, lm_head, vision tower and adapter must be BF16/F16/F32)")
+                if quant is None:
+                    raise CheckpointError(f"{path}: tensor {key!r} is an FP8 weight scale but {_config_name(fmt)} "
+                                          f"has no quantization_config: {_NO_QUANT_HINT[fmt]}")
+                a, b = meta["data_offsets"]
+                scales.append(TensorSource(path, key, tuple(meta["shape"]), meta["dtype"],
+                                           rotary_heads(ours[:-6], args) if fmt == "hf" else 0, data_start + a, b - a))
+                continue
             if ours is None or ours not in want:
                 unexpected.append(f"{key} ({path.name})")
                 continue
@@ -291,9 +326,7 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
             if shape != want[ours]:
                 raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shape)}, expected "
                                       f"{list(want[ours])} for this config")
-            if meta["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has dtype {meta['dtype']}; expected BF16, F16 or F32 "
-                                      f"(quantised checkpoints are not supported yet)")
+            _check_dtype(path, key, ours, meta["dtype"], fmt, quant)
             a, b = meta["data_offsets"]
             plan.sources[ours] = TensorSource(path, key, shape, meta["dtype"],
                                               rotary_heads(ours, args) if fmt == "hf" else 0, data_start + a, b - a)
@@ -304,36 +337,198 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
     if unexpected:
         raise CheckpointError(f"{folder}: {len(unexpected)} unexpected tensor(s) (wrong model or format?), "
                               f"e.g. {', '.join(unexpected[:4])}")
+    if quant is not None:
+        _attach_scales(plan, scales)
+        _check_fused_groups(plan)
     return plan
+
+
+# ---------------------------------------------------------------------------------------- FP8 planning
+_NO_QUANT_HINT = {
+    "hf": "FP8 weights cannot be read without their scheme (bf16 config.json copied next to FP8 weights?)",
+    "mistral": "FP8 checkpoints are read in the HF compressed-tensors layout (config.json with quantization_config)",
+}
+
+# Tensors of other quantisation schemes, by the last part of their name: what each means.
+_OTHER_SCHEMES = {
+    "input_scale": "a static activation scale: static FP8 activation scales are not supported (this runtime "
+                   "quantises activations per token at run time; use an FP8-dynamic checkpoint)",
+    "input_zero_point": "an activation zero point: asymmetric quantisation is not supported",
+    "weight_zero_point": "a weight zero point: asymmetric / integer quantisation is not supported",
+    "weight_g_idx": "a GPTQ activation-order index: GPTQ checkpoints are not supported",
+    "weight_packed": "packed integer weights (compressed-tensors pack-quantized int4/int8): not supported",
+    "weight_shape": "the shape of packed integer weights (pack-quantized int4/int8): not supported",
+    "weight_global_scale": "an NVFP4 global scale: FP4 checkpoints are not supported",
+    "input_global_scale": "an NVFP4 global scale: FP4 checkpoints are not supported",
+    "weight_scale_inv": "a block-wise FP8 scale (HF/DeepSeek 'fp8' layout): block-wise weight scales are not supported",
+    "output_scale": "a static output scale: quantised outputs are not supported",
+    "k_scale": "a KV-cache scale: a quantised KV cache is not supported",
+    "v_scale": "a KV-cache scale: a quantised KV cache is not supported",
+    "qscale_weight": "a Mistral-format quantisation scale: " + _NO_QUANT_HINT["mistral"],
+    "qscale_act": "a Mistral-format quantisation scale: " + _NO_QUANT_HINT["mistral"],
+}
+_SUPPORTED_FP8 = ("supported are BF16/F16/F32 checkpoints, and FP8 (F8_E4M3) decoder linears with per-channel "
+                  "weight_scale in the compressed-tensors FP8-dynamic layout")
+
+
+def _config_name(fmt: str) -> str:
+    return "params.json" if fmt == "mistral" else "config.json"
+
+
+def _read_quantization(folder: Path, fmt: str) -> QuantizationConfig | None:
+    """config.json's quantization_config (validated), None if absent. A Mistral-format params.json that
+    declares quantisation is refused: FP8 is read in the HF compressed-tensors layout only."""
+    path = folder / _config_name(fmt)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from exc
+    if fmt == "mistral":
+        for name in ("quantization", "quantization_config"):
+            if cfg.get(name):
+                raise ConfigError(f"{path}: has a {name!r} block ({json.dumps(cfg[name])[:200]}): "
+                                  f"{_NO_QUANT_HINT['mistral']}, e.g. pixtral-12b-FP8-dynamic; or load the bf16 "
+                                  f"checkpoint with quantization='fp8' to quantise while loading")
+        return None
+    q = cfg.get("quantization_config")
+    return None if q is None else QuantizationConfig.from_hf(q, path)
+
+
+def _reject_quantization_parameter(path: Path, key: str, meta: dict) -> None:
+    """Tensors that only other quantisation schemes have (input_scale, zero points, packed ints, ...)."""
+    last = key.rsplit(".", 1)[-1]
+    if last in _OTHER_SCHEMES:
+        raise CheckpointError(f"{path}: tensor {key!r} ({meta['dtype']} {meta['shape']}) is {_OTHER_SCHEMES[last]}; "
+                              f"{_SUPPORTED_FP8}")
+
+
+def _hf_module_names(ours: str) -> set[str]:
+    """The HF module names of one of our weights, in both HF key layouts (an ignore list may be written in
+    either: transformers renamed the modules between versions, and checkpoints exist of both)."""
+    return {mistral_to_hf_key(ours, legacy).removesuffix(".weight") for legacy in (False, True)}
+
+
+def is_ignored(quant: QuantizationConfig, ours: str) -> bool:
+    """True if the checkpoint's quantization_config leaves this (our-named) weight unquantised."""
+    return any(quant.ignores(m) for m in _hf_module_names(ours))
+
+
+def _check_dtype(path: Path, key: str, ours: str, dtype: str, fmt: str, quant: QuantizationConfig | None) -> None:
+    """Decoder linears: F8_E4M3 exactly when the quantization_config quantises them. Everything else
+    (and every tensor of an unquantised checkpoint): BF16/F16/F32."""
+    fp8_expected = quant is not None and fp8.is_quantized_weight(ours) and not is_ignored(quant, ours)
+    if fp8_expected:
+        if dtype != "F8_E4M3":
+            module = key.removesuffix(".weight")
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype}; expected F8_E4M3: config.json's "
+                                  f"quantization_config quantises this linear (its ignore list does not name "
+                                  f"{module!r})")
+        return
+    if dtype == "F8_E4M3":
+        if quant is None:
+            why = f"{_config_name(fmt)} has no quantization_config: {_NO_QUANT_HINT[fmt]}"
+        elif fp8.is_quantized_weight(ours):
+            why = "config.json's quantization_config ignores this linear, so it must be unquantised"
+        else:
+            why = ("FP8 is read only for the text decoder's linears; embeddings, lm_head, norms, the vision tower "
+                   "and the adapter must be unquantised")
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype F8_E4M3 but {why}")
+    if dtype not in _ST_DTYPES:
+        kind = ("integer: int8 / packed int4 quantised weights are not supported"
+                if dtype.startswith(("I", "U")) else "not a supported floating-point type")
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {dtype} ({kind}); expected BF16, F16 or F32 "
+                              f"({_SUPPORTED_FP8})")
+
+
+def _attach_scales(plan: CheckpointPlan, scales: list[TensorSource]) -> None:
+    """Every F8 weight gets exactly one weight_scale of shape [out, 1] in BF16/F16/F32; a scale must
+    belong to an F8 weight."""
+    for s in scales:
+        ours = hf_to_mistral_key(s.key) if plan.format == "hf" else s.key
+        w = plan.sources[ours[:-6]]
+        if ours in plan.sources:
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} also appears in {plan.sources[ours].file.name}")
+        if w.dtype != "F8_E4M3":
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} is a weight scale but its weight {w.key!r} "
+                                  f"({w.file.name}) is {w.dtype}, not F8_E4M3")
+        if s.shape != (w.shape[0], 1):
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} has shape {list(s.shape)}; expected "
+                                  f"[{w.shape[0]}, 1] (one scale per output channel, strategy 'channel')")
+        if s.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} has dtype {s.dtype}; expected BF16, F16 or F32")
+        plan.sources[ours] = s
+    for k, w in list(plan.sources.items()):
+        if w.dtype == "F8_E4M3" and fp8.scale_key(k) not in plan.sources:
+            raise CheckpointError(f"missing weight_scale for {w.key} in {w.file}: an FP8 weight needs its "
+                                  f"per-channel scale ({w.key.removesuffix('.weight')}.weight_scale)")
+
+
+_FUSED = (("attention", ("wq", "wk", "wv")), ("feed_forward", ("w1", "w3")))
+
+
+def _check_fused_groups(plan: CheckpointPlan) -> None:
+    """q/k/v and gate/up of one layer are fused into one matrix by the fast decoder: all FP8 or all not
+    (vLLM refuses the same mix)."""
+    for i in range(plan.args.text.n_layers):
+        for block, names in _FUSED:
+            srcs = [plan.sources[f"layers.{i}.{block}.{n}.weight"] for n in names]
+            kinds = {s.dtype == "F8_E4M3" for s in srcs}
+            if len(kinds) > 1:
+                desc = ", ".join(f"{s.key} {s.dtype}" for s in srcs)
+                raise CheckpointError(f"{plan.folder}: layer {i} mixes FP8 and unquantised linears that are fused "
+                                      f"into one matrix ({desc}): the ignore list of config.json must name all "
+                                      f"of them or none")
 
 
 # ---------------------------------------------------------------------------------------- loading
 def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = torch.bfloat16,
                     keys: Iterable[str] | None = None, progress: bool = True,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                    staged: bool | None = None) -> dict[str, torch.Tensor]:
-    """Load (a subset of) the planned tensors onto `device` in `dtype`; returns our-named tensors.
+                    staged: bool | None = None, quantization: str | None = None) -> dict[str, torch.Tensor]:
+    """Load (a subset of) the planned tensors onto `device`; returns our-named tensors.
+
+    Unquantised tensors come in `dtype`. FP8 follows pixtral_rt.fp8's contract: a decoder linear stays
+    float8_e4m3fn (N, K) (never cast to `dtype`) and its `...weight_scale` is float32 (N, 1); HF's q/k
+    row permutation is undone on both. `quantization="fp8"` quantises an unquantised checkpoint's decoder
+    linears with fp8.quantize_weight on `device`, one tensor as it arrives (never the whole bf16 model);
+    on an FP8 checkpoint it changes nothing. `keys` selects tensors; the scale of a selected FP8 weight
+    comes with it. `transform(key, tensor)` sees each output tensor (an FP8 weight and its scale apart).
 
     To a GPU (staged, the default there) each file is read with plain reads into two reusable pinned
     buffers and copied to the device chunk by chunk, so host memory stays at the staging buffers (no
     mapped file pages, no copy of the model). To the CPU, safetensors memory-maps each file."""
     from tqdm import tqdm
 
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}")
+    quantize = quantization == "fp8" and plan.quantization is None  # an FP8 checkpoint is FP8 already
     dev = torch.device(device)
     staged = dev.type == "cuda" if staged is None else staged
-    wanted = list(plan.sources) if keys is None else list(keys)
+    wanted = _wanted_keys(plan, keys, quantize)
     by_file: dict[Path, list[str]] = {}
     for k in wanted:
         by_file.setdefault(plan.sources[k].file, []).append(k)
     total = sum(plan.sources[k].nbytes for k in wanted)
     out: dict[str, torch.Tensor] = {}
 
+    def emit(k: str, t: torch.Tensor) -> None:
+        out[k] = transform(k, t) if transform is not None else t
+
     def finish(k: str, t: torch.Tensor) -> None:
         src = plan.sources[k]
-        t = t.to(dtype)
-        if src.unpermute_heads:
+        to_fp8 = quantize and fp8.is_quantized_weight(k)
+        if k.endswith(".weight_scale"):
+            t = t.float()  # (N, 1) fp32, whatever the file holds
+        elif t.dtype != fp8.FP8_DTYPE and not to_fp8:
+            t = t.to(dtype)  # to_fp8: quantised from the file's own values, not from a `dtype` rounding
+        if src.unpermute_heads:  # rows of an FP8 weight and of its scale move together
             t = unpermute_from_hf(t, src.unpermute_heads).contiguous()
-        out[k] = transform(k, t) if transform is not None else t
+        if to_fp8:
+            w8, scale = fp8.quantize_weight(t)  # (N, K) e4m3, (N, 1) fp32
+            emit(k, w8)
+            emit(fp8.scale_key(k), scale)
+        else:
+            emit(k, t)
 
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
               file=sys.stderr, leave=False) as bar:
@@ -343,7 +538,7 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
                 if staged:
                     for k in sorted(ks, key=lambda k: plan.sources[k].offset):
                         src = plan.sources[k]
-                        finish(k, reader.read(path, src.offset, src.nbytes, _ST_DTYPES[src.dtype], src.shape))
+                        finish(k, reader.read(path, src.offset, src.nbytes, _READ_DTYPES[src.dtype], src.shape))
                         bar.update(src.nbytes)
                     continue
                 from safetensors import safe_open
@@ -358,6 +553,23 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
         if reader is not None:
             reader.close()
     return out
+
+
+def _wanted_keys(plan: CheckpointPlan, keys: Iterable[str] | None, quantize: bool) -> list[str]:
+    """The sources to read: all, or `keys` plus the weight_scale of each selected FP8 weight. A scale key
+    asked for while quantising on the fly is made from its weight, so the weight is read instead."""
+    if keys is None:
+        return list(plan.sources)
+    wanted: dict[str, None] = {}
+    for k in keys:
+        if quantize and k.endswith(".weight_scale") and fp8.is_quantized_weight(k[:-6]):
+            k = k[:-6]
+        if k not in plan.sources:
+            raise KeyError(f"{k!r} is not a tensor of the checkpoint in {plan.folder}")
+        wanted[k] = None
+        if fp8.scale_key(k) in plan.sources:
+            wanted[fp8.scale_key(k)] = None
+    return list(wanted)
 
 
 class _StagedReader:
@@ -408,12 +620,15 @@ class _StagedReader:
 
 
 def load_reference_model(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
-                         fmt: str | None = None, progress: bool = False):
-    """Plan, validate, and load a checkpoint into the reference PixtralModel (built on meta, weights assigned)."""
+                         fmt: str | None = None, progress: bool = False, quantization: str | None = None):
+    """Plan, validate, and load a checkpoint into the reference PixtralModel (built on meta, weights assigned).
+    FP8 decoder linears (an FP8 checkpoint, or quantization="fp8") become reference Fp8Linear modules."""
+    from .reference.fp8_linear import install_fp8_linears
     from .reference.model import PixtralModel
     plan = plan_checkpoint(folder, fmt)
-    sd = load_state_dict(plan, device=device, dtype=dtype, progress=progress)
+    sd = load_state_dict(plan, device=device, dtype=dtype, progress=progress, quantization=quantization)
     with torch.device("meta"):
         model = PixtralModel(plan.args)
+    install_fp8_linears(model, sd)
     model.load_state_dict(sd, assign=True, strict=True)
     return model.eval(), plan

@@ -94,10 +94,11 @@ DECODE_FUSIONS = ("none", "fused", "pdl", "none+pdl", "fused2", "fused2+pdl")
 # rows and the block_n matching up rows, i.e. the same 16-row footprint as the plain w13 tile
 GLU_CONFIG = dict(block_n=8, block_k=256, num_warps=4, num_stages=6)
 
-# FP8 decoder (pixtral_rt/fp8.py): tiles of kernels/fp8_gemv.py per weight shape (N, K) for 1 row ("gemv") and
-# 2..64 rows ("skinny"); shapes not listed take the kernel's defaults.
+# FP8 decoder (pixtral_rt/fp8.py): tiles of kernels/fp8_gemv.py per weight shape (N, K): for 1 row (GEMV), and
+# for 2..64 rows per padded row-tile block_m in (16, 32, 64) (skinny GEMM). Shapes not listed take the
+# kernel's defaults. Chosen by benchmarks/bench_fp8_linear.py (CUDA-graph timed sweeps).
 FP8_GEMV_CONFIGS: dict[tuple[int, int], dict] = {}
-FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict] = {}
+FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {}
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
@@ -241,8 +242,11 @@ class FastDecoder:
             if act_quant:
                 x8, sx = fp8_quant(x)
                 return fp8_gemm(x8, sx, w.weight, w.scale, out_dtype=x.dtype, backend=self.fp8_gemm_backend)
-            cfgs = self.fp8_gemv_configs if x.shape[0] == 1 else self.fp8_skinny_configs
-            return fp8_gemv(x, w.weight, w.scale, **cfgs.get(tuple(w.shape), {}))
+            M = x.shape[0]
+            if M == 1:
+                return fp8_gemv(x, w.weight, w.scale, **self.fp8_gemv_configs.get(tuple(w.shape), {}))
+            bm = min(64, max(16, 1 << (M - 1).bit_length()))
+            return fp8_gemv(x, w.weight, w.scale, **self.fp8_skinny_configs.get(tuple(w.shape), {}).get(bm, {}))
         if self.gemv_backend == "triton" and x.shape[0] == 1:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)

@@ -5,7 +5,17 @@ one seed hold the same model (HF's copy with q/k rows permuted as HF's conversio
 N(0, std), norm weights 1 + N(0, std), biases N(0, std). Tests, benchmarks and the embedded default all
 load these through the real loader.
 
+FP8 (`quantization="fp8"`, HF format only): the text decoder's linears are written in the compressed-tensors
+layout of pixtral-12b-FP8-dynamic, F8_E4M3 [out, in] + float32 `weight_scale` [out, 1], quantised with
+pixtral_rt.fp8.quantize_weight from the same seeded tensors: the FP8 checkpoint of a seed is the bf16
+checkpoint of that seed quantised. `random_state_dict_on_device` makes the same model straight on a GPU,
+without a checkpoint (the `--random-weights` benchmark aid).
+
+Random numbers depend on the device that draws them (a CUDA generator is not the CPU one): a checkpoint
+written with device="cuda" equals random_state_dict_on_device(device="cuda"), not the CPU-drawn one.
+
     python -m pixtral_rt.random_weights OUT_DIR --preset Pixtral-12B-2409 --format mistral
+    python -m pixtral_rt.random_weights OUT_DIR --preset Pixtral-12B-2409 --format hf --quantization fp8
 """
 from __future__ import annotations
 
@@ -18,8 +28,12 @@ from pathlib import Path
 
 import torch
 
+from . import fp8
 from .checkpoint import expected_shapes, mistral_to_hf_key, permute_for_hf, rotary_heads
 from .config import PRESETS, PixtralArgs, tiny
+from .quantization_config import QuantizationConfig
+
+QUANTIZATIONS = ("fp8",)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.02, device="cpu",
@@ -37,24 +51,54 @@ def random_state_dict(args: PixtralArgs, seed: int = 0, std: float = 0.02, devic
     return {k: random_tensor(k, s, seed, std, device, dtype) for k, s in expected_shapes(args).items()}
 
 
+def _check_quantization(quantization: str | None, fmt: str | None = None) -> None:
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "fp8" and fmt == "mistral":
+        raise ValueError("FP8 checkpoints are written in the HF compressed-tensors layout (the one of "
+                         "pixtral-12b-FP8-dynamic): use fmt='hf' (--format hf)")
+
+
+def _random_entries(k: str, shape: tuple[int, ...], seed: int, std: float, device, dtype: torch.dtype,
+                    quantization: str | None) -> dict[str, torch.Tensor]:
+    """One model tensor (our key), or an FP8 decoder linear as {weight: (N, K) e4m3, weight_scale: (N, 1) fp32}.
+    FP8 is quantised from the tensor as drawn in `dtype` (the checkpoint's dtype)."""
+    t = random_tensor(k, shape, seed, std, device, dtype)
+    if quantization == "fp8" and fp8.is_quantized_weight(k):
+        w8, scale = fp8.quantize_weight(t)
+        return {k: w8, fp8.scale_key(k): scale}
+    return {k: t}
+
+
+def _nbytes(k: str, shape: tuple[int, ...], esize: int, quantization: str | None) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    if quantization == "fp8" and fp8.is_quantized_weight(k):
+        return n + shape[0] * 4  # e4m3 bytes + fp32 scales
+    return n * esize
+
+
 def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "mistral", seed: int = 0,
                             std: float = 0.02, dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 5 << 30,
-                            legacy_hf_keys: bool = False, device="cpu", progress: bool = False) -> Path:
+                            legacy_hf_keys: bool = False, device="cpu", progress: bool = False,
+                            quantization: str | None = None) -> Path:
     """Write params.json/config.json + safetensors shards (+ index) + tekken.json into `folder`.
-    Files are written under temporary names and renamed at the end: a crash leaves no half checkpoint."""
+    Files are written under temporary names and renamed at the end: a crash leaves no half checkpoint.
+    quantization="fp8" (fmt="hf" only): decoder linears as FP8 + weight_scale, config.json with the
+    compressed-tensors quantization_config whose ignore list names lm_head, projector and vision tower."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    _check_quantization(quantization, fmt)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shapes = expected_shapes(args)
     esize = torch.tensor([], dtype=dtype).element_size()
-    shards: list[list[str]] = [[]]
+    shards: list[list[str]] = [[]]  # our keys; an FP8 weight and its scale share a shard
     size = 0
     for k, s in shapes.items():
-        nbytes = esize
-        for d in s:
-            nbytes *= d
+        nbytes = _nbytes(k, s, esize, quantization)
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -68,14 +112,14 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
     for keys, name in tqdm(list(zip(shards, names)), desc="writing shards", disable=not progress, file=sys.stderr):
         tensors = {}
         for k in keys:
-            t = random_tensor(k, shapes[k], seed, std, device, dtype)
-            if fmt == "hf":
-                heads = rotary_heads(k, args)
-                if heads:
-                    t = permute_for_hf(t, heads)
-                k = mistral_to_hf_key(k, legacy=legacy_hf_keys)
-            tensors[k] = t.contiguous().cpu()
-            weight_map[k] = name
+            heads = rotary_heads(k, args) if fmt == "hf" else 0
+            for key, t in _random_entries(k, shapes[k], seed, std, device, dtype, quantization).items():
+                if fmt == "hf":
+                    if heads:  # q/k rows, and the scale of each row with it (quantisation is per row)
+                        t = permute_for_hf(t, heads)
+                    key = mistral_to_hf_key(key, legacy=legacy_hf_keys)
+                tensors[key] = t.contiguous().cpu()
+                weight_map[key] = name
         tmp = folder / (name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
         written.append((tmp, folder / name))
@@ -88,9 +132,39 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
     if fmt == "mistral":
         (folder / "params.json").write_text(json.dumps(args.to_params_json(), indent=1))
     else:
-        (folder / "config.json").write_text(json.dumps(args.to_hf_config(), indent=1))
+        cfg = args.to_hf_config()
+        if quantization == "fp8":
+            cfg["quantization_config"] = QuantizationConfig.pixtral(legacy_hf_keys).to_hf()
+        (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     _copy_tokenizer(folder, args)
     return folder
+
+
+def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0.02, device="cuda",
+                                dtype: torch.dtype = torch.bfloat16, quantization: str | None = None,
+                                progress: bool = True, weights_dtype: torch.dtype = torch.bfloat16
+                                ) -> dict[str, torch.Tensor]:
+    """Exactly what load_state_dict(plan, device, dtype) returns for write_random_checkpoint(seed, std,
+    dtype=weights_dtype, device=device, quantization=...), made on `device` without a checkpoint: same keys,
+    dtypes and shapes, our un-permuted layout, FP8 decoder linears (float8_e4m3fn + fp32 (N, 1) scale) when
+    quantization="fp8". Tensors are drawn one at a time in `weights_dtype` (the checkpoint's rounding) and each
+    decoder linear is quantised as it is made, so only the final model is ever held (Pixtral-Large, 123 B
+    params, fits one GPU only in FP8)."""
+    from tqdm import tqdm
+
+    _check_quantization(quantization)
+    shapes = expected_shapes(args)
+    out: dict[str, torch.Tensor] = {}
+    esize = torch.tensor([], dtype=weights_dtype).element_size()
+    total = sum(_nbytes(k, s, esize, quantization) for k, s in shapes.items())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress,
+              file=sys.stderr, leave=False) as bar:
+        for k, s in shapes.items():
+            for key, t in _random_entries(k, s, seed, std, device, weights_dtype, quantization).items():
+                # the loader's casts: FP8 stays e4m3, scales fp32, everything else `dtype`
+                out[key] = t if key.endswith(".weight_scale") or t.dtype == fp8.FP8_DTYPE else t.to(dtype)
+            bar.update(_nbytes(k, s, esize, quantization))
+    return out
 
 
 def _copy_tokenizer(folder: Path, args: PixtralArgs) -> None:
@@ -115,6 +189,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default="cpu", help="where to draw the numbers (cuda is much faster)")
+    p.add_argument("--quantization", choices=list(QUANTIZATIONS), default=None,
+                   help="fp8: write the text decoder's linears as FP8 e4m3 with one fp32 scale per output channel, "
+                        "in the HF compressed-tensors layout of pixtral-12b-FP8-dynamic (needs --format hf); "
+                        "embeddings, lm_head, vision tower and adapter stay in --dtype. Same model as the "
+                        "unquantised checkpoint of the same seed, quantised")
     a = p.parse_args(argv)
     if a.preset == "tiny":
         args = tiny()
@@ -124,9 +203,14 @@ def main(argv=None) -> int:
         args = PRESETS[a.preset]
     else:
         p.error(f"unknown preset {a.preset!r}")
+    try:
+        _check_quantization(a.quantization, a.format)
+    except ValueError as exc:
+        p.error(str(exc))
     write_random_checkpoint(a.folder, args, a.format, a.seed, dtype=getattr(torch, a.dtype), device=a.device,
-                            progress=True)
-    print(f"wrote {a.format}-format {args.name} random weights (seed {a.seed}) to {a.folder}")
+                            progress=True, quantization=a.quantization)
+    q = f" {a.quantization.upper()}" if a.quantization else ""
+    print(f"wrote {a.format}-format{q} {args.name} random weights (seed {a.seed}) to {a.folder}")
     return 0
 
 
