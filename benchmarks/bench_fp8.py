@@ -57,7 +57,7 @@ def prompt_logits(engine: Engine, req: EncodedRequest) -> torch.Tensor:
     """Last-token logits of a prompt through the serving engine's model (FastPagedModel), written into pages
     1.. of its pool: only while the engine is idle, and the pool's cached prefixes are garbage afterwards
     (call it last)."""
-    m = engine.backend.model
+    m = engine.backend.runner.model
     dec, P, dev = m.decoder, m.page_size, m.device
     T = req.prompt_tokens
     toks = torch.tensor(req.tokens, device=dev)
@@ -88,7 +88,7 @@ def run_engine(label, load_kw, reqs, quality_reqs, n_tokens) -> dict:
     t0 = time.perf_counter()
     engine = Engine.load(max_context=16384, progress=False, **load_kw)
     out = {"load_s": time.perf_counter() - t0, "info": dict(engine.info), "args": engine.args}
-    dec = engine.backend.model.decoder
+    dec = engine.backend.runner.model.decoder
     out["weight_bytes"] = dec.weight_bytes_per_token
     out["gpu_GB_after_load"] = torch.cuda.memory_allocated() / 1e9
     out["speed"] = {}

@@ -97,8 +97,28 @@ GLU_CONFIG = dict(block_n=8, block_k=256, num_warps=4, num_stages=6)
 # FP8 decoder (pixtral_rt/fp8.py): tiles of kernels/fp8_gemv.py per weight shape (N, K): for 1 row (GEMV), and
 # for 2..64 rows per padded row-tile block_m in (16, 32, 64) (skinny GEMM). Shapes not listed take the
 # kernel's defaults. Chosen by benchmarks/bench_fp8_linear.py (CUDA-graph timed sweeps).
-FP8_GEMV_CONFIGS: dict[tuple[int, int], dict] = {}
-FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {}
+# Sweep of 2026-12-02 on an H200 (benchmarks/results/fp8_linear.jsonl, commit a5e6170): M=1 reads W at 2.3 (wo) to
+# 3.5 (w13) TB/s, 0.61-0.66x the bf16 GEMV's time.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], dict] = {
+    (6144, 5120): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),     # wqkv
+    (5120, 4096): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),     # wo
+    (28672, 5120): dict(block_n=8, block_k=512, num_warps=4, num_stages=4),    # w13
+    (5120, 14336): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),    # w2
+}
+FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
+    (6144, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
+                   32: dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
+                   64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+    (5120, 4096): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                   32: dict(block_n=64, block_k=128, num_warps=4, num_stages=5),
+                   64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+    (28672, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                    32: dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
+                    64: dict(block_n=128, block_k=128, num_warps=4, num_stages=3)},
+    (5120, 14336): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                    32: dict(block_n=64, block_k=128, num_warps=4, num_stages=5),
+                    64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+}
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
