@@ -10,6 +10,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # Pixtral-Large FP8 fills the GPU
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PIXTRAL_RT_CACHE=${PIXTRAL_RT_CACHE:-/tmp/pixtral_rt_cache}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -118,6 +118,8 @@ class LLMEngine:
             from ..vision import FastVisionEncoder
             from .paged_model import FastPagedModel
             sd = src.load_weights(progress)
+            torch.cuda.empty_cache()     # transients of loading (random draws, quantisation) out of the cache:
+            #                              the fused wqkv / w13 below need contiguous room (Pixtral-Large FP8)
             vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
             vision = FastVisionEncoder.from_state_dict(vision_sd, args, src.dtype, dev)
             del vision_sd
