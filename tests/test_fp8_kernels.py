@@ -151,16 +151,17 @@ def test_fp8_gemm_bf16(backend, M, N, K):
 @pytest.mark.gpu
 @pytest.mark.parametrize("K", [5120, 14336, 28672])
 def test_fp8_quant_matches_reference_bf16(K):
-    """Scales bit-equal. Codes: on the H200 a few elements (seen: well under 0.01%) come out one e4m3 step
-    away from torch's CUDA result (the interpreter run on the CPU is bit-exact); the cause was not pinned
-    down (torch's division vs div_rn, or the cast), so the check is: <= 1e-4 of the codes differ, each by one
-    step, and the dequantised rows agree to that."""
+    """Scales bit-equal and every e4m3 value equal to torch's CUDA result. The only byte differences allowed
+    are signed zeros: a negative input that rounds to zero is -0 in torch and may come out +0 here (seen on
+    the H200: 26 to 57 per 10^7 codes, every one a zero; the compiled kernel does not keep the sign of a
+    zero, cause not traced further); the value is 0 either way."""
     x = torch.randn(513, K, device="cuda", dtype=torch.bfloat16) * 3
+    x[0, :64] = -1e-30                                         # tiny negatives that round to zero
     q, s = fp8_quant(x)
     qr, sr = quantize_activations(x)
     assert torch.equal(s, sr)
-    diff = q.view(torch.uint8).int() - qr.view(torch.uint8).int()
-    n_bad = int((diff != 0).sum())
-    print(f"K={K}: {n_bad} of {diff.numel()} codes differ from torch's")
-    assert n_bad <= 1e-4 * diff.numel() and int(diff.abs().max()) <= 1
+    assert torch.equal(q.float(), qr.float())                  # equal values (+0 == -0)
+    differ = q.view(torch.uint8) != qr.view(torch.uint8)
+    print(f"K={K}: {int(differ.sum())} of {differ.numel()} codes differ from torch's, all signed zeros")
+    assert bool((q.float()[differ] == 0).all())
 
