@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Device calls for the FP8 decoder (issue 10). STAGES (comma list):
-#   tests   GPU tests of the FP8 kernels and decoder (tests/test_fp8_kernels.py, tests/test_decoder_fp8.py)
+#   tests   GPU tests of the FP8 kernels and decoder (tests/test_fp8_{quant,gemv,gemm}.py, tests/test_decoder_fp8.py)
 #   linear  kernel microbenchmarks + tile sweeps (benchmarks/bench_fp8_linear.py)
 #   e2e     bf16 vs FP8 engine on random Pixtral-12B written as real checkpoints (bf16 Mistral format and the
 #           FP8 compressed-tensors HF layout), through the real loader (benchmarks/bench_fp8.py --quality)
@@ -29,7 +29,7 @@ if [[ $STAGES == *e2e* || $STAGES == *cli* ]]; then
   du -sh $BF $F8
 fi
 if [[ $STAGES == *tests* ]]; then
-  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_fp8_kernels.py tests/test_decoder_fp8.py} \
+  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_fp8_quant.py tests/test_fp8_gemv.py tests/test_fp8_gemm.py tests/test_decoder_fp8.py} \
     -m gpu -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|seq |^E " | tail -30
 fi
 if [[ $STAGES == *linear* ]]; then

@@ -67,3 +67,22 @@ def png_server(png: bytes):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of a against b, in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def fp8_weights(N, K, device, seed):
+    """Random (N, K) weights quantised per channel -> (W8 float8_e4m3fn, scale (N,) fp32); channel 0 has a
+    40x larger range, so each channel's own scale matters."""
+    import torch
+
+    from pixtral_rt.fp8 import quantize_weight
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[0] *= 40
+    w8, s = quantize_weight(w.to(device))
+    return w8, s.reshape(-1).contiguous()
