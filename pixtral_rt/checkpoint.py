@@ -19,10 +19,15 @@ pixtral_rt.quantization_config) makes the text decoder's linears F8_E4M3 [out, i
 float8_e4m3fn weights (never cast to the load dtype), float32 (N, 1) scales, q/k rows and their scales
 un-permuted together. `load_state_dict(..., quantization="fp8")` quantises a bf16 checkpoint's decoder
 linears the same way, one tensor at a time as it arrives.
+
+Tensor parallelism: `load_state_dict(..., shard=(rank, world))` reads only this rank's slice of each
+sharded decoder linear (pixtral_rt.sharding: wq/wk/wv/w1/w3 by rows, wo/w2 by columns) straight from the
+file, as byte ranges; replicated tensors are read whole.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import sys
@@ -33,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import fp8
+from . import sharding
 from .config import ConfigError, PixtralArgs
 from .quantization_config import QuantizationConfig
 
@@ -80,6 +86,12 @@ class CheckpointPlan:
                      f"with per-channel scales, the rest (embeddings, lm_head, norms, vision tower, adapter"
                      f"{', ignored linears' if n8 < len(linears) else ''}) unquantised")
         return text
+
+    def shard_bytes(self, rank: int, world: int) -> int:
+        """Tensor-data bytes that load_state_dict(self, shard=(rank, world)) reads (all tensors): this rank's
+        slice of each sharded tensor plus every replicated tensor whole."""
+        rank, world = _check_shard(self, (rank, world))
+        return sum(sum(n for _, n in _slice_ranges(k, s, rank, world)[0]) for k, s in self.sources.items())
 
 
 def _numel(shape) -> int:
@@ -484,7 +496,8 @@ def _check_fused_groups(plan: CheckpointPlan) -> None:
 def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = torch.bfloat16,
                     keys: Iterable[str] | None = None, progress: bool = True,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
-                    staged: bool | None = None, quantization: str | None = None) -> dict[str, torch.Tensor]:
+                    staged: bool | None = None, quantization: str | None = None,
+                    shard: tuple[int, int] | None = None, stats: dict | None = None) -> dict[str, torch.Tensor]:
     """Load (a subset of) the planned tensors onto `device`; returns our-named tensors.
 
     Unquantised tensors come in `dtype`. FP8 follows pixtral_rt.fp8's contract: a decoder linear stays
@@ -496,33 +509,52 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
 
     To a GPU (staged, the default there) each file is read with plain reads into two reusable pinned
     buffers and copied to the device chunk by chunk, so host memory stays at the staging buffers (no
-    mapped file pages, no copy of the model). To the CPU, safetensors memory-maps each file."""
+    mapped file pages, no copy of the model). To the CPU, safetensors memory-maps each file.
+
+    shard=(rank, world): tensor parallelism (pixtral_rt.sharding). The decoder's heads, KV heads and FFN
+    width must divide by `world` (checked before anything is read). Each sharded tensor is read as only
+    this rank's slice, straight from the file and never whole in host memory: a row block (wq/wk/wv/w1/w3,
+    and an FP8 checkpoint's scales of those) is one contiguous byte range; a column block (wo/w2) is one
+    range per row. Replicated tensors (embeddings, norms, lm_head, vision, adapter, and the (N, 1) scales of
+    an FP8 checkpoint's wo/w2, which are per output channel) are read whole. HF q/k slices hold whole heads
+    and are un-permuted with heads / world heads (the permutation stays inside each head). With
+    quantization="fp8" on an unquantised checkpoint, each slice is quantised as read: a row block's scales
+    are the rows of the unsharded quantisation; a column block's per-channel scale comes from THIS rank's
+    columns only, so wo/w2 scales differ between ranks. That is intended: each rank dequantises its own
+    partial sum before the all-reduce. (An FP8 checkpoint's wo/w2 keep the checkpoint's one scale per row on
+    every rank.)
+
+    stats: if given, stats["bytes_read"] is increased by the tensor-data bytes read from the files."""
     from tqdm import tqdm
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}")
+    rank, world = _check_shard(plan, shard)
     quantize = quantization == "fp8" and plan.quantization is None  # an FP8 checkpoint is FP8 already
     dev = torch.device(device)
     staged = dev.type == "cuda" if staged is None else staged
     wanted = _wanted_keys(plan, keys, quantize)
+    # what to read of each tensor, all computed (and checked) before a byte is read
+    reads = {k: _slice_ranges(k, plan.sources[k], rank, world) for k in wanted}
     by_file: dict[Path, list[str]] = {}
     for k in wanted:
         by_file.setdefault(plan.sources[k].file, []).append(k)
-    total = sum(plan.sources[k].nbytes for k in wanted)
+    total = sum(n for ranges, _, _ in reads.values() for _, n in ranges)
     out: dict[str, torch.Tensor] = {}
+    nread = 0
 
     def emit(k: str, t: torch.Tensor) -> None:
         out[k] = transform(k, t) if transform is not None else t
 
     def finish(k: str, t: torch.Tensor) -> None:
-        src = plan.sources[k]
+        heads = reads[k][2]
         to_fp8 = quantize and fp8.is_quantized_weight(k)
         if k.endswith(".weight_scale"):
             t = t.float()  # (N, 1) fp32, whatever the file holds
         elif t.dtype != fp8.FP8_DTYPE and not to_fp8:
             t = t.to(dtype)  # to_fp8: quantised from the file's own values, not from a `dtype` rounding
-        if src.unpermute_heads:  # rows of an FP8 weight and of its scale move together
-            t = unpermute_from_hf(t, src.unpermute_heads).contiguous()
+        if heads:  # rows of an FP8 weight and of its scale move together
+            t = unpermute_from_hf(t, heads).contiguous()
         if to_fp8:
             w8, scale = fp8.quantize_weight(t)  # (N, K) e4m3, (N, 1) fp32
             emit(k, w8)
@@ -530,29 +562,117 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
         else:
             emit(k, t)
 
+    def read_mapped(path: Path, ks: list[str], bar) -> None:
+        """Whole tensors through safetensors (memory-mapped); slices with plain positioned reads."""
+        nonlocal nread
+        from safetensors import safe_open
+        raw_file = None  # opened for the file's first sliced tensor
+        try:
+            with safe_open(str(path), framework="pt", device="cpu" if dev.type == "cpu" else str(dev)) as f:
+                for k in ks:
+                    src = plan.sources[k]
+                    ranges, shape, _ = reads[k]
+                    if ranges == [(src.offset, src.nbytes)]:  # the whole tensor
+                        finish(k, f.get_tensor(src.key))
+                        n = src.nbytes
+                    else:
+                        raw_file = raw_file or open(path, "rb", buffering=0)
+                        raw = _read_ranges_host(raw_file, path, ranges)
+                        n = raw.numel()
+                        finish(k, raw.view(_READ_DTYPES[src.dtype]).view(shape).to(dev))
+                    nread += n
+                    bar.update(n)
+        finally:
+            if raw_file is not None:
+                raw_file.close()
+
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress,
               file=sys.stderr, leave=False) as bar:
         reader = _StagedReader(dev) if staged else None
-        for path, ks in by_file.items():
-            try:
-                if staged:
+        try:
+            for path, ks in by_file.items():
+                try:
+                    if not staged:
+                        read_mapped(path, ks, bar)
+                        continue
                     for k in sorted(ks, key=lambda k: plan.sources[k].offset):
-                        src = plan.sources[k]
-                        finish(k, reader.read(path, src.offset, src.nbytes, _READ_DTYPES[src.dtype], src.shape))
-                        bar.update(src.nbytes)
-                    continue
-                from safetensors import safe_open
-                with safe_open(str(path), framework="pt", device="cpu" if dev.type == "cpu" else str(dev)) as f:
-                    for k in ks:
-                        finish(k, f.get_tensor(plan.sources[k].key))
-                        bar.update(plan.sources[k].nbytes)
-            except CheckpointError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - safetensors / OS errors on corrupt or vanished data
-                raise CheckpointError(f"{path}: failed while reading tensors ({type(exc).__name__}: {exc})") from exc
-        if reader is not None:
-            reader.close()
+                        ranges, shape, _ = reads[k]
+                        before = reader.bytes_read
+                        finish(k, reader.read_ranges(path, ranges, _READ_DTYPES[plan.sources[k].dtype], shape))
+                        bar.update(reader.bytes_read - before)
+                except CheckpointError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - safetensors / OS errors on corrupt or vanished data
+                    raise CheckpointError(f"{path}: failed while reading tensors "
+                                          f"({type(exc).__name__}: {exc})") from exc
+        finally:
+            if reader is not None:
+                reader.close()
+                nread += reader.bytes_read
+            if stats is not None:
+                stats["bytes_read"] = stats.get("bytes_read", 0) + nread
     return out
+
+
+def _check_shard(plan: CheckpointPlan, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """(rank, world) of a valid shard argument ((0, 1) for None); the model must divide by world."""
+    if shard is None:
+        return 0, 1
+    try:
+        rank, world = shard
+    except (TypeError, ValueError):
+        raise ValueError(f"shard must be (rank, world), got {shard!r}") from None
+    sharding.check_divisible(plan.args, world)
+    if not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"shard=({rank!r}, {world}): rank must be an integer in [0, {world})")
+    return rank, world
+
+
+def _slice_ranges(key: str, src: TensorSource, rank: int, world: int
+                  ) -> tuple[list[tuple[int, int]], tuple[int, ...], int]:
+    """What to read of one tensor for rank `rank` of `world`: absolute (offset, nbytes) byte ranges (adjacent
+    ones merged), the shape they make, and the heads to un-permute HF's rotary rows with (0: none)."""
+    rng = sharding.shard_range(key, src.shape, rank, world) if world > 1 else None
+    if rng is None:
+        return [(src.offset, src.nbytes)], src.shape, src.unpermute_heads
+    dim, start, stop = rng
+    shape = src.shape[:dim] + (stop - start,) + src.shape[dim + 1:]
+    inner = src.nbytes // _numel(src.shape[:dim + 1]) if src.nbytes else 0  # bytes of one step along dim
+    row = src.shape[dim] * inner  # bytes of one index of the dims before `dim`
+    ranges: list[tuple[int, int]] = []
+    for r in range(_numel(src.shape[:dim])):
+        a, n = src.offset + r * row + start * inner, (stop - start) * inner
+        if ranges and ranges[-1][0] + ranges[-1][1] == a:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + n)
+        else:
+            ranges.append((a, n))
+    # row blocks of q/k are whole heads (head-major rows): un-permute with this rank's heads
+    heads = src.unpermute_heads // world if dim == 0 else src.unpermute_heads
+    return ranges, shape, heads
+
+
+def _read_exact(f, path: Path, view: memoryview, offset: int) -> int:
+    """Fill `view` with the file's bytes from `offset` (positioned reads: one system call per range, which
+    matters for column slices, read one range per row); CheckpointError on a short file."""
+    got, n = 0, len(view)
+    if not hasattr(os, "preadv"):
+        f.seek(offset)
+    while got < n:
+        r = os.preadv(f.fileno(), [view[got:n]], offset + got) if hasattr(os, "preadv") else f.readinto(view[got:n])
+        if not r:
+            raise CheckpointError(f"{path}: unexpected end of file at byte {offset + got}")
+        got += r
+    return got
+
+
+def _read_ranges_host(f, path: Path, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Byte ranges of an open file, read straight into one new host uint8 tensor (no other copy)."""
+    raw = torch.empty(sum(n for _, n in ranges), dtype=torch.uint8)
+    view = memoryview(raw.numpy())
+    pos = 0
+    for offset, n in ranges:
+        pos += _read_exact(f, path, view[pos:pos + n], offset)
+    return raw
 
 
 def _wanted_keys(plan: CheckpointPlan, keys: Iterable[str] | None, quantize: bool) -> list[str]:
@@ -573,7 +693,9 @@ def _wanted_keys(plan: CheckpointPlan, keys: Iterable[str] | None, quantize: boo
 
 
 class _StagedReader:
-    """File bytes -> device tensors through two pinned host buffers (double-buffered, async copies)."""
+    """File bytes -> device tensors through two pinned host buffers (double-buffered, async copies).
+    `read_ranges` packs several byte ranges (a column slice: one per row) into the buffers, so a slice
+    costs one device copy per buffer's worth of bytes, however many rows it has."""
 
     def __init__(self, device: torch.device, chunk: int = 128 << 20):
         self.device, self.chunk = device, chunk
@@ -582,39 +704,51 @@ class _StagedReader:
         self.views = [memoryview(b.numpy()) for b in self.bufs]
         self.events: list = [None, None]
         self.i = 0
+        self.bytes_read = 0  # tensor-data bytes read from files
         self._file, self._path = None, None
 
     def read(self, path: Path, offset: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        return self.read_ranges(path, [(offset, nbytes)], dtype, shape)
+
+    def read_ranges(self, path: Path, ranges: list[tuple[int, int]], dtype: torch.dtype, shape) -> torch.Tensor:
+        """The concatenated bytes of `ranges` (absolute offsets in `path`) as a device tensor of `shape`."""
         if self._path != path:
             if self._file is not None:
                 self._file.close()
             self._file, self._path = open(path, "rb", buffering=0), path
-        raw = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        f = self._file
-        f.seek(offset)
-        pos = 0
-        while pos < nbytes:
-            n = min(self.chunk, nbytes - pos)
-            j = self.i % 2
-            if self.events[j] is not None:
-                self.events[j].synchronize()  # the copy out of this buffer has finished
-            view, got = self.views[j], 0
-            while got < n:
-                r = f.readinto(view[got:n])
-                if not r:
-                    raise CheckpointError(f"{path}: unexpected end of file at byte {offset + pos + got}")
-                got += r
-            raw[pos:pos + n].copy_(self.bufs[j][:n], non_blocking=True)
-            if self.device.type == "cuda":
-                self.events[j] = torch.cuda.Event()
-                self.events[j].record()
-            pos += n
-            self.i += 1
+        raw = torch.empty(sum(n for _, n in ranges), dtype=torch.uint8, device=self.device)
+        pos = fill = 0  # bytes of `raw` already sent; bytes in the current buffer
+        j = self.i % 2
+        for offset, nbytes in ranges:
+            done = 0
+            while done < nbytes:
+                if fill == 0:
+                    j = self.i % 2
+                    if self.events[j] is not None:
+                        self.events[j].synchronize()  # the copy out of this buffer has finished
+                m = min(nbytes - done, self.chunk - fill)
+                self.bytes_read += _read_exact(self._file, path, self.views[j][fill:fill + m], offset + done)
+                fill += m
+                done += m
+                if fill == self.chunk:
+                    pos = self._send(raw, pos, j, fill)
+                    fill = 0
+        if fill:
+            self._send(raw, pos, j, fill)
         return raw.view(dtype).view(shape)
+
+    def _send(self, raw: torch.Tensor, pos: int, j: int, n: int) -> int:
+        raw[pos:pos + n].copy_(self.bufs[j][:n], non_blocking=True)
+        if self.device.type == "cuda":
+            self.events[j] = torch.cuda.Event()
+            self.events[j].record()
+        self.i += 1
+        return pos + n
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file, self._path = None, None
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 

@@ -141,14 +141,17 @@ class FastDecoder:
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
-                 static_cache: bool = True, fp8_gemm_backend: str | None = None):
+                 static_cache: bool = True, fp8_gemm_backend: str | None = None, tp_group=None):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
         static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods).
         FP8: a decoder linear given as float8_e4m3fn `<name>.weight` + fp32 `<name>.weight_scale` (N, 1) (the
         contract of pixtral_rt/fp8.py) is kept in FP8: decode runs kernels/fp8_gemv.py on bf16 activations,
         prefill quantises activations per token (kernels/fp8_quant.py) and runs the FP8 GEMM
-        (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or "triton")."""
+        (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or "triton").
+        tp_group (a torch.distributed group, or "world"): tensor parallel. `args` and `weights` are this rank's
+        shard (pixtral_rt/sharding.py: heads, KV heads and the FFN width divided by the world size); the
+        partial outputs of wo and w2 are summed across ranks by one all-reduce each, before the residual add."""
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -217,6 +220,11 @@ class FastDecoder:
         self.output = get("output.weight", (args.vocab_size, args.dim))
         if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
             raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
+        self.tp_group = None if tp_group is None else (torch.distributed.group.WORLD if tp_group == "world"
+                                                       else tp_group)
+        if self.tp_group is not None and self.decode_fusion not in ("none", "none+pdl"):
+            raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} adds the residual inside the GEMV; "
+                             f"tensor parallelism needs the all-reduce first: use 'none' or 'none+pdl'")
         self.fp8 = any(isinstance(w, Fp8Weight) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2))
         if self.fp8 and self.decode_fusion not in ("none", "none+pdl"):
             raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} has no FP8 kernels; use 'none' "
@@ -271,6 +279,12 @@ class FastDecoder:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
 
+    def _reduce(self, y: torch.Tensor) -> torch.Tensor:
+        """Tensor parallel: sum the row-parallel partial outputs (wo, w2) across ranks, in place."""
+        if self.tp_group is not None:
+            torch.distributed.all_reduce(y, group=self.tp_group)
+        return y
+
     def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None,
                 act_quant: bool = False) -> torch.Tensor:
         """x (T, dim) -> final-normed hidden (T, 1 or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
@@ -285,9 +299,9 @@ class FastDecoder:
             else:
                 h, res = rms_norm(y, L.attention_norm, eps, residual=res)
             a = attend(i, self._linear(h, L.wqkv, act_quant))         # (T, Hq, D)
-            y = self._linear(a.view(T, -1), L.wo, act_quant)
+            y = self._reduce(self._linear(a.view(T, -1), L.wo, act_quant))
             h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
-            y = self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant)
+            y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant))
         if last_only:
             y, res = y[-1:], res[-1:]
         elif rows is not None:
@@ -450,13 +464,13 @@ class FastDecoder:
             else:
                 h, res = rms_norm_pdl(y, L.attention_norm, eps, residual=res, pdl=pdl)
             a = attend(i, lin(h, L.wqkv))
-            y = lin(a.view(1, -1), L.wo)
+            y = self._reduce(lin(a.view(1, -1), L.wo))
             h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=pdl)
             if glu:
                 g = gemv(h, L.w13, glu=True, pdl=pdl, **self.glu_config)
             else:
                 g = silu_mul_pdl(lin(h, L.w13), pdl=pdl)
-            y = lin(g, L.w2)
+            y = self._reduce(lin(g, L.w2))
         h, _ = rms_norm_pdl(y, self.norm, eps, residual=res, pdl=pdl)
         if not glu:
             return lin(h, self.output).float()

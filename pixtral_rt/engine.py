@@ -131,7 +131,8 @@ def _random_preset_args(preset: str) -> PixtralArgs:
 
 
 def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None,
-                  quantization: str | None = None, random_weights: str | None = None) -> ModelSource:
+                  quantization: str | None = None, random_weights: str | None = None, quiet: bool = False,
+                  with_tokenizer: bool = True) -> ModelSource:
     """Device and dtype (CUDA + bf16 when a GPU is visible, else CPU + fp32), the checkpoint plan (format
     detected and printed; the embedded random default when model is None) and the tokenizer.
     quantization "fp8": quantise the decoder linears at load (an FP8 checkpoint is FP8 without asking).
@@ -154,9 +155,10 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
         if model is not None:
             raise ValueError("give a checkpoint (--model) or --random-weights PRESET, not both")
         args = _random_preset_args(random_weights)
-        print(f"pixtral_rt: random {args.name} weights (seed 0) generated on {dev} at load "
-              f"[random weights: the text will be meaningless]", file=sys.stderr)
-        tokenizer = load_tokenizer(None, args)
+        if not quiet:
+            print(f"pixtral_rt: random {args.name} weights (seed 0) generated on {dev} at load "
+                  f"[random weights: the text will be meaningless]", file=sys.stderr)
+        tokenizer = load_tokenizer(None, args) if with_tokenizer else None
         return ModelSource(dev, tdtype, None, args, None, tokenizer, True, t0, f"random {args.name}", quantization,
                            random_weights)
     random_default = model is None
@@ -167,11 +169,17 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
     plan = plan_checkpoint(folder, fmt)
     if getattr(plan, "quantization", None) is not None:
         quantization = "fp8"             # the checkpoint's own scheme (checkpoint.py validated it)
-    print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
-                                               if random_default else ""), file=sys.stderr)
-    tokenizer = load_tokenizer(None if random_default else folder, plan.args)
+    if not quiet:
+        print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
+                                                   if random_default else ""), file=sys.stderr)
+    tokenizer = load_tokenizer(None if random_default else folder, plan.args) if with_tokenizer else None
     name = f"random {default_args.name}" if random_default else str(folder)
     return ModelSource(dev, tdtype, plan, plan.args, folder, tokenizer, random_default, t0, name, quantization)
+
+
+def resolve_source(model, device, dtype, fmt, quantization=None, random_weights=None) -> ModelSource:
+    """resolve_model without messages or tokenizer (tensor-parallel followers)."""
+    return resolve_model(model, device, dtype, fmt, quantization, random_weights, quiet=True, with_tokenizer=False)
 
 
 def load_reference_model(src: ModelSource, progress: bool = True):
@@ -242,9 +250,14 @@ class Engine:
     def load(cls, model: str | Path | None = None, *, device: str | None = None, dtype: str | None = None,
              max_context: int | None = None, max_images: int = 12, backend: str = "auto",
              fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
-             quantization: str | None = None, random_weights: str | None = None) -> "Engine":
+             quantization: str | None = None, random_weights: str | None = None,
+             tensor_parallel: int | None = None) -> "Engine":
         """quantization "fp8": FP8 decoder linears (an FP8 checkpoint is FP8 anyway); random_weights PRESET:
-        seeded random weights generated on the device instead of a checkpoint (see resolve_model)."""
+        seeded random weights generated on the device instead of a checkpoint (see resolve_model);
+        tensor_parallel N: the decoder sharded over N processes (pixtral_rt/tensor_parallel.py; serving
+        backend only)."""
+        if (tensor_parallel or 1) > 1 and backend not in ("auto", "serving"):
+            raise ValueError(f"--tensor-parallel needs the serving backend (--backend auto), not {backend!r}")
         src = resolve_model(model, device, dtype, fmt, quantization, random_weights)
         dev, tdtype, plan, args, tokenizer, t0 = src.device, src.dtype, src.plan, src.args, src.tokenizer, src.t0
         random_default = src.random_default
@@ -256,6 +269,7 @@ class Engine:
             # at a time here; the CLI and this class are a thin layer over it
             from .serving.llm_engine import LLMEngine
             llm = LLMEngine.load(src, max_context=max_context, max_images=max_images, max_batch=1,
+                                 tensor_parallel=tensor_parallel,
                                  progress=progress, use_graphs=use_graphs)
             return cls(args, tokenizer, llm, llm.info, llm.max_context, max_images)
         use_fast = backend == "fast"

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "activation scales in prefill), quantised at load from a bf16 checkpoint of either format; "
                         "the vision encoder, adapter, embeddings and lm_head stay bf16. An FP8 checkpoint "
                         "(compressed-tensors, e.g. pixtral-12b-FP8-dynamic) is FP8 without this flag")
+    m.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the text decoder over N processes (one per GPU; torch.distributed: NCCL on GPUs, "
+                        "gloo with --device cpu). The command starts the workers itself; under torchrun the "
+                        "launcher's world is used. Default 1")
     m.add_argument("--random-weights", metavar="PRESET",
                    help="benchmark / testing aid: no checkpoint; seeded random weights of PRESET (tiny, "
                         "Pixtral-12B-2409, Pixtral-Large-Instruct-2411, Mistral-Small-3.1-24B-2503) generated on "
@@ -108,7 +112,7 @@ def _json_record(engine, res) -> dict:
     return {"model": engine.info["model"], "format": engine.info["format"], "device": engine.info["device"],
             "dtype": engine.info["dtype"], "backend": engine.info["backend"],
             "quantization": engine.info.get("quantization"), "precision": engine.info.get("precision"),
-            "random_weights": engine.info["random_weights"], "prompt_tokens": res.prompt_tokens,
+            "tensor_parallel": engine.info.get("tensor_parallel", 1), "random_weights": engine.info["random_weights"], "prompt_tokens": res.prompt_tokens,
             "n_images": res.n_images, "image_patches": res.image_patches, "generated_token_ids": res.token_ids,
             "text": res.text, "finish_reason": res.finish_reason, "timings": t}
 
@@ -183,6 +187,8 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if args.max_images < 0:
         parser.error(f"--max-images must be >= 0, got {args.max_images}")
+    if args.tensor_parallel < 1:
+        parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     if args.max_context is not None and args.max_context < 1:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
     if args.quiet or args.json:
@@ -202,7 +208,8 @@ def main(argv=None) -> int:
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                              max_images=args.max_images, backend=args.backend, fmt=args.format,
                              progress=not (args.quiet or args.json), use_graphs=not args.no_graphs,
-                             quantization=args.quantization, random_weights=args.random_weights)
+                             quantization=args.quantization, random_weights=args.random_weights,
+                             tensor_parallel=args.tensor_parallel)
         if args.chat:
             _chat_loop(engine, params, args)
         else:

@@ -384,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: the text decoder's linears in FP8 e4m3, quantised at load from a bf16 checkpoint "
                         "(an FP8 compressed-tensors checkpoint is FP8 without this flag); vision, adapter, "
                         "embeddings and lm_head stay bf16")
+    m.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the text decoder over N processes (one per GPU; torch.distributed: NCCL on GPUs, "
+                        "gloo with --device cpu). The command starts the workers itself; under torchrun the "
+                        "launcher's world is used. Default 1")
     m.add_argument("--random-weights", metavar="PRESET",
                    help="benchmark / testing aid: seeded random weights of PRESET generated on the device instead "
                         "of --model (meaningless text)")
@@ -470,7 +474,8 @@ def main(argv=None) -> int:
         load = EngineClient.start if args.engine == "process" else LLMEngine.load
         engine = load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                       max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
-                      quantization=args.quantization, random_weights=args.random_weights)
+                      quantization=args.quantization, random_weights=args.random_weights,
+                      tensor_parallel=args.tensor_parallel)
     except KeyboardInterrupt:
         return 130
     except (PixtralInputError, CheckpointError, ConfigError) as exc:

@@ -102,17 +102,51 @@ class LLMEngine:
              max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
              kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
              chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB, quantization: str | None = None,
-             random_weights: str | None = None) -> "LLMEngine":
+             random_weights: str | None = None, tensor_parallel: int | None = None) -> "LLMEngine":
         """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
         kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
         reserve_bytes; on CPU 4 full contexts). quantization "fp8": FP8 decoder linears; random_weights
-        PRESET: seeded random weights generated on the device (engine.resolve_model)."""
+        PRESET: seeded random weights generated on the device (engine.resolve_model). tensor_parallel N: the
+        decoder sharded over N processes, this one rank 0 (pixtral_rt/tensor_parallel.py); under torchrun the
+        world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops."""
+        from .. import tensor_parallel as tpm
+        env = tpm.torchrun_env()
+        world = env[1] if env else (tensor_parallel or 1)
+        if env and tensor_parallel not in (None, 1, world):
+            raise ValueError(f"--tensor-parallel {tensor_parallel} but torchrun started {world} processes")
+        if world < 1:
+            raise ValueError(f"--tensor-parallel must be >= 1, got {world}")
+        if env and env[0] != 0:                       # a torchrun follower: never returns to the caller
+            src = model if isinstance(model, ModelSource) else None
+            tpm.follow_from_env(dict(model=str(src.folder) if src and src.folder else model, device=device,
+                                     dtype=dtype, fmt=fmt, quantization=quantization, random_weights=random_weights))
+            raise SystemExit(0)
         src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
                                                                          random_weights)
         args, dev = src.args, src.device
         t = args.text
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
-        if dev.type == "cuda":
+        if world > 1:
+            from ..sharding import check_divisible
+            from .paged_model import ReferencePagedModel
+            check_divisible(args.text, world)             # before any process starts
+            if dev.type == "cuda":
+                raise NotImplementedError("tensor parallelism on GPUs (NCCL decoder) is not built yet; "
+                                          "--device cpu runs it over gloo")
+            load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
+                           dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
+                           quantization=src.quantization, random_weights=src.random_preset)
+            if env:
+                tpm.join_as_rank0(dev)
+                followers = None
+            else:
+                followers, _ = tpm.launch(world, load_kw, dev)
+            ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
+            model_ = tpm.LeaderModel(ReferencePagedModel(ref, shard_args, dev, src.dtype), world,
+                                     processes=followers)
+            backend = f"reference (paged, continuous batching), tensor parallel {world} over gloo"
+            kv_tokens = kv_tokens or 4 * (ctx + page_size)
+        elif dev.type == "cuda":
             from ..decoder import FastDecoder
             from ..fast_backend import _TEXT_PREFIXES
             from ..vision import FastVisionEncoder
@@ -143,6 +177,7 @@ class LLMEngine:
                                f"tokens, fewer than one request of {min(ctx, 4096)}")
         load_s = time.perf_counter() - src.t0
         info = {"model": src.name, "format": src.format, "random_weights": src.random_default,
+                "tensor_parallel": world,
                 "quantization": src.quantization, "precision": src.precision(),
                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                 "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
@@ -200,6 +235,9 @@ class LLMEngine:
         self._thread.join(timeout)
         atexit.unregister(self._atexit)
         self.ready = False
+        stop = getattr(self.runner.model, "shutdown", None)
+        if stop is not None:              # tensor parallel: tell the followers to exit, wait for them
+            stop()
 
     # ------------------------------------------------------------------ sync convenience
     def stream(self, messages, params: SamplingParams | None = None, logprobs: int | None = None,

@@ -1,0 +1,334 @@
+"""Tensor parallelism over torch.distributed: NCCL between GPUs, gloo on the CPU (the same code path).
+
+Processes. Rank 0 is the user's process (CLI, server, Engine): tokeniser, images, vision encoder, scheduler
+and sampling all live there. Ranks 1..N-1 are followers: each holds a shard of the text decoder and runs
+what rank 0 sends it (`follow`). Rank 0 starts the followers itself (`launch`: spawned processes, rendezvous
+on a free TCP port of 127.0.0.1), or they already exist under torchrun (RANK / WORLD_SIZE in the env: ranks
+!= 0 call `follow_from_env` from the entry point and never return to the CLI).
+
+Sharding (pixtral_rt/sharding.py, Megatron style): wq / wk / wv / w1 / w3 split by output rows (whole heads,
+whole KV heads), wo / w2 by input columns; each rank's wo / w2 output is a partial sum, summed across ranks
+by one all-reduce (`install_all_reduce` on the reference model; FastDecoder(tp_group=...) on the GPU).
+Embeddings, norms, lm_head and the vision encoder are replicated (the vision encoder and the logits only
+matter on rank 0).
+
+Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
+`LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,
+decode), first broadcasts the call and its tensors (host copies, `broadcast_object_list`) to the followers,
+which make the same call on their shard; the all-reduces inside keep every rank in step. Vision, embedding
+lookups for prompts and sampling stay on rank 0 (prefill sends the prompt embeddings it computed).
+
+Failures. Every follower runs a watchdog thread that exits when rank 0 is gone (no orphans). A follower that
+fails (at load or mid-request) puts its error on a queue and exits; rank 0's watchdog prints one line naming
+the rank and the error, stops the other followers and ends the process (exit code 1): a collective that
+lost a peer cannot be interrupted from Python, so exiting is the only clean way out. Ctrl-C reaches every
+process of the terminal's process group.
+
+Fault injection for tests: PIXTRAL_RT_TP_FAULT="RANK:load" or "RANK:decode:N" makes that follower raise at
+load or at its N-th decode step.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fault(rank: int, where: str, count: int = 0) -> None:
+    spec = os.environ.get("PIXTRAL_RT_TP_FAULT", "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if int(parts[0]) == rank and parts[1] == where and (len(parts) < 3 or int(parts[2]) == count):
+        raise RuntimeError(f"injected fault on rank {rank} at {where} (PIXTRAL_RT_TP_FAULT={spec})")
+
+
+# ------------------------------------------------------------------------------------------ model side
+def install_all_reduce(model: torch.nn.Module, group=None) -> int:
+    """Sum the partial outputs of every row-parallel linear (layers.*.attention.wo, layers.*.feed_forward.w2)
+    across ranks, by a forward hook on each. Returns how many hooks were installed."""
+    import re
+    n = 0
+    for name, mod in model.named_modules():
+        # text decoder only: the vision encoder (replicated, rank 0 only) has modules of the same names
+        if re.fullmatch(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)", name):
+            mod.register_forward_hook(lambda _m, _inp, out: _all_reduce(out, group))
+            n += 1
+    return n
+
+
+def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.contiguous()
+    dist.all_reduce(t, group=group)
+    return t
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    return obj
+
+
+class LeaderModel:
+    """Rank 0's paged model (serving/paged_model.py interface): the calls that run the sharded decoder are
+    broadcast to the followers first; vision and prompt embedding run here only."""
+
+    def __init__(self, local, world: int, group=None, processes: "Followers | None" = None):
+        self.local, self.world, self.group, self.processes = local, world, group, processes
+        self.raw_pixels, self.device, self.dtype = local.raw_pixels, local.device, local.dtype
+        self._stopped = False
+
+    @property
+    def page_size(self) -> int:
+        return self.local.page_size
+
+    def _send(self, op: str, *args) -> None:
+        dist.broadcast_object_list([(op, _to(args, "cpu"))], src=0, group=self.group)
+
+    def alloc(self, n_pages: int, page_size: int) -> None:
+        self._send("alloc", n_pages, page_size)
+        self.local.alloc(n_pages, page_size)
+
+    def embed(self, tokens):
+        return self.local.embed(tokens)
+
+    def image_features(self, req):
+        return self.local.image_features(req)
+
+    def vision_buckets(self, *a, **k):
+        return self.local.vision_buckets(*a, **k)
+
+    def capture_vision(self, bucket: int) -> None:
+        self.local.capture_vision(bucket)
+
+    def prefill(self, *args):
+        self._send("prefill", *args)
+        return self.local.prefill(*args)
+
+    def decode(self, *args):
+        self._send("decode", *args)
+        return self.local.decode(*args)
+
+    def shutdown(self) -> None:
+        """Tell the followers to exit and wait for them (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.processes is not None:
+            self.processes.stopping = True
+        try:
+            self._send("stop")
+        finally:
+            if self.processes is not None:
+                self.processes.join()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def follow(model, rank: int, group=None) -> None:
+    """A follower's loop: make every call rank 0 broadcasts on this rank's shard, until 'stop'."""
+    n_decode = 0
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        op, args = box[0]
+        if op == "stop":
+            return
+        if op == "decode":
+            n_decode += 1
+            _fault(rank, "decode", n_decode)
+        getattr(model, op)(*_to(args, model.device))
+
+
+# ------------------------------------------------------------------------------------------ processes
+class Followers:
+    """The spawned follower processes of rank 0 and its watchdog."""
+
+    def __init__(self, procs, errors):
+        self.procs, self.errors = procs, errors
+        self.stopping = False
+        self._watch = threading.Thread(target=self._watchdog, name="pixtral-rt-tp-watchdog", daemon=True)
+        self._watch.start()
+
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(0.2)
+            msg = None
+            if not self.errors.empty():
+                rank, text = self.errors.get()
+                msg = f"tensor-parallel worker rank {rank} failed: {text}"
+            else:
+                for r, p in enumerate(self.procs, start=1):
+                    if p.exitcode not in (None, 0) and not self.stopping:
+                        msg = f"tensor-parallel worker rank {r} exited with code {p.exitcode}"
+                        break
+            if msg is None:
+                if self.stopping and all(p.exitcode is not None for p in self.procs):
+                    return
+                continue
+            if self.stopping and msg.endswith("code 0"):
+                return
+            print(f"pixtral_rt: error: {msg}; stopping all ranks", file=sys.stderr, flush=True)
+            self.kill()
+            os._exit(1)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+    def join(self, timeout: float = 30.0) -> None:
+        t0 = time.time()
+        for p in self.procs:
+            p.join(max(0.1, timeout - (time.time() - t0)))
+        self.kill()
+
+
+def _parent_watch(parent_pid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)         # rank 0 is gone: never outlive it
+
+
+def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, parent_pid: int) -> None:
+    threading.Thread(target=_parent_watch, args=(parent_pid,), daemon=True).start()
+    try:
+        device = torch.device(load_kw.get("device") or "cpu")
+        if device.type == "cuda":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world)
+        _fault(rank, "load")
+        model = build_follower_model(load_kw, rank, world, device)
+        follow(model, rank)
+        dist.destroy_process_group()
+    except KeyboardInterrupt:
+        os._exit(130)
+    except BaseException as exc:  # noqa: BLE001 - reported to rank 0 as one line, then exit
+        last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+        where = f" ({os.path.basename(last[0].filename)}:{last[0].lineno})" if last else ""
+        errors.put((rank, f"{type(exc).__name__}: {exc}{where}"))
+        time.sleep(0.5)          # let the queue's feeder thread deliver it
+        os._exit(1)
+
+
+def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, int]:
+    """Spawn ranks 1..world-1 and join the process group as rank 0. Returns (followers, rank)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_follower_main, args=(r, world, port, load_kw, errors, os.getpid()),
+                         name=f"pixtral-rt-tp-rank{r}", daemon=True) for r in range(1, world)]
+    for p in procs:
+        p.start()
+    followers = Followers(procs, errors)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world)
+    return followers, 0
+
+
+def torchrun_env() -> tuple[int, int] | None:
+    """(rank, world) when launched by torchrun (or any env:// launcher), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def follow_from_env(load_kw: dict) -> None:
+    """A torchrun rank != 0: join the group, load the shard, follow rank 0 until it stops."""
+    rank, world = torchrun_env()
+    device = torch.device(load_kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world)
+    _fault(rank, "load")
+    follow(build_follower_model(load_kw, rank, world, device), rank)
+    dist.destroy_process_group()
+
+
+def join_as_rank0(device: torch.device) -> None:
+    """torchrun rank 0: join the env:// group."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = torchrun_env()
+    dist.init_process_group(backend_for(device), rank=rank, world_size=world)
+
+
+# ------------------------------------------------------------------------------------------ shards
+def _dtype(name):
+    return {None: None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+
+
+def shard_weights(src, rank: int, world: int, text_only: bool, progress: bool = False) -> dict:
+    """This rank's weights (the loader's dictionary, sharded): slices read from the checkpoint, or drawn on
+    the device and sliced (random_preset). text_only: skip the vision encoder / adapter (followers)."""
+    from .checkpoint import load_state_dict
+    from .fast_backend import _TEXT_PREFIXES
+    from .sharding import shard_tensor
+    if src.random_preset is not None:
+        sd = src.load_weights(progress)
+        return {k: (shard_tensor(v, k, rank, world)) for k, v in sd.items()
+                if not text_only or k.startswith(_TEXT_PREFIXES)}
+    keys = [k for k in src.plan.sources if not text_only or k.startswith(_TEXT_PREFIXES)]
+    kw = {"quantization": src.quantization} if src.quantization else {}
+    return load_state_dict(src.plan, device=src.device, dtype=src.dtype, progress=progress, keys=keys,
+                           shard=(rank, world), **kw)
+
+
+def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool = False):
+    """The plain PyTorch model holding this rank's shard: PixtralModel (rank 0: + vision) or the text
+    Transformer (followers), with the all-reduce hooks installed."""
+    import dataclasses
+
+    from .reference.fp8_linear import install_fp8_linears
+    from .reference.model import PixtralModel
+    from .reference.transformer import Transformer
+    from .sharding import sharded_args
+    sd = shard_weights(src, rank, world, text_only, progress)
+    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
+    with torch.device("meta"):
+        m = Transformer(args.text) if text_only else PixtralModel(args)
+    install_fp8_linears(m, sd)
+    m.load_state_dict(sd, assign=True, strict=True)
+    install_all_reduce(m)
+    return m.eval(), args
+
+
+def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.device):
+    """A follower's paged model over its shard (no tokenizer, no vision)."""
+    from .engine import resolve_source
+    src = resolve_source(load_kw.get("model"), str(device), load_kw.get("dtype"), load_kw.get("fmt"),
+                         load_kw.get("quantization"), load_kw.get("random_weights"))
+    if device.type == "cuda":
+        raise NotImplementedError("tensor parallelism on GPUs: the NCCL decoder path is not built yet")
+    from .serving.paged_model import ReferencePagedModel
+    m, args = reference_shard(src, rank, world, text_only=True)
+    return ReferencePagedModel(m, args, device, src.dtype)

@@ -1,0 +1,192 @@
+"""Tensor parallelism on the CPU over gloo (the same code path as NCCL on GPUs): the tiny model sharded over
+2 processes gives the TP=1 tokens for 0, 1 and 3 images and logits within fp32 round-off; the CLI starts
+its workers itself and under torchrun; a worker failing at load or mid-request gives one clear error and
+every process exits."""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from pixtral_rt.config import tiny
+from pixtral_rt.engine import Engine
+from pixtral_rt.random_weights import write_random_checkpoint
+from pixtral_rt.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp")
+    write_random_checkpoint(root / "m", tiny(), "mistral", seed=5)
+    write_random_checkpoint(root / "hf", tiny(), "hf", seed=5)
+    return root
+
+
+def messages(n_images, seed):
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
+    content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
+    return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]
+
+
+@torch.inference_mode()
+def prompt_logits(engine, req):
+    """Last-token logits of a prompt through the engine's model (pages 1.. of an idle engine)."""
+    m = engine.backend.runner.model
+    P, T = m.page_size, req.prompt_tokens
+    toks = torch.tensor(req.tokens)
+    h = m.embed(toks)
+    if req.images:
+        h = h.clone()
+        h[torch.tensor(req.image_token_positions)] = m.image_features(req).to(h.dtype)
+    pos = torch.arange(T, dtype=torch.int32)
+    table = torch.arange(1, -(-T // P) + 1, dtype=torch.int32)[None]
+    return m.prefill(h, pos, pos // P + 1, pos % P, table, torch.tensor([0, T], dtype=torch.int32),
+                     torch.zeros(1, dtype=torch.int32), T, torch.tensor([T - 1]))[0]
+
+
+@pytest.mark.parametrize("fmt", ["m", "hf"])
+def test_tp2_equals_tp1(ckpt, fmt):
+    one = Engine.load(ckpt / fmt, device="cpu", progress=False)
+    two = Engine.load(ckpt / fmt, device="cpu", progress=False, tensor_parallel=2)
+    assert two.info["tensor_parallel"] == 2 and one.info["tensor_parallel"] == 1
+    try:
+        for n in (0, 1, 3):
+            m = messages(n, n)
+            p = SamplingParams(max_tokens=10)
+            a, b = one.generate(m, p), two.generate(m, p)
+            assert a.token_ids == b.token_ids and len(a.token_ids) >= 1, n
+            req = one.encode(m, p)
+            la, lb = prompt_logits(one, req), prompt_logits(two, req)
+            err = float((la - lb).abs().max() / la.abs().max())
+            assert err < 1e-5, (n, err)            # partial sums in another order: fp32 round-off only
+            assert not torch.equal(la, torch.zeros_like(la))
+    finally:
+        two.backend.shutdown()
+        one.backend.shutdown()
+
+
+def _cli(args, env_extra=None, timeout=300):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "pixtral_rt.generate", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def _alive_with_mark(mark):
+    """pids of live processes whose environment carries PIXTRAL_RT_TEST_MARK=mark."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if f"PIXTRAL_RT_TEST_MARK={mark}".encode() in f.read():
+                    pids.append(int(d))
+        except OSError:
+            continue
+    return pids
+
+
+def test_cli_tp2_same_tokens_as_tp1(ckpt):
+    base = ["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "Hello there", "--max-tokens", "6", "--json"]
+    a = _cli(base)
+    mark = uuid.uuid4().hex
+    b = _cli(base + ["--tensor-parallel", "2"], {"PIXTRAL_RT_TEST_MARK": mark})
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr[-1500:], b.stderr[-1500:])
+    assert json.loads(a.stdout)["generated_token_ids"] == json.loads(b.stdout)["generated_token_ids"]
+    time.sleep(1.0)
+    assert _alive_with_mark(mark) == []               # no worker outlives the command
+
+
+@pytest.mark.parametrize("fault,where", [("1:load", "load"), ("1:decode:2", "decode")])
+def test_worker_failure_gives_one_error_and_every_process_exits(ckpt, fault, where):
+    mark = uuid.uuid4().hex
+    r = _cli(["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "Hello", "--max-tokens", "6",
+              "--tensor-parallel", "2"], {"PIXTRAL_RT_TP_FAULT": fault, "PIXTRAL_RT_TEST_MARK": mark}, timeout=180)
+    assert r.returncode != 0
+    errs = [l for l in r.stderr.splitlines() if "error" in l.lower()]
+    assert any("tensor-parallel worker rank 1" in l and f"injected fault on rank 1 at {where}" in l for l in errs), \
+        r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    time.sleep(1.5)
+    assert _alive_with_mark(mark) == []
+
+
+def test_tp_refuses_bad_sizes(ckpt):
+    r = _cli(["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "x", "--tensor-parallel", "3"])
+    assert r.returncode != 0 and "--tensor-parallel 3" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "x", "--tensor-parallel", "0"])
+    assert r.returncode == 2 and "--tensor-parallel must be >= 1" in r.stderr
+
+
+def test_torchrun_launch(ckpt):
+    """torchrun starts both ranks; rank 0 answers, rank 1 follows and exits with it."""
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, PIXTRAL_RT_TEST_MARK=mark, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29500 + os.getpid() % 1000), "-m", "pixtral_rt.generate", "--model", str(ckpt / "m"),
+                        "--device", "cpu", "--prompt", "Hello there", "--max-tokens", "6", "--json"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = _cli(["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "Hello there", "--max-tokens", "6",
+                "--json"])
+    outs = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    assert len(outs) == 1                                # only rank 0 prints
+    assert json.loads(outs[0])["generated_token_ids"] == json.loads(one.stdout)["generated_token_ids"]
+    time.sleep(1.0)
+    assert _alive_with_mark(mark) == []
+
+
+# ----------------------------------------------------------------------------- FastDecoder over 2 ranks
+def _fast_rank(rank, world, port, sd, seqs, q):
+    import torch.distributed as dist
+
+    from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.sharding import shard_tensor, sharded_args
+    from tests.test_decoder_fast import run_fast
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    args = tiny(vocab_size=1000).text
+    shard = {k: shard_tensor(v, k, rank, world) for k, v in sd.items()}
+    dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40, prefill_chunk=6,
+                      gemv_backend="triton", decode_fusion="none+pdl", tp_group="world")
+    out = run_fast(dec, seqs, splits=[[5]], n_decode=3)
+    if rank == 0:
+        q.put(out[0])
+    dist.destroy_process_group()
+
+
+def test_fast_decoder_tp2_equals_tp1_interpreter():
+    """The GPU decoder's tensor-parallel math (all-reduce after wo and w2, sharded heads / FFN), run in the
+    Triton interpreter over gloo: TP=2 logits equal TP=1's to fp32 round-off, prefill and batch-1 decode."""
+    import multiprocessing as mp
+
+    from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.reference.transformer import Transformer
+    from pixtral_rt.tensor_parallel import _free_port
+    from tests.test_decoder_fast import randomize, run_fast
+    args = tiny(vocab_size=1000).text
+    model = Transformer(args)
+    randomize(model, 3)
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 1000, (14,), generator=g).tolist()]
+    ref = run_fast(FastDecoder(args, dict(sd), max_batch=2, max_seq=40, prefill_chunk=6, gemv_backend="triton",
+                               decode_fusion="none+pdl"), seqs, splits=[[5]], n_decode=3)[0]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_fast_rank, args=(r, 2, port, sd, seqs, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = q.get(timeout=600)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, err
