@@ -142,25 +142,40 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
 
 def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0.02, device="cuda",
                                 dtype: torch.dtype = torch.bfloat16, quantization: str | None = None,
-                                progress: bool = True, weights_dtype: torch.dtype = torch.bfloat16
-                                ) -> dict[str, torch.Tensor]:
+                                progress: bool = True, weights_dtype: torch.dtype = torch.bfloat16,
+                                shard: tuple[int, int] | None = None, keys=None) -> dict[str, torch.Tensor]:
     """Exactly what load_state_dict(plan, device, dtype) returns for write_random_checkpoint(seed, std,
     dtype=weights_dtype, device=device, quantization=...), made on `device` without a checkpoint: same keys,
     dtypes and shapes, our un-permuted layout, FP8 decoder linears (float8_e4m3fn + fp32 (N, 1) scale) when
     quantization="fp8". Tensors are drawn one at a time in `weights_dtype` (the checkpoint's rounding) and each
     decoder linear is quantised as it is made, so only the final model is ever held (Pixtral-Large, 123 B
-    params, fits one GPU only in FP8)."""
+    params, fits one GPU only in FP8).
+    shard=(rank, world): this rank's slice of each tensor (pixtral_rt/sharding.py), cut right after the tensor
+    is drawn (before FP8 quantisation, like the sharded loader: a row-parallel slice gets its own per-channel
+    scales), so a rank holds only its shard; keys: only these tensors (e.g. the text decoder's)."""
     from tqdm import tqdm
+
+    from .sharding import shard_tensor
 
     _check_quantization(quantization)
     shapes = expected_shapes(args)
+    if keys is not None:
+        keys = set(keys)
+        shapes = {k: s for k, s in shapes.items() if k in keys}
     out: dict[str, torch.Tensor] = {}
     esize = torch.tensor([], dtype=weights_dtype).element_size()
     total = sum(_nbytes(k, s, esize, quantization) for k, s in shapes.items())
     with tqdm(total=total, unit="B", unit_scale=True, desc="random weights", disable=not progress,
               file=sys.stderr, leave=False) as bar:
         for k, s in shapes.items():
-            for key, t in _random_entries(k, s, seed, std, device, weights_dtype, quantization).items():
+            if shard is None:
+                entries = _random_entries(k, s, seed, std, device, weights_dtype, quantization)
+            else:
+                t = shard_tensor(random_tensor(k, s, seed, std, device, weights_dtype), k, *shard)
+                entries = ({k: t} if not (quantization == "fp8" and fp8.is_quantized_weight(k)) else
+                           dict(zip((k, fp8.scale_key(k)), fp8.quantize_weight(t))))
+                del t
+            for key, t in entries.items():
                 # the loader's casts: FP8 stays e4m3, scales fp32, everything else `dtype`
                 out[key] = t if key.endswith(".weight_scale") or t.dtype == fp8.FP8_DTYPE else t.to(dtype)
             bar.update(_nbytes(k, s, esize, quantization))

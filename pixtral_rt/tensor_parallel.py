@@ -14,9 +14,13 @@ matter on rank 0).
 
 Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
 `LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,
-decode), first broadcasts the call and its tensors (host copies, `broadcast_object_list`) to the followers,
-which make the same call on their shard; the all-reduces inside keep every rank in step. Vision, embedding
-lookups for prompts and sampling stay on rank 0 (prefill sends the prompt embeddings it computed).
+decode), first broadcasts a fixed int64 header (the call and its sizes) over a gloo group, then the call's
+tensors over the data group (NCCL / gloo); the followers make the same call on their shard, and the
+all-reduces inside keep every rank in step. Vision, prompt embedding and sampling stay on rank 0 (prefill
+sends the embeddings it computed). On GPUs a decode step is a CUDA graph on every rank: the input
+broadcasts are inside the graphs, so per step rank 0 sends one header ('replay', batch) and no tensor
+crosses the host. The CPU path (gloo, no graphs) runs the same headers and broadcasts, and is what CI tests;
+the GPU path (NCCL, graphs) is written but NOT YET RUN on a multi-GPU machine.
 
 Failures. Every follower runs a watchdog thread that exits when rank 0 is gone (no orphans). A follower that
 fails (at load or mid-request) puts its error on a queue and exits; rank 0's watchdog prints one line naming
@@ -79,20 +83,51 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(o, device) for o in obj)
-    return obj
+# The control channel: a fixed header of int64 broadcast from rank 0 over a gloo group (CPU tensors, so it
+# also works while rank 0 captures a CUDA graph); the call's tensors follow over the data group (NCCL on
+# GPUs, gloo on the CPU). Header: [op, a, b, c, d, e, f, g].
+OPS = {"stop": 0, "alloc": 1, "prefill": 2, "decode": 3, "capture": 4, "replay": 5}
+_HEADER = 8
+_control_group = None
+
+
+def make_control_group(backend: str) -> None:
+    """Every rank, right after init_process_group: the gloo group the headers travel on."""
+    global _control_group
+    _control_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+
+
+def _send_header(op: str, *vals: int) -> None:
+    h = torch.zeros(_HEADER, dtype=torch.int64)
+    h[0] = OPS[op]
+    h[1:1 + len(vals)] = torch.tensor(vals, dtype=torch.int64)
+    dist.broadcast(h, 0, group=_control_group)
+
+
+def _recv_header() -> list[int]:
+    h = torch.empty(_HEADER, dtype=torch.int64)
+    dist.broadcast(h, 0, group=_control_group)
+    return h.tolist()
+
+
+def _bcast(t: torch.Tensor) -> torch.Tensor:
+    dist.broadcast(t, 0)
+    return t
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class LeaderModel:
-    """Rank 0's paged model (serving/paged_model.py interface): the calls that run the sharded decoder are
-    broadcast to the followers first; vision and prompt embedding run here only."""
+    """Rank 0's paged model (serving/paged_model.py interface). The calls that run the sharded decoder (alloc,
+    prefill, decode) send a header and their tensors to the followers first; vision and prompt embedding run
+    here only. Decode graphs: a decode inside rank 0's capture sends 'capture' (each follower captures its own
+    graph: the input broadcasts + its shard's decode); the model runner calls before_replay(B) before replaying,
+    which sends 'replay' (one small host message per step; the inputs travel inside the graphs)."""
 
-    def __init__(self, local, world: int, group=None, processes: "Followers | None" = None):
-        self.local, self.world, self.group, self.processes = local, world, group, processes
+    def __init__(self, local, world: int, processes: "Followers | None" = None):
+        self.local, self.world, self.processes = local, world, processes
         self.raw_pixels, self.device, self.dtype = local.raw_pixels, local.device, local.dtype
         self._stopped = False
 
@@ -100,11 +135,8 @@ class LeaderModel:
     def page_size(self) -> int:
         return self.local.page_size
 
-    def _send(self, op: str, *args) -> None:
-        dist.broadcast_object_list([(op, _to(args, "cpu"))], src=0, group=self.group)
-
     def alloc(self, n_pages: int, page_size: int) -> None:
-        self._send("alloc", n_pages, page_size)
+        _send_header("alloc", n_pages, page_size)
         self.local.alloc(n_pages, page_size)
 
     def embed(self, tokens):
@@ -119,13 +151,23 @@ class LeaderModel:
     def capture_vision(self, bucket: int) -> None:
         self.local.capture_vision(bucket)
 
-    def prefill(self, *args):
-        self._send("prefill", *args)
-        return self.local.prefill(*args)
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
+        T, S, R = h.shape[0], start_pos.shape[0], rows.shape[0]
+        _send_header("prefill", T, S, block_table.shape[1], R, int(max_q_len), h.shape[1])
+        h = h.to(self.dtype).contiguous()
+        for t in (h, positions, pages, offsets, block_table[:S].contiguous(), cu_q, start_pos, rows):
+            _bcast(t)
+        return self.local.prefill(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows)
 
-    def decode(self, *args):
-        self._send("decode", *args)
-        return self.local.decode(*args)
+    def decode(self, tokens, positions, block_table, lens):
+        B = tokens.shape[0]
+        _send_header("capture" if _capturing(self.device) else "decode", B, block_table.shape[1])
+        for t in (tokens, positions, block_table[:B], lens):
+            _bcast(t)
+        return self.local.decode(tokens, positions, block_table, lens)
+
+    def before_replay(self, batch: int) -> None:
+        _send_header("replay", batch)
 
     def shutdown(self) -> None:
         """Tell the followers to exit and wait for them (idempotent)."""
@@ -135,7 +177,7 @@ class LeaderModel:
         if self.processes is not None:
             self.processes.stopping = True
         try:
-            self._send("stop")
+            _send_header("stop")
         finally:
             if self.processes is not None:
                 self.processes.join()
@@ -143,19 +185,59 @@ class LeaderModel:
                 dist.destroy_process_group()
 
 
-def follow(model, rank: int, group=None) -> None:
-    """A follower's loop: make every call rank 0 broadcasts on this rank's shard, until 'stop'."""
+def follow(model, rank: int) -> None:
+    """A follower's loop: make every call rank 0 announces on this rank's shard, until 'stop'."""
+    dev, dtype = model.device, model.dtype
     n_decode = 0
-    while True:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        op, args = box[0]
-        if op == "stop":
-            return
-        if op == "decode":
-            n_decode += 1
-            _fault(rank, "decode", n_decode)
-        getattr(model, op)(*_to(args, model.device))
+    static: dict[tuple[int, int], list[torch.Tensor]] = {}      # decode inputs per (B, table width)
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
+
+    def decode_inputs(B, cols):
+        if (B, cols) not in static:
+            static[(B, cols)] = [torch.zeros(B, dtype=torch.long, device=dev),
+                                 torch.zeros(B, dtype=torch.int32, device=dev),
+                                 torch.zeros(B, cols, dtype=torch.int32, device=dev),
+                                 torch.zeros(B, dtype=torch.int32, device=dev)]
+        return static[(B, cols)]
+
+    with torch.inference_mode():
+        while True:
+            op, a, b, c, d, e, f, _ = _recv_header()
+            if op == OPS["stop"]:
+                return
+            if op == OPS["alloc"]:
+                model.alloc(a, b)
+            elif op == OPS["prefill"]:
+                T, S, cols, R, max_q_len, dim = a, b, c, d, e, f
+                i32 = dict(dtype=torch.int32, device=dev)
+                h = _bcast(torch.empty(T, dim, dtype=dtype, device=dev))
+                positions, pages, offsets = (_bcast(torch.empty(T, **i32)) for _ in range(3))
+                table = _bcast(torch.empty(S, cols, **i32))
+                cu_q, start_pos = _bcast(torch.empty(S + 1, **i32)), _bcast(torch.empty(S, **i32))
+                rows = _bcast(torch.empty(R, dtype=torch.long, device=dev))
+                model.prefill(h, positions, pages, offsets, table, cu_q, start_pos, max_q_len, rows)
+            elif op == OPS["decode"]:
+                n_decode += 1
+                _fault(rank, "decode", n_decode)
+                ins = decode_inputs(a, b)
+                for t in ins:
+                    _bcast(t)
+                model.decode(*ins)
+            elif op == OPS["capture"]:
+                ins = decode_inputs(a, b)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    for t in ins:
+                        _bcast(t)
+                    model.decode(*ins)
+                graphs[a] = g
+            elif op == OPS["replay"]:
+                n_decode += 1
+                _fault(rank, "decode", n_decode)
+                graphs[a].replay()
+            else:
+                raise RuntimeError(f"tensor parallel: unknown op {op} from rank 0")
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -222,6 +304,7 @@ def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, pare
             torch.cuda.set_device(device)
         dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world)
+        make_control_group(backend_for(device))
         _fault(rank, "load")
         model = build_follower_model(load_kw, rank, world, device)
         follow(model, rank)
@@ -236,9 +319,16 @@ def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, pare
         os._exit(1)
 
 
+def _nccl_env() -> None:
+    # NVLink multicast stays off (the GPU machines require it; NCCL / symmetric memory would enable it)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+
+
 def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, int]:
     """Spawn ranks 1..world-1 and join the process group as rank 0. Returns (followers, rank)."""
     import multiprocessing as mp
+    _nccl_env()
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
@@ -250,6 +340,7 @@ def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world)
+    make_control_group(backend_for(device))
     return followers, 0
 
 
@@ -268,6 +359,7 @@ def follow_from_env(load_kw: dict) -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
     dist.init_process_group(backend_for(device), rank=rank, world_size=world)
+    make_control_group(backend_for(device))
     _fault(rank, "load")
     follow(build_follower_model(load_kw, rank, world, device), rank)
     dist.destroy_process_group()
@@ -279,6 +371,7 @@ def join_as_rank0(device: torch.device) -> None:
         torch.cuda.set_device(device)
     rank, world = torchrun_env()
     dist.init_process_group(backend_for(device), rank=rank, world_size=world)
+    make_control_group(backend_for(device))
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -292,11 +385,13 @@ def shard_weights(src, rank: int, world: int, text_only: bool, progress: bool = 
     the device and sliced (random_preset). text_only: skip the vision encoder / adapter (followers)."""
     from .checkpoint import load_state_dict
     from .fast_backend import _TEXT_PREFIXES
-    from .sharding import shard_tensor
-    if src.random_preset is not None:
-        sd = src.load_weights(progress)
-        return {k: (shard_tensor(v, k, rank, world)) for k, v in sd.items()
-                if not text_only or k.startswith(_TEXT_PREFIXES)}
+    if src.random_preset is not None:       # drawn on the device, each tensor cut to this rank's slice at once
+        from .checkpoint import expected_shapes
+        from .random_weights import random_state_dict_on_device
+        keys = [k for k in expected_shapes(src.args) if not text_only or k.startswith(_TEXT_PREFIXES)]
+        return random_state_dict_on_device(src.args, seed=0, device=src.device, dtype=src.dtype,
+                                           quantization=src.quantization, progress=progress, shard=(rank, world),
+                                           keys=keys)
     keys = [k for k in src.plan.sources if not text_only or k.startswith(_TEXT_PREFIXES)]
     kw = {"quantization": src.quantization} if src.quantization else {}
     return load_state_dict(src.plan, device=src.device, dtype=src.dtype, progress=progress, keys=keys,
@@ -328,7 +423,34 @@ def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.dev
     src = resolve_source(load_kw.get("model"), str(device), load_kw.get("dtype"), load_kw.get("fmt"),
                          load_kw.get("quantization"), load_kw.get("random_weights"))
     if device.type == "cuda":
-        raise NotImplementedError("tensor parallelism on GPUs: the NCCL decoder path is not built yet")
+        return fast_shard(src, rank, world, text_only=True, max_batch=load_kw["max_batch"],
+                          max_seq=load_kw["max_seq"], max_images=load_kw["max_images"], use_graphs=True)
     from .serving.paged_model import ReferencePagedModel
     m, args = reference_shard(src, rank, world, text_only=True)
     return ReferencePagedModel(m, args, device, src.dtype)
+
+
+def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_seq: int, max_images: int,
+               use_graphs: bool, progress: bool = False):
+    """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL), plus the vision
+    encoder on rank 0 (text_only=False). NOT YET RUN ON GPUs (written to run on the 2-GPU machine)."""
+    import dataclasses
+
+    from .decoder import FastDecoder
+    from .fast_backend import _TEXT_PREFIXES
+    from .serving.paged_model import FastPagedModel
+    from .sharding import sharded_args
+    from .vision import FastVisionEncoder
+    sd = shard_weights(src, rank, world, text_only, progress)
+    vision = None
+    if not text_only:
+        vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
+        vision = FastVisionEncoder.from_state_dict(vision_sd, src.args, src.dtype, src.device)
+        del vision_sd
+    torch.cuda.empty_cache()
+    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
+    dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
+                      consume=True, static_cache=False, tp_group="world")
+    sd.clear()
+    torch.cuda.empty_cache()
+    return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)

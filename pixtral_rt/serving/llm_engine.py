@@ -128,24 +128,33 @@ class LLMEngine:
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
         if world > 1:
             from ..sharding import check_divisible
-            from .paged_model import ReferencePagedModel
             check_divisible(args.text, world)             # before any process starts
-            if dev.type == "cuda":
-                raise NotImplementedError("tensor parallelism on GPUs (NCCL decoder) is not built yet; "
-                                          "--device cpu runs it over gloo")
             load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
                            dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
-                           quantization=src.quantization, random_weights=src.random_preset)
+                           quantization=src.quantization, random_weights=src.random_preset, max_batch=max_batch,
+                           max_seq=ctx + page_size, max_images=max_images)
+            if dev.type == "cuda" and dev.index is None:
+                dev = src.device = torch.device("cuda", 0)
             if env:
                 tpm.join_as_rank0(dev)
                 followers = None
             else:
                 followers, _ = tpm.launch(world, load_kw, dev)
-            ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
-            model_ = tpm.LeaderModel(ReferencePagedModel(ref, shard_args, dev, src.dtype), world,
-                                     processes=followers)
-            backend = f"reference (paged, continuous batching), tensor parallel {world} over gloo"
-            kv_tokens = kv_tokens or 4 * (ctx + page_size)
+            if dev.type == "cuda":    # NCCL + CUDA graphs: written, not yet run on a multi-GPU machine
+                local = tpm.fast_shard(src, 0, world, text_only=False, max_batch=max_batch, max_seq=ctx + page_size,
+                                       max_images=max_images, use_graphs=use_graphs, progress=progress)
+                backend = f"fast (paged, continuous batching), tensor parallel {world} over NCCL"
+                if kv_tokens is None:
+                    free, _ = torch.cuda.mem_get_info(dev)
+                    per_token = kv_bytes_per_token(args, src.dtype.itemsize) // world
+                    kv_tokens = max(0, free - reserve_bytes) // per_token
+            else:
+                from .paged_model import ReferencePagedModel
+                ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
+                local = ReferencePagedModel(ref, shard_args, dev, src.dtype)
+                backend = f"reference (paged, continuous batching), tensor parallel {world} over gloo"
+                kv_tokens = kv_tokens or 4 * (ctx + page_size)
+            model_ = tpm.LeaderModel(local, world, processes=followers)
         elif dev.type == "cuda":
             from ..decoder import FastDecoder
             from ..fast_backend import _TEXT_PREFIXES

@@ -106,6 +106,7 @@ class ModelRunner:
         self.features = _FeatureCache(feature_cache_bytes)
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._before_replay = getattr(model, "before_replay", None)
         if self.device.type == "cuda":
             self._warmup(progress)
 
@@ -189,6 +190,8 @@ class ModelRunner:
             greedy = all(s.params.greedy for s in plan.decode)
             if self.use_graphs:
                 g, logits = self._graphs[(B, greedy)]
+                if self._before_replay is not None:      # tensor parallel: followers replay their graph too
+                    self._before_replay(B)
                 g.replay()
             else:
                 logits = self._decode_body(B, greedy)
