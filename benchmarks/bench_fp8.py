@@ -59,10 +59,10 @@ def prompt_logits(engine: Engine, req: EncodedRequest) -> torch.Tensor:
     1.. of its pool: only while the engine is idle, and the pool's cached prefixes are garbage afterwards
     (call it last)."""
     m = engine.backend.runner.model
-    dec, P, dev = m.decoder, m.page_size, m.device
+    P, dev = m.page_size, m.device
     T = req.prompt_tokens
     toks = torch.tensor(req.tokens, device=dev)
-    h = dec.embed(toks)
+    h = m.embed(toks)
     if req.images:
         h = h.clone()
         h[torch.tensor(req.image_token_positions, device=dev)] = m.image_features(req).to(h.dtype)
@@ -85,18 +85,18 @@ class _Encoder:
                               max_tokens=params.max_tokens, raw_pixels=raw_pixels)
 
 
-def run_engine(label, load_kw, reqs, quality_reqs, n_tokens) -> dict:
+def run_engine(label, load_kw, reqs, quality_reqs, n_tokens, max_context: int = 16384) -> dict:
     t0 = time.perf_counter()
-    engine = Engine.load(max_context=16384, progress=False, **load_kw)
+    engine = Engine.load(max_context=max_context, progress=False, **load_kw)
     out = {"load_s": time.perf_counter() - t0, "info": dict(engine.info), "args": engine.args}
-    dec = engine.backend.runner.model.decoder
+    dec = getattr(engine.backend.runner.model, "local", engine.backend.runner.model).decoder   # TP: rank 0's shard
     out["weight_bytes"] = dec.weight_bytes_per_token
     out["gpu_GB_after_load"] = torch.cuda.memory_allocated() / 1e9
     out["speed"] = {}
     for c, r in reqs.items():
         try:
             if callable(r):   # a fresh prompt per repetition (new pixels): no prefix / image-feature cache hit
-                ttft, vis = [], []
+                ttft = []
                 for _ in range(4):
                     for _ in engine.stream(None, SamplingParams(max_tokens=2), req=r()):
                         pass

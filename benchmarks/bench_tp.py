@@ -1,0 +1,65 @@
+"""Tensor parallelism end to end on the multi-GPU machine: the engine at TP=1 and TP=N in one run
+(Pixtral-12B), or TP=N alone (Pixtral-Large bf16: 246 GB, does not fit one GPU; weights drawn on the GPUs).
+
+Per TP size: decode tok/s at ~1k-token context (floor: rank 0's weight bytes per token, i.e. its shard + the
+replicated lm_head, over the measured copy bandwidth, before all-reduce cost), TTFT engine-side for one
+1024x1024 image + ~30 tokens (a new image each repetition), the KV cache that fits; the ratio TP=N / TP=1
+(target >= 1.7x for 12B at TP=2). The all-reduce cost per step: benchmarks/bench_allreduce.py (torchrun).
+
+    python -m benchmarks.bench_tp --model DIR --tp 1,2
+    python -m benchmarks.bench_tp --random-weights Pixtral-Large-Instruct-2411 --tp 2
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from benchmarks.bench_e2e import request, ttft_flops
+from benchmarks.bench_fp8 import _Encoder, run_engine, text_request
+from benchmarks.common import copy_bandwidth_TBps, matmul_TFLOPs, record
+from pixtral_rt.engine import kv_bytes_per_token, resolve_model
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder")
+    ap.add_argument("--random-weights", metavar="PRESET")
+    ap.add_argument("--quantization", choices=["fp8"])
+    ap.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
+    ap.add_argument("--tokens", type=int, default=128)
+    a = ap.parse_args()
+    bw, rate = copy_bandwidth_TBps() * 1e12, matmul_TFLOPs() * 1e12
+    enc = _Encoder(resolve_model(a.model, None, None, None, None, a.random_weights))
+    rng = np.random.default_rng(0)
+    reqs = {"a_1img_1024": lambda: request(enc, "a_1img_1024", rng)[0], "c_text_1k": text_request(1000, rng)}
+    res = {}
+    for tp in (int(x) for x in a.tp.split(",")):
+        kw = {"model": a.model, "random_weights": a.random_weights, "quantization": a.quantization,
+              "tensor_parallel": tp}
+        res[tp] = run_engine(f"tp{tp}", kw, reqs, {}, a.tokens, max_context=8192)
+    base = res.get(1)
+    for tp, r in res.items():
+        args = r["args"]
+        c = reqs["c_text_1k"]
+        floor = bw / (r["weight_bytes"] + kv_bytes_per_token(args) / tp * (c.prompt_tokens + a.tokens / 2))
+        o = r["speed"].get("c_text_1k")
+        if o:
+            record("tp", f"{args.name} TP={tp} c_text_1k", "decode_tok_s", o["decode_tok_s"], "tok/s",
+                   "TP=1 engine (same run)" if base else None,
+                   base["speed"]["c_text_1k"]["decode_tok_s"] if base and tp != 1 else None, floor,
+                   fraction_of_floor=round(o["decode_tok_s"] / floor, 3), rank0_weight_GB=r["weight_bytes"] / 1e9,
+                   kv_cache_tokens=r["info"].get("kv_cache_tokens"), load_s=round(r["load_s"], 1))
+        o = r["speed"].get("a_1img_1024")
+        if o:
+            req = reqs["a_1img_1024"]()
+            record("tp", f"{args.name} TP={tp} a_1img_1024", "ttft_ms_engine", o["ttft_ms"], "ms",
+                   "TP=1 engine (same run)" if base else None,
+                   base["speed"]["a_1img_1024"]["ttft_ms"] if base and tp != 1 else None,
+                   ttft_flops(args, req) / rate / tp * 1e3, ttft_cold_ms=round(o["ttft_cold_ms"], 1))
+        for case, why in r.get("failed", {}).items():
+            print(f"NOT MEASURED: TP={tp} {case}: {why}")
+
+
+if __name__ == "__main__":
+    main()

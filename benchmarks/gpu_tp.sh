@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Tensor parallelism on the multi-GPU machine (issue 11; kind nvidia-h200-x2, or -x4). STAGES (comma list):
+#   tests   CPU/gloo TP tests + tests/test_tp_gpu.py (TP=2 vs TP=1, full-size random 12B)
+#   ar      all-reduce per decode step vs NCCL bus bandwidth (torchrun, benchmarks/bench_allreduce.py)
+#   12b     engine TP=1 vs TP=2 on random Pixtral-12B written once (decode, TTFT)
+#   large   Pixtral-Large bf16 TP=$TP (weights drawn on the GPUs)
+set -o pipefail
+export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1        # never enable NVLink multicast
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PIXTRAL_RT_CACHE=${PIXTRAL_RT_CACHE:-/tmp/pixtral_rt_cache}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+fi
+python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+STAGES=${STAGES:-tests,ar}; TP=${TP:-2}
+BF=$PIXTRAL_RT_CACHE/random-12b-bf16
+if [[ $STAGES == *tests* ]]; then
+  python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
+  timeout ${TEST_TIMEOUT:-400} python -m pytest -q -rs tests/test_tp_gpu.py tests/test_tensor_parallel.py -s \
+    -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|identical|^E " | tail -20
+fi
+if [[ $STAGES == *ar* ]]; then
+  timeout 180 torchrun --nproc_per_node $TP -m benchmarks.bench_allreduce 2>&1 | tee "$OUT/allreduce.log" | grep "^\[" | tail -8
+fi
+if [[ $STAGES == *12b* ]]; then
+  [ -f $BF/params.json ] || python -m pixtral_rt.random_weights $BF --preset Pixtral-12B-2409 --device cuda 2>&1 | tail -1
+  timeout ${B12_TIMEOUT:-400} python -m benchmarks.bench_tp --model $BF --tp 1,$TP 2>&1 | tee "$OUT/tp12b.log" \
+    | grep -v "it/s\]" | tail -20
+fi
+if [[ $STAGES == *large* ]]; then
+  timeout ${LARGE_TIMEOUT:-500} python -m benchmarks.bench_tp --random-weights Pixtral-Large-Instruct-2411 --tp $TP \
+    --tokens 64 2>&1 | tee "$OUT/tplarge.log" | grep -v "it/s\]" | tail -20
+fi
+echo done
