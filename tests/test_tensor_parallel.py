@@ -190,3 +190,21 @@ def test_fast_decoder_tp2_equals_tp1_interpreter():
         assert p.exitcode == 0
     err = float((got - ref).abs().max() / ref.abs().max())
     assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_stops_every_rank(ckpt, sig):
+    """SIGTERM (kill) or SIGINT (Ctrl-C) to the CLI while it generates: it exits and no worker outlives it."""
+    import signal
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, PIXTRAL_RT_TEST_MARK=mark)
+    p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--model", str(ckpt / "m"), "--device", "cpu",
+                          "--prompt", "Tell a very long story.", "--max-tokens", "3000", "--tensor-parallel", "2",
+                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p.stdout.read(1)                                   # generation has started
+    assert len(_alive_with_mark(mark)) >= 2            # rank 0 and its worker
+    p.send_signal(getattr(signal, sig))
+    rc = p.wait(60)
+    assert rc != 0
+    time.sleep(2.0)
+    assert _alive_with_mark(mark) == []
