@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,26 +268,62 @@ def _tokenize(tokenizer, msgs: list[dict], images: list[_Image]) -> tuple[list[i
 
 
 # --------------------------------------------------------------------------------------------- encode
+_POOL = None
+
+
+def _image_pool():
+    """Threads shared by every request for opening (fetching) and decoding images: Pillow's decoders and
+    urllib release the GIL, so a request's images load side by side."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="pixtral-rt-image")
+    return _POOL
+
+
+# Threads pay off only with enough work beside the largest image: on a 2-core machine, 4 images of 2 MP
+# in all took 0.75x the serial time, while 37x1500 + 640x480 took 1.08x (benchmarks/bench_encode.py)
+MIN_PARALLEL_PIXELS = 200_000
+
+
+def _each(fn, items: list, workers: int | None, worth_it: bool = True):
+    """[fn(x) for x in items], on the image threads when there is more than one item and it is worth it
+    (workers None: decide; 1: always in order, here; 0 or > 1: threads). With threads every item runs; the
+    first failure in item order is raised, as in the serial loop."""
+    if len(items) <= 1 or workers == 1 or (workers is None and not worth_it):
+        return [fn(x) for x in items]
+    futures = [_image_pool().submit(fn, x) for x in items]
+    return [f.result() for f in futures]
+
+
 def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12, max_context: int | None = None,
                    max_tokens: int = 0, image_limits: ImageLimits = DEFAULT_LIMITS, threads: int = 0,
-                   to_torch: bool = True, raw_pixels: bool = False) -> EncodedRequest:
+                   to_torch: bool = True, raw_pixels: bool = False, workers: int | None = None) -> EncodedRequest:
     """Plan, check and encode one chat request. Order of work: shape check -> image count cap -> image headers
     (pixel cap) -> tokens -> context check -> decode + preprocess. Raises a PixtralInputError subclass naming
     the input (MessageFormatError, TooManyImagesError, ImageError..., ContextLengthError); nothing is
     decoded for a request that is refused on counts. raw_pixels=True stops after decoding: `images` then
-    holds uint8 (h, w, 3) arrays, to be resized and normalised on the GPU (preprocess.preprocess_cuda)."""
+    holds uint8 (h, w, 3) arrays, to be resized and normalised on the GPU (preprocess.preprocess_cuda).
+    A request's images are opened (URLs fetched) and decoded + preprocessed on shared threads, side by side,
+    when that is worth it (several URLs; enough pixels beside the largest image); workers=1 does it one by
+    one, workers=0 forces threads (same pixels, same tokens either way)."""
     msgs, images = _parse_messages(messages)
     if max_tokens < 0:
         raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
     if len(images) > max_images:
         raise TooManyImagesError(f"request has {len(images)} images; at most {max_images} are allowed per request")
     v = args.vision
-    for im in images:
+
+    def open_one(im):
         try:
             im.opened = open_image(im.source, image_limits)
         except ImageError as exc:
             raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
         im.plan = plan_image(im.opened.width, im.opened.height, v)
+
+    # opening reads headers only; threads help when several images come over the network
+    n_urls = sum(isinstance(im.source, str) and im.source.startswith(("http://", "https://")) for im in images)
+    _each(open_one, images, workers, worth_it=n_urls >= 2)
 
     tokens, order = _tokenize(tokenizer, msgs, images)
     if sorted(order) != list(range(len(images))):
@@ -305,22 +342,23 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
             f"{len(ordered)} image(s)) + {max_tokens} max_tokens = {len(tokens) + max_tokens}, over the context "
             f"of {context} tokens: shorten the prompt, use fewer or smaller images, or lower max_tokens")
 
-    tensors, cu = [], [0]
-    for im in ordered:
+    def decode_one(im):
         try:
             pixels = im.opened.decode()
         except ImageError as exc:
             raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
         im.opened = None  # drop the decoder's copy early
         if raw_pixels:
-            tensors.append(pixels)
-            cu.append(cu[-1] + im.plan.n_patches)
-            continue
+            return pixels
         chw = preprocess(pixels, (im.plan.out_height, im.plan.out_width), threads=threads)
         if to_torch:
             import torch
             chw = torch.from_numpy(chw)
-        tensors.append(chw)
+        return chw
+
+    pixels = sorted(im.plan.width * im.plan.height for im in ordered)
+    tensors, cu = _each(decode_one, ordered, workers, worth_it=sum(pixels[:-1]) >= MIN_PARALLEL_PIXELS), [0]
+    for im in ordered:
         cu.append(cu[-1] + im.plan.n_patches)
     return EncodedRequest(
         tokens=tokens, images=tensors, patch_grids=[(im.plan.rows, im.plan.cols) for im in ordered],
