@@ -460,6 +460,8 @@ def main(argv=None) -> int:
                              ("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    if args.tensor_parallel < 1:
+        parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not args.max_body_mb > 0:
@@ -471,7 +473,14 @@ def main(argv=None) -> int:
             parser.error(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        load = EngineClient.start if args.engine == "process" else LLMEngine.load
+        engine_kind = args.engine
+        if args.tensor_parallel > 1 and engine_kind == "process":
+            # the engine process is daemonic and may not start the tensor-parallel workers: the engine runs
+            # in this process (its workers are the other processes)
+            log.info("--tensor-parallel %d: the engine runs in the server process (--engine thread)",
+                     args.tensor_parallel)
+            engine_kind = "thread"
+        load = EngineClient.start if engine_kind == "process" else LLMEngine.load
         engine = load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                       max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
                       quantization=args.quantization, random_weights=args.random_weights,

@@ -178,6 +178,8 @@ class LeaderModel:
             self.processes.stopping = True
         try:
             _send_header("stop")
+        except RuntimeError as exc:       # a follower is already gone (e.g. SIGTERM to the process group)
+            print(f"pixtral_rt: tensor-parallel workers already stopped ({type(exc).__name__})", file=sys.stderr)
         finally:
             if self.processes is not None:
                 self.processes.join()
@@ -253,14 +255,19 @@ class Followers:
     def _watchdog(self) -> None:
         while True:
             time.sleep(0.2)
-            msg = None
+            msg, code = None, 1
             if not self.errors.empty():
                 rank, text = self.errors.get()
                 msg = f"tensor-parallel worker rank {rank} failed: {text}"
             else:
                 for r, p in enumerate(self.procs, start=1):
                     if p.exitcode not in (None, 0) and not self.stopping:
-                        msg = f"tensor-parallel worker rank {r} exited with code {p.exitcode}"
+                        if p.exitcode < 0:          # killed by a signal (e.g. SIGTERM to the process group)
+                            import signal
+                            code = 128 - p.exitcode
+                            msg = f"tensor-parallel worker rank {r} was stopped by {signal.Signals(-p.exitcode).name}"
+                        else:
+                            msg = f"tensor-parallel worker rank {r} exited with code {p.exitcode}"
                         break
             if msg is None:
                 if self.stopping and all(p.exitcode is not None for p in self.procs):
@@ -270,7 +277,7 @@ class Followers:
                 return
             print(f"pixtral_rt: error: {msg}; stopping all ranks", file=sys.stderr, flush=True)
             self.kill()
-            os._exit(1)
+            os._exit(code)
 
     def kill(self) -> None:
         for p in self.procs:

@@ -208,3 +208,29 @@ def test_signal_stops_every_rank(ckpt, sig):
     assert rc != 0
     time.sleep(2.0)
     assert _alive_with_mark(mark) == []
+
+
+def test_server_with_tp2_answers_and_stops_every_rank(ckpt, tmp_path):
+    """python -m pixtral_rt.serve --tensor-parallel 2: answers like the CLI at TP=1; SIGTERM drains, exits 0,
+    and takes its worker with it."""
+    httpx = pytest.importorskip("httpx", reason="httpx is a test dependency of the server tests ('.[test]')")
+    pytest.importorskip("fastapi", reason="the server needs fastapi / uvicorn ('.[serve]')")
+    from tests.test_serve import Server
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, PIXTRAL_RT_TEST_MARK=mark)
+    srv = Server(env, tmp_path / "serve.log", "--model", str(ckpt / "m"), "--tensor-parallel", "2")
+    try:
+        r = httpx.post(srv.url + "/v1/chat/completions", timeout=120, json={
+            "model": "m", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+            "temperature": 0})
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["message"]["content"]
+        assert len(_alive_with_mark(mark)) >= 2
+    finally:
+        rc = srv.stop()
+    one = _cli(["--model", str(ckpt / "m"), "--device", "cpu", "--prompt", "Hello there", "--max-tokens", "6",
+                "--json"])
+    assert text == json.loads(one.stdout)["text"]
+    assert rc == 0, srv.log()
+    time.sleep(1.5)
+    assert _alive_with_mark(mark) == []
