@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt import compile_events as _compile_events
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
@@ -263,6 +265,7 @@ _vision_attention_tuned = triton.autotune(
     configs=_configs(), key=["tokens_key", "HEAD_DIM", "ROPE", "PAIR_STRIDE", "BLOCK_M"],
     prune_configs_by={"early_config_prune": _prune},
 )(_vision_attention_kernel)
+_compile_events.register_autotuner(_vision_attention_tuned)     # its cache size = tunings done
 
 
 # --------------------------------------------------------------------------------------------- launcher

@@ -56,6 +56,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from . import compile_events
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
@@ -511,6 +512,7 @@ class DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = decoder.decode_step(self.tokens, self.positions)
+        compile_events.captured()
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens, non_blocking=True)

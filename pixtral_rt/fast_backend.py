@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from . import compile_events
 from .config import PixtralArgs
 from .decoder import FastDecoder
 from .engine import kv_bytes_per_token
@@ -130,6 +131,7 @@ class FastBackend:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             self._decode_body(greedy)
+        compile_events.captured()
         self._graphs[greedy] = g
         self.sampling.step.copy_(saved)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import compile_events
 from .config import PixtralArgs, VisionEncoderArgs
 from .kernels.rms_norm import rms_norm
 from .kernels.rope_2d import rope_2d_qk_
@@ -294,6 +295,7 @@ class VisionGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = fn(self.patches, self.plan)
+        compile_events.captured()
 
     def __call__(self, patches: torch.Tensor, plan: VisionPlan) -> torch.Tensor:
         """patches (n_tokens, C*p*p) of a plan made with (bucket, max_images) -> the real output rows."""

@@ -121,6 +121,8 @@ class LLMEngine:
             tpm.follow_from_env(dict(model=str(src.folder) if src and src.folder else model, device=device,
                                      dtype=dtype, fmt=fmt, quantization=quantization, random_weights=random_weights))
             raise SystemExit(0)
+        from .. import compile_events
+        compile_events.install()          # count compiles / tunings / captures from the start of the load
         src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
                                                                          random_weights)
         args, dev = src.args, src.device
@@ -224,6 +226,12 @@ class LLMEngine:
         with self._cv:
             seq.cancelled = True
             self._cv.notify()
+
+    def compile_events(self) -> dict[str, int]:
+        """Triton compilations, autotuner tunings and CUDA graph captures in this process so far
+        (pixtral_rt/compile_events.py): compare before and after a request to see what it paid for."""
+        from .. import compile_events
+        return compile_events.snapshot()
 
     def metrics(self) -> dict:
         c = self.counters

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import compile_events
 from ..sampling import SamplingState, sample
 from .scheduler import PrefillChunk, StepPlan
 from .sequence import Sequence
@@ -148,6 +149,7 @@ class ModelRunner:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
             logits = self._decode_body(B, greedy)
+        compile_events.captured()
         self._graphs[(B, greedy)] = (g, logits)
 
     def _decode_body(self, B: int, greedy: bool) -> torch.Tensor:
