@@ -86,3 +86,12 @@ def fp8_weights(N, K, device, seed):
     w[0] *= 40
     w8, s = quantize_weight(w.to(device))
     return w8, s.reshape(-1).contiguous()
+
+
+def small_image_messages(n_images: int, seed: int) -> list[dict]:
+    """A chat request with n_images (<= 3) small random images of awkward sizes and a short text."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
+    content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
+    return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]

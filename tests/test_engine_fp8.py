@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from pixtral_rt.engine import Engine
 from pixtral_rt.random_weights import write_random_checkpoint
 from pixtral_rt.reference.fp8_linear import Fp8Linear
 from pixtral_rt.sampling import SamplingParams
+from tests.helpers import small_image_messages as messages
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +26,6 @@ def ckpts(tmp_path_factory):
     write_random_checkpoint(root / "bf16", args, "mistral", seed=3)
     write_random_checkpoint(root / "fp8", args, "hf", seed=3, quantization="fp8")
     return root
-
-
-def messages(n_images, seed):
-    rng = np.random.default_rng(seed)
-    sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
-    content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
-    return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]
 
 
 @pytest.mark.parametrize("n_images", [0, 1, 3])

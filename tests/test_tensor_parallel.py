@@ -9,7 +9,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from pixtral_rt.config import tiny
 from pixtral_rt.engine import Engine
 from pixtral_rt.random_weights import write_random_checkpoint
 from pixtral_rt.sampling import SamplingParams
+from tests.helpers import small_image_messages as messages
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +25,6 @@ def ckpt(tmp_path_factory):
     write_random_checkpoint(root / "m", tiny(), "mistral", seed=5)
     write_random_checkpoint(root / "hf", tiny(), "hf", seed=5)
     return root
-
-
-def messages(n_images, seed):
-    rng = np.random.default_rng(seed)
-    sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
-    content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
-    return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]
 
 
 @torch.inference_mode()
