@@ -196,9 +196,13 @@ class LLMEngine:
         eng = cls(args, src.tokenizer, model_, info, ctx, max_images, max_batch, n_pages, page_size, max_queue,
                   chunk_tokens, use_graphs, progress)
         info["load_s"] = time.perf_counter() - src.t0
+        w = info["warmup"] = dict(eng.runner.warmup_info)
+        prepared = (f"; warm-up {w['warmup_s']:.1f} s: {w['decode_graphs']} decode graphs, {w['vision_buckets']} "
+                    f"vision buckets, {w['triton_compiles']} kernel compiles, {w['autotunes']} autotunings, "
+                    f"+{w['warmup_extra_GB']:.2f} GB") if w else ""
         print(f"pixtral_rt: {backend} on {dev}, {info['precision']}, context {ctx} tokens, KV cache "
               f"{info['kv_cache_tokens']} tokens in {n_pages - 1} pages of {page_size}, max batch {max_batch}; "
-              f"ready in {info['load_s']:.1f} s", file=sys.stderr)
+              f"ready in {info['load_s']:.1f} s{prepared}", file=sys.stderr)
         return eng
 
     # ------------------------------------------------------------------ requests (any thread)

@@ -108,6 +108,7 @@ class ModelRunner:
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._before_replay = getattr(model, "before_replay", None)
+        self.warmup_info: dict = {}
         if self.device.type == "cuda":
             self._warmup(progress)
 
@@ -115,7 +116,11 @@ class ModelRunner:
     def _warmup(self, progress: bool) -> None:
         """Compile every kernel (prefill shapes, decode batch sizes) and capture the decode graphs. Rows are
         idle (lens 0) and tables point at the trash page: nothing real is written."""
+        import time
+
         from tqdm import tqdm
+        t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        events0 = compile_events.snapshot()
         steps = [("prefill", T) for T in (1, 97, 2048)] + [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
         steps += [("vision", b) for b in self.model.vision_buckets()]
@@ -139,6 +144,14 @@ class ModelRunner:
                     self._decode_body(*what)
         self.sampling.step.zero_()
         torch.cuda.synchronize(self.device)
+        ev = compile_events.snapshot()
+        # what the load prepared so that requests compile / capture nothing (issue 12), for the load message
+        self.warmup_info = {
+            "warmup_s": round(time.perf_counter() - t0, 2),
+            "decode_graphs": len(self._graphs), "vision_buckets": len(self.model.vision_buckets()),
+            "triton_compiles": ev["triton_compile"] - events0["triton_compile"],
+            "autotunes": ev["autotune"] - events0["autotune"],
+            "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}
 
     def _capture(self, B: int, greedy: bool, pool) -> None:
         s = torch.cuda.Stream(self.device)
