@@ -261,3 +261,14 @@ def tiny(merge: bool = False, vocab_size: int = 131072) -> PixtralArgs:
                                  num_attention_heads=2, adapter_bias=not merge,
                                  spatial_merge_size=2 if merge else 1, add_pre_mm_projector_layer_norm=merge),
     )
+
+
+def preset(name: str) -> PixtralArgs:
+    """A preset by name: one of PRESETS, or "tiny" / "tiny-mistral3" (tests). ValueError lists the names."""
+    if name == "tiny":
+        return tiny()
+    if name == "tiny-mistral3":
+        return tiny(merge=True)
+    if name in PRESETS:
+        return PRESETS[name]
+    raise ValueError(f"unknown preset {name!r}; one of tiny, tiny-mistral3, {', '.join(PRESETS)}")

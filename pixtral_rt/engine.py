@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from .chat import EncodedRequest, encode_request, load_tokenizer
-from .config import PIXTRAL_12B, PixtralArgs, tiny
+from .config import PIXTRAL_12B, PixtralArgs, preset, tiny
 from .sampling import SamplingParams, SamplingState, sample
 from .serving.detokenize import IncrementalText, find_stop, stop_prefix_len
 
@@ -77,7 +77,6 @@ def kv_bytes_per_token(args: PixtralArgs, dtype_bytes: int = 2) -> int:
 
 
 QUANTIZATIONS = ("fp8",)
-RANDOM_PRESETS = ("tiny", "tiny-mistral3")      # + the names in config.PRESETS
 
 
 @dataclass
@@ -119,17 +118,6 @@ class ModelSource:
                 f"dynamic activation scales in prefill); embeddings, lm_head, vision encoder, adapter {dt}")
 
 
-def _random_preset_args(preset: str) -> PixtralArgs:
-    from .config import PRESETS
-    if preset == "tiny":
-        return tiny()
-    if preset == "tiny-mistral3":
-        return tiny(merge=True)
-    if preset in PRESETS:
-        return PRESETS[preset]
-    raise ValueError(f"--random-weights {preset!r}: unknown preset; one of {', '.join(RANDOM_PRESETS + tuple(PRESETS))}")
-
-
 def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None,
                   quantization: str | None = None, random_weights: str | None = None, quiet: bool = False,
                   with_tokenizer: bool = True) -> ModelSource:
@@ -154,7 +142,10 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
     if random_weights is not None:
         if model is not None:
             raise ValueError("give a checkpoint (--model) or --random-weights PRESET, not both")
-        args = _random_preset_args(random_weights)
+        try:
+            args = preset(random_weights)
+        except ValueError as exc:
+            raise ValueError(f"--random-weights: {exc}") from None
         if not quiet:
             print(f"pixtral_rt: random {args.name} weights (seed 0) generated on {dev} at load "
                   f"[random weights: the text will be meaningless]", file=sys.stderr)
@@ -259,7 +250,7 @@ class Engine:
         if (tensor_parallel or 1) > 1 and backend not in ("auto", "serving"):
             raise ValueError(f"--tensor-parallel needs the serving backend (--backend auto), not {backend!r}")
         src = resolve_model(model, device, dtype, fmt, quantization, random_weights)
-        dev, tdtype, plan, args, tokenizer, t0 = src.device, src.dtype, src.plan, src.args, src.tokenizer, src.t0
+        dev, tdtype, args, tokenizer, t0 = src.device, src.dtype, src.args, src.tokenizer, src.t0
         random_default = src.random_default
         ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
         if backend not in ("auto", "serving", "fast", "reference"):

@@ -30,7 +30,7 @@ import torch
 
 from . import fp8
 from .checkpoint import expected_shapes, mistral_to_hf_key, permute_for_hf, rotary_heads
-from .config import PRESETS, PixtralArgs, tiny
+from .config import PRESETS, PixtralArgs, preset
 from .quantization_config import QuantizationConfig
 
 QUANTIZATIONS = ("fp8",)
@@ -210,14 +210,10 @@ def main(argv=None) -> int:
                         "embeddings, lm_head, vision tower and adapter stay in --dtype. Same model as the "
                         "unquantised checkpoint of the same seed, quantised")
     a = p.parse_args(argv)
-    if a.preset == "tiny":
-        args = tiny()
-    elif a.preset == "tiny-mistral3":
-        args = tiny(merge=True)
-    elif a.preset in PRESETS:
-        args = PRESETS[a.preset]
-    else:
-        p.error(f"unknown preset {a.preset!r}")
+    try:
+        args = preset(a.preset)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         _check_quantization(a.quantization, a.format)
     except ValueError as exc:
