@@ -98,16 +98,22 @@ class ModelSource:
     def format(self) -> str:
         return self.plan.format if self.plan is not None else "random (generated on the device)"
 
-    def load_weights(self, progress: bool = True) -> dict[str, torch.Tensor]:
+    def load_weights(self, progress: bool = True, shard: tuple[int, int] | None = None,
+                     text_only: bool = False) -> dict[str, torch.Tensor]:
         """The weight dictionary the loader produces (our key names; FP8 linears as weight + weight_scale):
-        from the checkpoint, or drawn on the device for random_preset (same per-name seeding as the writer)."""
+        from the checkpoint, or drawn on the device for random_preset (same per-name seeding as the writer).
+        shard=(rank, world): this rank's slices only (pixtral_rt/sharding.py); text_only: the text decoder's
+        tensors only (tensor-parallel followers)."""
+        from .checkpoint import expected_shapes, load_state_dict
+        from .fast_backend import _TEXT_PREFIXES
+        keys = [k for k in expected_shapes(self.args) if k.startswith(_TEXT_PREFIXES)] if text_only else None
         if self.random_preset is not None:
             from .random_weights import random_state_dict_on_device
             return random_state_dict_on_device(self.args, seed=0, device=self.device, dtype=self.dtype,
-                                               quantization=self.quantization, progress=progress)
-        from .checkpoint import load_state_dict
-        kw = {"quantization": self.quantization} if self.quantization else {}
-        return load_state_dict(self.plan, device=self.device, dtype=self.dtype, progress=progress, **kw)
+                                               quantization=self.quantization, progress=progress, shard=shard,
+                                               keys=keys)
+        return load_state_dict(self.plan, device=self.device, dtype=self.dtype, progress=progress, keys=keys,
+                               quantization=self.quantization, shard=shard)
 
     def precision(self) -> str:
         """For the load message and --json: which weights are in which precision."""

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from .checkpoint import CheckpointError
+from .cli_flags import add_weight_flags, check_weight_flags
 from .config import ConfigError
 from .errors import ImageSourceError, PixtralInputError
 
@@ -44,20 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="checkpoint folder, Mistral format (params.json + consolidated.safetensors) or "
                                    "HF format (config.json + model*.safetensors); default: embedded random weights")
     m.add_argument("--format", choices=["mistral", "hf"], help="force the checkpoint format (default: detect)")
-    m.add_argument("--quantization", choices=["fp8"],
-                   help="fp8: run the text decoder's linears in FP8 e4m3 (per-channel weight scales, per-token "
-                        "activation scales in prefill), quantised at load from a bf16 checkpoint of either format; "
-                        "the vision encoder, adapter, embeddings and lm_head stay bf16. An FP8 checkpoint "
-                        "(compressed-tensors, e.g. pixtral-12b-FP8-dynamic) is FP8 without this flag")
-    m.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="shard the text decoder over N processes (one per GPU; torch.distributed: NCCL on GPUs, "
-                        "gloo with --device cpu). The command starts the workers itself; under torchrun the "
-                        "launcher's world is used. Default 1")
-    m.add_argument("--random-weights", metavar="PRESET",
-                   help="benchmark / testing aid: no checkpoint; seeded random weights of PRESET (tiny, "
-                        "Pixtral-12B-2409, Pixtral-Large-Instruct-2411, Mistral-Small-3.1-24B-2503) generated on "
-                        "the device at load (with --quantization fp8, Pixtral-Large fits one 141 GB GPU). "
-                        "The text is meaningless")
+    add_weight_flags(m)
     m.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weight/activation dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -187,8 +175,7 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if args.max_images < 0:
         parser.error(f"--max-images must be >= 0, got {args.max_images}")
-    if args.tensor_parallel < 1:
-        parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    check_weight_flags(parser, args)
     if args.max_context is not None and args.max_context < 1:
         parser.error(f"--max-context must be >= 1, got {args.max_context}")
     if args.quiet or args.json:

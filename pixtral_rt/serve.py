@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .checkpoint import CheckpointError
+from .cli_flags import add_weight_flags, check_weight_flags
 from .config import ConfigError
 from .errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
                      PixtralInputError, TooManyImagesError)
@@ -380,17 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-context", type=int, metavar="TOKENS",
                    help="longest prompt + answer in tokens (default: the model's, capped by GPU memory); "
                         "longer requests are refused with the counts")
-    m.add_argument("--quantization", choices=["fp8"],
-                   help="fp8: the text decoder's linears in FP8 e4m3, quantised at load from a bf16 checkpoint "
-                        "(an FP8 compressed-tensors checkpoint is FP8 without this flag); vision, adapter, "
-                        "embeddings and lm_head stay bf16")
-    m.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
-                   help="shard the text decoder over N processes (one per GPU; torch.distributed: NCCL on GPUs, "
-                        "gloo with --device cpu). The command starts the workers itself; under torchrun the "
-                        "launcher's world is used. Default 1")
-    m.add_argument("--random-weights", metavar="PRESET",
-                   help="benchmark / testing aid: seeded random weights of PRESET generated on the device instead "
-                        "of --model (meaningless text)")
+    add_weight_flags(m)
     m.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="requests decoded together at most (default 64)")
     m.add_argument("--engine", choices=["process", "thread"], default="process",
@@ -460,8 +451,7 @@ def main(argv=None) -> int:
                              ("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 1)):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
-    if args.tensor_parallel < 1:
-        parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    check_weight_flags(parser, args)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not args.max_body_mb > 0:

@@ -273,8 +273,6 @@ class Followers:
                 if self.stopping and all(p.exitcode is not None for p in self.procs):
                     return
                 continue
-            if self.stopping and msg.endswith("code 0"):
-                return
             print(f"pixtral_rt: error: {msg}; stopping all ranks", file=sys.stderr, flush=True)
             self.kill()
             os._exit(code)
@@ -306,16 +304,8 @@ def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, pare
     threading.Thread(target=_parent_watch, args=(parent_pid,), daemon=True).start()
     try:
         device = torch.device(load_kw.get("device") or "cpu")
-        if device.type == "cuda":
-            device = torch.device("cuda", rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world)
-        make_control_group(backend_for(device))
-        _fault(rank, "load")
-        model = build_follower_model(load_kw, rank, world, device)
-        follow(model, rank)
-        dist.destroy_process_group()
+        _run_follower(rank, world, torch.device("cuda", rank) if device.type == "cuda" else device, load_kw,
+                      f"tcp://127.0.0.1:{port}")
     except KeyboardInterrupt:
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 as one line, then exit
@@ -326,16 +316,28 @@ def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, pare
         os._exit(1)
 
 
-def _nccl_env() -> None:
+def _join(rank: int, world: int, device: torch.device, init_method: str | None = None) -> None:
+    """Join the process group (init_method None: env://, as torchrun sets it) and make the control group."""
     # NVLink multicast stays off (the GPU machines require it; NCCL / symmetric memory would enable it)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend_for(device), init_method=init_method, rank=rank, world_size=world)
+    make_control_group(backend_for(device))
+
+
+def _run_follower(rank: int, world: int, device: torch.device, load_kw: dict, init_method: str | None) -> None:
+    """A follower's life: join, load its shard, follow rank 0 until 'stop'."""
+    _join(rank, world, device, init_method)
+    _fault(rank, "load")
+    follow(build_follower_model(load_kw, rank, world, device), rank)
+    dist.destroy_process_group()
 
 
 def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, int]:
     """Spawn ranks 1..world-1 and join the process group as rank 0. Returns (followers, rank)."""
     import multiprocessing as mp
-    _nccl_env()
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
@@ -344,10 +346,7 @@ def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, 
     for p in procs:
         p.start()
     followers = Followers(procs, errors)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=world)
-    make_control_group(backend_for(device))
+    _join(0, world, device, f"tcp://127.0.0.1:{port}")
     return followers, 0
 
 
@@ -364,47 +363,15 @@ def follow_from_env(load_kw: dict) -> None:
     device = torch.device(load_kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world)
-    make_control_group(backend_for(device))
-    _fault(rank, "load")
-    follow(build_follower_model(load_kw, rank, world, device), rank)
-    dist.destroy_process_group()
+    _run_follower(rank, world, device, load_kw, None)
 
 
 def join_as_rank0(device: torch.device) -> None:
     """torchrun rank 0: join the env:// group."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    rank, world = torchrun_env()
-    dist.init_process_group(backend_for(device), rank=rank, world_size=world)
-    make_control_group(backend_for(device))
+    _join(*torchrun_env(), device)
 
 
 # ------------------------------------------------------------------------------------------ shards
-def _dtype(name):
-    return {None: None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
-
-
-def shard_weights(src, rank: int, world: int, text_only: bool, progress: bool = False) -> dict:
-    """This rank's weights (the loader's dictionary, sharded): slices read from the checkpoint, or drawn on
-    the device and sliced (random_preset). text_only: skip the vision encoder / adapter (followers)."""
-    from .checkpoint import load_state_dict
-    from .fast_backend import _TEXT_PREFIXES
-    if src.random_preset is not None:       # drawn on the device, each tensor cut to this rank's slice at once
-        from .checkpoint import expected_shapes
-        from .random_weights import random_state_dict_on_device
-        keys = [k for k in expected_shapes(src.args) if not text_only or k.startswith(_TEXT_PREFIXES)]
-        return random_state_dict_on_device(src.args, seed=0, device=src.device, dtype=src.dtype,
-                                           quantization=src.quantization, progress=progress, shard=(rank, world),
-                                           keys=keys)
-    keys = [k for k in src.plan.sources if not text_only or k.startswith(_TEXT_PREFIXES)]
-    kw = {"quantization": src.quantization} if src.quantization else {}
-    return load_state_dict(src.plan, device=src.device, dtype=src.dtype, progress=progress, keys=keys,
-                           shard=(rank, world), **kw)
-
-
 def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool = False):
     """The plain PyTorch model holding this rank's shard: PixtralModel (rank 0: + vision) or the text
     Transformer (followers), with the all-reduce hooks installed."""
@@ -414,7 +381,7 @@ def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool 
     from .reference.model import PixtralModel
     from .reference.transformer import Transformer
     from .sharding import sharded_args
-    sd = shard_weights(src, rank, world, text_only, progress)
+    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
     args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
     with torch.device("meta"):
         m = Transformer(args.text) if text_only else PixtralModel(args)
@@ -448,7 +415,7 @@ def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_
     from .serving.paged_model import FastPagedModel
     from .sharding import sharded_args
     from .vision import FastVisionEncoder
-    sd = shard_weights(src, rank, world, text_only, progress)
+    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
     vision = None
     if not text_only:
         vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
