@@ -79,9 +79,6 @@ class Fp8Weight:
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    def numel(self) -> int:
-        return self.weight.numel()
-
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size() + self.scale.numel() * self.scale.element_size()
 
