@@ -4,6 +4,8 @@ Pixtral-12B weights, in one run. Cases (performance.md):
   b) four mixed images (1024^2, 512x768, 768x512, 256^2): TTFT, decode tok/s
   c) text only, 1k-token context: TTFT, decode tok/s
   d) text only, 32k-token context: TTFT, decode tok/s
+  --first-request: user-visible TTFT, cold (first request in a fresh process) vs warm, for one 1024^2 image,
+     the 4-image set and an odd pair 37x1500 + 640x480, JPEG files on disk (benchmarks/first_request.py)
 Peak GPU memory for each. Floors: decode = weight bytes + KV bytes per token over the measured copy
 bandwidth; TTFT floor from performance.md's FLOP count over the measured bf16 matmul rate.
 
@@ -132,12 +134,24 @@ def run_hf(hf, args, req: EncodedRequest, n_tokens: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder (e.g. written by pixtral_rt.random_weights)")
+    ap.add_argument("--model", help="checkpoint folder (e.g. written by pixtral_rt.random_weights); required "
+                    "except with --first-request (random Pixtral-12B weights drawn on the GPU by default)")
+    ap.add_argument("--first-request", action="store_true", help="cold vs warm user-visible TTFT, each case in a "
+                    "fresh process (benchmarks/first_request.py)")
+    ap.add_argument("--random-weights", default=None, help="with --first-request: preset drawn on the GPU")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per case")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--anchor-json", help="gptfast_anchor.py output (JSON lines) measured in the same GPU call")
-    ap.add_argument("--cases", default="a_1img_1024,b_4imgs_mixed,c_text_1k,d_text_32k")
+    ap.add_argument("--cases", default=None, help="comma-separated (default: a_1img_1024,b_4imgs_mixed,c_text_1k,"
+                    "d_text_32k; with --first-request a_1img_1024,b_4imgs_mixed,c_2imgs_odd)")
     a = ap.parse_args()
+    if a.first_request:
+        from benchmarks.first_request import CASES, run
+        cases = a.cases.split(",") if a.cases else list(CASES)
+        run(a.model, a.random_weights or (None if a.model else "Pixtral-12B-2409"), cases, 3, 16384)
+        return
+    if not a.model:
+        ap.error("--model is required (except with --first-request)")
     bw, fl_rate = ceilings()
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {fl_rate / 1e12:.0f} TFLOP/s")
     t0 = time.perf_counter()
@@ -145,7 +159,7 @@ def main():
     load_s = time.perf_counter() - t0
     record("e2e", "engine_load_and_capture", "wall", load_s, "s", None, None, None)
     rng = np.random.default_rng(0)
-    cases = a.cases.split(",")
+    cases = (a.cases or "a_1img_1024,b_4imgs_mixed,c_text_1k,d_text_32k").split(",")
     both = {c: request(engine, c, rng) for c in cases}
     reqs = {c: both[c][0] for c in cases}
     args = engine.args

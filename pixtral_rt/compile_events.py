@@ -7,8 +7,10 @@ On the CPU (Triton interpreter) nothing compiles and nothing is captured: the co
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 _lock = threading.Lock()
+_recent: deque = deque(maxlen=64)   # names of the latest compiles (what a request compiled, for messages)
 _counts = {"triton_compile": 0, "graph_capture": 0}
 _autotuners: list = []
 _installed = False
@@ -27,8 +29,11 @@ def install() -> None:
     previous = knobs.runtime.jit_post_compile_hook
 
     def hook(*args, **kwargs):
+        fn = kwargs.get("fn")
+        name = getattr(fn, "name", None) or str(kwargs.get("repr", "?"))[:160]
         with _lock:
             _counts["triton_compile"] += 1
+            _recent.append(name)
         if previous is not None:
             return previous(*args, **kwargs)
         return None
@@ -43,6 +48,12 @@ def register_autotuner(tuner) -> None:
 def captured(n: int = 1) -> None:
     with _lock:
         _counts["graph_capture"] += n
+
+
+def recent(n: int = 16) -> list[str]:
+    """Names of the last n Triton compilations (oldest first)."""
+    with _lock:
+        return list(_recent)[-n:] if n else []
 
 
 def snapshot() -> dict[str, int]:
