@@ -21,7 +21,6 @@ import torch
 
 from benchmarks.common import matmul_TFLOPs, record
 from pixtral_rt.config import PIXTRAL_12B
-from pixtral_rt.fast_backend import vision_bucket
 
 # (height, width) in pixels after preprocessing (multiples of 16)
 CASES = {"1x1_patch": [(16, 16)], "256sq": [(256, 256)], "480x640": [(480, 640)], "512sq": [(512, 512)],
@@ -29,6 +28,14 @@ CASES = {"1x1_patch": [(16, 16)], "256sq": [(256, 256)], "480x640": [(480, 640)]
          "odd_pair_32x1024+480x640": [(32, 1024), (480, 640)],
          "4imgs_mixed": [(1024, 1024), (512, 768), (768, 512), (256, 256)],
          "3x1024sq": [(1024, 1024)] * 3, "6x1024sq": [(1024, 1024)] * 6}
+
+
+def vision_bucket(n: int, minimum: int = 256) -> int:
+    """The engine's buckets before issue 12: the patch count rounded up to a power of two (>= 256)."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
 
 
 def wall_ms(fn, reps: int = 15) -> float:

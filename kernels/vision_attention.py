@@ -261,9 +261,18 @@ def _prune(configs, named_args, **kwargs):
     return out or [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
 
 
+def _quick_bench(kernel_call, quantiles):
+    # the autotuner's timing: 5 ms warm-up + 25 ms of runs per config (Triton's default 25 + 100 ms made
+    # tuning the engine's 7 keys take seconds of its load)
+    from triton.testing import do_bench
+    return do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# choices are also cached on disk (Triton's cache directory, keyed by kernel source, GPU, key and configs),
+# so a second process on the same machine tunes nothing
 _vision_attention_tuned = triton.autotune(
     configs=_configs(), key=["tokens_key", "HEAD_DIM", "ROPE", "PAIR_STRIDE", "BLOCK_M"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench, cache_results=True,
 )(_vision_attention_kernel)
 _compile_events.register_autotuner(_vision_attention_tuned)     # its cache size = tunings done
 
@@ -330,7 +339,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                 PAIR_STRIDE=2 if layout == "interleaved" else 1, ODD_OFF=1 if layout == "interleaved" else half,
                 ROPE=bool(rope), BLOCK_M=plan.block_m)
     grid = (plan.max_tiles, H)
-    tokens_key = triton.next_power_of_2(max(N, 1))
+    tokens_key = attention_tokens_key(N)
     args = (q, k, v, out, pos, frq, cu_seqlens, plan.tiles,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key)
@@ -345,20 +354,35 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out
 
 
+MAX_TOKENS_KEY = 16384
+
+
+def attention_tokens_key(n_tokens: int) -> int:
+    """The autotuner's size key for a pack of n_tokens rows: next_pow2(n), at most MAX_TOKENS_KEY (past
+    that the tiles fill the GPU many times over, and each key would need its own tuning at load)."""
+    return min(triton.next_power_of_2(max(n_tokens, 1)), MAX_TOKENS_KEY)
+
+
 def best_config() -> dict:
     """The autotuner's choices so far, {key: config string} (for benchmark logs)."""
     return {str(k): str(v) for k, v in _vision_attention_tuned.cache.items()}
 
 
 def warmup_vision_attention(n_heads: int, head_dim: int, token_counts: list[int], dtype=torch.bfloat16,
-                            block_m: int = 128, rope: bool = True, layout: str = "half", device="cuda") -> None:
-    """Run the autotuner for each token bucket (tokens_key = next_pow2(N)) before any CUDA graph capture."""
+                            block_m: int = 128, rope: bool = True, layout: str = "half", device="cuda",
+                            max_segment: int | None = None) -> None:
+    """Run the autotuner for each token bucket (tokens_key = attention_tokens_key(N)) before any CUDA graph
+    capture, on N tokens packed as images of at most max_segment tokens (default: one image of N)."""
     for n in token_counts:
+        seg = n if max_segment is None else max_segment
+        lens = [min(seg, n - a) for a in range(0, n, seg)]
         q = torch.randn(n, n_heads, head_dim, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
-        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=device)
         pos = torch.zeros(n, 2, dtype=torch.int32, device=device)
-        plan = plan_vision_attention([n], block_m, device=device)
+        # tile count padded to a multiple of 16, as the encoder's plans are (same kernel specialisation)
+        plan = plan_vision_attention(lens, block_m, -(-max_tiles_for(n, len(lens), block_m) // 16) * 16,
+                                     device=device)
         vision_attention(q, k, v, cu, plan, pos, rope_pair_freqs(head_dim, 10000.0, device), rope=rope,
                          layout=layout)
     if torch.cuda.is_available():
@@ -371,5 +395,6 @@ def useful_flops(seqlens: list[int], n_heads: int, head_dim: int) -> float:
 
 
 __all__ = ["vision_attention", "plan_vision_attention", "VisionAttentionPlan", "rope_pair_freqs",
-           "max_tiles_for", "warmup_vision_attention", "useful_flops", "plan_tiles", "best_config"]
+           "max_tiles_for", "warmup_vision_attention", "useful_flops", "plan_tiles", "best_config",
+           "attention_tokens_key", "MAX_TOKENS_KEY"]
 _ = math

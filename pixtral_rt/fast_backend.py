@@ -10,8 +10,9 @@ Each decode step is one graph replay: embedding lookup, all layers, final norm, 
 sampling; the graph writes the next token into its own input buffer and advances the position, so the
 host only launches replays and reads tokens back for streaming.
 
-Vision buckets: patch counts rounded up to a power of two (>= 256); each bucket's graph is captured the
-first time it is needed (the 4096-patch bucket, one full-size image, at load).
+Vision: every graph bucket of pixtral_rt/vision_buckets.py (<= 12% padding rows, up to one full-size image) is
+captured at load and the attention kernel tuned for every size a request can reach; larger packs run the
+encoder eagerly on their real rows (nothing is compiled, tuned or captured at request time).
 """
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ from .vision import FastVisionEncoder, pack_patches
 
 _TEXT_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")
 GIB = 1 << 30
-
-
-def vision_bucket(n_patches: int, minimum: int = 256) -> int:
-    b = minimum
-    while b < n_patches:
-        b *= 2
-    return b
 
 
 @torch.inference_mode()
@@ -55,15 +49,11 @@ def request_patches(req, patch_size: int, device) -> torch.Tensor:
 @torch.inference_mode()
 def image_features(vision: FastVisionEncoder, req, patch_size: int, device, max_images: int,
                    use_graphs: bool) -> torch.Tensor:
-    """Images of a request -> (n_image_tokens, text dim) on the device (vision graph of its patch bucket,
-    captured on first use). The result may be a view of the graph's output buffer: use it before the next
-    call."""
+    """Images of a request -> (n_image_tokens, text dim) on the device: the vision graph of its patch bucket
+    (all captured at load by FastVisionEncoder.prepare_steps) or the eager encoder above the graph range. The
+    result may be a view of the graphs' output buffer: use it before the next call."""
     patches = request_patches(req, patch_size, device)
-    if use_graphs:
-        bucket = vision_bucket(patches.shape[0])
-        plan = vision.plan(req.patch_grids, bucket=bucket, max_images=max_images)
-        return vision.capture(bucket, max_images)(patches, plan)
-    return vision(patches, vision.plan(req.patch_grids))
+    return vision.run(patches, req.patch_grids, max_images, use_graphs)
 
 
 class FastBackend:
@@ -102,16 +92,17 @@ class FastBackend:
         self.tok = torch.zeros(1, dtype=torch.long, device=self.device)      # decode graph input/output
         self.pos = torch.zeros(1, dtype=torch.int32, device=self.device)     # position of self.tok
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        steps = ["autotune decoder", "decode graph (greedy)", "decode graph (sampling)", "vision graph (4096)"]
+        from .vision_buckets import full_image_patches
+        steps = [("autotune decoder", lambda: self.decoder.warmup(batch_sizes=(1,), prefill_lens=(1, 97, 2048)))]
+        if use_graphs:
+            steps += [(f"decode graph ({'greedy' if g else 'sampling'})", lambda g=g: self._capture_decode(greedy=g))
+                      for g in (True, False)]
+        max_rows = min(self.max_images * full_image_patches(args.vision), self.max_context)
+        steps += self.vision.prepare_steps(max_rows, self.max_images, use_graphs)
         with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
-            for what in bar:
+            for what, fn in bar:
                 bar.set_postfix_str(what)
-                if what == "autotune decoder":
-                    self.decoder.warmup(batch_sizes=(1,), prefill_lens=(1, 97, 2048))
-                elif what.startswith("decode graph") and use_graphs:
-                    self._capture_decode(greedy="greedy" in what)
-                elif what.startswith("vision") and use_graphs:
-                    self._vision_graph(4096)
+                fn()
         torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------------------ graphs
@@ -134,9 +125,6 @@ class FastBackend:
         compile_events.captured()
         self._graphs[greedy] = g
         self.sampling.step.copy_(saved)
-
-    def _vision_graph(self, bucket: int):
-        return self.vision.capture(bucket, self.max_images)
 
     # ------------------------------------------------------------------------------ request
     raw_pixels = True  # the engine hands over decoded uint8 pixels; resize + normalise run on the GPU

@@ -145,11 +145,8 @@ class LeaderModel:
     def image_features(self, req):
         return self.local.image_features(req)
 
-    def vision_buckets(self, *a, **k):
-        return self.local.vision_buckets(*a, **k)
-
-    def capture_vision(self, bucket: int) -> None:
-        self.local.capture_vision(bucket)
+    def vision_prepare_steps(self, max_context: int) -> list:
+        return self.local.vision_prepare_steps(max_context)     # the vision encoder runs on rank 0 only
 
     def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         T, S, R = h.shape[0], start_pos.shape[0], rows.shape[0]

@@ -37,8 +37,8 @@ from .config import PixtralArgs, VisionEncoderArgs
 from .kernels.rms_norm import rms_norm
 from .kernels.rope_2d import rope_2d_qk_
 from .kernels.silu_mul import silu_mul
-from .kernels.vision_attention import (max_tiles_for, plan_tiles, rope_pair_freqs, vision_attention,
-                                       VisionAttentionPlan, warmup_vision_attention)
+from .kernels.vision_attention import (attention_tokens_key, max_tiles_for, plan_tiles, rope_pair_freqs,
+                                       vision_attention, VisionAttentionPlan, warmup_vision_attention)
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -103,8 +103,12 @@ def plan_vision(grids: list[tuple[int, int]], merge: int = 1, bucket: int | None
         pos[off:off + r * c, 0] = torch.arange(r, dtype=torch.int32).repeat_interleave(c)
         pos[off:off + r * c, 1] = torch.arange(c, dtype=torch.int32).repeat(r)
         off += r * c
-    tiles = torch.tensor(plan_tiles(seg_lens, block_m, max_tiles_for(rows, n_img_slots + 1, block_m)),
-                         dtype=torch.int32)
+    # the padding segment gets no query tiles: its rows are never attended (its attention output rows are
+    # left unwritten, and every later op is row-wise, so they cannot reach a real row); the tile count is a
+    # multiple of 16 so that every plan shares one Triton specialisation of the kernel
+    tiled = lens + [0] * (len(seg_lens) - len(lens))
+    max_tiles = -(-max_tiles_for(rows, n_img_slots + 1, block_m) // 16) * 16
+    tiles = torch.tensor(plan_tiles(tiled, block_m, max_tiles), dtype=torch.int32)
     merge_index, n_merged = None, n
     if merge > 1:
         idx, off = [], 0
@@ -240,9 +244,9 @@ class FastVisionEncoder(torch.nn.Module):
             f = silu_mul(h @ L["w13"].t()) @ L["w2"].t()
         return x + f if f is not None else x
 
-    def forward(self, patches: torch.Tensor, plan: VisionPlan) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, plan: VisionPlan, out: torch.Tensor | None = None) -> torch.Tensor:
         """patches (n_rows, C*p*p) -> image features (n_rows or n_rows/m^2, text_dim or hidden). Real rows are
-        the first plan.n_merged."""
+        the first plan.n_merged. out: optional buffer of at least that many rows (the result is its head)."""
         w = self.w
         x = self.encode(patches, plan)
         if "pre_mm_norm" in w:
@@ -252,18 +256,97 @@ class FastVisionEncoder(torch.nn.Module):
             x = x.index_select(0, plan.merge_index).view(-1, m2 * x.shape[1]) @ w["merge_w"].t()
         if "w_in" in w:
             x = F.gelu(F.linear(x, w["w_in"], w["b_in"]))
+            if out is not None:
+                o = out[:x.shape[0]]
+                if w["b_out"] is not None:
+                    return torch.addmm(w["b_out"], x, w["w_out"].t(), out=o)
+                return torch.mm(x, w["w_out"].t(), out=o)
             x = F.linear(x, w["w_out"], w["b_out"])
+        if out is not None:
+            return out[:x.shape[0]].copy_(x)
         return x
 
+    def out_dim(self) -> int:
+        w = self.w
+        return w["w_out"].shape[0] if "w_in" in w else (w["merge_w"].shape[0] if "merge_w" in w else
+                                                         w["patch_w"].shape[0])
+
+    # ---------------------------------------------------------------- request path
+    def prepare(self, max_rows: int, max_images: int, use_graphs: bool = True) -> None:
+        """Everything a request can need, done now (issue 12): see prepare_steps."""
+        for _label, step in self.prepare_steps(max_rows, max_images, use_graphs):
+            step()
+
+    def prepare_steps(self, max_rows: int, max_images: int, use_graphs: bool = True) -> list:
+        """[(label, fn)] to run in order at load (a progress bar shows the labels): the attention kernel tuned
+        for every token key a request of <= max_rows patches can reach (packs of full-size images, as
+        requests bring them), the graph of every bucket in vision_buckets.graph_buckets captured (one
+        shared memory pool, one output buffer), and the eager path above them run once."""
+        from .vision_buckets import eager_rows, full_image_patches, graph_buckets
+        full = full_image_patches(self.args)
+        m2 = self.merge ** 2 if "merge_w" in self.w else 1
+        self.buckets = graph_buckets(self.args, min(full, max_rows)) if use_graphs else []
+        top = self.buckets[-1] if self.buckets else 0
+        keys = {attention_tokens_key(b) for b in self.buckets}
+        if max_rows > top:
+            keys |= {attention_tokens_key(eager_rows(max_rows)), attention_tokens_key(eager_rows(top + 1))}
+        steps = [(f"tune vision attention {k}", lambda k=k: self.warmup([k], segment=full)) for k in sorted(keys)]
+        if self.buckets:
+            steps.append(("vision output buffer", lambda: self.graph_output(top // m2)))   # sized once, for all
+        steps += [(f"vision graph {b}", lambda b=b: self.capture(b, max_images)) for b in self.buckets]
+        if max_rows > top:
+            n = eager_rows(min(max_rows, top + 1))
+            n += -n % (16 * m2)
+            grid = (self.merge, n // self.merge) if m2 > 1 else (1, n)
+
+            def eager():
+                with torch.inference_mode():
+                    self.run(torch.randn(n, self.w["patch_w"].shape[1], device=self.w["patch_w"].device), [grid],
+                             max_images, use_graphs)
+            steps.append(("vision eager path", eager))
+        return steps
+
+    def run(self, patches: torch.Tensor, grids: list[tuple[int, int]], max_images: int,
+            use_graphs: bool = True) -> torch.Tensor:
+        """The request path: patches (n, C*p*p) of these images -> (n or n/m^2, out_dim) features. Replays the
+        graph of the smallest bucket >= n (prepare() captured them all), or runs eagerly on n rounded up to
+        ROW_ALIGN rows above the graph range. The result may be a view of a shared buffer: use it before
+        the next call."""
+        from .vision_buckets import bucket_for, eager_rows
+        n = patches.shape[0]
+        b = bucket_for(n, getattr(self, "buckets", [])) if use_graphs else None
+        if b is not None:
+            return self.capture(b, max_images)(patches, self.plan(grids, bucket=b, max_images=max_images))
+        rows = eager_rows(n) if use_graphs else n
+        plan = self.plan(grids, bucket=rows, max_images=max_images) if rows != n or use_graphs else self.plan(grids)
+        if rows != n:
+            patches = torch.cat([patches, patches.new_zeros(rows - n, patches.shape[1])])
+        return self(patches, plan)[:plan.n_merged]
+
     # ---------------------------------------------------------------- CUDA graphs
-    def warmup(self, token_counts: list[int]) -> None:
-        """Autotune the attention kernel for these bucket sizes (call before capture)."""
+    def warmup(self, token_counts: list[int], segment: int | None = None) -> None:
+        """Autotune the attention kernel for these bucket sizes (call before capture); segment: the longest
+        image in the packs it tunes on (default: one image of each count)."""
         if self.attn_config is not None:
             return
         warmup_vision_attention(self.n_heads, self.head_dim, token_counts, dtype=self.w["patch_w"].dtype,
+                                max_segment=segment,
                                 block_m=self.block_m, rope=self.rope_mode == "fused",
                                 layout="half" if self.rope_mode == "fused" else "interleaved",
                                 device=self.w["patch_w"].device)
+
+    def graph_pool(self):
+        if getattr(self, "_pool", None) is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def graph_output(self, rows: int) -> torch.Tensor:
+        """The graphs' shared feature buffer, (>= rows, out_dim); grown (a new buffer) if too small."""
+        buf = getattr(self, "_out_buf", None)
+        if buf is None or buf.shape[0] < rows:
+            self._out_buf = torch.empty(rows, self.out_dim(), device=self.w["patch_w"].device,
+                                        dtype=self.w["patch_w"].dtype)
+        return self._out_buf
 
     def capture(self, bucket: int, max_images: int, encode_only: bool = False) -> "VisionGraph":
         key = (bucket, max_images, encode_only)
@@ -276,7 +359,7 @@ class VisionGraph:
     """One CUDA graph of the encoder for a fixed (bucket, max_images). Call with unpadded patches."""
 
     def __init__(self, enc: FastVisionEncoder, bucket: int, max_images: int, encode_only: bool = False):
-        self.enc, self.bucket, self.max_images = enc, bucket, max_images
+        self.enc, self.bucket, self.max_images, self.encode_only = enc, bucket, max_images, encode_only
         dev = enc.w["patch_w"].device
         merge = enc.merge if "merge_w" in enc.w else 1
         # captured with a placeholder plan (one merge x merge image + a padding segment); every call copies
@@ -284,8 +367,11 @@ class VisionGraph:
         grids = [(merge, merge)]
         self.plan = plan_vision(grids, merge, bucket, max_images, enc.block_m, dev)
         self.patches = torch.randn(bucket, enc.w["patch_w"].shape[1], device=dev, dtype=enc.w["patch_w"].dtype)
-        fn = enc.encode if encode_only else enc.forward
-        self.fn = fn
+        self.fn = enc.encode if encode_only else enc.forward
+        # every graph of the encoder shares one memory pool (their scratch memory overlaps: they never run
+        # concurrently) and writes its features into one output buffer held outside the pool
+        out_buf = None if encode_only else enc.graph_output(bucket // merge ** 2)
+        fn = (lambda p, pl: enc.encode(p, pl)) if encode_only else (lambda p, pl: enc.forward(p, pl, out=out_buf))
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -293,7 +379,7 @@ class VisionGraph:
                 fn(self.patches, self.plan)
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=enc.graph_pool()):
             self.out = fn(self.patches, self.plan)
         compile_events.captured()
 
@@ -306,5 +392,5 @@ class VisionGraph:
         self.patches[:n].copy_(patches)
         self.plan.copy_(plan)
         self.graph.replay()
-        rows = plan.n_tokens if self.fn == self.enc.encode or self.plan.merge_index is None else plan.n_merged
+        rows = plan.n_tokens if self.encode_only or self.plan.merge_index is None else plan.n_merged
         return self.out[:rows]

@@ -48,7 +48,7 @@ def test_fast_encoder_matches_reference_cpu(merge, rope):
 
 
 def test_fast_encoder_bucket_padding_cpu():
-    """Padding rows (random garbage, own segment) leave the real rows bit-identical."""
+    """Padding rows (random garbage or NaN, own segment, never attended) leave the real rows bit-identical."""
     args = tiny(vocab_size=1000)
     ref = random_reference(args, seed=3)
     grids = [(2, 5), (3, 3)]
@@ -59,13 +59,17 @@ def test_fast_encoder_bucket_padding_cpu():
         x = pack_patches(imgs, p)
         plan = enc.plan(grids)
         base = enc(x, plan)
-        for seed in (0, 1):
+        for seed in (0, 1, 2):
             g = torch.Generator().manual_seed(seed)
             planb = enc.plan(grids, bucket=x.shape[0] + 11, max_images=4)
-            xb = torch.cat([x, 5 * torch.randn(11, x.shape[1], generator=g)])
-            out = enc(xb, planb)
-            assert torch.isfinite(out).all()
+            pad = torch.full((11, x.shape[1]), float("nan")) if seed == 2 else 5 * torch.randn(11, x.shape[1], generator=g)
+            out = enc(torch.cat([x, pad]), planb)
+            assert torch.isfinite(out[:plan.n_merged]).all()
             torch.testing.assert_close(out[:plan.n_merged], base, rtol=0, atol=1e-6)
+            # the padding segment is planned but gets no attention tiles (no work on padding rows)
+            assert planb.cu_seqlens[len(grids) + 1] - planb.cu_seqlens[len(grids)] == 11
+            assert (planb.attn.tiles[0] == len(grids)).sum() == 0
+            assert planb.attn.max_tiles % 16 == 0
 
 
 def test_from_state_dict_checks_keys():

@@ -115,6 +115,13 @@ class PagePool:
                 else:
                     self.free.append(p)
 
+    def forget_cached(self) -> None:
+        """Drop every evictable prefix page (ref 0) back to the free list: the cache forgets them."""
+        for p in list(self.lru):
+            del self.page_of[self.hash_of.pop(p)]
+            self.free.append(p)
+        self.lru.clear()
+
     def check(self) -> None:
         """Invariants (tests): every page is exactly one of trash / held / free / evictable."""
         held = {int(p) for p in np.nonzero(self.ref[1:] > 0)[0] + 1}

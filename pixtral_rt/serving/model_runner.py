@@ -65,6 +65,10 @@ class _FeatureCache:
         self.max_bytes, self.bytes = max_bytes, 0
         self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
     def get(self, d: bytes) -> torch.Tensor | None:
         t = self.items.get(d)
         if t is not None:
@@ -88,6 +92,7 @@ class ModelRunner:
         self.model, self.args, self.device = model, args, torch.device(device)
         self.max_batch, self.page_size = max_batch, page_size
         self.max_pages = -(-(max_context + 1) // page_size)
+        self.max_context = max_context
         self.use_graphs = use_graphs and self.device.type == "cuda"
         model.alloc(n_pages, page_size)
         dev, S = self.device, max_batch
@@ -121,15 +126,18 @@ class ModelRunner:
         from tqdm import tqdm
         t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         events0 = compile_events.snapshot()
-        steps = [("prefill", T) for T in (1, 97, 2048)] + [("graph", (B, g)) for B in self.batch_sizes
+        # prefill lengths: 1, odd, and up to the largest chunk a step takes (one image prompt; cuBLAS picks and
+        # loads other kernels for long rows)
+        lens = sorted({min(T, self.max_context) for T in (1, 97, 2048, 8192)})
+        steps = [("prefill", T) for T in lens] + [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
-        steps += [("vision", b) for b in self.model.vision_buckets()]
+        steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
         pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
             for kind, what in bar:
-                bar.set_postfix_str(f"{kind} {what}")
+                bar.set_postfix_str(what[0] if kind == "vision" else f"{kind} {what}")
                 if kind == "vision":
-                    self.model.capture_vision(what)
+                    what[1]()
                 elif kind == "prefill":
                     T = what
                     z = torch.zeros(T, dtype=torch.int32, device=self.device)
@@ -148,7 +156,8 @@ class ModelRunner:
         # what the load prepared so that requests compile / capture nothing (issue 12), for the load message
         self.warmup_info = {
             "warmup_s": round(time.perf_counter() - t0, 2),
-            "decode_graphs": len(self._graphs), "vision_buckets": len(self.model.vision_buckets()),
+            "decode_graphs": len(self._graphs),
+            "vision_buckets": sum(k == "vision" and w[0].startswith("vision graph") for k, w in steps),
             "triton_compiles": ev["triton_compile"] - events0["triton_compile"],
             "autotunes": ev["autotune"] - events0["autotune"],
             "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}

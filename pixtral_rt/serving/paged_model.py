@@ -42,8 +42,8 @@ class ReferencePagedModel:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.tok_embeddings(tokens)
 
-    def vision_buckets(self) -> list[int]:
-        return []                                   # no graphs: nothing to capture
+    def vision_prepare_steps(self, max_context: int) -> list:
+        return []                                   # no graphs, no tuning: nothing to prepare
 
     @torch.inference_mode()
     def image_features(self, req) -> torch.Tensor:
@@ -107,16 +107,12 @@ class FastPagedModel:
     def embed(self, tokens):
         return self.decoder.embed(tokens)
 
-    def vision_buckets(self, max_bucket: int = 16384) -> list[int]:
-        """Patch-count buckets whose encoder graphs are captured at load (up to four full-size images);
-        larger ones are captured when first needed."""
-        from ..fast_backend import vision_bucket
-        top = vision_bucket(min(max_bucket, self.max_images * (self.args.vision.image_size //
-                                                               self.args.vision.patch_size) ** 2))
-        return [b for b in (256 << i for i in range(12)) if b <= top] if self.use_graphs else []
-
-    def capture_vision(self, bucket: int) -> None:
-        self.vision.capture(bucket, self.max_images)
+    def vision_prepare_steps(self, max_context: int) -> list:
+        """[(label, fn)]: attention tuning, every vision graph bucket, the eager path (FastVisionEncoder.
+        prepare_steps) for requests of up to max_images full-size images within the context."""
+        from ..vision_buckets import full_image_patches
+        max_rows = min(self.max_images * full_image_patches(self.args.vision), max_context)
+        return self.vision.prepare_steps(max_rows, self.max_images, self.use_graphs)
 
     def image_features(self, req):
         from ..fast_backend import image_features
