@@ -18,7 +18,7 @@ python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1; grep -i "not b
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 STAGES=${STAGES:-tests,first,buckets,jpeg}
 if [[ $STAGES == *tests* ]]; then
-  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_compile_events.py} -s -p no:cacheprovider 2>&1 \
+  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs -m gpu ${TESTS:-tests/test_compile_events.py} -s -p no:cacheprovider 2>&1 \
     | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|after load|->" | tail -30
 fi
 [[ $STAGES == *first* ]] && timeout 420 python -m benchmarks.bench_e2e --first-request ${FIRST_ARGS:-} 2>&1 \

@@ -54,6 +54,7 @@ class EncodedRequest:
     preprocess_backend: str = ""
     image_out_hw: list[tuple[int, int]] = field(default_factory=list)   # (H, W) after resize, per image
     images_are_raw: bool = False            # images hold decoded uint8 (h, w, 3) pixels, not yet preprocessed
+    image_digests: list[bytes] = field(default_factory=list)   # digest(image) per image, when asked for
 
     @property
     def n_images(self) -> int:
@@ -303,17 +304,41 @@ def _each(fn, items: list, workers: int | None, worth_it: bool = True):
     return [f.result() for f in futures]
 
 
+def _text_token_bound(msgs: list[dict]) -> int:
+    """An upper bound on the prompt's text tokens, without tokenising: every string in the messages (image
+    parts left out) costs at most its UTF-8 bytes + 1 tokens (byte-level BPE; SentencePiece with byte
+    fallback and a leading-space piece), plus 16 control tokens per message and 16 for the prompt."""
+    def walk(x) -> int:
+        if isinstance(x, str):
+            return len(x.encode("utf-8", "surrogatepass")) + 1
+        if isinstance(x, dict):
+            if x.get("type") in ("image", "image_url"):
+                return 0
+            return sum(walk(k) + walk(v) for k, v in x.items() if k != "_parts")
+        if isinstance(x, (list, tuple)):
+            return sum(walk(v) for v in x)
+        return len(str(x)) + 1 if x is not None else 0
+    return sum(walk(m) + 16 for m in msgs) + 16
+
+
 def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12, max_context: int | None = None,
                    max_tokens: int = 0, image_limits: ImageLimits = DEFAULT_LIMITS, threads: int = 0,
-                   to_torch: bool = True, raw_pixels: bool = False, workers: int | None = None) -> EncodedRequest:
+                   to_torch: bool = True, raw_pixels: bool = False, workers: int | None = None,
+                   digest=None) -> EncodedRequest:
     """Plan, check and encode one chat request. Order of work: shape check -> image count cap -> image headers
-    (pixel cap) -> tokens -> context check -> decode + preprocess. Raises a PixtralInputError subclass naming
+    (pixel cap) -> tokens -> context check -> decode + preprocess (decoding starts beside the tokens when the
+    context check cannot fail, see below). Raises a PixtralInputError subclass naming
     the input (MessageFormatError, TooManyImagesError, ImageError..., ContextLengthError); nothing is
     decoded for a request that is refused on counts. raw_pixels=True stops after decoding: `images` then
     holds uint8 (h, w, 3) arrays, to be resized and normalised on the GPU (preprocess.preprocess_cuda).
     A request's images are opened (URLs fetched) and decoded + preprocessed on shared threads, side by side,
     when that is worth it (several URLs; enough pixels beside the largest image); workers=1 does it one by
-    one, workers=0 forces threads (same pixels, same tokens either way)."""
+    one, workers=0 forces threads (same pixels, same tokens either way). When the request fits the context
+    even at an upper bound on its text tokens (the usual case), its images are decoded on the threads while
+    this thread tokenises; otherwise decoding waits for the exact context check, so a request refused on
+    counts never has a pixel decoded (one the chat format refuses may have had its decoding started; queued
+    decodes are cancelled). digest: optional fn(image) -> bytes, run on the image threads too
+    (EncodedRequest.image_digests)."""
     msgs, images = _parse_messages(messages)
     if max_tokens < 0:
         raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -332,6 +357,54 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
     n_urls = sum(isinstance(im.source, str) and im.source.startswith(("http://", "https://")) for im in images)
     _each(open_one, images, workers, worth_it=n_urls >= 2)
 
+    context = args.text.max_seq_len if max_context is None else max_context
+    image_tokens = sum(im.plan.n_tokens for im in images)
+
+    def decode_one(im):
+        try:
+            pixels = im.opened.decode()
+        except ImageError as exc:
+            raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
+        im.opened = None  # drop the decoder's copy early
+        if raw_pixels:
+            out = pixels
+        else:
+            out = preprocess(pixels, (im.plan.out_height, im.plan.out_width), threads=threads)
+            if to_torch:
+                import torch
+                out = torch.from_numpy(out)
+        return out, (digest(out) if digest is not None else None)
+
+    # decode beside tokenisation when no count check can refuse the request any more
+    early = None
+    if images and workers != 1 and image_tokens + _text_token_bound(msgs) + max_tokens <= context:
+        early = {id(im): _image_pool().submit(decode_one, im) for im in images}
+    try:
+        tokens, order, positions = _checked_tokens(tokenizer, msgs, images, v, max_tokens, context, image_tokens)
+    except BaseException:
+        for f in (early or {}).values():
+            f.cancel()                  # queued decodes of a refused request never start
+        raise
+    ordered = [images[k] for k in order]
+    if early is not None:
+        done = [early[id(im)].result() for im in ordered]   # the first failure in prompt order is raised
+    else:
+        pixels = sorted(im.plan.width * im.plan.height for im in ordered)
+        done = _each(decode_one, ordered, workers, worth_it=sum(pixels[:-1]) >= MIN_PARALLEL_PIXELS)
+    tensors, cu = [t for t, _ in done], [0]
+    for im in ordered:
+        cu.append(cu[-1] + im.plan.n_patches)
+    return EncodedRequest(
+        tokens=tokens, images=tensors, patch_grids=[(im.plan.rows, im.plan.cols) for im in ordered],
+        image_token_positions=positions, cu_seqlens=cu, prompt_tokens=len(tokens), max_tokens=max_tokens,
+        image_tokens=image_tokens, image_sizes=[(im.plan.width, im.plan.height) for im in ordered],
+        image_names=[im.where for im in ordered], preprocess_backend="deferred" if raw_pixels else backend(),
+        image_out_hw=[(im.plan.out_height, im.plan.out_width) for im in ordered], images_are_raw=raw_pixels,
+        image_digests=[d for _, d in done] if digest is not None else [])
+
+
+def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, image_tokens: int):
+    """Tokens, image order and [IMG] positions of the prompt, checked against the plans and the context."""
     tokens, order = _tokenize(tokenizer, msgs, images)
     if sorted(order) != list(range(len(images))):
         raise MessageFormatError(f"chat format used images {order}, expected each of {len(images)} images once")
@@ -341,35 +414,9 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
     if len(positions) != expected:  # e.g. a tokenizer that turns typed "[IMG]" text into the control token
         raise MessageFormatError(f"prompt holds {len(positions)} [IMG] tokens but the images need {expected}: "
                                  "text must not contain image control tokens")
-    image_tokens = sum(im.plan.n_tokens for im in ordered)
-    context = args.text.max_seq_len if max_context is None else max_context
     if len(tokens) + max_tokens > context:
         raise ContextLengthError(
             f"request needs {len(tokens)} prompt tokens ({len(tokens) - image_tokens} text + {image_tokens} for "
             f"{len(ordered)} image(s)) + {max_tokens} max_tokens = {len(tokens) + max_tokens}, over the context "
             f"of {context} tokens: shorten the prompt, use fewer or smaller images, or lower max_tokens")
-
-    def decode_one(im):
-        try:
-            pixels = im.opened.decode()
-        except ImageError as exc:
-            raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
-        im.opened = None  # drop the decoder's copy early
-        if raw_pixels:
-            return pixels
-        chw = preprocess(pixels, (im.plan.out_height, im.plan.out_width), threads=threads)
-        if to_torch:
-            import torch
-            chw = torch.from_numpy(chw)
-        return chw
-
-    pixels = sorted(im.plan.width * im.plan.height for im in ordered)
-    tensors, cu = _each(decode_one, ordered, workers, worth_it=sum(pixels[:-1]) >= MIN_PARALLEL_PIXELS), [0]
-    for im in ordered:
-        cu.append(cu[-1] + im.plan.n_patches)
-    return EncodedRequest(
-        tokens=tokens, images=tensors, patch_grids=[(im.plan.rows, im.plan.cols) for im in ordered],
-        image_token_positions=positions, cu_seqlens=cu, prompt_tokens=len(tokens), max_tokens=max_tokens,
-        image_tokens=image_tokens, image_sizes=[(im.plan.width, im.plan.height) for im in ordered],
-        image_names=[im.where for im in ordered], preprocess_backend="deferred" if raw_pixels else backend(),
-        image_out_hw=[(im.plan.out_height, im.plan.out_width) for im in ordered], images_are_raw=raw_pixels)
+    return tokens, order, positions

@@ -267,3 +267,24 @@ def test_load_tokenizer_sources_and_mismatch(tmp_path):
         load_tokenizer(tmp_path / "bad", PIXTRAL_12B)
     tok = load_tokenizer(tmp_path / "s31" / "..", PIXTRAL_12B)  # no tokenizer file at top level: packaged one
     assert tok.instruct_tokenizer.image_encoder.image_config.image_patch_size == 16  # packaged fallback
+
+
+_BOUND_CASES = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Be brief. " * 40}, {"role": "user", "content": "Résumé: naïve café 😀🚀 " * 30},
+     {"role": "assistant", "content": "D'accord — 好的 " * 20}, {"role": "user", "content": "[IMG] typed, <s> too"}],
+    [{"role": "user", "content": [_txt("one"), _txt("two " * 200), _txt("\n\n\t  spaces   ")]}],
+    [{"role": "user", "content": "x" * 3000}],
+]
+
+
+@pytest.mark.parametrize("case", range(len(_BOUND_CASES)))
+def test_text_token_bound_is_an_upper_bound(model, case):
+    """chat._text_token_bound (used to start decoding images before the exact context check) never
+    undercounts the prompt's text tokens, for every tokenizer."""
+    from pixtral_rt.chat import _parse_messages, _text_token_bound
+    args, tok = model
+    msgs = _BOUND_CASES[case]
+    n = encode_request(msgs, tok, args).prompt_tokens
+    bound = _text_token_bound(_parse_messages(msgs)[0])
+    assert n <= bound, (n, bound)

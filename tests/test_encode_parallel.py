@@ -64,3 +64,61 @@ def test_first_failing_image_in_order_is_named(tmp_path, tok):
         with pytest.raises(ImageError) as e:
             encode_request(_msgs([good, bad1, bad2]), tok, PIXTRAL_12B, workers=workers)
         assert str(e.value).startswith("messages[0].content[1]: "), str(e.value)     # not content[2]
+
+
+def _counting_decode(monkeypatch):
+    """Patch OpenedImage.decode to count calls and signal the first; patch chat._tokenize to wait (briefly)
+    for that signal and record whether decoding had started while it tokenised."""
+    import threading
+
+    from pixtral_rt import chat, images
+    started = threading.Event()
+    seen = {"decodes": 0, "during_tokenize": None}
+    real_decode, real_tokenize = images.OpenedImage.decode, chat._tokenize
+
+    def decode(self):
+        seen["decodes"] += 1
+        started.set()
+        return real_decode(self)
+
+    def tokenize(*a, **k):
+        seen["during_tokenize"] = started.wait(timeout=2.0)
+        return real_tokenize(*a, **k)
+    monkeypatch.setattr(images.OpenedImage, "decode", decode)
+    monkeypatch.setattr(chat, "_tokenize", tokenize)
+    return seen, started
+
+
+def test_decoding_overlaps_tokenising_only_when_no_count_can_refuse(tok, monkeypatch):
+    from pixtral_rt.errors import ContextLengthError
+    jpg = _encoded(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8), "JPEG")
+    msgs = _msgs([jpg])
+    serial = encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True, workers=1)
+    n = serial.prompt_tokens
+    seen, started = _counting_decode(monkeypatch)
+    # fits with room to spare: decoding runs beside tokenisation, same tokens and pixels
+    got = encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True, max_context=4096)
+    assert seen == {"decodes": 1, "during_tokenize": True}
+    assert got.tokens == serial.tokens and np.array_equal(got.images[0], serial.images[0])
+    # fits exactly, but not at the text bound: decoding waits for the exact check, then runs
+    seen.update(decodes=0, during_tokenize=None)
+    started.clear()
+    got = encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True, max_context=n + 5, max_tokens=5)
+    assert seen == {"decodes": 1, "during_tokenize": False}
+    assert got.tokens == serial.tokens and np.array_equal(got.images[0], serial.images[0])
+    # refused on the context: nothing decoded
+    seen.update(decodes=0, during_tokenize=None)
+    started.clear()
+    with pytest.raises(ContextLengthError):
+        encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True, max_context=n + 4, max_tokens=5)
+    assert seen["decodes"] == 0
+
+
+def test_digests_run_with_the_decoding(tok):
+    from pixtral_rt.serving.sequence import image_digest
+    rng = np.random.default_rng(2)
+    srcs = [_encoded(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "PNG") for h, w in [(64, 48), (30, 90)]]
+    for raw in (True, False):
+        req = encode_request(_msgs(srcs), tok, PIXTRAL_12B, raw_pixels=raw, digest=image_digest)
+        assert req.image_digests == [image_digest(im) for im in req.images]
+        assert len(set(req.image_digests)) == 2

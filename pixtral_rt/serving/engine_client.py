@@ -33,6 +33,7 @@ from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
 from .outputs import TokenEvent
 from .scheduler import QueueFullError
+from .sequence import image_digest
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class EngineClient:
     def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest:
         return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
                               max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
-                              raw_pixels=self.raw_pixels)
+                              raw_pixels=self.raw_pixels, digest=image_digest)   # digests on this side's threads
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> _Handle:

@@ -242,13 +242,15 @@ class LLMEngine:
         """Plan, fetch / decode images, tokenise, check the context (raises PixtralInputError subclasses)."""
         return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
                               max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
-                              raw_pixels=self.raw_pixels)
+                              raw_pixels=self.raw_pixels, digest=image_digest)
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> RequestHandle:
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
-        seq = Sequence(req, params, on_output, logprobs, digests=[image_digest(im) for im in req.images],
+        digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
+                                                                                        req.images]
+        seq = Sequence(req, params, on_output, logprobs, digests=digests,
                        request_id=request_id)
         seq.plan_prefix(self.pool.page_size, self.args.vision.spatial_merge_size)
         with self._cv:

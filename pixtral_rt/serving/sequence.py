@@ -31,9 +31,13 @@ _ids = itertools.count()
 
 
 def image_digest(image) -> bytes:
-    """Digest of an image's pixels (decoded uint8 (h, w, 3) or a normalised tensor) and shape."""
+    """Digest of an image's pixels (decoded uint8 (h, w, 3) or a normalised tensor) and shape: SHA-256 (a
+    collision-resistant key, since cached features are shared across users; hardware-accelerated: 2.3 ms for
+    a 1024^2 image where BLAKE2b over a copy took 5-6 ms), fed without copying the pixels."""
     a = np.ascontiguousarray(image.numpy() if hasattr(image, "numpy") else image)
-    return hashlib.blake2b(repr((a.shape, a.dtype.str)).encode() + a.tobytes(), digest_size=16).digest()
+    h = hashlib.sha256(repr((a.shape, a.dtype.str)).encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.digest()
 
 
 def token_keys(req: EncodedRequest, digests: list[bytes], merge: int = 1) -> np.ndarray:
