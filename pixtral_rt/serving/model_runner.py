@@ -126,9 +126,10 @@ class ModelRunner:
         from tqdm import tqdm
         t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         events0 = compile_events.snapshot()
-        # prefill lengths: 1, odd, and up to the largest chunk a step takes (one image prompt; cuBLAS picks and
-        # loads other kernels for long rows)
-        lens = sorted({min(T, self.max_context) for T in (1, 97, 2048, 8192)})
+        # prefill lengths: 1, odd, and a ladder up to the largest chunk a step takes: cuBLAS picks other GEMM
+        # kernels for other row counts and loads each on its first use (lazy module loading), which cost the
+        # first request of a new prompt size 3-6 ms before this ladder (benchmarks/first_request.py)
+        lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
         steps = [("prefill", T) for T in lens] + [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
         steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
