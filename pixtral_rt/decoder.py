@@ -127,27 +127,6 @@ DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 Linear = torch.Tensor | Fp8Weight    # a bf16 (N, K) weight, or FP8 weight + per-channel scale
 
 
-FRESH_MIN_ROWS = 256
-FRESH_STEP = 1.15
-
-
-def fresh_ladder(max_rows: int) -> list[int]:
-    """Padded lengths of a fresh prompt's attention: 256, then x1.15 rounded up to 64 rows, up to max_rows."""
-    out = [FRESH_MIN_ROWS]
-    while out[-1] < max_rows:
-        out.append(-(-int(out[-1] * FRESH_STEP) // 64) * 64)
-    return out
-
-
-def fresh_rows(T: int, cap: int) -> int:
-    """The smallest ladder length >= T (at most ~19% padding rows above 1k; attention is ~10% of a prefill),
-    at most cap (the rows a block-table row can address)."""
-    b = FRESH_MIN_ROWS
-    while b < T:
-        b = -(-int(b * FRESH_STEP) // 64) * 64
-    return min(b, cap)
-
-
 @dataclass
 class _Layer:
     wqkv: Linear                # ((Hq + 2 Hkv) * D, dim)
@@ -458,36 +437,18 @@ class FastDecoder:
         return self._linear(out, self.output).float()
 
     def _fresh_attention(self, i: int, q: torch.Tensor, table_row: torch.Tensor) -> torch.Tensor:
-        """Causal GQA attention of a whole new prompt q (T, Hq, D) over its own keys, by torch SDPA (cuDNN /
-        FlashAttention on the GPU): pages table_row[:ceil(Tp/P)] of layer i are gathered into contiguous
-        (Hkv, Tp, D) K and V, q is copied into a zero (Hq, Tp, D) buffer, Tp = fresh_rows(T). Rows past T are
-        padding at the end: causal, so no real row sees them. Tp comes from a short ladder because the GPU
-        backend builds an execution plan per shape (40-76 ms on the first prompt of each new length, measured
-        on the H200) and the load warms every Tp (warm_fresh_attention). Measured there: 518 / 586 TFLOP/s at
-        4k / 16k rows against 316-362 for the paged varlen kernel (performance.md, NOTES)."""
+        """Causal GQA attention of a whole new prompt q (T, Hq, D) over its own keys, pages table_row[:ceil(T/P)]
+        of layer i gathered into contiguous (Hkv, T, D) K and V, by torch SDPA (FlashAttention-2 on the GPU).
+        Measured on the H200 (performance.md): SDPA 518 / 586 TFLOP/s at 4k / 16k rows against 316-362 for
+        the paged varlen kernel; the two gathers move 4 * T * Hkv * D bytes (17 MB per layer at 4k rows)."""
         T, Hq, D = q.shape
         P = self.page_size
-        Tp = fresh_rows(T, table_row.numel() * P)
-        idx = table_row[:-(-Tp // P)].long()
-        k, v = ((c[i].index_select(0, idx).transpose(0, 1).reshape(c.shape[2], -1, D)[:, :Tp])
+        idx = table_row[:-(-T // P)].long()
+        k, v = ((c[i].index_select(0, idx).transpose(0, 1).reshape(c.shape[2], -1, D)[:, :T])
                 for c in (self.k_pages, self.v_pages))
-        # padding keys / values come from whatever the pages past the prompt hold: zeroed in these copies, since
-        # a masked score still multiplies its value row (0 * NaN would reach the real rows)
-        k[:, T:] = 0
-        v[:, T:] = 0
-        qp = q.new_zeros(Hq, Tp, D)
-        qp[:, :T] = q.transpose(0, 1)
-        o = F.scaled_dot_product_attention(qp[None], k[None], v[None], is_causal=True, enable_gqa=True)
-        return o[0, :, :T].transpose(0, 1).contiguous()
-
-    def warm_fresh_attention(self, max_rows: int, cap: int) -> None:
-        """Run the fresh-prompt attention once at every padded length a prompt of <= max_rows rows can take
-        (cap: rows of a block-table row), so that the execution plans are built now, not on a request."""
-        a = self.args
-        for Tp in sorted({min(b, cap) for b in fresh_ladder(max_rows)}):
-            q = torch.randn(1, a.n_heads, Tp, a.head_dim, device=self.device, dtype=self.dtype)
-            k = torch.randn(1, a.n_kv_heads, Tp, a.head_dim, device=self.device, dtype=self.dtype)
-            F.scaled_dot_product_attention(q, k, torch.randn_like(k), is_causal=True, enable_gqa=True)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
+                                           enable_gqa=True)
+        return o[0].transpose(0, 1).contiguous()
 
     def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
         """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""

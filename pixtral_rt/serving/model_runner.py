@@ -132,8 +132,6 @@ class ModelRunner:
         # (fresh: a whole new prompt, FlashAttention; else the paged varlen kernel, Triton: 1, odd, even rows)
         lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
         steps = [("prefill", (T, True)) for T in lens] + [("prefill", (T, False)) for T in (1, 97, 2048)]
-        if hasattr(self.model, "warm_fresh_attention"):      # attention execution plans of fresh prompts
-            steps.append(("fresh-attention", (max(lens), self.max_pages * self.page_size)))
         steps += [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
         steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
@@ -143,8 +141,6 @@ class ModelRunner:
                 bar.set_postfix_str(what[0] if kind == "vision" else f"{kind} {what}")
                 if kind == "vision":
                     what[1]()
-                elif kind == "fresh-attention":
-                    self.model.warm_fresh_attention(*what)
                 elif kind == "prefill":
                     T, fresh = what
                     z = torch.zeros(T, dtype=torch.int32, device=self.device)

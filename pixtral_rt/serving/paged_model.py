@@ -119,9 +119,6 @@ class FastPagedModel:
         return image_features(self.vision, req, self.args.vision.patch_size, self.device, self.max_images,
                               self.use_graphs)
 
-    def warm_fresh_attention(self, max_rows: int, cap: int) -> None:
-        self.decoder.warm_fresh_attention(max_rows, cap)
-
     def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
         return self.decoder.prefill_paged(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len,
                                           rows, fresh)
