@@ -413,42 +413,22 @@ class FastDecoder:
     @torch.inference_mode()
     def prefill_paged(self, h: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
                       block_table: torch.Tensor, cu_q: torch.Tensor, start_pos: torch.Tensor, max_q_len: int,
-                      rows: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+                      rows: torch.Tensor) -> torch.Tensor:
         """Prompt chunks of S sequences packed in h (T, dim): sequence s owns rows cu_q[s]..cu_q[s+1]-1 at
         positions start_pos[s].., written through block_table[s]. positions / pages / offsets (T,) int32 per
         row (position, its page, row in the page). rows (R,) int64: rows whose logits are wanted
-        -> (R, vocab) fp32. fresh: the caller knows S == 1 and start_pos == 0 (a whole new prompt, nothing
-        cached): its keys are exactly its own rows, and attention runs on FlashAttention (torch SDPA) over
-        them, read back from the pages (see _fresh_attention)."""
+        -> (R, vocab) fp32."""
         args, T = self.args, h.shape[0]
-        if fresh and start_pos.shape[0] != 1:
-            raise ValueError(f"fresh prefill is one sequence from position 0, got {start_pos.shape[0]} sequences")
 
         def attend(i, qkv):
             rope_store_kv(qkv, positions, pages, self.k_pages[i], self.v_pages[i], self.cos_sin,
                           args.n_heads, args.n_kv_heads, cache_pos=offsets)
             q = qkv[:, :args.n_heads * args.head_dim].view(T, args.n_heads, args.head_dim)
-            if fresh:
-                return self._fresh_attention(i, q, block_table[0])
             return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
                                            max_q_len)
 
         out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows, act_quant=True)
         return self._linear(out, self.output).float()
-
-    def _fresh_attention(self, i: int, q: torch.Tensor, table_row: torch.Tensor) -> torch.Tensor:
-        """Causal GQA attention of a whole new prompt q (T, Hq, D) over its own keys, pages table_row[:ceil(T/P)]
-        of layer i gathered into contiguous (Hkv, T, D) K and V, by torch SDPA (FlashAttention-2 on the GPU).
-        Measured on the H200 (performance.md): SDPA 518 / 586 TFLOP/s at 4k / 16k rows against 316-362 for
-        the paged varlen kernel; the two gathers move 4 * T * Hkv * D bytes (17 MB per layer at 4k rows)."""
-        T, Hq, D = q.shape
-        P = self.page_size
-        idx = table_row[:-(-T // P)].long()
-        k, v = ((c[i].index_select(0, idx).transpose(0, 1).reshape(c.shape[2], -1, D)[:, :T])
-                for c in (self.k_pages, self.v_pages))
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=True,
-                                           enable_gqa=True)
-        return o[0].transpose(0, 1).contiguous()
 
     def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
         """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""

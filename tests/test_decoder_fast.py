@@ -232,32 +232,3 @@ def test_consume_frees_weights_and_changes_nothing():
     for a, b in zip(keep.layers, eaten.layers):
         assert torch.equal(a.wqkv, b.wqkv) and torch.equal(a.w13, b.w13) and torch.equal(a.w2, b.w2)
     assert torch.equal(keep.output, eaten.output)
-
-
-def test_prefill_paged_fresh_equals_varlen_kernel(device):
-    """A whole new prompt: the fresh path (keys gathered back from scattered pages, torch SDPA) gives the
-    paged varlen kernel's logits on every row, and both match the reference forward."""
-    args = tiny(vocab_size=1000).text
-    torch.manual_seed(0)
-    model = Transformer(args).to(device)
-    randomize(model, 3)
-    dec = FastDecoder.from_reference(model, max_batch=1, max_seq=64, static_cache=False)
-    P, T = 16, 37
-    dec.alloc_pages(12, P)
-    table = torch.tensor([[7, 2, 9, 4]], dtype=torch.int32, device=device)      # not in order, not adjacent
-    pos = torch.arange(T, dtype=torch.int32, device=device)
-    pages = table[0, (pos // P).long()]
-    toks = torch.randint(0, 1000, (T,), generator=torch.Generator().manual_seed(5)).to(device)
-    h = dec.embed(toks)
-    kw = dict(positions=pos, pages=pages, offsets=pos % P, block_table=table,
-              cu_q=torch.tensor([0, T], dtype=torch.int32, device=device),
-              start_pos=torch.zeros(1, dtype=torch.int32, device=device), max_q_len=T,
-              rows=torch.arange(T, device=device))
-    varlen = dec.prefill_paged(h, **kw).clone()
-    fresh = dec.prefill_paged(h, **kw, fresh=True)
-    assert not torch.isnan(fresh).any()
-    assert rel(fresh, varlen) < 1e-5, rel(fresh, varlen)
-    ref = ref_logits(model, [toks.tolist() + [0]], 1)[0]          # (2, vocab): row T-1, then one more
-    assert rel(fresh[-1:], ref[:1]) < 1e-4, rel(fresh[-1:], ref[:1])
-    with pytest.raises(ValueError, match="one sequence"):
-        dec.prefill_paged(h, **{**kw, "start_pos": torch.zeros(2, dtype=torch.int32, device=device)}, fresh=True)

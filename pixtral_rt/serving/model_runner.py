@@ -129,10 +129,8 @@ class ModelRunner:
         # prefill lengths: 1, odd, and a ladder up to the largest chunk a step takes: cuBLAS picks other GEMM
         # kernels for other row counts and loads each on its first use (lazy module loading), which cost the
         # first request of a new prompt size 3-6 ms before this ladder (benchmarks/first_request.py)
-        # (fresh: a whole new prompt, FlashAttention; else the paged varlen kernel, Triton: 1, odd, even rows)
         lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
-        steps = [("prefill", (T, True)) for T in lens] + [("prefill", (T, False)) for T in (1, 97, 2048)]
-        steps += [("graph", (B, g)) for B in self.batch_sizes
+        steps = [("prefill", T) for T in lens] + [("graph", (B, g)) for B in self.batch_sizes
                                                             for g in (True, False)]
         steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
         pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -142,13 +140,13 @@ class ModelRunner:
                 if kind == "vision":
                     what[1]()
                 elif kind == "prefill":
-                    T, fresh = what
+                    T = what
                     z = torch.zeros(T, dtype=torch.int32, device=self.device)
                     self.model.prefill(torch.randn(T, self.args.text.dim, device=self.device, dtype=self.model.dtype),
                                        torch.arange(T, dtype=torch.int32, device=self.device), z,
                                        torch.arange(T, dtype=torch.int32, device=self.device) % self.page_size,
                                        self.block_table[:1], torch.tensor([0, T], dtype=torch.int32, device=self.device),
-                                       z[:1], T, torch.tensor([T - 1], device=self.device), fresh)
+                                       z[:1], T, torch.tensor([T - 1], device=self.device))
                 elif self.use_graphs:
                     self._capture(*what, pool)
                 else:
@@ -299,11 +297,9 @@ class ModelRunner:
         h = self.model.embed(tokens_d)
         if feats:
             h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
-        # one whole new prompt (nothing cached, no earlier chunk): attention over its own rows only
-        fresh = len(chunks) == 1 and chunks[0].start == 0
         logits = self.model.prefill(h, pos_d.int(), pages_d.int(), offs_d.int(),
                                     self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
-                                    max(c.end - c.start for c in chunks), rows_d, fresh)
+                                    max(c.end - c.start for c in chunks), rows_d)
         if not done:
             return []
         # first tokens: sample with each sequence's own settings (step 0), then hand the slot to decode

@@ -9,7 +9,7 @@ Interface (shapes; every index tensor on the model's device):
     alloc(n_pages, page_size)                         allocate the K/V pages of every layer
     embed(tokens (T,) int64) -> (T, dim)
     image_features(req) -> (n_img_tokens, dim)        one request's images (EncodedRequest)
-    prefill(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh) -> (R, vocab) fp32
+    prefill(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows) -> (R, vocab) fp32
         prompt chunks of S sequences packed in h (T, dim); see FastDecoder.prefill_paged
     decode(tokens (B,), positions (B,) int32, block_table (>=B, max_pages) int32, lens (B,) int32)
         -> (B, vocab) fp32; lens[b] = positions[b] + 1, or 0 for an idle row (its output is garbage, unused)
@@ -49,7 +49,7 @@ class ReferencePagedModel:
     def image_features(self, req) -> torch.Tensor:
         return self.model.image_features([im.to(self.device, self.dtype) for im in req.images])
 
-    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         cu, sp = cu_q.tolist(), start_pos.tolist()
         segs = [(cu[s], cu[s + 1], sp[s] + cu[s + 1] - cu[s], block_table[s]) for s in range(len(sp))]
         return self._forward(h, positions, pages, offsets, segs, rows)
@@ -119,9 +119,9 @@ class FastPagedModel:
         return image_features(self.vision, req, self.args.vision.patch_size, self.device, self.max_images,
                               self.use_graphs)
 
-    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         return self.decoder.prefill_paged(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len,
-                                          rows, fresh)
+                                          rows)
 
     def decode(self, tokens, positions, block_table, lens):
         return self.decoder.decode_step_paged(tokens, positions, block_table, lens)
