@@ -231,6 +231,9 @@ class LLMEngine:
                              max_context=self.max_context, max_tokens=2, raw_pixels=self.raw_pixels, workers=0)
         for _ in self.stream(None, SamplingParams(max_tokens=2, temperature=0.0), req=req):
             pass
+        deadline = time.perf_counter() + 10       # the step loop releases the finished sequence next step
+        while (self.scheduler.n_running or self.scheduler.n_waiting) and time.perf_counter() < deadline:
+            time.sleep(0.001)
         with self._cv:
             self.pool.forget_cached()
             self.runner.features.clear()
