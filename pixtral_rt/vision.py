@@ -367,7 +367,6 @@ class VisionGraph:
         grids = [(merge, merge)]
         self.plan = plan_vision(grids, merge, bucket, max_images, enc.block_m, dev)
         self.patches = torch.randn(bucket, enc.w["patch_w"].shape[1], device=dev, dtype=enc.w["patch_w"].dtype)
-        self.fn = enc.encode if encode_only else enc.forward
         # every graph of the encoder shares one memory pool (their scratch memory overlaps: they never run
         # concurrently) and writes its features into one output buffer held outside the pool
         out_buf = None if encode_only else enc.graph_output(bucket // merge ** 2)
