@@ -150,7 +150,9 @@ def _fast_rank(rank, world, port, sd, seqs, q):
                       gemv_backend="triton", decode_fusion="none+pdl", tp_group="world")
     out = run_fast(dec, seqs, splits=[[5]], n_decode=3)
     if rank == 0:
-        q.put(out[0])
+        # by value (numpy): a torch tensor goes through a shared-memory fd that the receiver fetches from this
+        # process, which may have exited by then (EOFError seen in a CI run)
+        q.put(out[0].detach().cpu().numpy())
     dist.destroy_process_group()
 
 
@@ -177,7 +179,7 @@ def test_fast_decoder_tp2_equals_tp1_interpreter():
     procs = [ctx.Process(target=_fast_rank, args=(r, 2, port, sd, seqs, q)) for r in range(2)]
     for p in procs:
         p.start()
-    got = q.get(timeout=600)
+    got = torch.from_numpy(q.get(timeout=600))
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
