@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import io
 import os
-import time
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import record
+from benchmarks.common import median_wall_ms, record
 from pixtral_rt.chat import encode_request, load_tokenizer
 from pixtral_rt.config import PIXTRAL_12B
 
@@ -34,16 +33,6 @@ def jpeg(h, w, rng) -> bytes:
     return buf.getvalue()
 
 
-def median_ms(fn, n=15):
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
-
-
 def main():
     tok = load_tokenizer(None, PIXTRAL_12B)
     rng = np.random.default_rng(0)
@@ -57,9 +46,9 @@ def main():
         for raw in (True, False):
             run = lambda workers, srcs=imgs: encode_request(msgs(srcs), tok, PIXTRAL_12B, raw_pixels=raw,  # noqa
                                                             workers=workers)
-            serial = median_ms(lambda: run(1))
-            par = median_ms(lambda: run(None))          # the default: threads when worth it
-            floor = max(median_ms(lambda s=s: run(1, [s])) for s in imgs)
+            serial = median_wall_ms(lambda: run(1))
+            par = median_wall_ms(lambda: run(None))          # the default: threads when worth it
+            floor = max(median_wall_ms(lambda s=s: run(1, [s])) for s in imgs)
             record("encode", f"{name} raw_pixels={raw}", "encode_ms", par, "ms", "same request, images one by one",
                    serial, floor, cpus=os.cpu_count(), speedup=round(serial / par, 2))
 

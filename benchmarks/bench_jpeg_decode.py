@@ -9,34 +9,13 @@ much. Files: smooth random content saved by Pillow at quality 90 (4:2:0, the def
 from __future__ import annotations
 
 import io
-import time
 
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import record
+from benchmarks.common import median_wall_ms, photo_like_jpeg, record
 
 SIZES = [(480, 640), (1024, 1024), (3000, 4000)]   # (height, width)
-
-
-def _jpeg(h: int, w: int, quality: int, subsampling: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), dtype=np.int16)
-    px = np.clip(base + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(px).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
-    return buf.getvalue()
-
-
-def _ms(fn, reps: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main() -> None:
@@ -44,7 +23,7 @@ def main() -> None:
     from torchvision.io import decode_jpeg
     for h, w in SIZES:
         for quality, sub in ((90, 2), (95, 0)):
-            data = _jpeg(h, w, quality, sub, seed=h + w)
+            data = photo_like_jpeg(h, w, np.random.default_rng(h + w), quality, sub)
             pil = lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
             ref = pil()
             raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -55,7 +34,7 @@ def main() -> None:
                 return out
             got = gpu().permute(1, 2, 0).cpu().numpy()
             diff = np.abs(got.astype(np.int16) - ref.astype(np.int16))
-            t_pil, t_gpu = _ms(pil), _ms(gpu)
+            t_pil, t_gpu = median_wall_ms(pil, reps=7), median_wall_ms(gpu, reps=7)
             case = f"{w}x{h}_q{quality}_{'420' if sub == 2 else '444'}"
             record("jpeg_decode", case, "nvjpeg_ms", t_gpu, "ms", "pillow_decode", t_pil, None,
                    bytes=len(data), pixels_differing_frac=round(float((diff > 0).mean()), 5),

@@ -15,11 +15,11 @@ of the 1024x1024 time (target <= 1.1x).
 """
 from __future__ import annotations
 
-import time
+import functools
 
 import torch
 
-from benchmarks.common import matmul_TFLOPs, record
+from benchmarks.common import matmul_TFLOPs, median_wall_ms, record
 from pixtral_rt.config import PIXTRAL_12B
 
 # (height, width) in pixels after preprocessing (multiples of 16)
@@ -38,18 +38,8 @@ def vision_bucket(n: int, minimum: int = 256) -> int:
     return b
 
 
-def wall_ms(fn, reps: int = 15) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+# wall clock to the synchronised result, after 3 warm-up calls, median of 15
+timed = functools.partial(median_wall_ms, reps=15, warmup=3, sync=torch.cuda.synchronize)
 
 
 def main() -> None:
@@ -79,16 +69,16 @@ def main() -> None:
         out = {}
         with torch.inference_mode():
             plan = enc.plan(grids)
-            out["eager"] = wall_ms(lambda: enc(patches, plan))
+            out["eager"] = timed(lambda: enc(patches, plan))
             pb = vision_bucket(n)
             gp = enc.capture(pb, max_images)
             pplan = enc.plan(grids, bucket=pb, max_images=max_images)
-            out["graph_pow2"] = wall_ms(lambda: gp(patches, pplan))
+            out["graph_pow2"] = timed(lambda: gp(patches, pplan))
             fb = bucket_for(n, buckets)
             if fb is not None:
                 gf = enc.capture(fb, max_images)
                 fplan = enc.plan(grids, bucket=fb, max_images=max_images)
-                out["graph_fine"] = wall_ms(lambda: gf(patches, fplan))
+                out["graph_fine"] = timed(lambda: gf(patches, fplan))
                 ref = gp(patches, pplan).float()
                 got = gf(patches, fplan).float()
                 err = ((got - ref).norm() / ref.norm()).item()

@@ -81,3 +81,36 @@ def bench_ms(fn, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     """Median milliseconds of fn() on the GPU (CUDA events via triton.testing.do_bench)."""
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def median_wall_ms(fn, reps: int = 15, warmup: int = 1, sync=None) -> float:
+    """Median wall-clock milliseconds of fn() (host work included), after `warmup` calls; sync (e.g.
+    torch.cuda.synchronize) runs after the warm-up and inside each timed call."""
+    import time
+    for _ in range(warmup):
+        fn()
+    if sync is not None:
+        sync()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def photo_like_jpeg(h: int, w: int, rng, quality: int = 90, subsampling: int = -1) -> bytes:
+    """A random h x w JPEG that compresses and decodes like a photo (smooth content plus mild noise, not white
+    noise). subsampling: Pillow's (-1 default = 4:2:0, 0 = 4:4:4)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), dtype=np.int16)
+    px = np.clip(base + rng.integers(-12, 13, (h, w, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
+    return buf.getvalue()

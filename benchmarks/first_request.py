@@ -36,17 +36,13 @@ TARGET_MS = {"a_1img_1024": 150.0, "b_4imgs_mixed": 300.0}
 
 
 def _images(folder: Path, sizes, seed: int) -> list[str]:
-    """Random-content JPEG files: smooth noise (compresses like a photo, not like white noise)."""
-    from PIL import Image
+    """Random-content JPEG files (photo-like: benchmarks.common.photo_like_jpeg)."""
+    from benchmarks.common import photo_like_jpeg
     rng = np.random.default_rng(seed)
     paths = []
     for i, (h, w) in enumerate(sizes):
-        small = rng.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
-        im = Image.fromarray(small).resize((w, h), Image.BILINEAR)
-        noise = rng.integers(-12, 13, (h, w, 3))
-        px = np.clip(np.asarray(im, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
         p = folder / f"img_{seed}_{i}.jpg"
-        Image.fromarray(px).save(p, quality=90)
+        p.write_bytes(photo_like_jpeg(h, w, rng))
         paths.append(str(p))
     return paths
 

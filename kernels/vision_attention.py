@@ -26,6 +26,7 @@ Call `warmup_vision_attention` (autotuning) before capturing a CUDA graph.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -76,8 +77,10 @@ def plan_tiles(seqlens: list[int], block_m: int, max_tiles: int | None = None):
 
 
 def max_tiles_for(max_tokens: int, max_segments: int, block_m: int) -> int:
-    """Upper bound on the tile count of any pack of <= max_segments segments with <= max_tokens tokens."""
-    return (max_tokens + block_m - 1) // block_m + max_segments
+    """Upper bound on the tile count of any pack of <= max_segments segments with <= max_tokens tokens,
+    rounded up to a multiple of 16 so that every plan shares one Triton specialisation of the kernel."""
+    bound = (max_tokens + block_m - 1) // block_m + max_segments
+    return -(-bound // 16) * 16
 
 
 def plan_vision_attention(seqlens: list[int], block_m: int = 128, max_tiles: int | None = None,
@@ -378,11 +381,9 @@ def warmup_vision_attention(n_heads: int, head_dim: int, token_counts: list[int]
         lens = [min(seg, n - a) for a in range(0, n, seg)]
         q = torch.randn(n, n_heads, head_dim, device=device, dtype=dtype)
         k, v = torch.randn_like(q), torch.randn_like(q)
-        cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
         pos = torch.zeros(n, 2, dtype=torch.int32, device=device)
-        # tile count padded to a multiple of 16, as the encoder's plans are (same kernel specialisation)
-        plan = plan_vision_attention(lens, block_m, -(-max_tiles_for(n, len(lens), block_m) // 16) * 16,
-                                     device=device)
+        plan = plan_vision_attention(lens, block_m, max_tiles_for(n, len(lens), block_m), device=device)
         vision_attention(q, k, v, cu, plan, pos, rope_pair_freqs(head_dim, 10000.0, device), rope=rope,
                          layout=layout)
     if torch.cuda.is_available():

@@ -380,12 +380,11 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
     if images and workers != 1 and image_tokens + _text_token_bound(msgs) + max_tokens <= context:
         early = {id(im): _image_pool().submit(decode_one, im) for im in images}
     try:
-        tokens, order, positions = _checked_tokens(tokenizer, msgs, images, v, max_tokens, context, image_tokens)
+        tokens, ordered, positions = _checked_tokens(tokenizer, msgs, images, v, max_tokens, context, image_tokens)
     except BaseException:
         for f in (early or {}).values():
             f.cancel()                  # queued decodes of a refused request never start
         raise
-    ordered = [images[k] for k in order]
     if early is not None:
         done = [early[id(im)].result() for im in ordered]   # the first failure in prompt order is raised
     else:
@@ -404,7 +403,7 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
 
 
 def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, image_tokens: int):
-    """Tokens, image order and [IMG] positions of the prompt, checked against the plans and the context."""
+    """Tokens, the images in prompt order and the [IMG] positions, checked against the plans and the context."""
     tokens, order = _tokenize(tokenizer, msgs, images)
     if sorted(order) != list(range(len(images))):
         raise MessageFormatError(f"chat format used images {order}, expected each of {len(images)} images once")
@@ -419,4 +418,4 @@ def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, i
             f"request needs {len(tokens)} prompt tokens ({len(tokens) - image_tokens} text + {image_tokens} for "
             f"{len(ordered)} image(s)) + {max_tokens} max_tokens = {len(tokens) + max_tokens}, over the context "
             f"of {context} tokens: shorten the prompt, use fewer or smaller images, or lower max_tokens")
-    return tokens, order, positions
+    return tokens, ordered, positions

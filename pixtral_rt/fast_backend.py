@@ -92,13 +92,11 @@ class FastBackend:
         self.tok = torch.zeros(1, dtype=torch.long, device=self.device)      # decode graph input/output
         self.pos = torch.zeros(1, dtype=torch.int32, device=self.device)     # position of self.tok
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-        from .vision_buckets import full_image_patches
         steps = [("autotune decoder", lambda: self.decoder.warmup(batch_sizes=(1,), prefill_lens=(1, 97, 2048)))]
         if use_graphs:
             steps += [(f"decode graph ({'greedy' if g else 'sampling'})", lambda g=g: self._capture_decode(greedy=g))
                       for g in (True, False)]
-        max_rows = min(self.max_images * full_image_patches(args.vision), self.max_context)
-        steps += self.vision.prepare_steps(max_rows, self.max_images, use_graphs)
+        steps += self.vision.prepare_steps(self.max_context, self.max_images, use_graphs)
         with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
             for what, fn in bar:
                 bar.set_postfix_str(what)

@@ -104,11 +104,10 @@ def plan_vision(grids: list[tuple[int, int]], merge: int = 1, bucket: int | None
         pos[off:off + r * c, 1] = torch.arange(c, dtype=torch.int32).repeat(r)
         off += r * c
     # the padding segment gets no query tiles: its rows are never attended (its attention output rows are
-    # left unwritten, and every later op is row-wise, so they cannot reach a real row); the tile count is a
-    # multiple of 16 so that every plan shares one Triton specialisation of the kernel
+    # left unwritten, and every later op is row-wise, so they cannot reach a real row)
     tiled = lens + [0] * (len(seg_lens) - len(lens))
-    max_tiles = -(-max_tiles_for(rows, n_img_slots + 1, block_m) // 16) * 16
-    tiles = torch.tensor(plan_tiles(tiled, block_m, max_tiles), dtype=torch.int32)
+    tiles = torch.tensor(plan_tiles(tiled, block_m, max_tiles_for(rows, n_img_slots + 1, block_m)),
+                         dtype=torch.int32)
     merge_index, n_merged = None, n
     if merge > 1:
         idx, off = [], 0
@@ -153,6 +152,9 @@ class FastVisionEncoder(torch.nn.Module):
         dev = weights["patch_w"].device
         self.rope_freqs = rope_pair_freqs(self.head_dim, args.rope_theta, dev)
         self._graphs: dict = {}
+        self.buckets: list[int] = []          # graph buckets (prepare_steps); none: run() is eager
+        self._pool = None                     # the graphs' shared memory pool
+        self._out_buf: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -272,18 +274,20 @@ class FastVisionEncoder(torch.nn.Module):
                                                          w["patch_w"].shape[0])
 
     # ---------------------------------------------------------------- request path
-    def prepare(self, max_rows: int, max_images: int, use_graphs: bool = True) -> None:
+    def prepare(self, max_context: int, max_images: int, use_graphs: bool = True) -> None:
         """Everything a request can need, done now (issue 12): see prepare_steps."""
-        for _label, step in self.prepare_steps(max_rows, max_images, use_graphs):
+        for _label, step in self.prepare_steps(max_context, max_images, use_graphs):
             step()
 
-    def prepare_steps(self, max_rows: int, max_images: int, use_graphs: bool = True) -> list:
-        """[(label, fn)] to run in order at load (a progress bar shows the labels): the attention kernel tuned
-        for every token key a request of <= max_rows patches can reach (packs of full-size images, as
-        requests bring them), the graph of every bucket in vision_buckets.graph_buckets captured (one
-        shared memory pool, one output buffer), and the eager path above them run once."""
+    def prepare_steps(self, max_context: int, max_images: int, use_graphs: bool = True) -> list:
+        """[(label, fn)] to run in order at load (a progress bar shows the labels), for requests of up to
+        max_images full-size images within max_context tokens: the attention kernel tuned for every token key
+        such a request can reach (packs of full-size images, as requests bring them), the graph of every
+        bucket in vision_buckets.graph_buckets captured (one shared memory pool, one output buffer), and the
+        eager path above them run once."""
         from .vision_buckets import eager_rows, full_image_patches, graph_buckets
         full = full_image_patches(self.args)
+        max_rows = min(max_images * full, max_context)
         m2 = self.merge ** 2 if "merge_w" in self.w else 1
         self.buckets = graph_buckets(self.args, min(full, max_rows)) if use_graphs else []
         top = self.buckets[-1] if self.buckets else 0
@@ -295,8 +299,7 @@ class FastVisionEncoder(torch.nn.Module):
             steps.append(("vision output buffer", lambda: self.graph_output(top // m2)))   # sized once, for all
         steps += [(f"vision graph {b}", lambda b=b: self.capture(b, max_images)) for b in self.buckets]
         if max_rows > top:
-            n = eager_rows(min(max_rows, top + 1))
-            n += -n % (16 * m2)
+            n = eager_rows(min(max_rows, top + 1))     # a multiple of 16: whole merge blocks in 2 rows
             grid = (self.merge, n // self.merge) if m2 > 1 else (1, n)
 
             def eager():
@@ -314,11 +317,11 @@ class FastVisionEncoder(torch.nn.Module):
         the next call."""
         from .vision_buckets import bucket_for, eager_rows
         n = patches.shape[0]
-        b = bucket_for(n, getattr(self, "buckets", [])) if use_graphs else None
+        b = bucket_for(n, self.buckets) if use_graphs else None
         if b is not None:
             return self.capture(b, max_images)(patches, self.plan(grids, bucket=b, max_images=max_images))
         rows = eager_rows(n) if use_graphs else n
-        plan = self.plan(grids, bucket=rows, max_images=max_images) if rows != n or use_graphs else self.plan(grids)
+        plan = self.plan(grids, bucket=rows, max_images=max_images) if use_graphs else self.plan(grids)
         if rows != n:
             patches = torch.cat([patches, patches.new_zeros(rows - n, patches.shape[1])])
         return self(patches, plan)[:plan.n_merged]
@@ -336,13 +339,13 @@ class FastVisionEncoder(torch.nn.Module):
                                 device=self.w["patch_w"].device)
 
     def graph_pool(self):
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
     def graph_output(self, rows: int) -> torch.Tensor:
         """The graphs' shared feature buffer, (>= rows, out_dim); grown (a new buffer) if too small."""
-        buf = getattr(self, "_out_buf", None)
+        buf = self._out_buf
         if buf is None or buf.shape[0] < rows:
             self._out_buf = torch.empty(rows, self.out_dim(), device=self.w["patch_w"].device,
                                         dtype=self.w["patch_w"].dtype)

@@ -58,7 +58,6 @@ def test_run_eager_path_matches_reference_cpu(merge):
     with torch.no_grad():
         want = ref.image_features(imgs)
         enc = FastVisionEncoder.from_reference(ref, dtype=torch.float32, block_m=16)
-        enc.buckets = []                              # what prepare_steps leaves when nothing is graphed
         x = pack_patches(imgs, args.vision.patch_size)
         assert x.shape[0] % ROW_ALIGN != 0            # the eager path really pads
         got = enc.run(x, pg, max_images=4, use_graphs=True)
@@ -80,7 +79,7 @@ def test_prepared_encoder_graphs_and_eager_path_gpu():
     ref = random_reference(dataclasses.replace(args, text=dataclasses.replace(args.text, n_layers=1, vocab_size=256)),
                            seed=4, device="cuda", dtype=torch.float32)
     enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, attn_config=GPU_CFG)
-    enc.prepare(max_rows=3 * 4096, max_images=4)
+    enc.prepare(max_context=3 * 4096, max_images=4)
     assert enc.buckets == graph_buckets(args.vision) and len(enc._graphs) == len(enc.buckets)
     g = torch.Generator(device="cuda").manual_seed(0)
     prev = None

@@ -158,7 +158,7 @@ class ModelRunner:
         self.warmup_info = {
             "warmup_s": round(time.perf_counter() - t0, 2),
             "decode_graphs": len(self._graphs),
-            "vision_buckets": sum(k == "vision" and w[0].startswith("vision graph") for k, w in steps),
+            "vision_buckets": ev["graph_capture"] - events0["graph_capture"] - len(self._graphs),
             "triton_compiles": ev["triton_compile"] - events0["triton_compile"],
             "autotunes": ev["autotune"] - events0["autotune"],
             "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}

@@ -109,10 +109,8 @@ class FastPagedModel:
 
     def vision_prepare_steps(self, max_context: int) -> list:
         """[(label, fn)]: attention tuning, every vision graph bucket, the eager path (FastVisionEncoder.
-        prepare_steps) for requests of up to max_images full-size images within the context."""
-        from ..vision_buckets import full_image_patches
-        max_rows = min(self.max_images * full_image_patches(self.args.vision), max_context)
-        return self.vision.prepare_steps(max_rows, self.max_images, self.use_graphs)
+        prepare_steps)."""
+        return self.vision.prepare_steps(max_context, self.max_images, self.use_graphs)
 
     def image_features(self, req):
         from ..fast_backend import image_features
