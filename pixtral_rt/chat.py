@@ -264,8 +264,9 @@ def _tokenize(tokenizer, msgs: list[dict], images: list[_Image]) -> tuple[list[i
         it = copy.copy(tokenizer.instruct_tokenizer)  # per-call copy: the shared tokenizer is never mutated
         enc = _PlanEncoder(it.image_encoder, images)
         it.image_encoder = enc
-        # encode_instruct also decodes every token back into a text field we never read: 8 of the 10 ms a
-        # 1024^2-image prompt (4193 tokens) took to tokenise; the copy's decode is a no-op instead
+        # encode_instruct also decodes every token back into a text field we never read: 1.9-2.1 of the
+        # 2.4-2.5 ms a 1024^2-image prompt took to tokenise (benchmarks/bench_host.py, development CPU); the
+        # copy's decode is a no-op instead
         it.decode = _no_text
         tokens = it.encode_instruct(instruct).tokens
     except PixtralInputError:
