@@ -15,8 +15,8 @@ if [[ $STAGES == *sweep* ]]; then
   echo "sweep rc=$?"
 fi
 if [[ $STAGES == *ncu* ]]; then
-  NCU_A=${NCU_A:-'{"bm": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "EXP_EMU": 0}'}
-  NCU_B=${NCU_B:-'{"bm": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "EXP_EMU": 1}'}
+  NCU_A=${NCU_A:-'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true}'}
+  NCU_B=${NCU_B:-'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true, "PIPE_QK": true}'}
   M=sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.avg.per_cycle_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,gpu__time_duration.sum
   for v in A B; do
     spec=NCU_$v
@@ -25,8 +25,8 @@ if [[ $STAGES == *ncu* ]]; then
   done
 fi
 echo "== tests"; grep -E "passed|failed|error|FAILED|Error" $OUT/tests.log 2>/dev/null | cut -c1-300 | tail -12
-echo "== ncu"; for v in A B; do grep -E "EXP_EMU|gmma|pipe_xu|pipe_fma|pipe_alu|per_cycle|warps_active|registers|limit|duration|ERROR" $OUT/ncu_$v.log 2>/dev/null | head -14; done
+echo "== ncu"; for v in A B; do grep -E "gmma|pipe_xu|pipe_fma|pipe_alu|per_cycle|warps_active|registers|limit|duration|ERROR" $OUT/ncu_$v.log 2>/dev/null | head -14; done
 echo "== sweep"; cat $OUT/gpu.txt
 grep -E "failed|WRONG|Traceback|Error" $OUT/sweep.log | cut -c1-250 | head -12
 grep -A9 "== best" $OUT/sweep.log
-grep -h "^\[" $OUT/sweep.log | grep -E "sdpa|rope_" | sed 's/  (NVIDIA.*)//' | cut -c1-160
+grep -E "RoPE pass" $OUT/sweep.log; grep -h "^\[" $OUT/sweep.log | grep -E "sdpa|rope_" | sed 's/  (NVIDIA.*)//' | cut -c1-160

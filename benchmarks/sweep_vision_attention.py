@@ -1,11 +1,10 @@
 """Sweep of the vision attention's schedule options on the 4-image set (4096+2048+1024+1024 patches, 16 heads,
 head_dim 64, bf16): what each buys, each one checked against an fp32 reference before it is timed.
 
-Options (kernels/vision_attention.py): tile shape (BLOCK_M, BLOCK_N, warps, stages); EXP_EMU (0: every score's
-exp on the special-function unit; 1: half of every tile's on the FMA pipe; 2: half of every other tile's);
-KV_DESC (K / V tiles through TMA descriptors); WARP_SPEC (Triton's automatic warp specialisation of the key
-loop); and where the RoPE runs: "qk_pass" (q and k rotated by kernels/rope_2d.py, then attention) or
-"k_pass" (k rotated by rope_2d, q inside the attention kernel, once per program).
+Options (kernels/vision_attention.py): tile shape (BLOCK_M, BLOCK_N, warps, stages); KV_DESC (full K / V
+tiles through TMA descriptors); PIPE_QK (the next key tile's scores issued before this tile's softmax). RoPE
+runs as the encoder runs it: q and k rotated by one kernels/rope_2d.py pass, whose own tile options are swept
+too (tokens x heads per program, warps).
 
 Each line: useful TFLOP/s of attention alone and of RoPE + attention (the metric of issue 12), the error vs
 the fp32 reference and SDPA-bf16's own error, the baseline (SDPA per image, measured in this run) and the
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import bench_ms, copy_bandwidth_TBps, matmul_TFLOPs, record
 from pixtral_rt.kernels import vision_attention as va
-from pixtral_rt.kernels.rope_2d import rope_2d_, rope_2d_qk_
+from pixtral_rt.kernels.rope_2d import rope_2d_
 from pixtral_rt.reference.rope import apply_rope, vision_rope_angles
 
 H, D, THETA = 16, 64, 10000.0
@@ -32,8 +31,9 @@ GRIDS = [(64, 64), (32, 64), (32, 32), (32, 32)]
 CASE = "4img_4096_2048_1024_1024"
 
 # (BLOCK_M, BLOCK_N, warps, stages)
-SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (64, 64, 4, 3)]
-QUICK_SHAPES = [(128, 64, 8, 3), (128, 128, 8, 3)]
+SHAPES = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)]
+QUICK_SHAPES = [(64, 128, 4, 3), (128, 64, 8, 3)]
+ROPE_TILES = [(2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8)]   # (elements per program, warps)
 
 
 def rel(a, b):
@@ -43,9 +43,8 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two tile shapes only")
-    ap.add_argument("--no-ws", action="store_true", help="skip the warp-specialised variants")
     ap.add_argument("--profile", metavar="JSON", help='run one variant 3 times, untimed (for ncu), e.g. '
-                    '\'{"bm": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3, "EXP_EMU": 1}\'')
+                    '\'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true}\'')
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.profile:
@@ -87,40 +86,31 @@ def main():
     qkv = qkv0.clone()
     out = torch.empty_like(q)
     qv, kv, vv = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    k_heads = qkv.view(n, 3 * H, D)[:, H:2 * H]
-    rope_passes = {"qk_pass": lambda: rope_2d_qk_(qkv, pos, freqs, H),
-                   "k_pass": lambda: rope_2d_(k_heads, pos, freqs)}
-    rope_ms = {name: bench_ms(fn) for name, fn in rope_passes.items()}
-    for name, ms in rope_ms.items():
-        nbytes = (2 if name == "qk_pass" else 1) * 2 * n * H * D * 2
-        record("vision_attention_sweep", CASE, f"rope_{name}_ms", ms, "ms", None, None,
-               nbytes / copy_tbps / 1e9, gbps=nbytes / ms / 1e6)
+    qk_heads = qkv.view(n, 3 * H, D)[:, :2 * H]
+    rope_bytes = 2 * 2 * n * H * D * 2
+    rope_ms = {}
+    for elems, warps in ROPE_TILES:
+        rope_ms[(elems, warps)] = ms = bench_ms(lambda: rope_2d_(qk_heads, pos, freqs, tile_elems=elems,
+                                                                  num_warps=warps))
+        record("vision_attention_sweep", CASE, f"rope_qk_pass_t{elems}_w{warps}_ms", ms, "ms", None, None,
+               rope_bytes / copy_tbps / 1e9, gbps=rope_bytes / ms / 1e6)
+    elems, warps = min(rope_ms, key=rope_ms.get)
+    print(f"RoPE pass: best tile {elems} elements, {warps} warps: {rope_ms[(elems, warps)] * 1e3:.1f} us")
+    rope_pass = (lambda: rope_2d_(qk_heads, pos, freqs, tile_elems=elems, num_warps=warps))
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    variants = []
-    for bm, bn, w, s in shapes:                          # every option on each tile shape, RoPE as a q+k pass
-        for emu in (0, 1, 2):
-            for desc in (False, True):
-                variants.append((bm, dict(BLOCK_N=bn, num_warps=w, num_stages=s, EXP_EMU=emu, KV_DESC=desc),
-                                 "qk_pass"))
-    for bm, bn, w, s in shapes[:2]:                      # q rotated inside the kernel, k by a pass of its own
-        for emu in (0, 1):
-            variants.append((bm, dict(BLOCK_N=bn, num_warps=w, num_stages=s, EXP_EMU=emu, KV_DESC=False), "k_pass"))
-    if not args.no_ws:
-        for emu in (0, 1):
-            variants.append((128, dict(BLOCK_N=64, num_warps=8, num_stages=3, EXP_EMU=emu, KV_DESC=True,
-                                       WARP_SPEC=True), "qk_pass"))
+    variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=desc, PIPE_QK=pipe))
+                for bm, bn, w, st in shapes for desc in (False, True) for pipe in (False, True)]
     plans = {bm: va.plan_vision_attention(lens, bm, device="cuda") for bm in (64, 128)}
     results = []
-    for bm, cfg, rope in variants:
-        name = (f"bm{bm}_bn{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}_emu{cfg['EXP_EMU']}"
-                f"{'_tma' if cfg['KV_DESC'] else ''}{'_ws' if cfg.get('WARP_SPEC') else ''}_{rope}")
-        mode = False if rope == "qk_pass" else "q"
-        call = (lambda bm=bm, cfg=cfg, mode=mode: va.vision_attention(qv, kv, vv, cu, plans[bm], pos, freqs,
-                                                                       rope=mode, out=out, config=cfg))
+    for bm, cfg in variants:
+        name = (f"bm{bm}_bn{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
+                f"{'_tma' if cfg['KV_DESC'] else ''}{'_pipe' if cfg['PIPE_QK'] else ''}")
+        call = (lambda bm=bm, cfg=cfg: va.vision_attention(qv, kv, vv, cu, plans[bm], rope=False, out=out,
+                                                            config=cfg))
         try:
             qkv.copy_(qkv0)
-            rope_passes[rope]()
+            rope_pass()
             out.fill_(float("nan"))
             call()
             torch.cuda.synchronize()
@@ -135,7 +125,7 @@ def main():
                    wrong=True)
             continue
         attn_ms = bench_ms(call)
-        total_ms = bench_ms(lambda: (rope_passes[rope](), call()))
+        total_ms = bench_ms(lambda: (rope_pass(), call()))
         results.append((tf(total_ms), name, attn_ms, total_ms))
         record("vision_attention_sweep", CASE, f"{name}_with_rope_useful_tflops", tf(total_ms), "TFLOP/s",
                "sdpa_per_image", tf(sdpa_ms), ceiling, ms=total_ms, attention_ms=attn_ms,
@@ -143,7 +133,7 @@ def main():
     print("\n== best 8 (RoPE + attention)")
     for t, name, a, tot in sorted(results, reverse=True)[:8]:
         print(f"  {name:48s} {t:6.1f} TFLOP/s  (attention {a * 1e3:6.1f} us = {tf(a):6.1f}; total {tot * 1e3:6.1f} us)")
-    print(json.dumps({"sdpa_per_image_tflops": tf(sdpa_ms), "rope_ms": rope_ms}))
+    print(json.dumps({"sdpa_per_image_tflops": tf(sdpa_ms), "rope_ms": {str(k): v for k, v in rope_ms.items()}}))
 
 
 def profile(spec: dict) -> None:
@@ -151,13 +141,11 @@ def profile(spec: dict) -> None:
     lens = [r * c for r, c in GRIDS]
     n = sum(lens)
     q, k, v = (torch.randn(n, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    pos = torch.zeros(n, 2, dtype=torch.int32, device="cuda")
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     spec = dict(spec)
     plan = va.plan_vision_attention(lens, spec.pop("bm", 128), device="cuda")
-    rope = spec.pop("rope", False)
     for _ in range(3):
-        va.vision_attention(q, k, v, cu, plan, pos, va.rope_pair_freqs(D, THETA, "cuda"), rope=rope, config=spec)
+        va.vision_attention(q, k, v, cu, plan, rope=False, config=spec)
     torch.cuda.synchronize()
 
 

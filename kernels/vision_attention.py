@@ -115,43 +115,41 @@ def _rotate(xe, xo, pos_ptr, rows, row_mask, stride_pn, freq, offs_i, QUARTER: t
     return xe * cs - xo * sn, xe * sn + xo * cs
 
 
-# 2^f on [-0.5, 0.5], degree 3, fitted for relative error (max 1.07e-4, below the 2^-9 rounding of p to bf16)
-_EXP2_C0 = tl.constexpr(0.9999401720907534)
-_EXP2_C1 = tl.constexpr(0.6934084290488526)
-_EXP2_C2 = tl.constexpr(0.2425040285601553)
-_EXP2_C3 = tl.constexpr(0.05433794420749286)
+
+@triton.jit
+def _load_kv(X, DESC, start, seq_end, offs_n, h, stride_n, stride_h, offs_d, HEAD_DIM: tl.constexpr,
+             DP: tl.constexpr, MASKED: tl.constexpr, KV_DESC: tl.constexpr):
+    # (BLOCK_N, DP) tile of k or v: rows [start, start + BLOCK_N) of head h. MASKED: rows past the image's end
+    # read as 0 (they belong to the next image or to padding, which may hold anything, NaN included).
+    # KV_DESC: a TMA box load (full tiles only).
+    if KV_DESC and not MASKED:
+        x = DESC.load([start, h * HEAD_DIM])
+    else:
+        cols = start + offs_n
+        cmask = cols < seq_end
+        xp = X + cols[:, None] * stride_n + h * stride_h + offs_d[None, :]
+        if MASKED:
+            if DP != HEAD_DIM:
+                x = tl.load(xp, mask=cmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            else:
+                x = tl.load(xp, mask=cmask[:, None], other=0.0)
+        else:
+            if DP != HEAD_DIM:
+                x = tl.load(xp, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            else:
+                x = tl.load(xp)
+    return x
 
 
 @triton.jit
-def _exp2_fma(x):
-    # 2^x for x <= 0 on the FMA/ALU pipes instead of the special-function unit (MUFU, 16 results per clock per
-    # SM: with head_dim 64 its one exp per score takes as long as the score's share of tensor-core work).
-    # x = j + f, j = round(x) (the 1.5 * 2^23 shifter puts j in the low mantissa bits of t), f in [-0.5, 0.5];
-    # 2^f by the polynomial, 2^j by adding j to the exponent bits ((t_bits << 23) == j << 23 mod 2^32).
-    # Clamped at -126.5 (j >= -126, so the exponent field stays >= 0): below 2^-126 the result is a denormal
-    # <= 2^-126 (0.7 * 2^-126 for x = -inf), never a wrapped exponent (NaN).
-    x = tl.maximum(x, -126.5)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = tl.fma(tl.fma(tl.fma(f, _EXP2_C3, _EXP2_C2), f, _EXP2_C1), f, _EXP2_C0)
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d, offs_n,
-               start, seq_end, h, stride_kn, stride_kh, stride_vn, stride_vh, stride_pn, qk_scale,
-               HEAD_DIM: tl.constexpr, DP: tl.constexpr, HALF: tl.constexpr, QUARTER: tl.constexpr,
-               PAIR_STRIDE: tl.constexpr, ODD_OFF: tl.constexpr, ROPE: tl.constexpr,
-               MASKED: tl.constexpr, EMU: tl.constexpr, KV_DESC: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    # one key tile [start, start + BLOCK_N) of the image: S = q k^T, online softmax, acc += p v.
-    # MASKED: the image's last, partial tile (keys past seq_end masked). EMU: half of the tile's scores
-    # (every other column) exponentiated by _exp2_fma instead of MUFU. KV_DESC: K / V through TMA
-    # descriptors (full tiles only: the partial tile must not read the next image's rows).
+def _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start, seq_end, offs_n, h, stride_kn, stride_kh,
+            stride_pn, HEAD_DIM: tl.constexpr, DP: tl.constexpr, QUARTER: tl.constexpr, PAIR_STRIDE: tl.constexpr,
+            ODD_OFF: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, KV_DESC: tl.constexpr):
+    # S = q k^T (BLOCK_M, BLOCK_N) fp32 for key rows [start, start + BLOCK_N); with ROPE the keys are rotated
+    # first (q already is)
     cols = start + offs_n
     cmask = cols < seq_end
-    if ROPE == 1:
+    if ROPE:
         imask = offs_i < HEAD_DIM // 2
         kp = K + cols[:, None] * stride_kn + h * stride_kh + (offs_i * PAIR_STRIDE)[None, :]
         if MASKED:
@@ -164,52 +162,27 @@ def _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i
         qk = tl.dot(qe, tl.trans(ke.to(qe.dtype)))
         qk = tl.dot(qo, tl.trans(ko.to(qo.dtype)), qk)
     else:
-        if KV_DESC and not MASKED:
-            k = DESC_K.load([start, h * HEAD_DIM])
-        else:
-            kp = K + cols[:, None] * stride_kn + h * stride_kh + offs_d[None, :]
-            if MASKED:
-                if DP != HEAD_DIM:
-                    k = tl.load(kp, mask=cmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-                else:
-                    k = tl.load(kp, mask=cmask[:, None], other=0.0)
-            else:
-                if DP != HEAD_DIM:
-                    k = tl.load(kp, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-                else:
-                    k = tl.load(kp)
+        k = _load_kv(K, DESC_K, start, seq_end, offs_n, h, stride_kn, stride_kh, offs_d, HEAD_DIM, DP, MASKED,
+                     KV_DESC)
         qk = tl.dot(q, tl.trans(k))
     if MASKED:
         qk = tl.where(cmask[None, :], qk, float("-inf"))
+    return qk
+
+
+@triton.jit
+def _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h, stride_vn, stride_vh, qk_scale,
+                HEAD_DIM: tl.constexpr, DP: tl.constexpr, MASKED: tl.constexpr, KV_DESC: tl.constexpr):
+    # online softmax of one score tile, then acc += p v
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_ij)
-    if EMU:
-        # even columns on MUFU, odd columns on the FMA pipe; the (.., 2) split is register-local in the
-        # MMA accumulator layout (each thread holds column pairs)
-        qa, qb = tl.split(tl.reshape(qk, (BLOCK_M, BLOCK_N // 2, 2)))
-        pa = tl.math.exp2(qa * qk_scale - m_ij[:, None])
-        pb = _exp2_fma(qb * qk_scale - m_ij[:, None])
-        p = tl.reshape(tl.join(pa, pb), (BLOCK_M, BLOCK_N))
-    else:
-        # ex2.approx.ftz.f32: one MUFU op per score (ex2.approx.f16x2 is split into two MUFU.EX2.F16 by
-        # ptxas for sm_90: no gain, checked in the SASS)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    # ex2.approx.ftz.f32: one MUFU op per score (ex2.approx.f16x2 is split into two MUFU.EX2.F16 by ptxas
+    # for sm_90: no gain, checked in the SASS)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if KV_DESC and not MASKED:
-        v = DESC_V.load([start, h * HEAD_DIM])
-    else:
-        vp = V + cols[:, None] * stride_vn + h * stride_vh + offs_d[None, :]
-        if MASKED:
-            if DP != HEAD_DIM:
-                v = tl.load(vp, mask=cmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            else:
-                v = tl.load(vp, mask=cmask[:, None], other=0.0)
-        else:
-            if DP != HEAD_DIM:
-                v = tl.load(vp, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            else:
-                v = tl.load(vp)
+    v = _load_kv(V, DESC_V, start, seq_end, offs_n, h, stride_vn, stride_vh, offs_d, HEAD_DIM, DP, MASKED,
+                 KV_DESC)
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
 
@@ -221,12 +194,10 @@ def _vision_attention_kernel(
     qk_scale, max_tiles, tokens_key,
     HEAD_DIM: tl.constexpr, DP: tl.constexpr, HALF: tl.constexpr, QUARTER: tl.constexpr,
     PAIR_STRIDE: tl.constexpr, ODD_OFF: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EXP_EMU: tl.constexpr, KV_DESC: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr, PIPE_QK: tl.constexpr,
 ):
-    # ROPE: 0 inputs already rotated, 1 q and k rotated here (k once per visit: slow), 2 q rotated here
-    # (once per program) and k already rotated. EXP_EMU: 0 all exps on MUFU, 1 half of every tile's on the
-    # FMA pipe, 2 half of every other tile's.
+    # KV_DESC: full K / V tiles through TMA descriptors. PIPE_QK: the scores of key tile j+1 are computed
+    # (their MMA issued) before the softmax of tile j, so that the tensor cores work during the softmax.
     tile = tl.program_id(0)
     h = tl.program_id(1)
     seg = tl.load(TILES + tile)
@@ -243,7 +214,7 @@ def _vision_attention_kernel(
     rmask = offs_m < seq_end
 
     # ---- Q tile (rotated once per program)
-    if ROPE != 0:
+    if ROPE:
         freq = tl.load(FREQ + offs_i)
         imask = offs_i < HEAD_DIM // 2
         qp = Q + offs_m[:, None] * stride_qn + h * stride_qh + (offs_i * PAIR_STRIDE)[None, :]
@@ -255,15 +226,7 @@ def _vision_attention_kernel(
                          QUARTER)
         qe = qe.to(dtype)
         qo = qo.to(dtype)
-        if ROPE == 2:
-            # back to memory order, to meet the pre-rotated k in one dot over D: interleaved pairs are
-            # (2i, 2i+1) = join; "half" pairs (i, D/2 + i) = the two halves side by side
-            if PAIR_STRIDE == 2:
-                q = tl.reshape(tl.join(qe, qo), (BLOCK_M, DP))
-            else:
-                q = tl.reshape(tl.permute(tl.join(qe, qo), (0, 2, 1)), (BLOCK_M, DP))
-        else:
-            q = qe  # unused placeholder
+        q = qe  # unused placeholder
     else:
         freq = tl.zeros([HALF], dtype=tl.float32)
         qp = Q + offs_m[:, None] * stride_qn + h * stride_qh + offs_d[None, :]
@@ -277,33 +240,30 @@ def _vision_attention_kernel(
 
     # ---- full key tiles of this image: no masks; then one masked tail tile
     full_end = seq_start + ((seq_end - seq_start) // BLOCK_N) * BLOCK_N
-    if EXP_EMU == 2:
-        pair_end = seq_start + ((seq_end - seq_start) // (2 * BLOCK_N)) * (2 * BLOCK_N)
-        for start in tl.range(seq_start, pair_end, 2 * BLOCK_N, warp_specialize=WARP_SPEC):
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d,
-                                       offs_n, start, seq_end, h, stride_kn, stride_kh, stride_vn, stride_vh,
-                                       stride_pn, qk_scale, HEAD_DIM, DP, HALF, QUARTER, PAIR_STRIDE, ODD_OFF,
-                                       ROPE, False, False, KV_DESC, BLOCK_M, BLOCK_N)
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d,
-                                       offs_n, start + BLOCK_N, seq_end, h, stride_kn, stride_kh, stride_vn,
-                                       stride_vh, stride_pn, qk_scale, HEAD_DIM, DP, HALF, QUARTER, PAIR_STRIDE,
-                                       ODD_OFF, ROPE, False, True, KV_DESC, BLOCK_M, BLOCK_N)
-        if pair_end < full_end:
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d,
-                                       offs_n, pair_end, seq_end, h, stride_kn, stride_kh, stride_vn, stride_vh,
-                                       stride_pn, qk_scale, HEAD_DIM, DP, HALF, QUARTER, PAIR_STRIDE, ODD_OFF,
-                                       ROPE, False, False, KV_DESC, BLOCK_M, BLOCK_N)
+    if PIPE_QK:
+        if full_end > seq_start:
+            qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, seq_start, seq_end, offs_n, h, stride_kn,
+                         stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, False, KV_DESC)
+            for start in range(seq_start, full_end - BLOCK_N, BLOCK_N):
+                qk_next = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start + BLOCK_N, seq_end, offs_n,
+                                  h, stride_kn, stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF,
+                                  ROPE, False, KV_DESC)
+                acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
+                                            stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
+                qk = qk_next
+            acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, full_end - BLOCK_N, seq_end, offs_n,
+                                        h, stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
     else:
-        for start in tl.range(seq_start, full_end, BLOCK_N, warp_specialize=WARP_SPEC):
-            acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d,
-                                       offs_n, start, seq_end, h, stride_kn, stride_kh, stride_vn, stride_vh,
-                                       stride_pn, qk_scale, HEAD_DIM, DP, HALF, QUARTER, PAIR_STRIDE, ODD_OFF,
-                                       ROPE, False, EXP_EMU == 1, KV_DESC, BLOCK_M, BLOCK_N)
+        for start in range(seq_start, full_end, BLOCK_N):
+            qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start, seq_end, offs_n, h, stride_kn,
+                         stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, False, KV_DESC)
+            acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
+                                        stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
     if full_end < seq_end:
-        acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, qe, qo, K, V, DESC_K, DESC_V, POS, freq, offs_i, offs_d,
-                                   offs_n, full_end, seq_end, h, stride_kn, stride_kh, stride_vn, stride_vh,
-                                   stride_pn, qk_scale, HEAD_DIM, DP, HALF, QUARTER, PAIR_STRIDE, ODD_OFF,
-                                   ROPE, True, False, False, BLOCK_M, BLOCK_N)
+        qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, full_end, seq_end, offs_n, h, stride_kn,
+                     stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, True, False)
+        acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, full_end, seq_end, offs_n, h,
+                                    stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, True, False)
 
     acc = acc / l_i[:, None]
     op = O + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :]
@@ -359,9 +319,6 @@ def _check(name, t, n, h, d):
         raise ValueError(f"{name}: last dim must be contiguous (stride {t.stride(2)})")
 
 
-_ROPE_MODES = {False: 0, "none": 0, True: 1, "qk": 1, "q": 2}
-
-
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
     """Host-side TMA descriptors of k and v as 2-D (N, H*D) row-strided views, one (block_n, D) box."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -376,19 +333,16 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      plan: VisionAttentionPlan, positions: torch.Tensor | None = None,
-                     rope_freqs: torch.Tensor | None = None, rope: bool | str = True,
-                     layout: str = "interleaved", scale: float | None = None, out: torch.Tensor | None = None,
+                     rope_freqs: torch.Tensor | None = None, rope: bool = True, layout: str = "interleaved", scale: float | None = None, out: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """Block-diagonal attention with fused 2D RoPE (see module docstring).
 
     q, k, v: (N, H, D) fp16/bf16, last dim contiguous. cu_seqlens: (S+1,) int32 on q's device.
     plan: from plan_vision_attention(seqlens, block_m) (tiles on q's device). positions: (N, 2) int32
     (row, col) and rope_freqs: (next_pow2(D/2),) fp32 from rope_pair_freqs(D, theta), needed if rope.
-    rope: True / "qk" rotate q and k here; "q" rotate q here, k is already rotated (rope_2d_ on k alone);
-    False / "none" both already rotated.
     layout: "interleaved" (Mistral) or "half" (rotate-half / HF-permuted). out: optional (N, H, D) buffer.
-    config: {"BLOCK_N", "num_warps", "num_stages"[, "EXP_EMU", "KV_DESC", "WARP_SPEC"]} to bypass the
-    autotuner (tests, benchmarks, interpreter).
+    config: {"BLOCK_N", "num_warps", "num_stages"[, "KV_DESC", "PIPE_QK"]} to bypass the autotuner (tests,
+    benchmarks, interpreter).
     Returns out (N, H, D) in q's dtype; rows of tokens that belong to no tile are not written.
     """
     if q.dim() != 3:
@@ -409,31 +363,26 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError("plan.tiles / cu_seqlens: must be on q's device (plan once, copy once)")
     if layout not in ("interleaved", "half"):
         raise ValueError(f"layout: 'interleaved' or 'half', got {layout!r}")
-    if rope not in _ROPE_MODES:
-        raise ValueError(f"rope: True/'qk', 'q' or False/'none', got {rope!r}")
-    rope_mode = _ROPE_MODES[rope]
-    if rope_mode:
+    if rope:
         if positions is None or rope_freqs is None:
-            raise ValueError(f"positions and rope_freqs are required when rope={rope!r}")
+            raise ValueError("positions and rope_freqs are required when rope=True")
         if positions.shape != (N, 2) or positions.dtype != torch.int32 or positions.stride(1) != 1:
             raise ValueError(f"positions: expected (N={N}, 2) int32 row-contiguous, got "
                              f"{tuple(positions.shape)} {positions.dtype}")
         if rope_freqs.dtype != torch.float32 or rope_freqs.numel() != triton.next_power_of_2(D // 2):
             raise ValueError("rope_freqs: expected rope_pair_freqs(head_dim, theta) (fp32, next_pow2(D/2))")
-    if rope_mode == 2 and layout == "half" and D // 2 != triton.next_power_of_2(D // 2):
-        raise ValueError(f"rope='q' with layout 'half' needs head_dim/2 a power of two (head_dim {D})")
     if out is None:
         out = torch.empty((N, H, D), device=q.device, dtype=q.dtype)
     elif out.shape != (N, H, D) or out.stride(2) != 1 or out.dtype != q.dtype:
         raise ValueError(f"out: expected ({N}, {H}, {D}) {q.dtype} with contiguous last dim")
-    pos = positions if rope_mode else cu_seqlens
-    frq = rope_freqs if rope_mode else cu_seqlens
-    stride_pn = positions.stride(0) if rope_mode else 0
+    pos = positions if rope else cu_seqlens
+    frq = rope_freqs if rope else cu_seqlens
+    stride_pn = positions.stride(0) if rope else 0
     scale = D ** -0.5 if scale is None else scale
     half = D // 2
     meta = dict(HEAD_DIM=D, DP=triton.next_power_of_2(D), HALF=triton.next_power_of_2(half), QUARTER=D // 4,
                 PAIR_STRIDE=2 if layout == "interleaved" else 1, ODD_OFF=1 if layout == "interleaved" else half,
-                ROPE=rope_mode, BLOCK_M=plan.block_m)
+                ROPE=bool(rope), BLOCK_M=plan.block_m)
     grid = (plan.max_tiles, H)
     tokens_key = attention_tokens_key(N)
     if config is None and _INTERPRET:
@@ -441,18 +390,18 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cfg = dict(config) if config is not None else {}
     desc_k, desc_v = k, v                       # placeholders: the kernel reads them only if KV_DESC
     if cfg.get("KV_DESC"):
-        if rope_mode == 1 or D != triton.next_power_of_2(D) or _INTERPRET:
-            raise ValueError("KV_DESC: needs rope != 'qk', a power-of-two head_dim and a GPU")
+        if rope or D != triton.next_power_of_2(D) or _INTERPRET:
+            raise ValueError("KV_DESC: needs rope=False, a power-of-two head_dim and a GPU")
         desc_k, desc_v = _kv_descriptors(k, v, cfg["BLOCK_N"])
     args = (q, k, v, out, pos, frq, cu_seqlens, plan.tiles, desc_k, desc_v,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key)
     if config is not None:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
-        cfg = {"EXP_EMU": 0, "KV_DESC": False, "WARP_SPEC": False, **cfg}
+        cfg = {"KV_DESC": False, "PIPE_QK": False, **cfg}
         _vision_attention_kernel[grid](*args, **meta, **cfg, num_warps=nw, num_stages=ns)
     else:
-        _vision_attention_tuned[grid](*args, **meta, EXP_EMU=0, KV_DESC=False, WARP_SPEC=False)
+        _vision_attention_tuned[grid](*args, **meta, KV_DESC=False, PIPE_QK=False)
     return out
 
 

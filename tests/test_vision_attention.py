@@ -10,12 +10,10 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from tests.conftest import HAS_CUDA, requires_gpu
 from pixtral_rt.kernels.rope_2d import rope_2d_, rope_2d_qk_
-from pixtral_rt.kernels.vision_attention import (_exp2_fma, max_tiles_for, plan_vision_attention, rope_pair_freqs,
+from pixtral_rt.kernels.vision_attention import (max_tiles_for, plan_vision_attention, rope_pair_freqs,
                                                  vision_attention)
 from pixtral_rt.reference.attention import block_diagonal_attention
 from pixtral_rt.reference.rope import apply_rope, image_patch_positions, vision_rope_angles
@@ -78,13 +76,6 @@ def run_kernel(q, k, v, pos, cu, lens, d, mode, block_m, config=None):
         rope_2d_qk_(qkv, pos, freqs, q.shape[1])
         assert torch.equal(qkv[:, 2], v)
         return vision_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, plan, rope=False, out=out, config=config)
-    if mode in ("q_only", "q_only_half"):  # k rotated beforehand (rope_2d_ on k alone), q inside the kernel
-        layout = "half" if mode == "q_only_half" else "interleaved"
-        p = half_perm(d).to(q.device) if layout == "half" else torch.arange(d, device=q.device)
-        qkv = torch.stack([q[:, :, p], k[:, :, p], v], 1)
-        rope_2d_(qkv[:, 1], pos, freqs, layout=layout)
-        return vision_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, plan, pos, freqs, rope="q", layout=layout,
-                                out=out, config=config)
     raise AssertionError(mode)
 
 
@@ -111,58 +102,34 @@ def test_vision_attention_small(grids, d, mode, device):
           block_m=16 if device == "cpu" else 128)
 
 
+PIPE_PACK_CPU = [(6, 11), (1, 1), (5, 7), (2, 16), (1, 15)]  # 66, 1, 35, 32, 15 tokens: 0 to 4 full tiles
+
+
 @pytest.mark.parametrize("d", [64, 88])
-@pytest.mark.parametrize("mode", ["q_only", "q_only_half"])
-def test_vision_attention_rope_q_only(d, mode, device):
-    """rope='q': k rotated before the kernel (as a K-only RoPE pass would), q inside it, both layouts."""
-    dtype = torch.float16 if device == "cpu" else torch.bfloat16
-    grids = [(1, 9), (9, 1), (3, 5)] if device == "cpu" else [(64, 64), (37, 41), (1, 1)]
-    if mode == "q_only_half" and d == 88:
-        lens, q, k, v, pos, cu = make_case(grids, 2, d, dtype, device, seed=1)
-        with pytest.raises(ValueError, match="power of two"):
-            run_kernel(q, k, v, pos, cu, lens, d, mode, 16)
-        return
-    check(grids, 2, d, dtype, device, seed=d + len(mode), mode=mode, block_m=16 if device == "cpu" else 128)
-
-
-EMU_PACK_CPU = [(6, 11), (1, 1), (5, 7), (2, 16)]   # 66, 1, 35, 32 tokens: odd and even counts of full tiles
-
-
-@pytest.mark.parametrize("emu", [1, 2])
-@pytest.mark.parametrize("mode", ["separate", "q_only"])
-def test_vision_attention_exp_emulation(emu, mode, device):
-    """EXP_EMU: half the scores of every tile (1) or of every other tile (2) exponentiated on the FMA pipe."""
+@pytest.mark.parametrize("mode", ["separate", "fused"])
+def test_vision_attention_pipelined_scores(d, mode, device):
+    """PIPE_QK: the next key tile's scores computed before this tile's softmax; images with 0, 1 and more
+    full key tiles."""
     if device == "cpu":
-        cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "EXP_EMU": emu}
-        check(EMU_PACK_CPU, 2, 64, torch.float16, device, seed=emu, mode=mode, block_m=16, config=cfg)
+        cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "PIPE_QK": True}
+        check(PIPE_PACK_CPU, 2, d, torch.float16, device, seed=d, mode=mode, block_m=16, config=cfg)
     else:
-        for bn in (64, 128):
-            cfg = {"BLOCK_N": bn, "num_warps": 8, "num_stages": 3 if bn == 64 else 2, "EXP_EMU": emu}
-            check(GPU_GRIDS + [(37, 41)], 16, 64, torch.bfloat16, device, seed=emu + bn, mode=mode, block_m=128,
+        for bm, bn, w in ((64, 128 if d == 64 else 64, 4), (128, 64, 8)):
+            cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "PIPE_QK": True}
+            check(GPU_GRIDS + [(37, 41)], 16, d, torch.bfloat16, device, seed=bm + d, mode=mode, block_m=bm,
                   config=cfg)
 
 
-@triton.jit
-def _exp2_fma_kernel(X, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    tl.store(Y + offs, _exp2_fma(tl.load(X + offs, mask=m, other=0.0)), mask=m)
-
-
-def test_exp2_fma_accuracy(device):
-    """_exp2_fma vs exp2 in fp64: relative error <= 1.1e-4 above 2^-126; at and below, a value in [0, 2^-126]
-    (never NaN: a wrapped exponent field would be one)."""
-    x = torch.cat([-torch.rand(20000, dtype=torch.float64) * 130, torch.linspace(-3, 0, 3001, dtype=torch.float64),
-                   torch.tensor([0.0, -0.5, -1.5, -126.0, -127.0, -200.0, float("-inf")], dtype=torch.float64)])
-    xf = x.float().to(device)
-    y = torch.full_like(xf, float("nan"))
-    _exp2_fma_kernel[(triton.cdiv(x.numel(), 1024),)](xf, y, x.numel(), BLOCK=1024)
-    y = y.double().cpu()
-    want = torch.exp2(xf.double().cpu())
-    normal = xf.cpu() > -126
-    relerr = ((y[normal] - want[normal]).abs() / want[normal]).max().item()
-    assert relerr <= 1.1e-4, relerr
-    assert (y[~normal] >= 0).all() and (y[~normal] <= 2.0 ** -126).all(), y[~normal]
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipe", [False, True])
+def test_vision_attention_gpu_tma(pipe):
+    """KV_DESC: full K / V tiles through TMA descriptors over the strided views of a fused qkv buffer; the
+    partial tail tile must not read the next image (or NaN padding) through the box."""
+    for bm, bn, w in ((64, 128, 4), (64, 64, 4), (128, 64, 8)):
+        cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "KV_DESC": True, "PIPE_QK": pipe}
+        check(GPU_GRIDS + [(37, 41)], 16, 64, torch.bfloat16, "cuda", seed=bn + w, mode="separate", block_m=bm,
+              config=cfg)
 
 
 def test_rope_2d_matches_reference(device):
