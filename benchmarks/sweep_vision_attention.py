@@ -43,6 +43,8 @@ def rel(a, b):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two tile shapes only")
+    ap.add_argument("--configs", metavar="JSON", help="variants to run instead of the default grid: a list of "
+                    "[BLOCK_M, BLOCK_N, warps, stages, KV_DESC, PIPE_QK, maxnreg or null]")
     ap.add_argument("--profile", metavar="JSON", help='run one variant 3 times, untimed (for ncu), e.g. '
                     '\'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true}\'')
     args = ap.parse_args()
@@ -101,11 +103,16 @@ def main():
     shapes = QUICK_SHAPES if args.quick else SHAPES
     variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=desc, PIPE_QK=pipe))
                 for bm, bn, w, st in shapes for desc in (False, True) for pipe in (False, True)]
+    if args.configs:
+        variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=bool(desc), PIPE_QK=bool(pipe),
+                              **({"maxnreg": nreg} if nreg else {})))
+                    for bm, bn, w, st, desc, pipe, nreg in json.loads(args.configs)]
     plans = {bm: va.plan_vision_attention(lens, bm, device="cuda") for bm in (64, 128)}
     results = []
     for bm, cfg in variants:
         name = (f"bm{bm}_bn{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
-                f"{'_tma' if cfg['KV_DESC'] else ''}{'_pipe' if cfg['PIPE_QK'] else ''}")
+                f"{'_tma' if cfg['KV_DESC'] else ''}{'_pipe' if cfg['PIPE_QK'] else ''}"
+                f"{'_r%d' % cfg['maxnreg'] if 'maxnreg' in cfg else ''}")
         call = (lambda bm=bm, cfg=cfg: va.vision_attention(qv, kv, vv, cu, plans[bm], rope=False, out=out,
                                                             config=cfg))
         try:

@@ -398,8 +398,9 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key)
     if config is not None:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
+        launch = {"maxnreg": cfg.pop("maxnreg")} if "maxnreg" in cfg else {}
         cfg = {"KV_DESC": False, "PIPE_QK": False, **cfg}
-        _vision_attention_kernel[grid](*args, **meta, **cfg, num_warps=nw, num_stages=ns)
+        _vision_attention_kernel[grid](*args, **meta, **cfg, num_warps=nw, num_stages=ns, **launch)
     else:
         _vision_attention_tuned[grid](*args, **meta, KV_DESC=False, PIPE_QK=False)
     return out
