@@ -4,8 +4,10 @@ Shapes: 16 heads, head_dim 64, bf16; packs (patches per image): 4096+2048+1024+1
 Metric: useful TFLOP/s = 4 * H * D * sum(n_i^2) / time (only the FLOPs inside the diagonal blocks).
 Ours includes the 2D RoPE of q and k; the stock baselines (as in ../shared/bench/hf_baseline.py) do not.
 Variants: RoPE fused in the kernel ("half" layout, one fixed config: known slow, kept for the record),
-RoPE of q and k in ONE launch on the fused (N, 3, H, D) qkv buffer (kernels/rope_2d.py) + attention (what
-the encoder runs), attention alone (autotuned), and a sweep of the autotuner's configs (attention alone).
+RoPE of q and k in ONE launch on the fused (N, 3, H, D) qkv buffer (kernels/rope_2d.py) + autotuned attention
+on the encoder's tile height (default_block_m: 64 on Hopper) -- what the encoder runs, the headline figure --
+and the same with 128-row tiles, attention alone, and each of the autotuner's configs (attention alone, on
+the tile height the config is for). The finer option sweep is benchmarks/sweep_vision_attention.py.
 RoPE alone: ms and GB/s vs the copy-bandwidth floor (read + write of q and k), vs torch eager RoPE.
 Floor: useful FLOPs at the bf16 matmul ceiling measured in this run (8192^3 torch matmul).
 """
@@ -89,18 +91,34 @@ def main():
         qkv = torch.stack([q, k, v], 1)
         qv, kv, vv = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         plan = va.plan_vision_attention(lens, 128, device="cuda")
+        bm = va.default_block_m("cuda", D)                 # what the encoder plans with (64 on Hopper)
+        plan_d = va.plan_vision_attention(lens, bm, device="cuda")
+        plans = {64: va.plan_vision_attention(lens, 64, device="cuda"), 128: plan}
         variants = {
             "fused_half_bm128_fixedcfg": lambda: va.vision_attention(
                 qv, kv, vv, cu, plan, pos, freqs, layout="half", out=out,
                 config={"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}),
-            "rope_qk_kernel+attn_bm128": lambda: (rope_2d_qk_(qkv, pos, freqs, H),
-                                                  va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out)),
-            "attention_only_no_rope_bm128": lambda: va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out),
+            # the encoder's path: q and k rotated in one launch, then the autotuned attention
+            f"rope_qk_kernel+attn_bm{bm}": lambda: (rope_2d_qk_(qkv, pos, freqs, H),
+                                                   va.vision_attention(qv, kv, vv, cu, plan_d, rope=False, out=out)),
+            f"attention_only_no_rope_bm{bm}": lambda: va.vision_attention(qv, kv, vv, cu, plan_d, rope=False,
+                                                                          out=out),
         }
+        if bm != 128:
+            variants["rope_qk_kernel+attn_bm128"] = lambda: (rope_2d_qk_(qkv, pos, freqs, H),
+                                                             va.vision_attention(qv, kv, vv, cu, plan, rope=False,
+                                                                                 out=out))
         for cfg in va._configs():
             c = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            name = "attention_only_cfg_bn{BLOCK_N}_w{num_warps}_s{num_stages}".format(**c)
-            variants[name] = (lambda c=c: va.vision_attention(qv, kv, vv, cu, plan, rope=False, out=out, config=c))
+            if cfg.maxnreg:
+                c["maxnreg"] = cfg.maxnreg
+            cbm = 64 if cfg.num_warps == 4 else 128
+            if c["KV_DESC"] and not va.tma_eligible(qv, kv, vv, False):
+                continue
+            name = "attention_only_cfg_bm{}_bn{BLOCK_N}_w{num_warps}_s{num_stages}".format(cbm, **c) + (
+                "_tma" if c["KV_DESC"] else "") + (f"_r{cfg.maxnreg}" if cfg.maxnreg else "")
+            variants[name] = (lambda c=c, cbm=cbm: va.vision_attention(qv, kv, vv, cu, plans[cbm], rope=False,
+                                                                       out=out, config=c))
         ref_ms = base["sdpa_per_image"]
         for name, fn in variants.items():
             try:

@@ -5,7 +5,7 @@ export PYTHONUNBUFFERED=1 PIXTRAL_RT_NO_EXT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYT
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu --format=csv > $OUT/gpu.txt 2>&1
 python -c "import pixtral_rt.kernels.vision_attention, pixtral_rt.kernels.rope_2d; print('import ok')" || exit 1
-timeout ${TEST_S:-90} python -m pytest -q -m gpu tests/test_vision_attention.py tests/test_vision_fast.py \
+timeout ${TEST_S:-150} python -m pytest -q -m gpu tests/test_vision_attention.py tests/test_vision_fast.py tests/test_vision_buckets.py \
   -p no:cacheprovider -W ignore > $OUT/tests.log 2>&1; echo "tests rc=$?"
 timeout ${ATTN_S:-80} python -m benchmarks.bench_vision_attention > $OUT/bench_attention.log 2>&1; echo "attn rc=$?"
 timeout ${ENC_S:-85} python -m benchmarks.bench_vision_encoder > $OUT/bench_encoder.log 2>&1; echo "enc rc=$?"

@@ -191,13 +191,13 @@ def _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
 def _vision_attention_kernel(
     Q, K, V, O, POS, FREQ, CU, TILES, DESC_K, DESC_V,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_pn,
-    qk_scale, max_tiles, tokens_key,
+    qk_scale, max_tiles, tokens_key, tma_ok,
     HEAD_DIM: tl.constexpr, DP: tl.constexpr, HALF: tl.constexpr, QUARTER: tl.constexpr,
     PAIR_STRIDE: tl.constexpr, ODD_OFF: tl.constexpr, ROPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr, PIPE_QK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_DESC: tl.constexpr,
 ):
-    # KV_DESC: full K / V tiles through TMA descriptors. PIPE_QK: the scores of key tile j+1 are computed
-    # (their MMA issued) before the softmax of tile j, so that the tensor cores work during the softmax.
+    # KV_DESC: full K / V tiles through the TMA descriptors DESC_K / DESC_V (else plain pointer loads; the
+    # descriptors are then unused placeholders). tokens_key and tma_ok: autotuner keys only.
     tile = tl.program_id(0)
     h = tl.program_id(1)
     seg = tl.load(TILES + tile)
@@ -240,25 +240,11 @@ def _vision_attention_kernel(
 
     # ---- full key tiles of this image: no masks; then one masked tail tile
     full_end = seq_start + ((seq_end - seq_start) // BLOCK_N) * BLOCK_N
-    if PIPE_QK:
-        if full_end > seq_start:
-            qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, seq_start, seq_end, offs_n, h, stride_kn,
-                         stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, False, KV_DESC)
-            for start in range(seq_start, full_end - BLOCK_N, BLOCK_N):
-                qk_next = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start + BLOCK_N, seq_end, offs_n,
-                                  h, stride_kn, stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF,
-                                  ROPE, False, KV_DESC)
-                acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
-                                            stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
-                qk = qk_next
-            acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, full_end - BLOCK_N, seq_end, offs_n,
-                                        h, stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
-    else:
-        for start in range(seq_start, full_end, BLOCK_N):
-            qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start, seq_end, offs_n, h, stride_kn,
-                         stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, False, KV_DESC)
-            acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
-                                        stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
+    for start in range(seq_start, full_end, BLOCK_N):
+        qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, start, seq_end, offs_n, h, stride_kn,
+                     stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, False, KV_DESC)
+        acc, l_i, m_i = _softmax_pv(qk, acc, l_i, m_i, V, DESC_V, offs_d, start, seq_end, offs_n, h,
+                                    stride_vn, stride_vh, qk_scale, HEAD_DIM, DP, False, KV_DESC)
     if full_end < seq_end:
         qk = _scores(q, qe, qo, K, DESC_K, POS, freq, offs_i, offs_d, full_end, seq_end, offs_n, h, stride_kn,
                      stride_kh, stride_pn, HEAD_DIM, DP, QUARTER, PAIR_STRIDE, ODD_OFF, ROPE, True, False)
@@ -270,29 +256,48 @@ def _vision_attention_kernel(
     tl.store(op, acc.to(O.dtype.element_ty), mask=rmask[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+def _desc_block_shapes(nargs):
+    # autotuner pre-hook of the KV_DESC configs: the descriptors' box is one (BLOCK_N, HEAD_DIM) tile
+    for name in ("DESC_K", "DESC_V"):
+        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
 def _configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # (BLOCK_N, warps, stages), short (compile time on the device is scarce). Resource report (sm_90, hd 64,
-    # ptxas): BLOCK_N 128 / 8 warps 166-170 regs (1 CTA per SM); BLOCK_N 64 / 8 warps 126-128 regs (2 CTAs
-    # per SM: one CTA's softmax overlaps the other's MMAs); 4-warp tiles of 128 query rows need 246-255
-    # regs (spills at BLOCK_N 128): left out.
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in ((128, 8, 3), (128, 8, 2), (64, 8, 3), (64, 8, 4), (64, 8, 2))]
+        return [triton.Config({"BLOCK_N": 16, "KV_DESC": False}, num_warps=4, num_stages=1)]
+    # Short lists (compile time on the device is scarce), from the H200 sweeps of
+    # benchmarks/sweep_vision_attention.py (results/vision_attention_sweep.jsonl), hd 64, 4-image set:
+    # - BLOCK_M 128 (8 warps = 2 warpgroups of 64 query rows): BLOCK_N 64 / 3 stages best, 381 TFLOP/s
+    #   (126-128 regs, 2 CTAs per SM); TMA loads cost 7% there; 4-warp tiles of 128 rows spill: left out.
+    # - BLOCK_M 64 (4 warps, one warpgroup): BLOCK_N 128 with K / V through TMA, 2 stages, registers capped
+    #   at 168 (3 CTAs per SM) best, 403 TFLOP/s; more CTAs per SM (BLOCK_N 64, 128 regs, 4 CTAs) 382.
+    # The tensor cores and the exp unit (MUFU: one exp per score, as many cycles as the score's MMA share
+    # at head_dim 64) stay ~50% busy each in every variant (Nsight Compute): Triton issues them in turn.
+    m128 = [triton.Config({"BLOCK_N": bn, "KV_DESC": False}, num_warps=8, num_stages=s)
+            for bn, s in ((128, 3), (128, 2), (64, 3), (64, 4), (64, 2))]
+    m64 = [triton.Config({"BLOCK_N": 128, "KV_DESC": True}, num_warps=4, num_stages=2, maxnreg=168,
+                         pre_hook=_desc_block_shapes),
+           triton.Config({"BLOCK_N": 128, "KV_DESC": True}, num_warps=4, num_stages=3, pre_hook=_desc_block_shapes),
+           triton.Config({"BLOCK_N": 128, "KV_DESC": False}, num_warps=4, num_stages=2, maxnreg=168),
+           triton.Config({"BLOCK_N": 64, "KV_DESC": False}, num_warps=4, num_stages=3, maxnreg=128)]
+    return m128 + m64
 
 
 def _prune(configs, named_args, **kwargs):
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 128))
     dp = kwargs.get("DP", named_args.get("DP", 64))
+    tma = bool(named_args.get("tma_ok", 0))
     out = []
     for c in configs:
         bn = c.kwargs["BLOCK_N"]
         if dp >= 128 and bn == 128 and c.num_stages > 2:
             continue  # shared memory
-        if bm <= 64 and c.num_warps == 8:
+        if (bm <= 64) != (c.num_warps == 4):
+            continue  # 8 warps for 128-row tiles, 4 for 64-row tiles
+        if c.kwargs["KV_DESC"] and not tma:
             continue
         out.append(c)
-    return out or [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2)]
+    return out or [triton.Config({"BLOCK_N": 64, "KV_DESC": False}, num_warps=4, num_stages=2)]
 
 
 def _quick_bench(kernel_call, quantiles):
@@ -305,7 +310,7 @@ def _quick_bench(kernel_call, quantiles):
 # choices are also cached on disk (Triton's cache directory, keyed by kernel source, GPU, key and configs),
 # so a second process on the same machine tunes nothing
 _vision_attention_tuned = triton.autotune(
-    configs=_configs(), key=["tokens_key", "HEAD_DIM", "ROPE", "PAIR_STRIDE", "BLOCK_M"],
+    configs=_configs(), key=["tokens_key", "HEAD_DIM", "ROPE", "PAIR_STRIDE", "BLOCK_M", "tma_ok"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=_quick_bench, cache_results=True,
 )(_vision_attention_kernel)
 _compile_events.register_autotuner(_vision_attention_tuned)     # its cache size = tunings done
@@ -317,6 +322,31 @@ def _check(name, t, n, h, d):
         raise ValueError(f"{name}: expected shape ({n}, {h}, {d}), got {tuple(t.shape)}")
     if t.stride(2) != 1:
         raise ValueError(f"{name}: last dim must be contiguous (stride {t.stride(2)})")
+
+
+def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: bool) -> bool:
+    """Whether K / V tiles can go through TMA descriptors: a Hopper-or-newer GPU, no in-kernel RoPE (rotated
+    keys are computed, not loaded as they are), a power-of-two head_dim (the box is one head), and rows
+    that TMA can address (16-byte aligned base and row stride; the heads of a row contiguous)."""
+    if _INTERPRET or not q.is_cuda or rope or torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    N, H, D = k.shape
+    if D != triton.next_power_of_2(D):
+        return False
+    return all(t.stride(1) == D and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in (k, v))
+
+
+def default_block_m(device, head_dim: int) -> int:
+    """Query rows per tile: 64 on Hopper for head_dim 64 (one warpgroup of 4 warps, K / V through TMA: 403
+    vs 381 useful TFLOP/s for 128-row tiles on the H200, results/vision_attention_sweep.jsonl); 128 for other
+    head dims (Pixtral-Large's 88 is padded to 128: no TMA box, and the 4-warp register caps were tuned for
+    64) and other GPUs, where 64 is unmeasured."""
+    dev = torch.device(device) if device is not None else None
+    if (dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
+            and head_dim == 64):
+        return 64
+    return 128
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
@@ -341,7 +371,7 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     plan: from plan_vision_attention(seqlens, block_m) (tiles on q's device). positions: (N, 2) int32
     (row, col) and rope_freqs: (next_pow2(D/2),) fp32 from rope_pair_freqs(D, theta), needed if rope.
     layout: "interleaved" (Mistral) or "half" (rotate-half / HF-permuted). out: optional (N, H, D) buffer.
-    config: {"BLOCK_N", "num_warps", "num_stages"[, "KV_DESC", "PIPE_QK"]} to bypass the autotuner (tests,
+    config: {"BLOCK_N", "num_warps", "num_stages"[, "KV_DESC", "maxnreg"]} to bypass the autotuner (tests,
     benchmarks, interpreter).
     Returns out (N, H, D) in q's dtype; rows of tokens that belong to no tile are not written.
     """
@@ -388,21 +418,23 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if config is None and _INTERPRET:
         config = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     cfg = dict(config) if config is not None else {}
-    desc_k, desc_v = k, v                       # placeholders: the kernel reads them only if KV_DESC
-    if cfg.get("KV_DESC"):
-        if rope or D != triton.next_power_of_2(D) or _INTERPRET:
-            raise ValueError("KV_DESC: needs rope=False, a power-of-two head_dim and a GPU")
-        desc_k, desc_v = _kv_descriptors(k, v, cfg["BLOCK_N"])
+    tma = tma_eligible(q, k, v, rope)
+    if cfg.get("KV_DESC") and not tma:
+        raise ValueError("KV_DESC: needs a Hopper-or-newer GPU, rope=False, a power-of-two head_dim and k / v "
+                         "rows that TMA can address (16-byte aligned base and row stride, heads contiguous)")
+    # descriptors whenever TMA can be used (the autotuner's KV_DESC configs set their box in a pre-hook);
+    # otherwise k and v themselves stand in for the unused arguments
+    desc_k, desc_v = _kv_descriptors(k, v, cfg.get("BLOCK_N", 128)) if tma else (k, v)
     args = (q, k, v, out, pos, frq, cu_seqlens, plan.tiles, desc_k, desc_v,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key)
+            out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key, int(tma))
     if config is not None:
         nw, ns = cfg.pop("num_warps", 4), cfg.pop("num_stages", 2)
         launch = {"maxnreg": cfg.pop("maxnreg")} if "maxnreg" in cfg else {}
-        cfg = {"KV_DESC": False, "PIPE_QK": False, **cfg}
+        cfg = {"KV_DESC": False, **cfg}
         _vision_attention_kernel[grid](*args, **meta, **cfg, num_warps=nw, num_stages=ns, **launch)
     else:
-        _vision_attention_tuned[grid](*args, **meta, KV_DESC=False, PIPE_QK=False)
+        _vision_attention_tuned[grid](*args, **meta)
     return out
 
 
@@ -421,10 +453,11 @@ def best_config() -> dict:
 
 
 def warmup_vision_attention(n_heads: int, head_dim: int, token_counts: list[int], dtype=torch.bfloat16,
-                            block_m: int = 128, rope: bool = True, layout: str = "half", device="cuda",
+                            block_m: int | None = None, rope: bool = True, layout: str = "half", device="cuda",
                             max_segment: int | None = None) -> None:
     """Run the autotuner for each token bucket (tokens_key = attention_tokens_key(N)) before any CUDA graph
     capture, on N tokens packed as images of at most max_segment tokens (default: one image of N)."""
+    block_m = default_block_m(device, head_dim) if block_m is None else block_m
     for n in token_counts:
         seg = n if max_segment is None else max_segment
         lens = [min(seg, n - a) for a in range(0, n, seg)]
@@ -444,7 +477,7 @@ def useful_flops(seqlens: list[int], n_heads: int, head_dim: int) -> float:
     return float(sum(4 * n_heads * head_dim * n * n for n in seqlens))
 
 
-__all__ = ["vision_attention", "plan_vision_attention", "VisionAttentionPlan", "rope_pair_freqs",
+__all__ = ["vision_attention", "tma_eligible", "default_block_m", "plan_vision_attention", "VisionAttentionPlan", "rope_pair_freqs",
            "max_tiles_for", "warmup_vision_attention", "useful_flops", "plan_tiles", "best_config",
            "attention_tokens_key", "MAX_TOKENS_KEY"]
 _ = math

@@ -37,8 +37,9 @@ from .config import PixtralArgs, VisionEncoderArgs
 from .kernels.rms_norm import rms_norm
 from .kernels.rope_2d import rope_2d_qk_
 from .kernels.silu_mul import silu_mul
-from .kernels.vision_attention import (attention_tokens_key, max_tiles_for, plan_tiles, rope_pair_freqs,
-                                       vision_attention, VisionAttentionPlan, warmup_vision_attention)
+from .kernels.vision_attention import (attention_tokens_key, default_block_m, max_tiles_for, plan_tiles,
+                                       rope_pair_freqs, vision_attention, VisionAttentionPlan,
+                                       warmup_vision_attention)
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -135,11 +136,12 @@ class FastVisionEncoder(torch.nn.Module):
     vision_encoder.jsonl, 2026-11-22): separate 13.7 ms vs fused 19.6 ms for one 1024^2 image, because the
     fused kernel recomputes cos/sin for every key tile of every query tile. The separate kernel now turns
     q and k of the fused qkv buffer in one fully parallel launch (kernels/rope_2d.py).
-    attn_config: optional fixed attention config ({"BLOCK_N", "num_warps", "num_stages"}) instead
-    of the autotuner (tests; saves compile time)."""
+    block_m: query rows per attention tile (default: kernels.vision_attention.default_block_m, 64 on Hopper
+    for head_dim 64, else 128). attn_config: optional fixed attention config ({"BLOCK_N", "num_warps",
+    "num_stages"}, for that block_m) instead of the autotuner (tests; saves compile time)."""
 
     def __init__(self, args: VisionEncoderArgs, weights: dict[str, torch.Tensor], text_dim: int | None = None,
-                 rope: str = "separate", block_m: int = 128, attn_config: dict | None = None):
+                 rope: str = "separate", block_m: int | None = None, attn_config: dict | None = None):
         super().__init__()
         if rope not in ("fused", "separate"):
             raise ValueError(f"rope: 'fused' or 'separate', got {rope!r}")
@@ -150,6 +152,8 @@ class FastVisionEncoder(torch.nn.Module):
         self.merge = args.spatial_merge_size
         self.w = weights
         dev = weights["patch_w"].device
+        if block_m is None:
+            self.block_m = default_block_m(dev, self.head_dim)
         self.rope_freqs = rope_pair_freqs(self.head_dim, args.rope_theta, dev)
         self._graphs: dict = {}
         self.buckets: list[int] = []          # graph buckets (prepare_steps); none: run() is eager
@@ -159,7 +163,7 @@ class FastVisionEncoder(torch.nn.Module):
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor], args: PixtralArgs | VisionEncoderArgs,
-                        dtype=torch.bfloat16, device=None, rope: str = "separate", block_m: int = 128,
+                        dtype=torch.bfloat16, device=None, rope: str = "separate", block_m: int | None = None,
                         attn_config: dict | None = None):
         """sd: Mistral names, either a full Pixtral state dict (`vision_encoder.*`, `vision_language_adapter.*`,
         `patch_merger.*`, `pre_mm_projector_norm.*`) or a bare VisionEncoder's (`patch_conv.weight`, ...)."""
@@ -204,7 +208,7 @@ class FastVisionEncoder(torch.nn.Module):
 
     @classmethod
     def from_reference(cls, ref: torch.nn.Module, dtype=torch.bfloat16, device=None, rope: str = "separate",
-                       block_m: int = 128, attn_config: dict | None = None):
+                       block_m: int | None = None, attn_config: dict | None = None):
         """ref: reference PixtralModel (vision + adapter [+ merger]) or a bare reference VisionEncoder."""
         sd = ref.state_dict()
         if hasattr(ref, "pixtral_args"):

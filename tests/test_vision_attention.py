@@ -102,32 +102,44 @@ def test_vision_attention_small(grids, d, mode, device):
           block_m=16 if device == "cpu" else 128)
 
 
-PIPE_PACK_CPU = [(6, 11), (1, 1), (5, 7), (2, 16), (1, 15)]  # 66, 1, 35, 32, 15 tokens: 0 to 4 full tiles
+def test_autotune_config_pruning():
+    """64-row tiles take the 4-warp configs, 128-row tiles the 8-warp ones; TMA configs only where the
+    launcher passes descriptors (tma_ok); never an empty list."""
+    from pixtral_rt.kernels import vision_attention as va
+    cfgs = va._configs()
+    for bm in (64, 128):
+        for tma in (0, 1):
+            kept = va._prune(cfgs, {"BLOCK_M": bm, "DP": 64, "tma_ok": tma})
+            assert kept
+            if va._INTERPRET:
+                continue
+            assert all((c.num_warps == 4) == (bm == 64) for c in kept)
+            assert tma or not any(c.kwargs["KV_DESC"] for c in kept)
+            if bm == 64 and tma:
+                assert any(c.kwargs["KV_DESC"] for c in kept)
 
 
-@pytest.mark.parametrize("d", [64, 88])
-@pytest.mark.parametrize("mode", ["separate", "fused"])
-def test_vision_attention_pipelined_scores(d, mode, device):
-    """PIPE_QK: the next key tile's scores computed before this tile's softmax; images with 0, 1 and more
-    full key tiles."""
-    if device == "cpu":
-        cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "PIPE_QK": True}
-        check(PIPE_PACK_CPU, 2, d, torch.float16, device, seed=d, mode=mode, block_m=16, config=cfg)
-    else:
-        for bm, bn, w in ((64, 128 if d == 64 else 64, 4), (128, 64, 8)):
-            cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "PIPE_QK": True}
-            check(GPU_GRIDS + [(37, 41)], 16, d, torch.bfloat16, device, seed=bm + d, mode=mode, block_m=bm,
-                  config=cfg)
+def test_tma_not_used_off_gpu_or_with_rope(device):
+    """No TMA on the CPU, with in-kernel RoPE, or for a head_dim that is not a power of two; asking for it
+    there is an error naming KV_DESC."""
+    from pixtral_rt.kernels.vision_attention import tma_eligible
+    d = 60                                                # multiple of 4, not a power of two
+    q = torch.randn(8, 2, d, device=device, dtype=torch.float16)
+    assert not tma_eligible(q, q, q, rope=True)
+    assert not tma_eligible(q, q, q, rope=False)
+    cfg = {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "KV_DESC": True}
+    with pytest.raises(ValueError, match="KV_DESC"):
+        vision_attention(q, q, q, torch.tensor([0, 8], dtype=torch.int32, device=device),
+                         plan_vision_attention([8], 16, device=device), rope=False, config=cfg)
 
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("pipe", [False, True])
-def test_vision_attention_gpu_tma(pipe):
+def test_vision_attention_gpu_tma():
     """KV_DESC: full K / V tiles through TMA descriptors over the strided views of a fused qkv buffer; the
     partial tail tile must not read the next image (or NaN padding) through the box."""
     for bm, bn, w in ((64, 128, 4), (64, 64, 4), (128, 64, 8)):
-        cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "KV_DESC": True, "PIPE_QK": pipe}
+        cfg = {"BLOCK_N": bn, "num_warps": w, "num_stages": 3, "KV_DESC": True}
         check(GPU_GRIDS + [(37, 41)], 16, 64, torch.bfloat16, "cuda", seed=bn + w, mode="separate", block_m=bm,
               config=cfg)
 
@@ -244,11 +256,11 @@ def test_vision_attention_gpu_block_m64():
 @pytest.mark.gpu
 def test_vision_attention_autotuned_cuda_graph():
     """The autotuned path the encoder uses (rope=False after rope_2d_qk_), then a CUDA graph replay."""
-    from pixtral_rt.kernels.vision_attention import warmup_vision_attention
+    from pixtral_rt.kernels.vision_attention import default_block_m, warmup_vision_attention
     grids = [(64, 64), (3, 5)]
     lens, q, k, v, pos, cu = make_case(grids, 16, 64, torch.bfloat16, "cuda", seed=3)
     warmup_vision_attention(16, 64, [q.shape[0]], rope=False, layout="interleaved")
-    plan = plan_vision_attention(lens, 128, device="cuda")
+    plan = plan_vision_attention(lens, default_block_m("cuda", 64), device="cuda")   # 64 rows + TMA on Hopper
     freqs = rope_pair_freqs(64, THETA, "cuda")
     qr, kr = rope_2d_(q.clone(), pos, freqs), rope_2d_(k.clone(), pos, freqs)
     out = torch.full_like(q, float("nan"))

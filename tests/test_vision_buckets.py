@@ -78,7 +78,7 @@ def test_prepared_encoder_graphs_and_eager_path_gpu():
     args = dataclasses.replace(PIXTRAL_12B, vision=dataclasses.replace(PIXTRAL_12B.vision, num_hidden_layers=3))
     ref = random_reference(dataclasses.replace(args, text=dataclasses.replace(args.text, n_layers=1, vocab_size=256)),
                            seed=4, device="cuda", dtype=torch.float32)
-    enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, attn_config=GPU_CFG)
+    enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, attn_config=GPU_CFG, block_m=128)
     enc.prepare(max_context=3 * 4096, max_images=4)
     assert enc.buckets == graph_buckets(args.vision) and len(enc._graphs) == len(enc.buckets)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -109,7 +109,7 @@ def test_fast_encoder_full_size_bf16_gpu(rope):
         ref_bf16 = VisionEncoder(ref.args).cuda()
         ref_bf16.load_state_dict(ref.state_dict())
         base = rel_err(ref_bf16.to(torch.bfloat16)(imgs), want)
-        enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, rope=rope, attn_config=cfg)
+        enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, rope=rope, attn_config=cfg, block_m=128)
         got = enc.encode(pack_patches(imgs, 16, torch.bfloat16), enc.plan(grids))
     err = rel_err(got, want)
     assert torch.isfinite(got).all()
@@ -123,7 +123,7 @@ def test_fast_encoder_graph_and_padding_gpu():
     ref = random_reference(dataclasses.replace(args, text=dataclasses.replace(args.text, n_layers=1, vocab_size=256,
                                                                                dim=512, hidden_dim=512)),
                            seed=4, device="cuda", dtype=torch.float32)
-    enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, attn_config=GPU_CFG)
+    enc = FastVisionEncoder.from_reference(ref, dtype=torch.bfloat16, attn_config=GPU_CFG, block_m=128)
     grids = [(20, 30), (7, 9)]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(sum(r * c for r, c in grids), 768, generator=g).cuda().bfloat16()
