@@ -21,8 +21,14 @@ Shapes: q, k, v (N, H, D) fp16/bf16, last dim contiguous (views into a fused (N,
 fine); positions (N, 2) int32 (row, col); out (N, H, D) contiguous. head_dim 64 and 88 (88 is padded to 128
 inside: masked loads, the padding never touches memory). fp32 accumulation, exp2-based online softmax.
 
-`rope=False` skips the rotation (inputs already rotated, e.g. by kernels/vision_rope.py).
+`rope=False` skips the rotation (inputs already rotated, e.g. by kernels/rope_2d.py: what the encoder runs).
 Call `warmup_vision_attention` (autotuning) before capturing a CUDA graph.
+
+Tiles: BLOCK_M query rows (the plan's) x BLOCK_N keys. On Hopper with head_dim 64 the encoder plans 64-row
+tiles (one warpgroup) and the full K / V tiles come through TMA descriptors (host-side
+`triton.tools.tensor_descriptor`, a (BLOCK_N, D) box over the (N, H*D) row-strided view; the image's partial
+last tile keeps masked pointer loads, so no box reads the next image); elsewhere 128-row tiles and pointer
+loads. Measured choices and the options that lost: docs/NOTES.md, benchmarks/sweep_vision_attention.py.
 """
 from __future__ import annotations
 
