@@ -347,6 +347,13 @@ def launch(world: int, load_kw: dict, device: torch.device) -> tuple[Followers, 
     return followers, 0
 
 
+def one_rank_forced() -> bool:
+    """PIXTRAL_RT_TP_ONE_RANK=1: run --tensor-parallel 1 through the tensor-parallel path anyway (a process
+    group of one, the leader's headers and broadcasts, the decode graphs with their all-reduces), so that a
+    one-GPU machine checks that path against the plain engine (tests/test_tp_gpu.py). Not for production."""
+    return os.environ.get("PIXTRAL_RT_TP_ONE_RANK", "0") == "1"
+
+
 def torchrun_env() -> tuple[int, int] | None:
     """(rank, world) when launched by torchrun (or any env:// launcher), else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:

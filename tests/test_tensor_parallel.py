@@ -64,6 +64,25 @@ def test_tp2_equals_tp1(ckpt, fmt):
         one.backend.shutdown()
 
 
+def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
+    """PIXTRAL_RT_TP_ONE_RANK=1 runs --tensor-parallel 1 through the leader / process-group path (how a one-GPU
+    machine checks the NCCL path, tests/test_tp_gpu.py): same tokens and logits as the plain engine."""
+    one = Engine.load(ckpt / "m", device="cpu", progress=False)
+    monkeypatch.setenv("PIXTRAL_RT_TP_ONE_RANK", "1")
+    forced = Engine.load(ckpt / "m", device="cpu", progress=False)
+    try:
+        assert "tensor parallel 1" in forced.info["backend"] and "tensor parallel" not in one.info["backend"]
+        for n in (0, 2):
+            m = messages(n, n)
+            p = SamplingParams(max_tokens=8)
+            assert one.generate(m, p).token_ids == forced.generate(m, p).token_ids, n
+            req = one.encode(m, p)
+            assert torch.equal(prompt_logits(one, req), prompt_logits(forced, req))
+    finally:
+        forced.backend.shutdown()
+        one.backend.shutdown()
+
+
 def _cli(args, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "pixtral_rt.generate", *args], capture_output=True, text=True,

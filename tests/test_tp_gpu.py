@@ -1,6 +1,6 @@
 """Tensor parallelism on GPUs (NCCL, decode graphs on every rank): full-size random Pixtral-12B, bf16, TP=2
 against TP=1 on the same machine. Needs 2 GPUs (the nvidia-h200-x2 machine); skipped elsewhere with the
-reason. Criterion as in test_serving_gpu.py: where TP=2's greedy tokens leave TP=1's, the TP=2 token is in
+reason. On one GPU, the TP code path with a process group of one against the plain engine. Criterion as in test_serving_gpu.py: where TP=2's greedy tokens leave TP=1's, the TP=2 token is in
 TP=1's top 20 at the first divergence and within 1 nat of its choice (bf16 sums in another order)."""
 import numpy as np
 import pytest
@@ -8,9 +8,10 @@ import torch
 
 from pixtral_rt.sampling import SamplingParams
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-    reason="needs 2 CUDA GPUs (tensor parallel over NCCL); run on the nvidia-h200-x2 machine (benchmarks/gpu_tp.sh)")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")]
+needs_two = pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs 2 CUDA GPUs (tensor parallel over NCCL); run on the nvidia-h200-x2 machine (benchmarks/gpu_tp.sh)")
 
 
 def _msgs(i):
@@ -20,6 +21,32 @@ def _msgs(i):
     return [{"role": "user", "content": imgs + [{"type": "text", "text": "Describe what you see, in detail."}]}]
 
 
+def test_one_rank_nccl_path_matches_plain_engine(monkeypatch):
+    """The tensor-parallel GPU path on ONE GPU (PIXTRAL_RT_TP_ONE_RANK=1): an NCCL process group of one, the
+    leader's headers and broadcasts, FastDecoder's all-reduces inside the decode graphs, full-size random
+    Pixtral-12B. An all-reduce over one rank is the identity, so the greedy tokens must be the plain
+    engine's, token for token. (What it cannot check: traffic between ranks; that is test_tp2_agrees_with_tp1.)"""
+    from pixtral_rt.serving.llm_engine import LLMEngine
+    p = SamplingParams(max_tokens=24)
+    kw = dict(max_batch=8, max_context=8192, kv_tokens=65536, progress=False)
+    one = LLMEngine.load(None, **kw)
+    alone = [one.generate(_msgs(i), p) for i in range(3)]
+    one.shutdown()
+    del one
+    torch.cuda.empty_cache()
+    monkeypatch.setenv("PIXTRAL_RT_TP_ONE_RANK", "1")
+    forced = LLMEngine.load(None, **kw)
+    try:
+        assert "tensor parallel 1 over NCCL" in forced.info["backend"], forced.info["backend"]
+        got = [forced.generate(_msgs(i), p) for i in range(3)]
+    finally:
+        forced.shutdown()
+    for i, (a, b) in enumerate(zip(alone, got)):
+        assert len(a.token_ids) >= 1
+        assert a.token_ids == b.token_ids, f"request {i}: one-rank TP path {b.token_ids} vs plain {a.token_ids}"
+
+
+@needs_two
 def test_tp2_agrees_with_tp1():
     from pixtral_rt.serving.llm_engine import LLMEngine
     p = SamplingParams(max_tokens=24)

@@ -128,7 +128,7 @@ class LLMEngine:
         args, dev = src.args, src.device
         t = args.text
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
-        if world > 1:
+        if world > 1 or tpm.one_rank_forced():
             from ..sharding import check_divisible
             check_divisible(args.text, world)             # before any process starts
             load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
