@@ -4,6 +4,8 @@
 #   ar      all-reduce per decode step vs NCCL bus bandwidth (torchrun, benchmarks/bench_allreduce.py)
 #   12b     engine TP=1 vs TP=2 on random Pixtral-12B written once (decode, TTFT)
 #   large   Pixtral-Large bf16 TP=$TP (weights drawn on the GPUs)
+#   one     ONE GPU is enough: the TP code path with a process group of one (PIXTRAL_RT_TP_ONE_RANK) vs the
+#           plain engine, full-size random 12B (tests/test_tp_gpu.py; the 2-GPU test skips there)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1        # never enable NVLink multicast
@@ -23,6 +25,10 @@ if [[ $STAGES == *tests* ]]; then
   python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
   timeout ${TEST_TIMEOUT:-400} python -m pytest -q -rs tests/test_tp_gpu.py tests/test_tensor_parallel.py -s \
     -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|identical|^E " | tail -20
+fi
+if [[ $STAGES == *one* ]]; then
+  timeout ${TEST_TIMEOUT:-400} python -m pytest -q -rs -m gpu tests/test_tp_gpu.py -s -p no:cacheprovider 2>&1 \
+    | tee "$OUT/tests_one_rank.log" | grep -E "passed|failed|FAILED|Error|^E |SKIPPED" | tail -20
 fi
 if [[ $STAGES == *ar* ]]; then
   timeout 180 torchrun --nproc_per_node $TP -m benchmarks.bench_allreduce 2>&1 | tee "$OUT/allreduce.log" | grep "^\[" | tail -8
