@@ -20,7 +20,8 @@ all-reduces inside keep every rank in step. Vision, prompt embedding and samplin
 sends the embeddings it computed). On GPUs a decode step is a CUDA graph on every rank: the input
 broadcasts are inside the graphs, so per step rank 0 sends one header ('replay', batch) and no tensor
 crosses the host. The CPU path (gloo, no graphs) runs the same headers and broadcasts, and is what CI tests;
-the GPU path (NCCL, graphs) is written but NOT YET RUN on a multi-GPU machine.
+the GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
+plain engine's tokens exactly, tests/test_tp_gpu.py) but NOT YET across GPUs (no 2-GPU machine lent so far).
 
 Failures. Every follower runs a watchdog thread that exits when rank 0 is gone (no orphans). A follower that
 fails (at load or mid-request) puts its error on a queue and exits; rank 0's watchdog prints one line naming
@@ -411,7 +412,7 @@ def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.dev
 def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_seq: int, max_images: int,
                use_graphs: bool, progress: bool = False):
     """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL), plus the vision
-    encoder on rank 0 (text_only=False). NOT YET RUN ON GPUs (written to run on the 2-GPU machine)."""
+    encoder on rank 0 (text_only=False). Run on one GPU with a group of one; not yet across GPUs."""
     import dataclasses
 
     from .decoder import FastDecoder

@@ -142,7 +142,7 @@ class LLMEngine:
                 followers = None
             else:
                 followers, _ = tpm.launch(world, load_kw, dev)
-            if dev.type == "cuda":    # NCCL + CUDA graphs: written, not yet run on a multi-GPU machine
+            if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
                 local = tpm.fast_shard(src, 0, world, text_only=False, max_batch=max_batch, max_seq=ctx + page_size,
                                        max_images=max_images, use_graphs=use_graphs, progress=progress)
                 backend = f"fast (paged, continuous batching), tensor parallel {world} over NCCL"
