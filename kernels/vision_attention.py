@@ -121,7 +121,6 @@ def _rotate(xe, xo, pos_ptr, rows, row_mask, stride_pn, freq, offs_i, QUARTER: t
     return xe * cs - xo * sn, xe * sn + xo * cs
 
 
-
 @triton.jit
 def _load_kv(X, DESC, start, seq_end, offs_n, h, stride_n, stride_h, offs_d, HEAD_DIM: tl.constexpr,
              DP: tl.constexpr, MASKED: tl.constexpr, KV_DESC: tl.constexpr):
