@@ -16,7 +16,7 @@ if [[ $STAGES == *sweep* ]]; then
 fi
 if [[ $STAGES == *ncu* ]]; then
   NCU_A=${NCU_A:-'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true}'}
-  NCU_B=${NCU_B:-'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true, "PIPE_QK": true}'}
+  NCU_B=${NCU_B:-'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "KV_DESC": true, "maxnreg": 168}'}
   M=sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_alu_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed.avg.per_cycle_active,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,gpu__time_duration.sum
   for v in A B; do
     spec=NCU_$v

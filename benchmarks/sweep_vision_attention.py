@@ -2,9 +2,10 @@
 head_dim 64, bf16): what each buys, each one checked against an fp32 reference before it is timed.
 
 Options (kernels/vision_attention.py): tile shape (BLOCK_M, BLOCK_N, warps, stages); KV_DESC (full K / V
-tiles through TMA descriptors); PIPE_QK (the next key tile's scores issued before this tile's softmax). RoPE
-runs as the encoder runs it: q and k rotated by one kernels/rope_2d.py pass, whose own tile options are swept
-too (tokens x heads per program, warps).
+tiles through TMA descriptors); a register cap (maxnreg, for more CTAs per SM). RoPE runs as the encoder runs
+it: q and k rotated by one kernels/rope_2d.py pass, whose own tile options are swept too (tokens x heads per
+program, warps). Options measured and then removed from the kernel (FMA-pipe exps, hand-pipelined scores,
+warp specialisation, q RoPE in the kernel) are in results/vision_attention_sweep.jsonl and docs/NOTES.md.
 
 Each line: useful TFLOP/s of attention alone and of RoPE + attention (the metric of issue 12), the error vs
 the fp32 reference and SDPA-bf16's own error, the baseline (SDPA per image, measured in this run) and the
@@ -44,7 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="two tile shapes only")
     ap.add_argument("--configs", metavar="JSON", help="variants to run instead of the default grid: a list of "
-                    "[BLOCK_M, BLOCK_N, warps, stages, KV_DESC, PIPE_QK, maxnreg or null]")
+                    "[BLOCK_M, BLOCK_N, warps, stages, KV_DESC, maxnreg or null]")
     ap.add_argument("--profile", metavar="JSON", help='run one variant 3 times, untimed (for ncu), e.g. '
                     '\'{"bm": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "KV_DESC": true}\'')
     args = ap.parse_args()
@@ -101,17 +102,17 @@ def main():
     rope_pass = (lambda: rope_2d_(qk_heads, pos, freqs, tile_elems=elems, num_warps=warps))
 
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=desc, PIPE_QK=pipe))
-                for bm, bn, w, st in shapes for desc in (False, True) for pipe in (False, True)]
+    variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=desc))
+                for bm, bn, w, st in shapes for desc in (False, True)]
     if args.configs:
-        variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=bool(desc), PIPE_QK=bool(pipe),
+        variants = [(bm, dict(BLOCK_N=bn, num_warps=w, num_stages=st, KV_DESC=bool(desc),
                               **({"maxnreg": nreg} if nreg else {})))
-                    for bm, bn, w, st, desc, pipe, nreg in json.loads(args.configs)]
+                    for bm, bn, w, st, desc, nreg in json.loads(args.configs)]
     plans = {bm: va.plan_vision_attention(lens, bm, device="cuda") for bm in (64, 128)}
     results = []
     for bm, cfg in variants:
         name = (f"bm{bm}_bn{cfg['BLOCK_N']}_w{cfg['num_warps']}_s{cfg['num_stages']}"
-                f"{'_tma' if cfg['KV_DESC'] else ''}{'_pipe' if cfg['PIPE_QK'] else ''}"
+                f"{'_tma' if cfg['KV_DESC'] else ''}"
                 f"{'_r%d' % cfg['maxnreg'] if 'maxnreg' in cfg else ''}")
         call = (lambda bm=bm, cfg=cfg: va.vision_attention(qv, kv, vv, cu, plans[bm], rope=False, out=out,
                                                             config=cfg))

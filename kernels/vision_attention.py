@@ -355,15 +355,12 @@ def default_block_m(device, head_dim: int) -> int:
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """Host-side TMA descriptors of k and v as 2-D (N, H*D) row-strided views, one (block_n, D) box."""
+    """Host-side TMA descriptors of k and v as 2-D (N, H*D) row-strided views, one (block_n, D) box (the
+    layout tma_eligible checked)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
     N, H, D = k.shape
-    out = []
-    for t in (k, v):
-        if t.stride(1) != D:
-            raise ValueError(f"KV_DESC: heads of k / v must be contiguous within a row (stride {t.stride()})")
-        out.append(TensorDescriptor(t, shape=[N, H * D], strides=[t.stride(0), 1], block_shape=[block_n, D]))
-    return out
+    return [TensorDescriptor(t, shape=[N, H * D], strides=[t.stride(0), 1], block_shape=[block_n, D])
+            for t in (k, v)]
 
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -427,9 +424,10 @@ def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if cfg.get("KV_DESC") and not tma:
         raise ValueError("KV_DESC: needs a Hopper-or-newer GPU, rope=False, a power-of-two head_dim and k / v "
                          "rows that TMA can address (16-byte aligned base and row stride, heads contiguous)")
-    # descriptors whenever TMA can be used (the autotuner's KV_DESC configs set their box in a pre-hook);
+    # descriptors where a config may use them (the autotuner's KV_DESC configs set their box in a pre-hook);
     # otherwise k and v themselves stand in for the unused arguments
-    desc_k, desc_v = _kv_descriptors(k, v, cfg.get("BLOCK_N", 128)) if tma else (k, v)
+    use_desc = tma and (config is None or cfg.get("KV_DESC"))
+    desc_k, desc_v = _kv_descriptors(k, v, cfg.get("BLOCK_N", 128)) if use_desc else (k, v)
     args = (q, k, v, out, pos, frq, cu_seqlens, plan.tiles, desc_k, desc_v,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), stride_pn, scale * LOG2E, plan.max_tiles, tokens_key, int(tma))

@@ -145,15 +145,14 @@ class FastVisionEncoder(torch.nn.Module):
         super().__init__()
         if rope not in ("fused", "separate"):
             raise ValueError(f"rope: 'fused' or 'separate', got {rope!r}")
-        self.args, self.rope_mode, self.block_m, self.attn_config = args, rope, block_m, attn_config
+        self.args, self.rope_mode, self.attn_config = args, rope, attn_config
         self.text_dim = text_dim
         self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
         self.eps = args.norm_eps
         self.merge = args.spatial_merge_size
         self.w = weights
         dev = weights["patch_w"].device
-        if block_m is None:
-            self.block_m = default_block_m(dev, self.head_dim)
+        self.block_m = block_m if block_m is not None else default_block_m(dev, self.head_dim)
         self.rope_freqs = rope_pair_freqs(self.head_dim, args.rope_theta, dev)
         self._graphs: dict = {}
         self.buckets: list[int] = []          # graph buckets (prepare_steps); none: run() is eager
