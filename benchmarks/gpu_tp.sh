@@ -5,7 +5,10 @@
 #   12b     engine TP=1 vs TP=2 on random Pixtral-12B written once (decode, TTFT)
 #   large   Pixtral-Large bf16 TP=$TP (weights drawn on the GPUs)
 #   one     ONE GPU is enough: the TP code path with a process group of one (PIXTRAL_RT_TP_ONE_RANK) vs the
-#           plain engine, full-size random 12B (tests/test_tp_gpu.py; the 2-GPU test skips there)
+#           plain engine, full-size random 12B, and TP=2 with both ranks on the GPU over gloo
+#           (PIXTRAL_RT_TP_SAME_GPU) vs TP=1, 12B and Pixtral-Large's first 4 layers (tests/test_tp_gpu.py;
+#           the 2-GPU test skips there); bench_allreduce with one rank as a smoke run (log only: a group of
+#           one says nothing of the cost between GPUs)
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1        # never enable NVLink multicast
@@ -28,7 +31,10 @@ if [[ $STAGES == *tests* ]]; then
 fi
 if [[ $STAGES == *one* ]]; then
   timeout ${TEST_TIMEOUT:-400} python -m pytest -q -rs -m gpu tests/test_tp_gpu.py -s -p no:cacheprovider 2>&1 \
-    | tee "$OUT/tests_one_rank.log" | grep -E "passed|failed|FAILED|Error|^E |SKIPPED" | tail -20
+    | tee "$OUT/tests_one_gpu.log" | grep -E "passed|failed|FAILED|Error|^E |SKIPPED|identical" | tail -20
+  mkdir -p "$OUT/smoke"
+  OUT=$OUT/smoke timeout 90 torchrun --nproc_per_node 1 -m benchmarks.bench_allreduce 2>&1 \
+    | tee "$OUT/smoke/allreduce_one_rank.log" | grep -E "^\[|NOT MEASURED|Error" | tail -12
 fi
 if [[ $STAGES == *ar* ]]; then
   timeout 180 torchrun --nproc_per_node $TP -m benchmarks.bench_allreduce 2>&1 | tee "$OUT/allreduce.log" | grep "^\[" | tail -8

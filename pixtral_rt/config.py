@@ -264,7 +264,20 @@ def tiny(merge: bool = False, vocab_size: int = 131072) -> PixtralArgs:
 
 
 def preset(name: str) -> PixtralArgs:
-    """A preset by name: one of PRESETS, or "tiny" / "tiny-mistral3" (tests). ValueError lists the names."""
+    """A preset by name: one of PRESETS, or "tiny" / "tiny-mistral3" (tests). ValueError lists the names.
+    "NAME:layers=N": that preset's first N text-decoder layers only (every shape the real one's, the vision
+    encoder whole): tests and benchmarks that need a model's real shapes on a machine its full size does not
+    fit (Pixtral-Large on one GPU). Random weights are drawn per tensor name, so these N layers are the full
+    model's first N."""
+    base, sep, opt = name.partition(":")
+    if sep:
+        key, _, val = opt.partition("=")
+        full = preset(base)
+        if key != "layers" or not val.isdigit() or not 1 <= int(val) <= full.text.n_layers:
+            raise ValueError(f"preset {name!r}: after the ':' give layers=N with 1 <= N <= "
+                             f"{full.text.n_layers} (the layers of {base})")
+        return dataclasses.replace(full, name=f"{full.name}:layers={int(val)}",
+                                   text=dataclasses.replace(full.text, n_layers=int(val)))
     if name == "tiny":
         return tiny()
     if name == "tiny-mistral3":

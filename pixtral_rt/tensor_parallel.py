@@ -22,6 +22,8 @@ broadcasts are inside the graphs, so per step rank 0 sends one header ('replay',
 crosses the host. The CPU path (gloo, no graphs) runs the same headers and broadcasts, and is what CI tests;
 the GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
 plain engine's tokens exactly, tests/test_tp_gpu.py) but NOT YET across GPUs (no 2-GPU machine lent so far).
+PIXTRAL_RT_TP_SAME_GPU puts 2+ ranks on one GPU over gloo, without graphs (`same_gpu_forced`): the sharded
+GPU decoders with real traffic between ranks, checked against TP=1 on a one-GPU machine.
 
 Failures. Every follower runs a watchdog thread that exits when rank 0 is gone (no orphans). A follower that
 fails (at load or mid-request) puts its error on a queue and exits; rank 0's watchdog prints one line naming
@@ -46,7 +48,25 @@ import torch.distributed as dist
 
 
 def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
+    """The data group's backend: NCCL between GPUs, gloo on the CPU and in the same-GPU test mode."""
+    return "nccl" if device.type == "cuda" and not same_gpu_forced() else "gloo"
+
+
+def same_gpu_forced() -> bool:
+    """PIXTRAL_RT_TP_SAME_GPU=1, a test mode for a machine with ONE GPU: every rank runs on that GPU and the
+    data group is gloo (NCCL refuses two ranks on one GPU; gloo stages CUDA tensors through host memory), so
+    decode runs without CUDA graphs (gloo collectives cannot be captured). It checks what a process group of
+    one cannot: sharded full-size decoders (half the heads and KV heads per rank) whose partial sums really
+    cross between processes, against TP=1 (tests/test_tp_gpu.py). Slow, and not for production: NCCL, and
+    the collectives inside the decode graphs, need one GPU per rank."""
+    return os.environ.get("PIXTRAL_RT_TP_SAME_GPU", "0") == "1"
+
+
+def follower_device(rank: int, device: torch.device) -> torch.device:
+    """A spawned follower's device: GPU `rank` (one GPU per rank), or the leader's in the same-GPU test mode."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", device.index or 0) if same_gpu_forced() else torch.device("cuda", rank)
 
 
 def _free_port() -> int:
@@ -302,8 +322,7 @@ def _follower_main(rank: int, world: int, port: int, load_kw: dict, errors, pare
     threading.Thread(target=_parent_watch, args=(parent_pid,), daemon=True).start()
     try:
         device = torch.device(load_kw.get("device") or "cpu")
-        _run_follower(rank, world, torch.device("cuda", rank) if device.type == "cuda" else device, load_kw,
-                      f"tcp://127.0.0.1:{port}")
+        _run_follower(rank, world, follower_device(rank, device), load_kw, f"tcp://127.0.0.1:{port}")
     except KeyboardInterrupt:
         os._exit(130)
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0 as one line, then exit
@@ -403,7 +422,8 @@ def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.dev
                          load_kw.get("quantization"), load_kw.get("random_weights"))
     if device.type == "cuda":
         return fast_shard(src, rank, world, text_only=True, max_batch=load_kw["max_batch"],
-                          max_seq=load_kw["max_seq"], max_images=load_kw["max_images"], use_graphs=True)
+                          max_seq=load_kw["max_seq"], max_images=load_kw["max_images"],
+                          use_graphs=not same_gpu_forced())
     from .serving.paged_model import ReferencePagedModel
     m, args = reference_shard(src, rank, world, text_only=True)
     return ReferencePagedModel(m, args, device, src.dtype)
@@ -411,8 +431,9 @@ def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.dev
 
 def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_seq: int, max_images: int,
                use_graphs: bool, progress: bool = False):
-    """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL), plus the vision
-    encoder on rank 0 (text_only=False). Run on one GPU with a group of one; not yet across GPUs."""
+    """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL; gloo in the
+    same-GPU test mode), plus the vision encoder on rank 0 (text_only=False). Run on one GPU with a group of
+    one and with 2 ranks on one GPU over gloo; not yet across GPUs."""
     import dataclasses
 
     from .decoder import FastDecoder

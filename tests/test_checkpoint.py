@@ -1,6 +1,7 @@
 """Every loader error gets its own message naming the file and tensor, raised before any weights load."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -166,6 +167,25 @@ def test_config_roundtrip_all_presets():
         for got in (a, b):
             assert got.text == args.text and got.vision == args.vision, args.name
     assert PIXTRAL_12B.vision.head_dim == 64 and PRESETS["Pixtral-Large-Instruct-2411"].vision.head_dim == 88
+
+
+def test_preset_first_n_layers():
+    """"NAME:layers=N" (Pixtral-Large's real shapes on one GPU): the preset with N decoder layers, whose
+    random draws are the full model's first N layers; a bad spec is an error naming it and the limit."""
+    from pixtral_rt.config import preset
+    large = PRESETS["Pixtral-Large-Instruct-2411"]
+    cut = preset("Pixtral-Large-Instruct-2411:layers=4")
+    assert cut.text.n_layers == 4 and cut.name == "Pixtral-Large-Instruct-2411:layers=4"
+    assert dataclasses.replace(cut.text, n_layers=large.text.n_layers) == large.text and cut.vision == large.vision
+    full, one = random_state_dict(tiny(), seed=5), random_state_dict(preset("tiny:layers=1"), seed=5)
+    assert set(one) == {k for k in full if not k.startswith("layers.1.")}
+    assert all(torch.equal(one[k], full[k]) for k in one)
+    for bad in ("Pixtral-Large-Instruct-2411:layers=0", "Pixtral-Large-Instruct-2411:layers=89",
+                "Pixtral-12B-2409:heads=4", "tiny:layers=x"):
+        with pytest.raises(ValueError, match="layers=N with 1 <= N"):
+            preset(bad)
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        preset("nope:layers=2")
 
 
 def test_staged_reader_chunks_and_truncation(tmp_path):

@@ -83,6 +83,21 @@ def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
         one.backend.shutdown()
 
 
+def test_same_gpu_mode_devices_and_backend(monkeypatch):
+    """PIXTRAL_RT_TP_SAME_GPU=1 (the one-GPU test mode of tests/test_tp_gpu.py): followers on the leader's
+    GPU and gloo for the data group; without it one GPU per rank and NCCL; the CPU is gloo either way."""
+    from pixtral_rt import tensor_parallel as tpm
+    cuda0, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("PIXTRAL_RT_TP_SAME_GPU", raising=False)
+    assert tpm.backend_for(cuda0) == "nccl" and tpm.backend_for(cpu) == "gloo"
+    assert [tpm.follower_device(r, torch.device("cuda")) for r in (1, 2, 3)] == [torch.device("cuda", r)
+                                                                                for r in (1, 2, 3)]
+    monkeypatch.setenv("PIXTRAL_RT_TP_SAME_GPU", "1")
+    assert tpm.backend_for(cuda0) == "gloo" and tpm.backend_for(cpu) == "gloo"
+    assert {tpm.follower_device(r, torch.device("cuda")) for r in (1, 2, 3)} == {cuda0}
+    assert tpm.follower_device(1, cpu) == cpu
+
+
 def _cli(args, env_extra=None, timeout=300):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "pixtral_rt.generate", *args], capture_output=True, text=True,

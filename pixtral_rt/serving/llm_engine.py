@@ -143,9 +143,15 @@ class LLMEngine:
             else:
                 followers, _ = tpm.launch(world, load_kw, dev)
             if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
+                same_gpu = tpm.same_gpu_forced()      # test mode: all ranks on this GPU over gloo, no graphs
+                use_graphs = use_graphs and not same_gpu
                 local = tpm.fast_shard(src, 0, world, text_only=False, max_batch=max_batch, max_seq=ctx + page_size,
                                        max_images=max_images, use_graphs=use_graphs, progress=progress)
-                backend = f"fast (paged, continuous batching), tensor parallel {world} over NCCL"
+                backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
+                           + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
+                              if same_gpu else "NCCL"))
+                if kv_tokens is None and same_gpu:    # the other ranks are still filling this GPU
+                    kv_tokens = 4 * (ctx + page_size)
                 if kv_tokens is None:
                     free, _ = torch.cuda.mem_get_info(dev)
                     per_token = kv_bytes_per_token(args, src.dtype.itemsize) // world
