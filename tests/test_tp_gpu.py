@@ -50,18 +50,32 @@ def test_one_rank_nccl_path_matches_plain_engine(monkeypatch):
 
 
 def _check_agreement(alone, got, what: str) -> None:
-    """TP=1 outputs (with top-20 logprobs) against TP=2's: the criterion of the module docstring."""
+    """TP=1 against TP=2 outputs, both with top-20 logprobs. Up to and including the first divergence the two
+    runs condition on the same tokens, so their next-token distributions must match up to bf16 noise: at
+    every such position the top-20 lists share >= 10 tokens and their logprobs differ by < 1 nat (random
+    weights: logits spread over several nats, bf16 noise ~0.2-0.3 nats; a missing or doubled partial sum
+    moves them by nats). At the first divergence TP=2's token is in TP=1's top 20, within 1 nat of its choice."""
     same = sum(a.token_ids == b.token_ids for a, b in zip(alone, got))
-    print(f"\n{what}: {same}/{len(alone)} requests token-identical, TP=2 vs TP=1")
+    worst, overlaps = 0.0, []
     for i, (a, b) in enumerate(zip(alone, got)):
         assert len(a.token_ids) >= 1 and len(b.token_ids) >= 1, f"request {i}: an empty output"
-        if a.token_ids != b.token_ids:
-            k = next((k for k, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
-                     min(len(a.token_ids), len(b.token_ids)))
-            assert k < min(len(a.token_ids), len(b.token_ids)), f"request {i}: one output stopped early"
+        n = min(len(a.token_ids), len(b.token_ids))
+        k = next((k for k in range(n) if a.token_ids[k] != b.token_ids[k]), n - 1)
+        for j in range(k + 1):                  # positions conditioned on the same prefix
+            ta, tb = dict(a.top_logprobs[j]), dict(b.top_logprobs[j])
+            common = ta.keys() & tb.keys()
+            overlaps.append(len(common))
+            assert len(common) >= 10, f"request {i} position {j}: top-20 lists share {len(common)} tokens"
+            d = max(abs(ta[t] - tb[t]) for t in common)
+            worst = max(worst, d)
+            assert d < 1.0, f"request {i} position {j}: logprobs differ by {d:.3f} nats"
+        if a.token_ids != b.token_ids and k < n:
             top = dict(a.top_logprobs[k])
             assert b.token_ids[k] in top, f"request {i}: token {k} ({b.token_ids[k]}) left TP=1's top 20"
             assert a.logprobs[k] - top[b.token_ids[k]] < 1.0, f"request {i}: token {k} more than 1 nat off"
+    print(f"\n{what}: {same}/{len(alone)} requests token-identical, TP=2 vs TP=1; {len(overlaps)} positions on "
+          f"a shared prefix: top-20 overlap min {min(overlaps)} mean {sum(overlaps) / len(overlaps):.1f}, "
+          f"max |logprob difference| {worst:.3f} nats")
 
 
 @pytest.mark.parametrize("preset", [None, "Pixtral-Large-Instruct-2411:layers=4"],
@@ -84,7 +98,7 @@ def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset):
     two = LLMEngine.load(None, tensor_parallel=2, **kw)
     try:
         assert "tensor parallel 2 over gloo" in two.info["backend"], two.info["backend"]
-        got = [two.generate(_msgs(i), p) for i in range(3)]
+        got = [two.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     finally:
         two.shutdown()
     _check_agreement(alone, got, f"{preset or 'Pixtral-12B'} on one GPU")
@@ -101,7 +115,37 @@ def test_tp2_agrees_with_tp1():
     torch.cuda.empty_cache()
     two = LLMEngine.load(None, max_batch=8, max_context=8192, kv_tokens=65536, progress=False, tensor_parallel=2)
     try:
-        got = [two.generate(_msgs(i), p) for i in range(3)]
+        got = [two.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     finally:
         two.shutdown()
     _check_agreement(alone, got, "Pixtral-12B on 2 GPUs")
+
+
+def test_agreement_check_catches_a_lost_partial_sum(monkeypatch):
+    """The negative control of the one-GPU TP=2 test: rank 0 takes part in every all-reduce but keeps its own
+    partial sums (it loses rank 1's half of every wo / w2 output). _check_agreement must reject that, or it
+    could not catch a sharding bug. Pixtral-Large's first 4 layers (the quickest full-width model to load)."""
+    from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.serving.llm_engine import LLMEngine
+    p = SamplingParams(max_tokens=8)
+    kw = dict(max_batch=8, max_context=4096, kv_tokens=16384, progress=False,
+              random_weights="Pixtral-Large-Instruct-2411:layers=4")
+    one = LLMEngine.load(None, **kw)
+    alone = [one.generate(_msgs(i), p, logprobs=20) for i in range(2)]
+    one.shutdown()
+    del one
+    torch.cuda.empty_cache()
+
+    def lossy_reduce(self, y):
+        if self.tp_group is not None:
+            torch.distributed.all_reduce(y.clone(), group=self.tp_group)      # the followers stay in step
+        return y
+    monkeypatch.setattr(FastDecoder, "_reduce", lossy_reduce)             # rank 0 (this process) only
+    monkeypatch.setenv("PIXTRAL_RT_TP_SAME_GPU", "1")
+    two = LLMEngine.load(None, tensor_parallel=2, **kw)
+    try:
+        got = [two.generate(_msgs(i), p, logprobs=20) for i in range(2)]
+    finally:
+        two.shutdown()
+    with pytest.raises(AssertionError, match="share|differ|left"):
+        _check_agreement(alone, got, "lossy all-reduce (must fail)")
