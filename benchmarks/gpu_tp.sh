@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Tensor parallelism on the multi-GPU machine (issue 11; kind nvidia-h200-x2, or -x4). STAGES (comma list):
 #   tests   CPU/gloo TP tests + tests/test_tp_gpu.py (TP=2 vs TP=1, full-size random 12B)
-#   ar      all-reduce per decode step vs NCCL bus bandwidth (torchrun, benchmarks/bench_allreduce.py)
-#   12b     engine TP=1 vs TP=2 on random Pixtral-12B written once (decode, TTFT)
+#   ar      all-reduce per decode step (NCCL, symmetric-memory one/two-shot) vs NCCL bus bandwidth, and the
+#           lm_head's GEMM saved vs its logits all-gather (torchrun, benchmarks/bench_allreduce.py)
+#   12b     engine TP=1 vs TP=2 on random Pixtral-12B written once (decode, TTFT), lm_head replicated and
+#           vocab-parallel x all-reduce NCCL and symmetric-memory one-shot (the fastest become the defaults)
 #   large   Pixtral-Large bf16 TP=$TP (weights drawn on the GPUs)
 #   one     ONE GPU is enough: the TP code path with a process group of one (PIXTRAL_RT_TP_ONE_RANK) vs the
 #           plain engine, full-size random 12B, and TP=2 with both ranks on the GPU over gloo
@@ -37,12 +39,13 @@ if [[ $STAGES == *one* ]]; then
     | tee "$OUT/smoke/allreduce_one_rank.log" | grep -E "^\[|NOT MEASURED|Error" | tail -12
 fi
 if [[ $STAGES == *ar* ]]; then
-  timeout 180 torchrun --nproc_per_node $TP -m benchmarks.bench_allreduce 2>&1 | tee "$OUT/allreduce.log" | grep "^\[" | tail -8
+  timeout 180 torchrun --nproc_per_node $TP -m benchmarks.bench_allreduce 2>&1 | tee "$OUT/allreduce.log" \
+    | grep -E "^\[|NOT MEASURED" | tail -16
 fi
 if [[ $STAGES == *12b* ]]; then
   [ -f $BF/params.json ] || python -m pixtral_rt.random_weights $BF --preset Pixtral-12B-2409 --device cuda 2>&1 | tail -1
-  timeout ${B12_TIMEOUT:-400} python -m benchmarks.bench_tp --model $BF --tp 1,$TP 2>&1 | tee "$OUT/tp12b.log" \
-    | grep -v "it/s\]" | tail -20
+  timeout ${B12_TIMEOUT:-560} python -m benchmarks.bench_tp --model $BF --tp 1,$TP --lm-head replicated,vocab \
+    --allreduce nccl,symm 2>&1 | tee "$OUT/tp12b.log" | grep -v "it/s\]" | tail -24
 fi
 if [[ $STAGES == *large* ]]; then
   timeout ${LARGE_TIMEOUT:-500} python -m benchmarks.bench_tp --random-weights Pixtral-Large-Instruct-2411 --tp $TP \

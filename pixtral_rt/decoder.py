@@ -142,7 +142,8 @@ class FastDecoder:
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
                  prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
-                 static_cache: bool = True, fp8_gemm_backend: str | None = None, tp_group=None):
+                 static_cache: bool = True, fp8_gemm_backend: str | None = None, tp_group=None,
+                 vocab_parallel: bool = False, tp_allreduce: str = "nccl"):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
         static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods).
@@ -152,7 +153,13 @@ class FastDecoder:
         (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or "triton").
         tp_group (a torch.distributed group, or "world"): tensor parallel. `args` and `weights` are this rank's
         shard (pixtral_rt/sharding.py: heads, KV heads and the FFN width divided by the world size); the
-        partial outputs of wo and w2 are summed across ranks by one all-reduce each, before the residual add."""
+        partial outputs of wo and w2 are summed across ranks by one all-reduce each, before the residual add.
+        vocab_parallel (with tp_group): `output.weight` is this rank's (vocab / world, dim) block of rows; each
+        rank computes its slice of the logits and one all-gather returns the full (rows, vocab) on every rank.
+        Otherwise the lm_head is whole on every rank.
+        tp_allreduce "nccl" (torch.distributed.all_reduce) or "symm": decode-sized sums (<= max_batch rows) by
+        torch symmetric memory's one-shot all-reduce (each GPU reads its peers' buffers over NVLink; no
+        multicast), larger ones (prefill) by NCCL. Which is faster is measured (benchmarks/bench_allreduce.py)."""
         self.args = args
         emb = weights["tok_embeddings.weight"]
         self.device = torch.device(device) if device is not None else emb.device
@@ -217,12 +224,28 @@ class FastDecoder:
                 w2=get(p + "feed_forward.w2.weight", (args.dim, args.hidden_dim)),
                 attention_norm=get(p + "attention_norm.weight", (args.dim,)),
                 ffn_norm=get(p + "ffn_norm.weight", (args.dim,))))
-        self.norm = get("norm.weight", (args.dim,))
-        self.output = get("output.weight", (args.vocab_size, args.dim))
-        if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
-            raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
         self.tp_group = None if tp_group is None else (torch.distributed.group.WORLD if tp_group == "world"
                                                        else tp_group)
+        if vocab_parallel and self.tp_group is None:
+            raise ValueError("FastDecoder: vocab_parallel needs a tp_group")
+        if tp_allreduce not in ("nccl", "symm"):
+            raise ValueError(f"FastDecoder: tp_allreduce must be 'nccl' or 'symm', got {tp_allreduce!r}")
+        self._symm = None          # (symmetric buffer (max_batch * dim,), group name) for tp_allreduce "symm"
+        if tp_allreduce == "symm" and self.tp_group is not None:
+            if self.device.type != "cuda" or torch.distributed.get_backend(self.tp_group) != "nccl":
+                raise ValueError("FastDecoder: tp_allreduce 'symm' needs CUDA GPUs and an NCCL group")
+            import torch.distributed._symmetric_memory as symm_mem
+            buf = symm_mem.empty(max_batch * args.dim, dtype=self.dtype, device=self.device)
+            symm_mem.rendezvous(buf, self.tp_group.group_name)      # collective: every rank builds its decoder
+            self._symm = (buf, self.tp_group.group_name)
+        self.vocab_parallel = vocab_parallel
+        tp_world = torch.distributed.get_world_size(self.tp_group) if vocab_parallel else 1
+        if args.vocab_size % tp_world:
+            raise ValueError(f"FastDecoder: vocab {args.vocab_size} does not split over {tp_world} ranks")
+        self.norm = get("norm.weight", (args.dim,))
+        self.output = get("output.weight", (args.vocab_size // tp_world, args.dim))
+        if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
+            raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
         if self.tp_group is not None and self.decode_fusion not in ("none", "none+pdl"):
             raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} adds the residual inside the GEMV; "
                              f"tensor parallelism needs the all-reduce first: use 'none' or 'none+pdl'")
@@ -280,10 +303,27 @@ class FastDecoder:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
 
+    def _gather_vocab(self, part: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel lm_head: this rank's (R, vocab / world) fp32 logits -> (R, vocab) on every rank, by one
+        all-gather (rank r's block is vocab columns [r V / w, (r + 1) V / w)). Identity otherwise."""
+        if not self.vocab_parallel:
+            return part
+        R, Vp = part.shape
+        w = self.args.vocab_size // Vp
+        buf = torch.empty(w * R, Vp, device=part.device, dtype=part.dtype)
+        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+        gather(buf, part.contiguous(), group=self.tp_group)
+        return buf.view(w, R, Vp).transpose(0, 1).reshape(R, w * Vp)
+
     def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: sum the row-parallel partial outputs (wo, w2) across ranks, in place."""
-        if self.tp_group is not None:
-            torch.distributed.all_reduce(y, group=self.tp_group)
+        if self.tp_group is None:
+            return y
+        if self._symm is not None and y.numel() <= self._symm[0].numel():
+            buf = self._symm[0][:y.numel()].view_as(y)
+            buf.copy_(y)                         # the peers read this rank's partial sum from `buf`
+            return torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self._symm[1], y)
+        torch.distributed.all_reduce(y, group=self.tp_group)
         return y
 
     def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None,
@@ -337,7 +377,7 @@ class FastDecoder:
                 return prefill_attention_cached(q, self.k_cache[i], self.v_cache[i], slot, pos0)
 
             out = self._layers(x, attend, last_only=True, act_quant=True)
-        return self._linear(out, self.output)[0].float()
+        return self._gather_vocab(self._linear(out, self.output).float())[0]
 
     def _decode_mode(self, B: int) -> tuple[bool, bool, bool]:
         """(fused, chain, pdl) for a batch of B rows (the batch-1 Triton GEMV paths, see the docstring)."""
@@ -349,11 +389,13 @@ class FastDecoder:
 
     def _decode(self, tokens: torch.Tensor, attend, fused: bool, chain: bool, pdl: bool) -> torch.Tensor:
         if fused:
-            return self._decode_fused(self.embed(tokens), attend, pdl)
-        if chain:
-            return self._decode_chain(self.embed(tokens), attend, glu=self.decode_fusion.startswith("fused2"), pdl=pdl)
-        h = self._layers(self.embed(tokens), attend, last_only=False)
-        return self._linear(h, self.output).float()
+            logits = self._decode_fused(self.embed(tokens), attend, pdl)
+        elif chain:
+            logits = self._decode_chain(self.embed(tokens), attend, glu=self.decode_fusion.startswith("fused2"),
+                                        pdl=pdl)
+        else:
+            logits = self._linear(self._layers(self.embed(tokens), attend, last_only=False), self.output).float()
+        return self._gather_vocab(logits)
 
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens (B,), positions (B,) int device tensors -> logits (B, vocab) fp32. Row b uses cache slot b."""
@@ -428,7 +470,7 @@ class FastDecoder:
                                            max_q_len)
 
         out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows, act_quant=True)
-        return self._linear(out, self.output).float()
+        return self._gather_vocab(self._linear(out, self.output).float())
 
     def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
         """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""

@@ -4,8 +4,13 @@
                                                 (`.weight`, and an FP8 `.weight_scale` (N, 1): its rows follow)
   row-parallel    (dim 1, input columns split): layers.{i}.attention.wo, layers.{i}.feed_forward.w2 (`.weight`;
                                                 an FP8 `.weight_scale` is per output channel: replicated)
-  replicated:                                   everything else (embeddings, norms, output / lm_head, vision
-                                                encoder, adapter, patch merger)
+  replicated:                                   everything else (embeddings, norms, vision encoder, adapter,
+                                                patch merger), and output (the lm_head) by default
+  lm_head vocab-parallel (PIXTRAL_RT_TP_LM_HEAD=vocab): output.weight split by rows (vocab / world rows per
+                                                rank); each rank computes its slice of the logits, one all-gather
+                                                joins them (FastDecoder(vocab_parallel=True), or the reference
+                                                model's gather hook). Which is faster is measured on the GPUs
+                                                (benchmarks/bench_tp.py --lm-head, bench_allreduce.py).
 
 Rank r of `world` holds the r-th of `world` contiguous equal blocks along the shard dim. wq / wk rows are
 head-major (each head's head_dim rows contiguous; HF's rotary permutation stays inside each head), so a block
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 import torch
@@ -27,10 +33,23 @@ _COLUMN = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.wei
 _ROW = re.compile(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight")
 
 
+LM_HEAD_MODES = ("replicated", "vocab")
+
+
+def lm_head_mode() -> str:
+    """How the lm_head is split under tensor parallelism: "replicated" (every rank holds it whole; rank 0's
+    logits are used) or "vocab" (rows split across ranks, logits all-gathered). PIXTRAL_RT_TP_LM_HEAD, read
+    in every rank (spawned followers and torchrun ranks inherit the environment)."""
+    mode = os.environ.get("PIXTRAL_RT_TP_LM_HEAD", "replicated")
+    if mode not in LM_HEAD_MODES:
+        raise ValueError(f"PIXTRAL_RT_TP_LM_HEAD={mode!r}: choose one of {', '.join(LM_HEAD_MODES)}")
+    return mode
+
+
 def shard_rule(key: str) -> int | None:
     """0: column-parallel (split dim 0), 1: row-parallel (split dim 1), None: replicated. Our key names
     (the vision encoder's `vision_encoder.transformer.layers...` linears are replicated)."""
-    if _COLUMN.fullmatch(key):
+    if _COLUMN.fullmatch(key) or (key == "output.weight" and lm_head_mode() == "vocab"):
         return 0
     if _ROW.fullmatch(key):
         return 1
@@ -61,6 +80,9 @@ def check_divisible(args: PixtralArgs | TransformerArgs, world: int) -> None:
         sizes = ", ".join(map(str, valid_sizes(t)))
         raise ValueError(f"--tensor-parallel {world}: {t.n_heads} attention heads, {t.n_kv_heads} KV heads and "
                          f"FFN width {t.hidden_dim} must divide evenly; valid sizes: {sizes}")
+    if lm_head_mode() == "vocab" and t.vocab_size % world:
+        raise ValueError(f"--tensor-parallel {world} with PIXTRAL_RT_TP_LM_HEAD=vocab: the vocabulary "
+                         f"({t.vocab_size}) must divide evenly; use PIXTRAL_RT_TP_LM_HEAD=replicated")
 
 
 def sharded_args(args: TransformerArgs, world: int) -> TransformerArgs:

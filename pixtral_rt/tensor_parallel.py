@@ -9,8 +9,9 @@ on a free TCP port of 127.0.0.1), or they already exist under torchrun (RANK / W
 Sharding (pixtral_rt/sharding.py, Megatron style): wq / wk / wv / w1 / w3 split by output rows (whole heads,
 whole KV heads), wo / w2 by input columns; each rank's wo / w2 output is a partial sum, summed across ranks
 by one all-reduce (`install_all_reduce` on the reference model; FastDecoder(tp_group=...) on the GPU).
-Embeddings, norms, lm_head and the vision encoder are replicated (the vision encoder and the logits only
-matter on rank 0).
+Embeddings, norms and the vision encoder are replicated (the vision encoder and the logits only matter on
+rank 0); the lm_head is replicated, or split by vocabulary rows with its logits all-gathered
+(PIXTRAL_RT_TP_LM_HEAD=vocab, sharding.lm_head_mode: whichever measures faster becomes the default).
 
 Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
 `LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,
@@ -62,6 +63,19 @@ def same_gpu_forced() -> bool:
     return os.environ.get("PIXTRAL_RT_TP_SAME_GPU", "0") == "1"
 
 
+ALLREDUCE_IMPLS = ("nccl", "symm")
+
+
+def allreduce_impl() -> str:
+    """The decode step's all-reduces on GPUs: "nccl" (dist.all_reduce) or "symm" (torch symmetric memory's
+    one-shot all-reduce for decode-sized sums, NCCL for prefill; FastDecoder(tp_allreduce=)).
+    PIXTRAL_RT_TP_ALLREDUCE, read in every rank; the faster one by measurement becomes the default."""
+    impl = os.environ.get("PIXTRAL_RT_TP_ALLREDUCE", "nccl")
+    if impl not in ALLREDUCE_IMPLS:
+        raise ValueError(f"PIXTRAL_RT_TP_ALLREDUCE={impl!r}: choose one of {', '.join(ALLREDUCE_IMPLS)}")
+    return impl
+
+
 def follower_device(rank: int, device: torch.device) -> torch.device:
     """A spawned follower's device: GPU `rank` (one GPU per rank), or the leader's in the same-GPU test mode."""
     if device.type != "cuda":
@@ -85,9 +99,10 @@ def _fault(rank: int, where: str, count: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model side
-def install_all_reduce(model: torch.nn.Module, group=None) -> int:
+def install_all_reduce(model: torch.nn.Module, group=None, vocab_parallel: bool = False) -> int:
     """Sum the partial outputs of every row-parallel linear (layers.*.attention.wo, layers.*.feed_forward.w2)
-    across ranks, by a forward hook on each. Returns how many hooks were installed."""
+    across ranks, by a forward hook on each; vocab_parallel: all-gather the lm_head's (`output`) logit
+    slices into the full vocabulary. Returns how many hooks were installed."""
     import re
     n = 0
     for name, mod in model.named_modules():
@@ -95,6 +110,9 @@ def install_all_reduce(model: torch.nn.Module, group=None) -> int:
         if re.fullmatch(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)", name):
             mod.register_forward_hook(lambda _m, _inp, out: _all_reduce(out, group))
             n += 1
+    if vocab_parallel:
+        model.output.register_forward_hook(lambda _m, _inp, out: _all_gather_vocab(out, group))
+        n += 1
     return n
 
 
@@ -102,6 +120,14 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     t = t.contiguous()
     dist.all_reduce(t, group=group)
     return t
+
+
+def _all_gather_vocab(part: torch.Tensor, group) -> torch.Tensor:
+    """(..., vocab / world) logits of this rank's lm_head rows -> (..., vocab), rank r's block r-th."""
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
 
 
 # The control channel: a fixed header of int64 broadcast from rank 0 over a gloo group (CPU tensors, so it
@@ -404,14 +430,17 @@ def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool 
     from .reference.fp8_linear import install_fp8_linears
     from .reference.model import PixtralModel
     from .reference.transformer import Transformer
-    from .sharding import sharded_args
+    from .sharding import lm_head_mode, sharded_args
     sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
     args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
+    vocab_parallel = lm_head_mode() == "vocab"
     with torch.device("meta"):
         m = Transformer(args.text) if text_only else PixtralModel(args)
+        if vocab_parallel:          # this rank's rows of the lm_head (the embedding table stays whole)
+            m.output = torch.nn.Linear(args.text.dim, args.text.vocab_size // world, bias=False)
     install_fp8_linears(m, sd)
     m.load_state_dict(sd, assign=True, strict=True)
-    install_all_reduce(m)
+    install_all_reduce(m, vocab_parallel=vocab_parallel)
     return m.eval(), args
 
 
@@ -439,7 +468,7 @@ def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_
     from .decoder import FastDecoder
     from .fast_backend import _TEXT_PREFIXES
     from .serving.paged_model import FastPagedModel
-    from .sharding import sharded_args
+    from .sharding import lm_head_mode, sharded_args
     from .vision import FastVisionEncoder
     sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
     vision = None
@@ -450,7 +479,8 @@ def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_
     torch.cuda.empty_cache()
     args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
     dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, static_cache=False, tp_group="world")
+                      consume=True, static_cache=False, tp_group="world",
+                      vocab_parallel=lm_head_mode() == "vocab", tp_allreduce=allreduce_impl())
     sd.clear()
     torch.cuda.empty_cache()
     return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)

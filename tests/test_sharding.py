@@ -305,3 +305,36 @@ def test_staged_reader_packs_ranges(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="unexpected end of file"):
         r.read_ranges(f, [(7, 8), (7 + 4 * 4999, 8)], torch.int32, (4,))
     r.close()
+
+
+# ---------------------------------------------------------------------------------------- vocab-parallel lm_head
+@pytest.mark.parametrize("name", ["mistral", "hf", "fp8"])
+def test_vocab_parallel_lm_head_slices(good, name, monkeypatch):
+    """PIXTRAL_RT_TP_LM_HEAD=vocab: output.weight (the lm_head) is split by rows like a column-parallel
+    linear: each rank reads and holds vocab / world rows of it, and the rows concatenate to the full
+    matrix; the embedding table stays whole. Unknown modes and an indivisible vocabulary are errors."""
+    from pixtral_rt.sharding import lm_head_mode
+    monkeypatch.delenv("PIXTRAL_RT_TP_LM_HEAD", raising=False)
+    assert lm_head_mode() == "replicated" and shard_rule("output.weight") is None
+    plan = plan_checkpoint(good[name])
+    full = load(good[name])
+    replicated_bytes = plan.shard_bytes(0, WORLD)
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "vocab")
+    assert shard_rule("output.weight") == 0 and shard_rule("tok_embeddings.weight") is None
+    out = full["output.weight"]
+    parts = []
+    for r in range(WORLD):
+        stats: dict = {}
+        sd = load_state_dict(plan, progress=False, shard=(r, WORLD), stats=stats)
+        parts.append(sd["output.weight"])
+        assert sd["output.weight"].shape == (ARGS.text.vocab_size // WORLD, ARGS.text.dim)
+        assert same(sd["tok_embeddings.weight"], full["tok_embeddings.weight"])
+        # half of the lm_head's bytes fewer than with it replicated
+        assert stats["bytes_read"] == plan.shard_bytes(r, WORLD) == replicated_bytes - out.nbytes // WORLD
+    assert torch.equal(torch.cat(parts), out)
+    check_divisible(ARGS, WORLD)
+    with pytest.raises(ValueError, match="vocabulary \\(513\\) must divide evenly"):
+        check_divisible(dataclasses.replace(ARGS.text, vocab_size=513), WORLD)
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "rows")
+    with pytest.raises(ValueError, match="PIXTRAL_RT_TP_LM_HEAD='rows': choose one of replicated, vocab"):
+        shard_rule("output.weight")

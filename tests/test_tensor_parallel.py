@@ -43,11 +43,15 @@ def prompt_logits(engine, req):
                      torch.zeros(1, dtype=torch.int32), T, torch.tensor([T - 1]))[0]
 
 
-@pytest.mark.parametrize("fmt", ["m", "hf"])
-def test_tp2_equals_tp1(ckpt, fmt):
+@pytest.mark.parametrize("fmt,lm_head", [("m", "replicated"), ("hf", "replicated"), ("m", "vocab")])
+def test_tp2_equals_tp1(ckpt, fmt, lm_head, monkeypatch):
+    """TP=2 gives TP=1's tokens and prompt logits (fp32 round-off), with the lm_head replicated or split by
+    vocabulary rows (PIXTRAL_RT_TP_LM_HEAD=vocab: logit slices all-gathered)."""
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
     one = Engine.load(ckpt / fmt, device="cpu", progress=False)
     two = Engine.load(ckpt / fmt, device="cpu", progress=False, tensor_parallel=2)
     assert two.info["tensor_parallel"] == 2 and one.info["tensor_parallel"] == 1
+    assert f"lm_head {lm_head}" in two.info["backend"], two.info["backend"]
     try:
         for n in (0, 1, 3):
             m = messages(n, n)
@@ -170,18 +174,20 @@ def test_torchrun_launch(ckpt):
 
 
 # ----------------------------------------------------------------------------- FastDecoder over 2 ranks
-def _fast_rank(rank, world, port, sd, seqs, q):
+def _fast_rank(rank, world, port, sd, seqs, q, lm_head):
     import torch.distributed as dist
 
     from pixtral_rt.decoder import FastDecoder
     from pixtral_rt.sharding import shard_tensor, sharded_args
     from tests.test_decoder_fast import run_fast
     torch.set_num_threads(1)
+    os.environ["PIXTRAL_RT_TP_LM_HEAD"] = lm_head          # shard_tensor splits output.weight under "vocab"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     args = tiny(vocab_size=1000).text
     shard = {k: shard_tensor(v, k, rank, world) for k, v in sd.items()}
     dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40, prefill_chunk=6,
-                      gemv_backend="triton", decode_fusion="none+pdl", tp_group="world")
+                      gemv_backend="triton", decode_fusion="none+pdl", tp_group="world",
+                      vocab_parallel=lm_head == "vocab")
     out = run_fast(dec, seqs, splits=[[5]], n_decode=3)
     if rank == 0:
         # by value (numpy): a torch tensor goes through a shared-memory fd that the receiver fetches from this
@@ -190,9 +196,30 @@ def _fast_rank(rank, world, port, sd, seqs, q):
     dist.destroy_process_group()
 
 
-def test_fast_decoder_tp2_equals_tp1_interpreter():
-    """The GPU decoder's tensor-parallel math (all-reduce after wo and w2, sharded heads / FFN), run in the
-    Triton interpreter over gloo: TP=2 logits equal TP=1's to fp32 round-off, prefill and batch-1 decode."""
+def test_tp_knobs_are_checked(monkeypatch):
+    """The lm_head / all-reduce choices (PIXTRAL_RT_TP_LM_HEAD, PIXTRAL_RT_TP_ALLREDUCE, FastDecoder's
+    arguments): defaults, and an unknown or impossible choice is an error that names it."""
+    from pixtral_rt import tensor_parallel as tpm
+    from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.reference.transformer import Transformer
+    monkeypatch.delenv("PIXTRAL_RT_TP_ALLREDUCE", raising=False)
+    assert tpm.allreduce_impl() == "nccl"
+    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", "ring")
+    with pytest.raises(ValueError, match="PIXTRAL_RT_TP_ALLREDUCE='ring': choose one of nccl, symm"):
+        tpm.allreduce_impl()
+    args = tiny(vocab_size=1000).text
+    sd = dict(Transformer(args).state_dict())
+    with pytest.raises(ValueError, match="vocab_parallel needs a tp_group"):
+        FastDecoder(args, dict(sd), vocab_parallel=True)
+    with pytest.raises(ValueError, match="tp_allreduce must be 'nccl' or 'symm', got 'ring'"):
+        FastDecoder(args, dict(sd), tp_allreduce="ring")
+
+
+@pytest.mark.parametrize("lm_head", ["replicated", "vocab"])
+def test_fast_decoder_tp2_equals_tp1_interpreter(lm_head):
+    """The GPU decoder's tensor-parallel math (all-reduce after wo and w2, sharded heads / FFN; the lm_head
+    whole, or split by vocabulary rows with the logits all-gathered), run in the Triton interpreter over
+    gloo: TP=2 logits equal TP=1's to fp32 round-off, prefill and batch-1 decode."""
     import multiprocessing as mp
 
     from pixtral_rt.decoder import FastDecoder
@@ -210,7 +237,7 @@ def test_fast_decoder_tp2_equals_tp1_interpreter():
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_fast_rank, args=(r, 2, port, sd, seqs, q)) for r in range(2)]
+    procs = [ctx.Process(target=_fast_rank, args=(r, 2, port, sd, seqs, q, lm_head)) for r in range(2)]
     for p in procs:
         p.start()
     got = torch.from_numpy(q.get(timeout=600))

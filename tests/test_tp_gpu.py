@@ -24,7 +24,11 @@ def _msgs(i):
     return [{"role": "user", "content": imgs + [{"type": "text", "text": "Describe what you see, in detail."}]}]
 
 
-def test_one_rank_nccl_path_matches_plain_engine(monkeypatch):
+COMBOS = [("replicated", "nccl"), ("vocab", "nccl"), ("replicated", "symm")]     # (lm_head, all-reduce)
+
+
+@pytest.mark.parametrize("lm_head,allreduce", COMBOS)
+def test_one_rank_nccl_path_matches_plain_engine(monkeypatch, lm_head, allreduce):
     """The tensor-parallel GPU path on ONE GPU (PIXTRAL_RT_TP_ONE_RANK=1): an NCCL process group of one, the
     leader's headers and broadcasts, FastDecoder's all-reduces inside the decode graphs, full-size random
     Pixtral-12B. An all-reduce over one rank is the identity, so the greedy tokens must be the plain
@@ -38,9 +42,12 @@ def test_one_rank_nccl_path_matches_plain_engine(monkeypatch):
     del one
     torch.cuda.empty_cache()
     monkeypatch.setenv("PIXTRAL_RT_TP_ONE_RANK", "1")
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)     # vocab: the logits all-gather inside the graphs
+    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", allreduce)  # symm: one-shot symmetric-memory sums in graphs
     forced = LLMEngine.load(None, **kw)
     try:
-        assert "tensor parallel 1 over NCCL" in forced.info["backend"], forced.info["backend"]
+        want = f"tensor parallel 1 over NCCL, lm_head {lm_head}, all-reduce {allreduce}"
+        assert want in forced.info["backend"], forced.info["backend"]
         got = [forced.generate(_msgs(i), p) for i in range(3)]
     finally:
         forced.shutdown()
@@ -78,9 +85,10 @@ def _check_agreement(alone, got, what: str) -> None:
           f"max |logprob difference| {worst:.3f} nats")
 
 
+@pytest.mark.parametrize("lm_head", ["replicated", "vocab"])
 @pytest.mark.parametrize("preset", [None, "Pixtral-Large-Instruct-2411:layers=4"],
                          ids=["pixtral-12b", "pixtral-large-4-layers"])
-def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset):
+def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset, lm_head):
     """TP=2 with both ranks on ONE GPU (PIXTRAL_RT_TP_SAME_GPU=1: gloo between the processes, eager decode):
     each rank holds half the heads, half the KV heads and half the MLP of every layer at the real sizes, and
     the row-parallel partial sums cross between processes, as on two GPUs. Pixtral-Large's shapes (96 heads,
@@ -95,18 +103,23 @@ def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset):
     del one
     torch.cuda.empty_cache()
     monkeypatch.setenv("PIXTRAL_RT_TP_SAME_GPU", "1")
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
     two = LLMEngine.load(None, tensor_parallel=2, **kw)
     try:
         assert "tensor parallel 2 over gloo" in two.info["backend"], two.info["backend"]
+        assert f"lm_head {lm_head}" in two.info["backend"], two.info["backend"]
         got = [two.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     finally:
         two.shutdown()
-    _check_agreement(alone, got, f"{preset or 'Pixtral-12B'} on one GPU")
+    _check_agreement(alone, got, f"{preset or 'Pixtral-12B'}, lm_head {lm_head}, on one GPU")
 
 
 @needs_two
-def test_tp2_agrees_with_tp1():
+@pytest.mark.parametrize("lm_head,allreduce", COMBOS)
+def test_tp2_agrees_with_tp1(monkeypatch, lm_head, allreduce):
     from pixtral_rt.serving.llm_engine import LLMEngine
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
+    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", allreduce)
     p = SamplingParams(max_tokens=24)
     one = LLMEngine.load(None, max_batch=8, max_context=8192, kv_tokens=65536, progress=False)
     alone = [one.generate(_msgs(i), p, logprobs=20) for i in range(3)]
@@ -118,7 +131,7 @@ def test_tp2_agrees_with_tp1():
         got = [two.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     finally:
         two.shutdown()
-    _check_agreement(alone, got, "Pixtral-12B on 2 GPUs")
+    _check_agreement(alone, got, f"Pixtral-12B, lm_head {lm_head}, all-reduce {allreduce}, on 2 GPUs")
 
 
 def test_agreement_check_catches_a_lost_partial_sum(monkeypatch):

@@ -129,8 +129,10 @@ class LLMEngine:
         t = args.text
         ctx = min(max_context or t.max_seq_len, t.max_seq_len)
         if world > 1 or tpm.one_rank_forced():
-            from ..sharding import check_divisible
-            check_divisible(args.text, world)             # before any process starts
+            from ..sharding import check_divisible, lm_head_mode
+            check_divisible(args.text, world)             # before any process starts (lm_head mode checked too)
+            if dev.type == "cuda":
+                tpm.allreduce_impl()                      # a bad PIXTRAL_RT_TP_ALLREDUCE fails here, not in a rank
             load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
                            dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
                            quantization=src.quantization, random_weights=src.random_preset, max_batch=max_batch,
@@ -149,7 +151,8 @@ class LLMEngine:
                                        max_images=max_images, use_graphs=use_graphs, progress=progress)
                 backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
                            + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
-                              if same_gpu else "NCCL"))
+                              if same_gpu else "NCCL")
+                           + f", lm_head {lm_head_mode()}, all-reduce {tpm.allreduce_impl()}")
                 if kv_tokens is None and same_gpu:    # the other ranks are still filling this GPU
                     kv_tokens = 4 * (ctx + page_size)
                 if kv_tokens is None:
@@ -160,7 +163,8 @@ class LLMEngine:
                 from .paged_model import ReferencePagedModel
                 ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
                 local = ReferencePagedModel(ref, shard_args, dev, src.dtype)
-                backend = f"reference (paged, continuous batching), tensor parallel {world} over gloo"
+                backend = (f"reference (paged, continuous batching), tensor parallel {world} over gloo, "
+                           f"lm_head {lm_head_mode()}")
                 kv_tokens = kv_tokens or 4 * (ctx + page_size)
             model_ = tpm.LeaderModel(local, world, processes=followers)
         elif dev.type == "cuda":
