@@ -131,8 +131,9 @@ class LLMEngine:
         if world > 1 or tpm.one_rank_forced():
             from ..sharding import check_divisible, lm_head_mode
             check_divisible(args.text, world)             # before any process starts (lm_head mode checked too)
-            if dev.type == "cuda":
-                tpm.allreduce_impl()                      # a bad PIXTRAL_RT_TP_ALLREDUCE fails here, not in a rank
+            if dev.type == "cuda" and tpm.allreduce_impl() == "symm" and tpm.same_gpu_forced():
+                raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
+                                 "PIXTRAL_RT_TP_SAME_GPU test mode")
             load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
                            dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
                            quantization=src.quantization, random_weights=src.random_preset, max_batch=max_batch,
@@ -152,7 +153,7 @@ class LLMEngine:
                 backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
                            + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
                               if same_gpu else "NCCL")
-                           + f", lm_head {lm_head_mode()}, all-reduce {tpm.allreduce_impl()}")
+                           + f", lm_head {lm_head_mode()}, all-reduce {'gloo' if same_gpu else tpm.allreduce_impl()}")
                 if kv_tokens is None and same_gpu:    # the other ranks are still filling this GPU
                     kv_tokens = 4 * (ctx + page_size)
                 if kv_tokens is None:
