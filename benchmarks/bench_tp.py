@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--quantization", choices=["fp8"])
     ap.add_argument("--tp", default="1,2", help="comma list of tensor-parallel sizes")
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--lm-head", default="replicated", help="comma list of replicated, vocab (TP > 1)")
+    ap.add_argument("--lm-head", default="vocab", help="comma list of vocab (the default), replicated (TP > 1)")
     ap.add_argument("--allreduce", default="nccl", help="comma list of nccl, symm (TP > 1)")
     a = ap.parse_args()
     modes, impls = a.lm_head.split(","), a.allreduce.split(",")

@@ -4,13 +4,18 @@
                                                 (`.weight`, and an FP8 `.weight_scale` (N, 1): its rows follow)
   row-parallel    (dim 1, input columns split): layers.{i}.attention.wo, layers.{i}.feed_forward.w2 (`.weight`;
                                                 an FP8 `.weight_scale` is per output channel: replicated)
+  vocab-parallel (the default; PIXTRAL_RT_TP_LM_HEAD=vocab): output.weight (the lm_head) split by rows
+                                                (vocab / world rows per rank); each rank computes its slice of
+                                                the logits, one all-gather joins them (FastDecoder(vocab_parallel=
+                                                True), or the reference model's gather hook)
   replicated:                                   everything else (embeddings, norms, vision encoder, adapter,
-                                                patch merger), and output (the lm_head) by default
-  lm_head vocab-parallel (PIXTRAL_RT_TP_LM_HEAD=vocab): output.weight split by rows (vocab / world rows per
-                                                rank); each rank computes its slice of the logits, one all-gather
-                                                joins them (FastDecoder(vocab_parallel=True), or the reference
-                                                model's gather hook). Which is faster is measured on the GPUs
-                                                (benchmarks/bench_tp.py --lm-head, bench_allreduce.py).
+                                                patch merger), and output with PIXTRAL_RT_TP_LM_HEAD=replicated
+
+Why vocab-parallel by default (benchmarks/bench_tp_shard.py, H200, 2026-12-02): rank 0's decode step of
+Pixtral-12B at TP=2 takes 3.64 ms with vocab / 2 lm_head rows against 3.78 ms with the whole lm_head (0.15 ms
+saved at batch 1; TP=1 takes 6.29 ms, so replicated caps TP=2 at 1.66x even with free communication). The
+price is one all-gather of (batch, vocab / world) fp32 logits per step, 256 KB at batch 1, not yet measured
+between GPUs (benchmarks/bench_allreduce.py measures it on the multi-GPU machine).
 
 Rank r of `world` holds the r-th of `world` contiguous equal blocks along the shard dim. wq / wk rows are
 head-major (each head's head_dim rows contiguous; HF's rotary permutation stays inside each head), so a block
@@ -37,10 +42,10 @@ LM_HEAD_MODES = ("replicated", "vocab")
 
 
 def lm_head_mode() -> str:
-    """How the lm_head is split under tensor parallelism: "replicated" (every rank holds it whole; rank 0's
-    logits are used) or "vocab" (rows split across ranks, logits all-gathered). PIXTRAL_RT_TP_LM_HEAD, read
-    in every rank (spawned followers and torchrun ranks inherit the environment)."""
-    mode = os.environ.get("PIXTRAL_RT_TP_LM_HEAD", "replicated")
+    """How the lm_head is split under tensor parallelism: "vocab" (the default: rows split across ranks,
+    logits all-gathered) or "replicated" (every rank holds it whole; rank 0's logits are used).
+    PIXTRAL_RT_TP_LM_HEAD, read in every rank (spawned followers and torchrun ranks inherit the environment)."""
+    mode = os.environ.get("PIXTRAL_RT_TP_LM_HEAD", "vocab")
     if mode not in LM_HEAD_MODES:
         raise ValueError(f"PIXTRAL_RT_TP_LM_HEAD={mode!r}: choose one of {', '.join(LM_HEAD_MODES)}")
     return mode

@@ -10,8 +10,8 @@ Sharding (pixtral_rt/sharding.py, Megatron style): wq / wk / wv / w1 / w3 split 
 whole KV heads), wo / w2 by input columns; each rank's wo / w2 output is a partial sum, summed across ranks
 by one all-reduce (`install_all_reduce` on the reference model; FastDecoder(tp_group=...) on the GPU).
 Embeddings, norms and the vision encoder are replicated (the vision encoder and the logits only matter on
-rank 0); the lm_head is replicated, or split by vocabulary rows with its logits all-gathered
-(PIXTRAL_RT_TP_LM_HEAD=vocab, sharding.lm_head_mode: whichever measures faster becomes the default).
+rank 0); the lm_head is split by vocabulary rows with its logits all-gathered, or replicated with
+PIXTRAL_RT_TP_LM_HEAD=replicated (sharding.lm_head_mode says why vocab-parallel is the default).
 
 Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
 `LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,

@@ -23,6 +23,13 @@ WORLD = 2
 SEED = 3
 
 
+@pytest.fixture(autouse=True)
+def replicated_lm_head(monkeypatch):
+    """The layout these tests spell out keeps the lm_head whole; the vocab-parallel lm_head (the default) has
+    its own test below, which sets the variable itself."""
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "replicated")
+
+
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
     root = tmp_path_factory.mktemp("shard")
@@ -310,11 +317,14 @@ def test_staged_reader_packs_ranges(tmp_path):
 # ---------------------------------------------------------------------------------------- vocab-parallel lm_head
 @pytest.mark.parametrize("name", ["mistral", "hf", "fp8"])
 def test_vocab_parallel_lm_head_slices(good, name, monkeypatch):
-    """PIXTRAL_RT_TP_LM_HEAD=vocab: output.weight (the lm_head) is split by rows like a column-parallel
-    linear: each rank reads and holds vocab / world rows of it, and the rows concatenate to the full
-    matrix; the embedding table stays whole. Unknown modes and an indivisible vocabulary are errors."""
+    """PIXTRAL_RT_TP_LM_HEAD=vocab (the default): output.weight (the lm_head) is split by rows like a
+    column-parallel linear: each rank reads and holds vocab / world rows of it, and the rows concatenate to
+    the full matrix; the embedding table stays whole. Unknown modes and an indivisible vocabulary are
+    errors."""
     from pixtral_rt.sharding import lm_head_mode
     monkeypatch.delenv("PIXTRAL_RT_TP_LM_HEAD", raising=False)
+    assert lm_head_mode() == "vocab" and shard_rule("output.weight") == 0            # the default
+    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "replicated")
     assert lm_head_mode() == "replicated" and shard_rule("output.weight") is None
     plan = plan_checkpoint(good[name])
     full = load(good[name])
