@@ -46,7 +46,14 @@ def main():
     ap.add_argument("--models", default="Pixtral-12B-2409,Pixtral-Large-Instruct-2411")
     ap.add_argument("--tp", default="2", help="comma list of TP sizes to emulate (rank 0's shard)")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--gemv-configs", help="JSON {'NxK': tile} from benchmarks/sweep_gemv_tp.py for the shard "
+                                           "shapes (case names say 'tuned tiles')")
     a = ap.parse_args()
+    tiles = {}
+    if a.gemv_configs:
+        import json
+        tiles = {tuple(int(v) for v in k.split("x")): cfg for k, cfg in json.load(open(a.gemv_configs)).items()}
+    tag = " tuned tiles" if tiles else ""
     bw = copy_bandwidth_TBps() * 1e12
     batches = [int(b) for b in a.batches.split(",")]
     torch.manual_seed(0)
@@ -61,6 +68,8 @@ def main():
                               decode_fusion="none+pdl")     # the decode path tensor parallelism allows
             dec.k_cache.normal_()
             dec.v_cache.normal_()
+            if n > 1:
+                dec.gemv_configs.update(tiles)
             full_out = dec.output
             for mode in (["whole"] if n == 1 else ["replicated", "vocab"]):
                 if mode == "vocab":                          # this rank's rows of the lm_head only
@@ -86,7 +95,7 @@ def main():
                     if budget_ms is not None:
                         extra["target"] = f"{target}x TP=1" if kind == "speedup" else f"{target} tok/s"
                         extra["allreduce_budget_us"] = round((budget_ms - ms) * 1e3 / (2 * args.n_layers), 2)
-                    record("tp_shard", f"{name} TP={n} rank0 lm_head {mode} B={B} ctx1k", "decode_tok_s_no_comm",
+                    record("tp_shard", f"{name} TP={n} rank0 lm_head {mode} B={B} ctx1k{tag}", "decode_tok_s_no_comm",
                            tok_s, "tok/s", "TP=1 decoder (same run)" if B in base else None,
                            B * 1e3 / base[B] if B in base else None, floor, **extra)
             del dec, full_out
