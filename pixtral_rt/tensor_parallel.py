@@ -76,6 +76,17 @@ def allreduce_impl() -> str:
     return impl
 
 
+def check_gpus(world: int, device: torch.device) -> None:
+    """Before any process starts: one GPU per rank (ValueError naming the count and CUDA_VISIBLE_DEVICES)."""
+    if device.type != "cuda" or same_gpu_forced():
+        return
+    n = torch.cuda.device_count()
+    if world > n:
+        vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"--tensor-parallel {world} needs {world} GPUs (one per rank) but {n} "
+                         f"{'is' if n == 1 else 'are'} visible" + (f" (CUDA_VISIBLE_DEVICES={vis})" if vis else ""))
+
+
 def follower_device(rank: int, device: torch.device) -> torch.device:
     """A spawned follower's device: GPU `rank` (one GPU per rank), or the leader's in the same-GPU test mode."""
     if device.type != "cuda":

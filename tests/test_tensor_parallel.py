@@ -196,6 +196,22 @@ def _fast_rank(rank, world, port, sd, seqs, q, lm_head):
     dist.destroy_process_group()
 
 
+def test_one_gpu_per_rank_is_checked_first(monkeypatch):
+    """--tensor-parallel N on a machine with fewer GPUs: one clear error before any process starts (the
+    same-GPU test mode and the CPU are exempt)."""
+    from pixtral_rt import tensor_parallel as tpm
+    monkeypatch.delenv("PIXTRAL_RT_TP_SAME_GPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"--tensor-parallel 2 needs 2 GPUs \(one per rank\) but 1 is visible "
+                                         r"\(CUDA_VISIBLE_DEVICES=3\)"):
+        tpm.check_gpus(2, torch.device("cuda"))
+    tpm.check_gpus(1, torch.device("cuda"))
+    tpm.check_gpus(4, torch.device("cpu"))
+    monkeypatch.setenv("PIXTRAL_RT_TP_SAME_GPU", "1")
+    tpm.check_gpus(2, torch.device("cuda"))
+
+
 def test_tp_knobs_are_checked(monkeypatch):
     """The lm_head / all-reduce choices (PIXTRAL_RT_TP_LM_HEAD, PIXTRAL_RT_TP_ALLREDUCE, FastDecoder's
     arguments): defaults, and an unknown or impossible choice is an error that names it."""

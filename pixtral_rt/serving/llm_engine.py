@@ -131,6 +131,8 @@ class LLMEngine:
         if world > 1 or tpm.one_rank_forced():
             from ..sharding import check_divisible, lm_head_mode
             check_divisible(args.text, world)             # before any process starts (lm_head mode checked too)
+            if not env:                                   # torchrun placed its ranks itself
+                tpm.check_gpus(world, dev)
             if dev.type == "cuda" and tpm.allreduce_impl() == "symm" and tpm.same_gpu_forced():
                 raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
                                  "PIXTRAL_RT_TP_SAME_GPU test mode")
