@@ -365,7 +365,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
 
 def vision_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      plan: VisionAttentionPlan, positions: torch.Tensor | None = None,
-                     rope_freqs: torch.Tensor | None = None, rope: bool = True, layout: str = "interleaved", scale: float | None = None, out: torch.Tensor | None = None,
+                     rope_freqs: torch.Tensor | None = None, rope: bool = True, layout: str = "interleaved",
+                     scale: float | None = None, out: torch.Tensor | None = None,
                      config: dict | None = None) -> torch.Tensor:
     """Block-diagonal attention with fused 2D RoPE (see module docstring).
 
@@ -480,7 +481,7 @@ def useful_flops(seqlens: list[int], n_heads: int, head_dim: int) -> float:
     return float(sum(4 * n_heads * head_dim * n * n for n in seqlens))
 
 
-__all__ = ["vision_attention", "tma_eligible", "default_block_m", "plan_vision_attention", "VisionAttentionPlan", "rope_pair_freqs",
-           "max_tiles_for", "warmup_vision_attention", "useful_flops", "plan_tiles", "best_config",
+__all__ = ["vision_attention", "tma_eligible", "default_block_m", "plan_vision_attention", "VisionAttentionPlan",
+           "rope_pair_freqs", "max_tiles_for", "warmup_vision_attention", "useful_flops", "plan_tiles", "best_config",
            "attention_tokens_key", "MAX_TOKENS_KEY"]
 _ = math
