@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from . import compile_events
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
+from .tensor_parallel import ALLREDUCE_IMPLS, gather_vocab
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
@@ -228,7 +229,7 @@ class FastDecoder:
                                                        else tp_group)
         if vocab_parallel and self.tp_group is None:
             raise ValueError("FastDecoder: vocab_parallel needs a tp_group")
-        if tp_allreduce not in ("nccl", "symm"):
+        if tp_allreduce not in ALLREDUCE_IMPLS:
             raise ValueError(f"FastDecoder: tp_allreduce must be 'nccl' or 'symm', got {tp_allreduce!r}")
         self._symm = None          # (symmetric buffer (max_batch * dim,), group name) for tp_allreduce "symm"
         if tp_allreduce == "symm" and self.tp_group is not None:
@@ -304,16 +305,11 @@ class FastDecoder:
         return F.linear(x, w)
 
     def _gather_vocab(self, part: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel lm_head: this rank's (R, vocab / world) fp32 logits -> (R, vocab) on every rank, by one
-        all-gather (rank r's block is vocab columns [r V / w, (r + 1) V / w)). Identity otherwise."""
+        """Vocab-parallel lm_head: this rank's (R, vocab / world) logits -> (R, vocab) (tensor_parallel.
+        gather_vocab). Identity otherwise."""
         if not self.vocab_parallel:
             return part
-        R, Vp = part.shape
-        w = self.args.vocab_size // Vp
-        buf = torch.empty(w * R, Vp, device=part.device, dtype=part.dtype)
-        gather = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
-        gather(buf, part.contiguous(), group=self.tp_group)
-        return buf.view(w, R, Vp).transpose(0, 1).reshape(R, w * Vp)
+        return gather_vocab(part, self.tp_group)
 
     def _reduce(self, y: torch.Tensor) -> torch.Tensor:
         """Tensor parallel: sum the row-parallel partial outputs (wo, w2) across ranks, in place."""

@@ -122,7 +122,7 @@ def install_all_reduce(model: torch.nn.Module, group=None, vocab_parallel: bool 
             mod.register_forward_hook(lambda _m, _inp, out: _all_reduce(out, group))
             n += 1
     if vocab_parallel:
-        model.output.register_forward_hook(lambda _m, _inp, out: _all_gather_vocab(out, group))
+        model.output.register_forward_hook(lambda _m, _inp, out: gather_vocab(out, group))
         n += 1
     return n
 
@@ -133,12 +133,19 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     return t
 
 
-def _all_gather_vocab(part: torch.Tensor, group) -> torch.Tensor:
-    """(..., vocab / world) logits of this rank's lm_head rows -> (..., vocab), rank r's block r-th."""
+_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor    # renamed in torch 2.13
+
+
+def gather_vocab(part: torch.Tensor, group) -> torch.Tensor:
+    """Vocab-parallel lm_head: this rank's (..., vocab / world) logits -> (..., vocab) on every rank, by one
+    all-gather (rank r's block is vocab columns [r V / w, (r + 1) V / w)). Capturable in a CUDA graph (NCCL);
+    FastDecoder and the reference model's hook both use it."""
     world = dist.get_world_size(group)
-    parts = [torch.empty_like(part) for _ in range(world)]
-    dist.all_gather(parts, part.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    lead, Vp = part.shape[:-1], part.shape[-1]
+    flat = part.reshape(-1, Vp).contiguous()
+    buf = torch.empty(world * flat.shape[0], Vp, device=part.device, dtype=part.dtype)
+    _gather_into(buf, flat, group=group)
+    return buf.view(world, flat.shape[0], Vp).transpose(0, 1).reshape(*lead, world * Vp)
 
 
 # The control channel: a fixed header of int64 broadcast from rank 0 over a gloo group (CPU tensors, so it
