@@ -220,7 +220,8 @@ class ReferenceBackend:
                 h[torch.tensor(req.image_token_positions, device=self.device)] = feats.to(h.dtype)
             logits = self.model(h, 0, self.cache)[-1:]
             tok = sample(logits, self.sampling, greedy_only=self.greedy)
-        return tok, {"vision_ms": (t1 - t0) * 1e3}
+        t2 = _now(self.device)
+        return tok, {"vision_ms": (t1 - t0) * 1e3, "prefill_ms": (t2 - t1) * 1e3}
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         from .reference.fp8_linear import decode_mode
@@ -322,7 +323,6 @@ class Engine:
             res.timings["decode_tok_s"] = tps
             res.timings["decode_GBps"] = tps * (decoder_weight_bytes(self.args)
                                                 + kv_bytes_per_token(self.args) * ctx) / 1e9
-            res.timings.setdefault("vision_ms", 0.0)
             return
         t_start = time.perf_counter()
         req = req or self.encode(messages, params)
@@ -339,8 +339,8 @@ class Engine:
             tok, tinfo = self.backend.start(req, params)
             nxt = int(tok.item())
             t_first = time.perf_counter()
-            res.timings.update(encode_ms=(t_enc - t_start) * 1e3, vision_ms=tinfo.get("vision_ms", 0.0),
-                               ttft_ms=(t_first - t0) * 1e3)
+            res.timings.update(encode_ms=(t_enc - t_start) * 1e3, queue_ms=0.0, **tinfo,
+                               ttft_ms=(t_first - t_start) * 1e3)
             while True:
                 if nxt == eos:
                     res.finish_reason = "stop"

@@ -88,9 +88,11 @@ def _as_url(src: str) -> str:
 
 def _summary(engine, res) -> str:
     t = res.timings
+    # TTFT = encode (host: images, tokens) + queue + vision encoder + prefill (+ delivery of the first token)
     return (f"[{engine.info['backend']} | {engine.info['device']} | {res.prompt_tokens} prompt tokens, "
-            f"{res.n_images} image(s), {res.image_patches} patches | vision {t.get('vision_ms', 0):.1f} ms, "
-            f"TTFT {t.get('ttft_ms', 0):.1f} ms, decode {t.get('decode_tok_s', 0):.1f} tok/s "
+            f"{res.n_images} image(s), {res.image_patches} patches | TTFT {t.get('ttft_ms', 0):.1f} ms = encode "
+            f"{t.get('encode_ms', 0):.1f} + queue {t.get('queue_ms', 0):.1f} + vision {t.get('vision_ms', 0):.1f} "
+            f"+ prefill {t.get('prefill_ms', 0):.1f} ms | decode {t.get('decode_tok_s', 0):.1f} tok/s "
             f"({t.get('decode_GBps', 0):.0f} GB/s), {len(res.token_ids)} tokens, {res.finish_reason}]")
 
 

@@ -86,6 +86,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
                                   use_graphs=use_graphs, progress=progress)
         self.counters = _Counters()
+        # a GPU step runs while the host delivers the previous one's tokens; on CPU a step is done on return
+        self._overlap = model.device.type == "cuda"
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="pixtral-rt-step-loop", daemon=True)
@@ -267,7 +269,7 @@ class LLMEngine:
         digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
                                                                                         req.images]
         seq = Sequence(req, params, on_output, logprobs, digests=digests,
-                       request_id=request_id)
+                       request_id=request_id, t_submit=time.perf_counter())
         seq.plan_prefix(self.pool.page_size, self.args.vision.spatial_merge_size)
         with self._cv:
             if self._stop:
@@ -318,15 +320,20 @@ class LLMEngine:
         res = result if result is not None else GenerationResult()
         t0 = time.perf_counter()
         req = req or self.encode(messages, params.max_tokens)
+        # stages of the time to first token: encode_ms (host: image fetch + decode + preprocess, tokenise)
+        # here, then queue_ms, vision_ms, prefill_ms from the engine (TokenEvent.timings); ttft_ms is the
+        # whole, from this call to the first token in hand
+        res.timings["encode_ms"] = (time.perf_counter() - t0) * 1e3
         res.prompt_tokens, res.image_patches, res.n_images = req.prompt_tokens, req.n_patches, req.n_images
         q: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
         h = self.submit(req, params, q.put, logprobs)
         text = TextStream(self.tokenizer, params.stop)
-        res.timings["encode_ms"] = (time.perf_counter() - t0) * 1e3
         t_first = None
         try:
             while True:
                 ev = q.get()
+                if ev.timings:
+                    res.timings.update(ev.timings)
                 if ev.token_ids and t_first is None:
                     t_first = time.perf_counter()
                     res.timings["ttft_ms"] = (t_first - t0) * 1e3
@@ -402,7 +409,10 @@ class LLMEngine:
                 out = None
             if prev is not None:
                 self._deliver(prev)
-            prev = out if out is not None and out.reports else None
+            prev = out if out is not None and (out.reports or out.stages) else None
+            if prev is not None and not self._overlap:
+                self._deliver(prev)      # CPU: the step has finished already; waiting a step would only add latency
+                prev = None
 
     def _finish_released(self, released: list[Sequence]) -> None:
         for s in released:
@@ -421,6 +431,11 @@ class LLMEngine:
 
     def _deliver(self, out: StepOutput) -> None:
         out.wait()
+        for seq, kind, ms in out.stage_ms():
+            if kind == "vision":
+                seq.vision_ms += ms
+            else:
+                seq.prefill_ms += ms
         toks = out.tokens.tolist()
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         now = time.perf_counter()
@@ -432,6 +447,8 @@ class LLMEngine:
             ev = TokenEvent(prompt_tokens=seq.prompt_len, cached_tokens=seq.num_cached)
             if not seq.output and not seq.t_first:
                 seq.t_first = now
+                ev.timings = {"queue_ms": max(0.0, seq.t_admit - seq.t_submit) * 1e3,
+                              "vision_ms": seq.vision_ms, "prefill_ms": seq.prefill_ms}
                 c.prompt_tokens += seq.prompt_len
                 c.cached_prompt_tokens += seq.num_cached
             if tok == self.eos_id:

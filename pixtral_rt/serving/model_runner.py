@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import sys
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -43,19 +44,39 @@ def _rows(st: SamplingState, idx: torch.Tensor | slice) -> SamplingState:
     return out
 
 
+def _mark(device: torch.device):
+    """A point in the device's work, timed once the step is done (`_elapsed_ms`): a CUDA event on a GPU
+    (recorded on the stream, no host sync), the host clock on CPU (where every op has finished on return)."""
+    if device.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
 @dataclass
 class StepOutput:
-    """What one step produced, on its way to the host. `reports`: (sequence, slot) whose token it holds."""
+    """What one step produced, on its way to the host. `reports`: (sequence, slot) whose token it holds.
+    `stages`: (sequence, "vision" | "prefill", start mark, end mark) of the prompt work in this step."""
     reports: list[tuple[Sequence, int]]
     tokens: torch.Tensor                    # (n,) int64, host (pinned on CUDA)
     logprobs: torch.Tensor | None           # (n,) fp32
     top_ids: torch.Tensor | None            # (n, 20) int64
     top_logprobs: torch.Tensor | None       # (n, 20) fp32
     event: torch.cuda.Event | None
+    stages: list = dataclasses.field(default_factory=list)
 
     def wait(self) -> None:
         if self.event is not None:
             self.event.synchronize()
+
+    def stage_ms(self) -> list[tuple[Sequence, str, float]]:
+        """(sequence, stage, ms) of this step's prompt work; call after wait()."""
+        return [(seq, kind, _elapsed_ms(a, b)) for seq, kind, a, b in self.stages]
 
 
 class _FeatureCache:
@@ -224,11 +245,14 @@ class ModelRunner:
             if any(s.logprobs is not None for s in plan.decode):
                 want_lp = True
                 self._logprobs(logits, self.out_tokens[:B], torch.arange(B, device=self.device))
+        stages: list = []
         if plan.prefill:
-            done = self._prefill(plan.prefill)
+            done = self._prefill(plan.prefill, stages)
             reports += [(s, s.slot) for s in done]
             want_lp = want_lp or any(s.logprobs is not None for s in done)
-        return self._to_host(reports, want_lp)
+        out = self._to_host(reports, want_lp)
+        out.stages = stages
+        return out
 
     def _logprobs(self, logits, chosen, slots) -> None:
         """Raw-distribution logprobs of the chosen tokens and the top 20, into the per-slot out buffers."""
@@ -270,9 +294,11 @@ class ModelRunner:
             o += len(x)
         return out
 
-    def _prefill(self, chunks: list[PrefillChunk]) -> list[Sequence]:
+    def _prefill(self, chunks: list[PrefillChunk], stages: list) -> list[Sequence]:
         """All prompt chunks of the step in one varlen forward; samples the first token of every sequence
-        whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync."""
+        whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync.
+        Appends to `stages` the marks around each vision encoder call and around the forward + sampling
+        (every chunk's sequence waits for the whole forward, so each is charged all of it)."""
         P = self.page_size
         toks, pos, cu, start, img_rows, feats = [], [], [0], [], [], []
         for c in chunks:
@@ -283,7 +309,11 @@ class ModelRunner:
             i0, i1 = bisect.bisect_left(img_pos, c.start), bisect.bisect_left(img_pos, c.end)
             if i1 > i0:
                 img_rows.append(np.asarray(img_pos[i0:i1], dtype=np.int64) - c.start + cu[-1])
+                encode = c.seq.features is None          # else computed in an earlier chunk's step
+                v0 = _mark(self.device) if encode else None
                 feats.append(self._features(c.seq)[i0:i1])
+                if encode:
+                    stages.append((c.seq, "vision", v0, _mark(self.device)))
             cu.append(cu[-1] + c.end - c.start)
             start.append(c.start)
         pos_np = np.concatenate(pos)
@@ -294,6 +324,7 @@ class ModelRunner:
         (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d) = self._upload(
             [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, rows_np, [c.seq.slot for c in chunks],
              img_np, [c.seq.slot for c in done], [c.seq.prompt_len for c in done]])
+        p0 = _mark(self.device)
         h = self.model.embed(tokens_d)
         if feats:
             h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
@@ -301,6 +332,8 @@ class ModelRunner:
                                     self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
                                     max(c.end - c.start for c in chunks), rows_d)
         if not done:
+            p1 = _mark(self.device)
+            stages += [(c.seq, "prefill", p0, p1) for c in chunks]
             return []
         # first tokens: sample with each sequence's own settings (step 0), then hand the slot to decode
         st = _rows(self.sampling, done_d)
@@ -314,6 +347,8 @@ class ModelRunner:
             self._logprobs(logits, first, done_d)
         for c in done:
             c.seq.features = None                  # the prompt is in the cache: features no longer needed
+        p1 = _mark(self.device)
+        stages += [(c.seq, "prefill", p0, p1) for c in chunks]
         return [c.seq for c in done]
 
     def _features(self, seq: Sequence) -> torch.Tensor:

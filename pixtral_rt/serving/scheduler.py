@@ -13,6 +13,7 @@ A request that could never fit (more pages than the pool has) is refused at subm
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -98,6 +99,7 @@ class Scheduler:
             seq.num_cached = seq.num_computed = len(prefix) * P
             seq.registered = len(prefix)
             seq.status = Status.PREFILL
+            seq.t_admit = time.perf_counter()
             self.running.append(seq)
             admitted.append(seq)
 

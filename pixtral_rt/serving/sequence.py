@@ -79,6 +79,10 @@ class Sequence:
     registered: int = 0                         # pages of this sequence registered in the prefix cache
     features: object = None                     # (n_img_tokens, dim) device tensor while the prompt is computed
     t_first: float = 0.0                        # when its first token was delivered (0: not yet)
+    t_submit: float = 0.0                       # host clock (perf_counter) at submission
+    t_admit: float = 0.0                        # ... when the scheduler admitted it
+    vision_ms: float = 0.0                      # measured stages of its prompt (TokenEvent.timings)
+    prefill_ms: float = 0.0
 
     def __post_init__(self):
         if not self.request_id:
