@@ -77,9 +77,10 @@ def run_ours(engine: Engine, req: EncodedRequest, n_tokens: int, reps: int = 3) 
         ttft.append(r.timings["ttft_ms"])
         if len(r.token_ids) >= n_tokens // 2:
             tps.append(r.timings["decode_tok_s"])
+    t = engine.last.timings
     return {"ttft_ms": float(np.median(ttft)), "decode_tok_s": float(np.median(tps)) if tps else float("nan"),
             "peak_GB": torch.cuda.max_memory_allocated() / 1e9, "tokens": len(engine.last.token_ids),
-            "vision_ms": engine.last.timings.get("vision_ms", 0.0)}
+            "stages_ms": {k: round(t.get(k, 0.0), 2) for k in ("encode_ms", "queue_ms", "vision_ms", "prefill_ms")}}
 
 
 def build_hf(sd: dict, args):
@@ -138,9 +139,12 @@ def main():
                     "except with --first-request (random Pixtral-12B weights drawn on the GPU by default)")
     ap.add_argument("--first-request", action="store_true", help="cold vs warm user-visible TTFT, each case in a "
                     "fresh process (benchmarks/first_request.py)")
-    ap.add_argument("--random-weights", default=None, help="with --first-request: preset drawn on the GPU")
+    ap.add_argument("--random-weights", default=None, help="no checkpoint: this preset's random weights drawn on the "
+                    "GPU (with --first-request, or with --skip-hf)")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per case")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--backend", default="auto", help="engine backend (Engine.load): auto = the serving engine; "
+                    "fast = the batch-1 engine, kept until the one-engine change measures against it")
     ap.add_argument("--anchor-json", help="gptfast_anchor.py output (JSON lines) measured in the same GPU call")
     ap.add_argument("--cases", default=None, help="comma-separated (default: a_1img_1024,b_4imgs_mixed,c_text_1k,"
                     "d_text_32k; with --first-request a_1img_1024,b_4imgs_mixed,c_2imgs_odd)")
@@ -150,12 +154,14 @@ def main():
         cases = a.cases.split(",") if a.cases else list(CASES)
         run(a.model, a.random_weights or (None if a.model else "Pixtral-12B-2409"), cases, 3, 16384)
         return
-    if not a.model:
-        ap.error("--model is required (except with --first-request)")
+    if not a.model and not (a.random_weights and a.skip_hf):
+        ap.error("--model is required (except with --first-request, or --random-weights PRESET with --skip-hf)")
     bw, fl_rate = ceilings()
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {fl_rate / 1e12:.0f} TFLOP/s")
     t0 = time.perf_counter()
-    engine = Engine.load(a.model, max_context=40960, progress=False)
+    engine = Engine.load(a.model, max_context=40960, progress=False, backend=a.backend,
+                         random_weights=None if a.model else a.random_weights)
+    engine_name = engine.info["backend"]
     load_s = time.perf_counter() - t0
     record("e2e", "engine_load_and_capture", "wall", load_s, "s", None, None, None)
     rng = np.random.default_rng(0)
@@ -188,11 +194,11 @@ def main():
         floor_tps = bw / (wbytes + kv_bytes_per_token(args) * ctx)
         record("e2e", c, "decode_tok_s", o["decode_tok_s"], "tok/s", "hf_transformers_generate",
                h["decode_tok_s"] if h else None, floor_tps, prompt_tokens=reqs[c].prompt_tokens,
-               fraction_of_floor=round(o["decode_tok_s"] / floor_tps, 3))
+               fraction_of_floor=round(o["decode_tok_s"] / floor_tps, 3), engine=engine_name)
         fl = ttft_flops(args, reqs[c])
         record("e2e", c, "ttft_ms", o["ttft_ms"], "ms", "hf_transformers_forward", h["ttft_ms"] if h else None,
-               fl / fl_rate * 1e3, prompt_tokens=reqs[c].prompt_tokens, vision_ms=round(o["vision_ms"], 2),
-               ttft_TFLOP=round(fl / 1e12, 2))
+               fl / fl_rate * 1e3, prompt_tokens=reqs[c].prompt_tokens, ttft_TFLOP=round(fl / 1e12, 2),
+               engine=engine_name, **o["stages_ms"])
         if c == "c_text_1k" and a.anchor_json:
             import json
             from pathlib import Path

@@ -10,14 +10,18 @@ import pytest
 
 from pixtral_rt.sampling import SamplingParams
 from pixtral_rt.serving.llm_engine import LLMEngine
+from tests.conftest import requires_gpu
 
 STAGES = ("encode_ms", "queue_ms", "vision_ms", "prefill_ms")
 
 
-@pytest.fixture(scope="module")
-def eng():
-    e = LLMEngine.load(None, device="cpu", max_batch=4, max_queue=16, kv_tokens=4096 + 1024, page_size=16,
-                       chunk_tokens=48, progress=False)
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, requires_gpu])])
+def eng(request):
+    # cuda: the tiny config's random weights on the GPU, so the fast model (Triton, CUDA graphs) and its
+    # CUDA-event timings are what is checked
+    kw = dict(random_weights="tiny") if request.param == "cuda" else {}
+    e = LLMEngine.load(None, device=request.param, max_batch=4, max_queue=16, kv_tokens=4096 + 1024, page_size=16,
+                       chunk_tokens=48, progress=False, **kw)
     yield e
     e.shutdown()
 
