@@ -1,6 +1,7 @@
 """Nothing compiles, tunes or captures on the request path (issue 12): the engine's counters
 (LLMEngine.compile_events) do not move across the first request of a new image mix in a fresh engine.
-CPU: the counters exist and stay 0 (the reference engine neither compiles nor captures). GPU: the fast engine,
+CPU: the counters exist, stay put across a request of the reference engine, and do move when a request
+path captures or tunes (negative control). GPU: the fast engine,
 random Pixtral-12B, after load: a 2-image odd-size request and the 4-image set, each the first of its kind."""
 import numpy as np
 import pytest
@@ -17,18 +18,39 @@ def _req(sizes, seed):
                                          for h, w in sizes] + [{"type": "text", "text": "Describe them."}]}]
 
 
-def test_counters_exist_and_cpu_engine_does_not_compile(tmp_path):
+def test_counters_see_request_path_work_cpu(tmp_path, monkeypatch):
+    """On CPU the reference engine compiles and captures nothing, so "the counters did not move" would hold
+    for counters that never count: a negative control makes the comparison able to fail. A request path that
+    captures a graph and tunes a kernel (simulated by wrapping the model runner's step) must show in them."""
     from pixtral_rt.config import tiny
     from pixtral_rt.random_weights import write_random_checkpoint
     from pixtral_rt.serving.llm_engine import LLMEngine
     write_random_checkpoint(tmp_path / "m", tiny(), "mistral", seed=2)
     eng = LLMEngine.load(tmp_path / "m", device="cpu", progress=False)
+
+    class Tuner:                                         # an autotuner whose cache a request fills
+        cache: dict = {}
     try:
         before = eng.compile_events()
         assert set(before) == {"triton_compile", "autotune", "graph_capture"}
         eng.generate(_req([(40, 56), (17, 90)], 1), SamplingParams(max_tokens=3))
         assert eng.compile_events() == before
+
+        compile_events.register_autotuner(Tuner)
+        run = eng.runner.run
+
+        def run_that_captures_and_tunes(plan):
+            compile_events.captured()
+            Tuner.cache[len(Tuner.cache)] = "config"
+            return run(plan)
+
+        monkeypatch.setattr(eng.runner, "run", run_that_captures_and_tunes)
+        eng.generate(_req([(40, 56)], 2), SamplingParams(max_tokens=2))
+        got = eng.compile_events()
+        assert got["graph_capture"] > before["graph_capture"] and got["autotune"] > before["autotune"], (before, got)
     finally:
+        if Tuner in compile_events._autotuners:
+            compile_events._autotuners.remove(Tuner)
         eng.shutdown()
 
 

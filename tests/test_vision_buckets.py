@@ -33,11 +33,14 @@ def test_padding_bound_for_every_patch_count(name):
         assert n <= eager_rows(n) < n + ROW_ALIGN and eager_rows(n) % ROW_ALIGN == 0
 
 
-def test_pixtral_12b_bucket_count():
-    # one full-size image is 64 x 64 patches; 28 graphs cover 256..4096 rows
+def test_pixtral_12b_buckets_reach_one_image_each_within_12_percent_of_the_next():
+    # the property behind the padding bound: each bucket holds the next count above its neighbour with at
+    # most MAX_PADDING padding rows, and the last bucket is one full-size image (64 x 64 patches)
     b = graph_buckets(PIXTRAL_12B.vision)
-    assert b[-1] == 4096 and len(b) == 28
-    assert bucket_for(2394, b) <= 1.12 * 2394          # the 1000x600 image of performance.md
+    assert b[-1] == full_image_patches(PIXTRAL_12B.vision) == 4096
+    for lo, hi in zip(b, b[1:]):
+        assert lo < hi <= (lo + 1) * (1 + MAX_PADDING), (lo, hi)
+    assert bucket_for(2394, b) <= (1 + MAX_PADDING) * 2394          # the 1000x600 image of performance.md
 
 
 def test_bad_counts_refused():
