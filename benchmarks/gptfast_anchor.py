@@ -1,5 +1,7 @@
 """Copied from ../shared/bench/gptfast_decode.py (the anchor the targets are stated against), unchanged but for
-this line, so the anchor runs in the same GPU call as our benchmarks.
+this docstring and the provenance fields of its output line (device, date, commit: the anchor lines of
+earlier runs in benchmarks/results/logs/ lack them; the e2e.jsonl lines of the same call carry them), so the
+anchor runs in the same GPU call as our benchmarks.
 
 Anchor: gpt-fast-style decode of the Pixtral-12B text decoder (Mistral-NeMo shape) in plain PyTorch:
 static KV cache, torch.compile(mode="reduce-overhead") of one decode step (CUDA graphs), random weights.
@@ -123,6 +125,9 @@ def main():
             torch.cuda.synchronize(); dt = time.time() - t
         res[f"rep{rep}_tok_s"] = round(n / dt, 1)
         res[f"rep{rep}_GBps"] = round(wbytes * n / dt / 1e9, 0)
+    import datetime
+    res.update(device=torch.cuda.get_device_name(), commit=os.environ.get("PIXTRAL_RT_COMMIT", "unknown"),
+               date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     print(json.dumps({"name": "gptfast_style_decode_ctx1k", **res}), flush=True)
     with open(os.path.join(OUT, "gptfast.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
