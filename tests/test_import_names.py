@@ -45,7 +45,9 @@ PROBE = textwrap.dedent("""
 
 
 def _probe(cwd: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    # PYTHONPATH stays: on the GPU machine the source tree is on it instead of installed (and a repository
+    # root there is one more way of putting our kernels/ folder on sys.path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     r = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"probe failed from {cwd}:\n{r.stderr[-3000:]}"
     return json.loads(r.stdout.strip().splitlines()[-1])
