@@ -144,3 +144,17 @@ def test_ctrl_c_stops_cleanly_and_keeps_output(env):
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert len(first + out) > 1
+
+
+# ------------------------------------------------------------------------------------------ --device
+@pytest.mark.parametrize("module", ["pixtral_rt.generate", "pixtral_rt.serve"])
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "pixtral_rt: error: --device cuda: no CUDA GPU is visible ("),
+    ("tpu", "pixtral_rt: error: --device 'tpu' is not a device this runtime runs on"),
+])
+def test_device_flag_checked_before_loading(env, module, device, message):
+    e = dict(env, CUDA_VISIBLE_DEVICES="")   # no GPU, even on a GPU machine
+    p = subprocess.run([sys.executable, "-m", module, "--device", device], input="hi", capture_output=True,
+                       text=True, env=e, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.splitlines() == [p.stderr.splitlines()[0]] and p.stderr.startswith(message), p.stderr
