@@ -1,5 +1,5 @@
 """Command-line flags that the CLI (generate.py) and the server (serve.py) share: which weights, in which
-precision, over how many processes."""
+precision, over how many processes, on which device."""
 from __future__ import annotations
 
 import argparse
@@ -24,5 +24,18 @@ def add_weight_flags(group) -> None:
 
 
 def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The shared flags' values, before anything loads; --device too (both commands have it), so a missing
+    GPU is reported in one line with exit 2, not after a load (or from the server's engine process)."""
     if args.tensor_parallel < 1:
         parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    check_device_flag(parser, getattr(args, "device", None))
+
+
+def check_device_flag(parser: argparse.ArgumentParser, device: str | None) -> None:
+    """Exit 2 with "pixtral_rt: error: --device ..." when `device` is not there (engine.resolve_device)."""
+    from .engine import resolve_device   # torch is imported by then anyway; not at `--help` time
+    from .errors import DeviceError
+    try:
+        resolve_device(device)
+    except DeviceError as exc:
+        parser.exit(2, f"pixtral_rt: error: {exc}\n")

@@ -26,6 +26,7 @@ import torch
 
 from .chat import EncodedRequest, encode_request, load_tokenizer
 from .config import PIXTRAL_12B, PixtralArgs, preset, tiny
+from .errors import DeviceError
 from .sampling import SamplingParams, SamplingState, sample
 from .serving.detokenize import IncrementalText, find_stop, stop_prefix_len
 
@@ -124,6 +125,31 @@ class ModelSource:
                 f"dynamic activation scales in prefill); embeddings, lm_head, vision encoder, adapter {dt}")
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """--device (cuda, cuda:N or cpu; None: cuda when a GPU is visible, else cpu) as a torch.device, checked
+    before anything loads: DeviceError (exit 2 in the CLI and the server) for a device that is not there
+    or not one this runtime runs on, rather than a RuntimeError from deep inside the first allocation."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cuda", "cpu"):
+        raise DeviceError(f"--device {device!r} is not a device this runtime runs on: use cuda, cuda:N (the "
+                          "N-th visible GPU) or cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = (f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else
+               "this torch build has no CUDA" if torch.version.cuda is None else "no driver or GPU found")
+        raise DeviceError(f"--device {device}: no CUDA GPU is visible ({why}); use --device cpu, or run where "
+                          "a GPU is")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def resolve_model(model: str | Path | None, device: str | None, dtype: str | None, fmt: str | None,
                   quantization: str | None = None, random_weights: str | None = None, quiet: bool = False,
                   with_tokenizer: bool = True) -> ModelSource:
@@ -137,9 +163,7 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
     t0 = time.perf_counter()
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not supported; choose one of {', '.join(QUANTIZATIONS)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but no CUDA GPU is visible")
+    dev = resolve_device(device)
     dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
               "float32": torch.float32, "fp32": torch.float32, None: None}
     if dtype not in dtypes:

@@ -16,9 +16,14 @@ hint (400 bad input, 413 too large, 502 upstream fetch failed) and the `source` 
         TooManyImagesError           more images than the per-request cap
         ContextLengthError           prompt + max_tokens larger than the context
       TokenizerError                 tokenizer file missing or not matching the model config
+      DeviceError                    --device names no device this machine has or this runtime runs on
     AnimatedImageWarning (a UserWarning): an animated image was given; its first frame is used
+      (route_image_warnings shows it as one clean line: the CLI prints it, the server logs it)
 """
 from __future__ import annotations
+
+import warnings
+from typing import Callable
 
 
 def describe_source(source: object, limit: int = 80) -> str:
@@ -98,6 +103,32 @@ class ContextLengthError(RequestError):
 
 class AnimatedImageWarning(UserWarning):
     """An animated image (GIF/WEBP/APNG with several frames) was given; only its first frame is used."""
+
+
+def route_image_warnings(emit: Callable[[str], None]) -> None:
+    """Hand every AnimatedImageWarning to `emit` as its message alone (the CLI prints one line, the server
+    logs it), instead of Python's 'file:line: AnimatedImageWarning: ...' followed by a source line that
+    means nothing to a user. Other warnings go to the hook that was there before.
+
+    Every load reports (a server logs it once per request, not once per process as Python's default
+    registry would); a caller that wants one line per image deduplicates in `emit`. The filter is appended,
+    so a user's own filter (`-W ignore::pixtral_rt.errors.AnimatedImageWarning`) still wins. Call it once,
+    at start-up: it replaces process-wide hooks."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, AnimatedImageWarning):
+            emit(str(message))
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.filterwarnings("always", category=AnimatedImageWarning, append=True)
+    warnings.showwarning = show
+
+
+class DeviceError(PixtralInputError):
+    """The requested device does not exist here (no CUDA GPU visible, index out of range) or is not one
+    this runtime runs on (only cuda and cpu)."""
 
 
 class TokenizerError(PixtralInputError):

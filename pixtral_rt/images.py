@@ -31,6 +31,7 @@ import ipaddress
 import os
 import re
 import socket
+import struct
 import time
 import urllib.error
 import urllib.parse
@@ -253,20 +254,27 @@ def _is_readable_file(path: str, limits: ImageLimits, name: str) -> bool:
         return False
 
 
+def check_local_file(path: str, name: str | None = None) -> None:
+    """ImageSourceError unless `path` exists and is not a directory: the one wording of these two mistakes,
+    for the loader and for the CLI's checks before the model loads (`--image`, `/image`)."""
+    name = name or describe_source(path)
+    if os.path.isdir(path):
+        raise ImageSourceError(f"image path {name} is a directory, not a file: give an image file's path", name)
+    if not os.path.exists(path):
+        raise ImageSourceError(f"image file {name} does not exist", name)
+
+
 def _open_path(path: str, limits: ImageLimits) -> OpenedImage:
     name = describe_source(path)
     real = _allowed_local_path(path, limits, name)
+    check_local_file(real, name)
     try:
         size = os.path.getsize(real)
         if size > limits.max_bytes:
             raise ImageTooLargeError(f"image file {name} is {size} bytes, over the cap of {limits.max_bytes}", name)
         with open(real, "rb") as f:
             data = f.read()
-    except FileNotFoundError as exc:
-        raise ImageSourceError(f"image file {name} does not exist", name) from exc
-    except IsADirectoryError as exc:
-        raise ImageSourceError(f"image path {name} is a directory, not a file", name) from exc
-    except OSError as exc:
+    except OSError as exc:  # unreadable (permissions), or removed / replaced since the check
         raise ImageSourceError(f"image file {name} cannot be read: {exc}", name) from exc
     return _open_bytes(data, name, limits)
 
@@ -440,16 +448,52 @@ def _open_bytes(data: bytes, name: str, limits: ImageLimits) -> OpenedImage:
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"image {name} is {len(data)} bytes, over the cap of {limits.max_bytes}", name)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+        im = _pil_open(data)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image {name} is a decompression bomb: {exc}", name) from exc
+        # only when even the format's own opener refuses (WebP checks before it allocates its canvas), so
+        # the size is unknown; over Pillow's limit means over ours unless the operator raised ours past it
+        if limits.max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            raise ImageTooLargeError(f"image {name} is over the cap of {limits.max_pixels} pixels "
+                                     "(decompression-bomb guard): downscale it first", name) from exc
+        raise ImageTooLargeError(f"image {name} is over Pillow's own pixel limit ({exc}); raise "
+                                 "PIL.Image.MAX_IMAGE_PIXELS to accept it", name) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"image {name} is not a recognised image format{_sniff(data)}", name) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt headers raise many types
         raise ImageDecodeError(f"image {name} has a corrupt header: {exc}", name) from exc
     return _open_pil(im, name, limits)
+
+
+def _pil_open(data: bytes) -> Image.Image:
+    """Image.open, header only, leaving the pixel verdict to _open_pil (ImageLimits.max_pixels, one cap and
+    one message). Image.open refuses images over 2 * Image.MAX_IMAGE_PIXELS (178956970 by default) with
+    its own message and number, before the size can be read; that limit is a process-wide global other
+    threads rely on, so it is not changed here: the header is read again by the format's own opener."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            return _open_past_pillows_cap(data)
+
+
+def _open_past_pillows_cap(data: bytes) -> Image.Image:
+    """What Image.open had built when its size check refused it: the same walk over Pillow's registered
+    openers (Image.ID, Image.OPEN: the registry `Image.register_open` fills), without that check. It reads
+    what Image.open had already read, so it allocates nothing more; an opener that checks the size itself
+    (WebP) raises DecompressionBombError again."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        ok = not accept or accept(prefix)
+        if not ok or isinstance(ok, str):  # a str is Pillow's "not this format, and here is why"
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open skips to the next format
+            continue
+    raise UnidentifiedImageError("no Pillow opener reads this header")
 
 
 def _open_pil(im: Image.Image, name: str, limits: ImageLimits) -> OpenedImage:
@@ -468,6 +512,8 @@ def _open_pil(im: Image.Image, name: str, limits: ImageLimits) -> OpenedImage:
         if not limits.allow_animated:
             raise AnimatedImageError(f"image {name} is an animated {im.format} with {n} frames; only still images "
                                      "are accepted here", name)
+        # a warning, so library users can filter it; the CLI prints it and the server logs it as one clean
+        # line (errors.route_image_warnings)
         warnings.warn(AnimatedImageWarning(f"image {name} is an animated {im.format} with {n} frames: using the "
                                            "first frame only"), stacklevel=3)
     orientation = 1
@@ -533,4 +579,4 @@ def _open_array(a: np.ndarray, limits: ImageLimits) -> OpenedImage:
 
 
 __all__ = ["ImageLimits", "DEFAULT_LIMITS", "OpenedImage", "open_image", "load_image", "fetch_url",
-           "private_address_kind", "USER_AGENT"]
+           "private_address_kind", "check_local_file", "USER_AGENT"]

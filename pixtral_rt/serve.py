@@ -39,7 +39,7 @@ from .checkpoint import CheckpointError
 from .cli_flags import add_weight_flags, check_weight_flags
 from .config import ConfigError
 from .errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
-                     PixtralInputError, TooManyImagesError)
+                     PixtralInputError, TooManyImagesError, route_image_warnings)
 from .images import ImageLimits
 from .openai_protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
                               ChunkChoice, DeltaMessage, ModelCard, ModelList, OpenAIError, parse_chat_request)
@@ -462,6 +462,7 @@ def main(argv=None) -> int:
         if not os.path.isdir(root):
             parser.error(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    route_image_warnings(log.warning)   # an animated image: one warning line per request, no source line
     try:
         engine_kind = args.engine
         if args.tensor_parallel > 1 and engine_kind == "process":

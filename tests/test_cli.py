@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -29,7 +34,12 @@ def images(tmp_path_factory):
     Image.fromarray(rng.integers(0, 256, (120, 20, 3), dtype=np.uint8)).save(b)
     bad = d / "corrupt.png"
     bad.write_bytes(b"<html>this is not a png</html>")
-    return {"a": str(a), "b": str(b), "bad": str(bad)}
+    gif = d / "anim.gif"
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)).convert("P") for v in (10, 200, 90)]
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    folder = d / "folder"
+    folder.mkdir()
+    return {"a": str(a), "b": str(b), "bad": str(bad), "gif": str(gif), "dir": str(folder)}
 
 
 def run(env, *argv, stdin=None, timeout=300):
@@ -46,7 +56,7 @@ def js(p):
 def test_text_only_json_fields_are_sane(env):
     r = js(run(env, "--json", "--max-tokens", "5", "--prompt", "Hello there"))
     for key in ("model", "format", "device", "dtype", "prompt_tokens", "image_patches", "generated_token_ids",
-                "text", "timings"):
+                "text", "timings", "seed"):
         assert key in r, key
     assert r["format"] == "mistral" and r["device"] == "cpu" and r["random_weights"] is True
     assert r["image_patches"] == 0 and r["prompt_tokens"] > 3
@@ -90,11 +100,13 @@ def test_chat_through_stdin(env, images):
 
 
 def test_chat_survives_a_bad_image(env, images):
-    script = f"/image {images['bad']}\nlook\nstill there?\n"
+    # a bad file is refused when attached; a bad data: URL (checked when sent) fails its turn only
+    script = f"/image {images['bad']}\nlook\n/image data:image/png;base64,AAAA\nstill there?\nand now?\n"
     p = run(env, "--chat", "--max-tokens", "2", "--json", stdin=script)
     assert p.returncode == 0, p.stderr
     assert "not a recognised image" in p.stderr or "corrupt" in p.stderr.lower()
-    assert len([line for line in p.stdout.splitlines() if line.strip()]) == 1
+    assert "data:image/png;base64,AAAA" in p.stderr
+    assert len([line for line in p.stdout.splitlines() if line.strip()]) == 2
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "too-many", "bad-flag", "raw-base64"])
@@ -144,3 +156,131 @@ def test_ctrl_c_stops_cleanly_and_keeps_output(env):
     assert p.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert len(first + out) > 1
+
+
+# ------------------------------------------------------------------------------------------ seeds
+def test_no_seed_draws_a_fresh_one_reported_in_json_and_repeatable(env):
+    argv = ("--json", "--max-tokens", "12", "--temperature", "1", "--prompt", "Pick words")
+    a, b = js(run(env, *argv)), js(run(env, *argv))
+    assert isinstance(a["seed"], int) and isinstance(b["seed"], int)
+    assert a["seed"] != b["seed"]
+    # 12 tokens drawn at temperature 1 from the random model's flat distribution: equal by chance ~never
+    assert a["generated_token_ids"] != b["generated_token_ids"]
+    again = js(run(env, *argv, "--seed", str(a["seed"])))
+    assert again["seed"] == a["seed"] and again["generated_token_ids"] == a["generated_token_ids"]
+    help_text = " ".join(run(env, "--help").stdout.split())
+    assert "fresh random seed" in help_text and '"seed"' in help_text
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_directory_image_reads_as_the_loader_says_it(env, images):
+    p = run(env, "--image", images["dir"], "--prompt", "x")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"image path {images['dir']!r} is a directory, not a file" in p.stderr, p.stderr
+
+
+def test_animated_gif_warning_is_one_clean_line(env, images):
+    p = run(env, "--json", "--max-tokens", "1", "--image", images["gif"], "--prompt", "x")
+    r = js(p)
+    assert r["n_images"] == 1
+    lines = [line for line in p.stderr.splitlines() if "animated" in line]
+    assert lines == [f"pixtral_rt: warning: image {images['gif']!r} is an animated GIF with 3 frames: using the "
+                     "first frame only"], p.stderr
+    assert "AnimatedImageWarning" not in p.stderr and "warnings.warn" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------ --chat
+def test_chat_commands_help_unknown_and_image_checks_at_once(env, images):
+    missing = os.path.join(images["dir"], "missing.png")
+    script = (f"/help\n/bogus words\n/image {images['dir']}\n/image {images['a']}\n//slash text\nhello\n"
+              f"/image {missing}\n")   # the last one is followed by no message: it must be checked at once
+    p = run(env, "--chat", "--max-tokens", "2", "--json", stdin=script)
+    assert p.returncode == 0, p.stderr
+    err = p.stderr
+    assert err.count("commands: /image PATH, /reset, /help, /quit") == 2, err   # at the start and on /help
+    assert "'//text' sends '/text'" in err
+    assert "pixtral_rt: error: unknown command '/bogus'" in err, err
+    assert f"image path {images['dir']!r} is a directory, not a file" in err, err
+    assert f"image file {missing!r} does not exist" in err, err
+    assert "image attached to your next message (1 pending)" in err, err
+    turns = [json.loads(line) for line in p.stdout.splitlines() if line.strip()]
+    # '/help', '/bogus' and the /image lines are not sent; '//slash text' is, with the one good image (which
+    # the second turn has again, in its history)
+    assert [t["n_images"] for t in turns] == [1, 1], turns
+    assert turns[1]["prompt_tokens"] > turns[0]["prompt_tokens"]
+
+
+class _Reader:
+    """Collects a pipe's bytes on a thread, so the test can wait for what it expects with a deadline."""
+
+    def __init__(self, pipe):
+        self.data, self._q = b"", queue.Queue()
+        threading.Thread(target=self._pump, args=(pipe,), daemon=True).start()
+
+    def _pump(self, pipe):
+        while chunk := os.read(pipe.fileno(), 65536):
+            self._q.put(chunk)
+        self._q.put(None)
+
+    def wait_for(self, pattern: bytes, start: int = 0, timeout: float = 120.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while (m := re.compile(pattern).search(self.data, start)) is None:
+            try:
+                chunk = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {pattern!r} within {timeout} s; got {self.data[start:]!r}") from None
+            if chunk is None:
+                raise AssertionError(f"stream ended before {pattern!r}; got {self.data[start:]!r}")
+            self.data += chunk
+        return m
+
+
+def test_chat_ctrl_c_stops_the_answer_keeps_the_conversation_then_quits(env):
+    """Ctrl-C during an answer: the answer stops (what was generated stays printed and in the history), the
+    session goes on; Ctrl-C at the prompt ends it with exit 0. Each step waits for the output of the one
+    before (no sleeps); the answers are long enough (4000 tokens) that an interrupt always lands mid-answer."""
+    p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--device", "cpu", "--chat", "--max-tokens",
+                          "4000", "--max-context", "8192"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    out, err = _Reader(p.stdout), _Reader(p.stderr)
+    summary = rb"\[[^\n]*\| (\d+) prompt tokens,[^\n]* (\d+) tokens, interrupted\]"
+    try:
+        err.wait_for(rb"commands: ")
+        p.stdin.write(b"Tell me a long story about a lighthouse keeper and the sea, please.\n")
+        p.stdin.flush()
+        out.wait_for(rb"\S{3}")                       # the answer streams
+        p.send_signal(signal.SIGINT)
+        first = err.wait_for(summary)
+        note = err.wait_for(rb"answer stopped", 0)
+        p1, g1 = int(first.group(1)), int(first.group(2))
+        assert g1 >= 1
+        shown = len(out.data)
+        p.stdin.write(b"Go on.\n")
+        p.stdin.flush()
+        out.wait_for(rb"\S{3}", shown)               # a second answer comes
+        p.send_signal(signal.SIGINT)
+        second = err.wait_for(summary, note.end())
+        # the second prompt holds the first question and the partial first answer
+        assert int(second.group(1)) >= p1 + g1, (first.group(0), second.group(0))
+        err.wait_for(rb"answer stopped", second.end())
+        p.send_signal(signal.SIGINT)                 # at the prompt: quit
+        assert p.wait(timeout=60) == 0, err.data.decode(errors="replace")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert b"Traceback" not in err.data
+
+
+# ------------------------------------------------------------------------------------------ --device
+@pytest.mark.parametrize("module", ["pixtral_rt.generate", "pixtral_rt.serve"])
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "pixtral_rt: error: --device cuda: no CUDA GPU is visible ("),
+    ("tpu", "pixtral_rt: error: --device 'tpu' is not a device this runtime runs on"),
+])
+def test_device_flag_checked_before_loading(env, module, device, message):
+    e = dict(env, CUDA_VISIBLE_DEVICES="")   # no GPU, even on a GPU machine
+    p = subprocess.run([sys.executable, "-m", module, "--device", device], input="hi", capture_output=True,
+                       text=True, env=e, timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert p.stderr.splitlines() == [p.stderr.splitlines()[0]] and p.stderr.startswith(message), p.stderr

@@ -167,6 +167,26 @@ def test_animated_gif_first_frame_or_refused():
         load_image(b.getvalue(), ImageLimits(allow_animated=False))
 
 
+def test_animated_warning_can_be_routed_as_one_clean_line_per_load(caplog):
+    """The server logs the warning once per request (every load), at warning level, as the message alone:
+    no 'file:line: AnimatedImageWarning:' prefix and no source line."""
+    import logging
+    import warnings
+
+    from pixtral_rt.errors import route_image_warnings
+    frames = [Image.fromarray(np.full((8, 8, 3), v, np.uint8)).convert("P") for v in (10, 200, 90)]
+    b = io.BytesIO()
+    frames[0].save(b, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    log = logging.getLogger("pixtral_rt.test_images")
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING, logger=log.name):
+        route_image_warnings(log.warning)
+        for _ in range(2):  # two requests with the same image: two lines, not one per process
+            load_image(b.getvalue())
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == log.name]
+    want = f"image <{len(b.getvalue())} bytes> is an animated GIF with 3 frames: using the first frame only"
+    assert lines == [(logging.WARNING, want)] * 2
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 def _truncated_png():
     return _encode(Image.fromarray(_rand(64, 64, seed=5)), "PNG")[:400]
@@ -211,6 +231,29 @@ def test_bad_inputs(src, exc, pattern):
         load_image(src)
     assert isinstance(info.value, PixtralInputError) and isinstance(info.value, ValueError)
 
+
+
+def test_one_pixel_cap_one_message():
+    """Pillow refuses images over 2 * Image.MAX_IMAGE_PIXELS (178956970) inside Image.open, with its own
+    message and number; every image over ImageLimits.max_pixels must get ours instead: 20000x20000 (400M
+    pixels, over Pillow's limit) and 9000x9000 (81M, between the two caps) read the same."""
+    msgs = {}
+    for side in (20000, 9000):
+        with pytest.raises(ImageTooLargeError) as info:
+            open_image(_bomb_png(side, side))
+        msgs[side] = str(info.value)
+        assert "178956970" not in msgs[side] and "89478485" not in msgs[side], msgs[side]
+    wording = "image <67 bytes> is {0}x{0} = {1} pixels, over the cap of 67108864 (decompression-bomb guard)"
+    for side, msg in msgs.items():
+        assert msg.startswith(wording.format(side, side * side)), msg
+    assert msgs[20000].replace("20000x20000 = 400000000", "N") == msgs[9000].replace("9000x9000 = 81000000", "N")
+
+
+def test_pixel_cap_above_pillows_limit_is_the_one_that_counts():
+    opened = open_image(_bomb_png(20000, 20000), ImageLimits(max_pixels=500_000_000))  # header only
+    assert opened.size == (20000, 20000)
+    with pytest.raises(ImageTooLargeError, match=r"30000x30000 = 900000000 pixels, over the cap of 500000000"):
+        open_image(_bomb_png(30000, 30000), ImageLimits(max_pixels=500_000_000))
 
 def test_truncated_and_corrupt_body_fail_at_decode_naming_the_file(tmp_path):
     p = tmp_path / "cut.png"
