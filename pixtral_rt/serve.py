@@ -118,6 +118,38 @@ class _State:
         return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_context)
 
 
+class _AnswerUnexpected:
+    """ASGI middleware for server bugs: an exception no handler took is logged with its traceback and answered
+    500 in OpenAI's shape, and the connection stays usable. Not `@app.exception_handler(Exception)`: Starlette
+    runs that one in ServerErrorMiddleware, which re-raises after answering, and uvicorn then drops the
+    kept-alive connection, so the client's next request on it failed too. This middleware sits below
+    ServerErrorMiddleware and swallows the exception. Once a response has started (a stream), nothing more
+    can be answered: the exception goes on, and uvicorn closing the half-sent response is the right end."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            if started:
+                raise
+            log.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            await _error_response(OpenAIError(500, "internal server error (the server log has the details)",
+                                              type="server_error", code="internal_error"))(scope, receive, send)
+
+
 class _StreamingRun(StreamingResponse):
     """Server-sent events of one run. However the response ends (done, client gone, server stopping), the
     run is closed, so an abandoned request stops generating and its KV pages are freed at once."""
@@ -197,6 +229,7 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
 
     # no /docs or /openapi.json: they would be one more unauthenticated surface
     app = FastAPI(title="pixtral_rt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(_AnswerUnexpected)
     app.state.pixtral = state
 
     async def authorized(request: Request) -> None:
@@ -225,13 +258,6 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
     async def _http_error(request, exc: StarletteHTTPException):  # unknown route (404), wrong method (405)
         return _error_response(OpenAIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                                            code="not_found" if exc.status_code == 404 else None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        # Starlette re-raises after this response is sent, and uvicorn logs the traceback: the client only
-        # learns that something failed
-        return _error_response(OpenAIError(500, "internal server error (the server log has the details)",
-                                           type="server_error", code="internal_error"))
 
     @app.get("/health")
     async def health():

@@ -312,6 +312,30 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(plain, payload, 
     assert httpx.get(plain.url + "/health").status_code == 200
 
 
+# refused before any connection is tried, so nothing is resolved or contacted (example.invalid included)
+MALFORMED_URLS = [("http://user:pass@127.0.0.1/", "contains credentials"), ("http://[::1", "invalid host"),
+                  ("http://a b/x.png", "contains the character ' '"), ("http://127.0.0.1:abc/", "invalid port 'abc'"),
+                  ("http://127.0.0.1:59449@example.invalid/", "contains credentials")]
+
+
+def _local_port(r: httpx.Response) -> int:
+    return r.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_malformed_image_urls_are_400_on_a_connection_that_stays_up(plain):
+    with httpx.Client(base_url=plain.url, timeout=120) as client:
+        ports = set()
+        for url, part in MALFORMED_URLS:
+            r = client.post("/v1/chat/completions", json={"messages": [_user("hi", url)], "max_tokens": 1})
+            err = _error(r, 400)
+            assert err["param"] == "messages[0].content[0]" and err["code"] == "invalid_image", err
+            assert part in err["message"] and repr(url) in err["message"], err
+            ports.add(_local_port(r))
+        ok = client.post("/v1/chat/completions", json={"messages": [_user("hi", DATA_URL)], "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        assert ports == {_local_port(ok)}  # one kept-alive connection served them all
+
+
 def test_context_error_carries_the_token_counts(plain):
     err = _error(_post(plain, {"messages": [_user("hi")], "max_tokens": 100000}), 400)
     assert "100000" in err["message"] and "8192" in err["message"]
