@@ -453,7 +453,7 @@ def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
     from types import SimpleNamespace
 
     from pixtral_rt.openai_protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
-    from pixtral_rt.serve import _stream_events
+    from pixtral_rt.serve_app import _stream_events
 
     texts = ["plain", 'quote " and \\ backslash', "new\nline\ttab", "é ü 漢字 🙂", "\x01ctl", ""]
 
