@@ -47,8 +47,10 @@ examples:
   %(prog)s --model ./Pixtral-12B-2409 --allowed-local-media-path /srv/images
 
 Then: POST http://HOST:PORT/v1/chat/completions (OpenAI's API; any OpenAI client works), GET /v1/models,
-GET /health, GET /metrics. SIGTERM or Ctrl-C stops it cleanly (exit code 0). --host and --port are
-checked before the model loads (seconds, not minutes), as is the serve extra.
+GET /health, GET /metrics. A request parameter the server does not honour (tools, response_format,
+penalties, logit_bias, ...) is refused with 400 naming it, unless its value changes nothing (e.g.
+presence_penalty 0); unknown parameters too. SIGTERM or Ctrl-C stops it cleanly (exit code 0).
+--host and --port are checked before the model loads (seconds, not minutes), as is the serve extra.
 """
 EPILOG = EXAMPLES + "\nexit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES) + "\n"
 
