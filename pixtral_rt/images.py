@@ -33,6 +33,7 @@ import re
 import socket
 import struct
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -279,17 +280,136 @@ def _open_path(path: str, limits: ImageLimits) -> OpenedImage:
     return _open_bytes(data, name, limits)
 
 
+# ------------------------------------------------------------------------------------------ http(s) URLs
+# a host name after IDNA encoding: LDH labels ('_' too: real DNS names carry it), an optional final dot
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes superscripts and other scripts' digits
+_DIGITS = re.compile(r"[0-9]{1,19}")  # a Content-Length worth reading (the byte count while reading caps any size)
+# everything printable in ASCII stays as written (existing %XX escapes included); only non-ASCII is encoded
+_ASCII_PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F))
+
+
+def checked_http_url(url: str, label: str | None = None, error: type[ImageError] = ImageSourceError) -> str:
+    """`url` checked as an http(s) image URL and made ready to send: IDNA-encoded host, non-ASCII in the path
+    and query percent-encoded (UTF-8, as browsers do), fragment dropped. Anything urllib / http.client would
+    choke on later (no host, credentials, a bad port, unbalanced IPv6 brackets, spaces or control characters,
+    an impossible host name) raises `error` here, naming the part that is wrong. `label` starts the message
+    (default "image URL '<url>'")."""
+    name = describe_source(url)
+    label = label or f"image URL {name}"
+    _refuse_unprintable(url, label, name, error)
+    parts = _split(url, label, name, error)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise error(f"{label} is a non-http(s) URL (scheme {parts.scheme!r}): only http:// and https:// URLs are "
+                    "fetched", name)
+    netloc = _host_and_port(parts.netloc, label, name, error)
+    path, query = (urllib.parse.quote(p, safe=_ASCII_PRINTABLE) for p in (parts.path, parts.query))
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, path, query, ""))
+
+
+def _refuse_unprintable(url: str, label: str, name: str, error: type[ImageError]) -> None:
+    # before parsing: urlsplit silently deletes tabs and newlines, and http.client refuses any of these later
+    for i, c in enumerate(url):
+        if c.isspace() or unicodedata.category(c).startswith("C"):  # spaces, controls, lone surrogates, ...
+            raise error(f"{label} contains the character {c!r} (U+{ord(c):04X}) at position {i}: "
+                        "percent-encode it (a space is %20)", name)
+
+
+def _split(url: str, label: str, name: str, error: type[ImageError]) -> urllib.parse.SplitResult:
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError as exc:  # an unbalanced '[' / ']', IPv4 in brackets, a host whose NFKC form holds '/?#@:'
+        hint = ": an IPv6 address is written [2001:db8::1], [2001:db8::1]:8080" if "[" in url or "]" in url else ""
+        raise error(f"{label} has an invalid host ({exc}){hint}", name) from exc
+
+
+def _host_and_port(netloc: str, label: str, name: str, error: type[ImageError]) -> str:
+    """The netloc to send ('host', 'host:port', '[v6]:port'), the host IDNA-encoded."""
+    if "@" in netloc:
+        raise error(f"{label} contains credentials (the part before '@'): credentials in an image URL are "
+                    "refused; make the image readable without them or send it as a data: URL", name)
+    if netloc.startswith("["):
+        end = netloc.find("]")
+        host, rest = (netloc[1:end], netloc[end + 1:]) if end > 0 else (netloc[1:], None)
+        if rest is None or (rest and not rest.startswith(":")):
+            raise error(f"{label} has an invalid IPv6 host {describe_source(netloc, 60)}: write it as "
+                        "[2001:db8::1] or [2001:db8::1]:8080", name)
+        ascii_host, port = f"[{_ipv6(host, label, name, error)}]", rest[1:] if rest else None
+    else:
+        host, sep, port = netloc.partition(":")
+        if "[" in netloc or "]" in netloc or ":" in port:
+            raise error(f"{label} has an invalid host {describe_source(netloc, 60)}: brackets and a second ':' "
+                        "belong only to an IPv6 address, written [2001:db8::1]", name)
+        ascii_host, port = _host_name(host, label, name, error), port if sep else None
+    return ascii_host + _port(port, label, name, error)
+
+
+def _ipv6(host: str, label: str, name: str, error: type[ImageError]) -> str:
+    try:
+        if "%" in host:  # a zone index ("fe80::1%25eth0") names one of this machine's interfaces
+            raise ValueError("a zone index ('%...') is not accepted")
+        return ipaddress.IPv6Address(host).compressed
+    except ValueError as exc:
+        raise error(f"{label} has an invalid IPv6 address {describe_source(host, 60)} in brackets ({exc})",
+                    name) from exc
+
+
+def _host_name(host: str, label: str, name: str, error: type[ImageError]) -> str:
+    """A registered name or IPv4 address, IDNA-encoded (a non-ASCII label becomes its 'xn--' form)."""
+    if not host:
+        raise error(f"{label} has no host: write it as http(s)://host/path", name)
+    shown = describe_source(host, 60)
+    if "%" in host:
+        raise error(f"{label} has a percent-encoded host {shown}: write the host name as plain text", name)
+    try:
+        # Python's codec is IDNA 2003 (what socket.getaddrinfo itself would apply); it also refuses empty
+        # labels ('a..b') and labels over 63 characters
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError as exc:  # "encoding with 'idna' codec failed (UnicodeError: label too long)"
+        reason = re.sub(r"^.*\(UnicodeError: (.*)\)$", r"\1", str(exc))
+        raise error(f"{label} has a host name {shown} that is not a valid domain name ({reason})", name) from exc
+    if not _HOST_NAME.fullmatch(ascii_host) or len(ascii_host.rstrip(".")) > 253:
+        raise error(f"{label} has a host name {shown} that is not a valid domain name: letters, digits, '-' "
+                    "and '.' only (at most 253 characters), or an IPv6 address in brackets", name)
+    return ascii_host.lower()
+
+
+def _port(port: str | None, label: str, name: str, error: type[ImageError]) -> str:
+    if not port:  # none, or an empty one ("host:/"), which RFC 3986 reads as the scheme's default
+        return ""
+    if not _PORT.fullmatch(port) or not 1 <= int(port) <= 65535:
+        raise error(f"{label} has an invalid port {describe_source(port, 40)}: a port is a number from 1 to "
+                    "65535", name)
+    return f":{int(port)}"
+
+
 class _BoundedRedirects(urllib.request.HTTPRedirectHandler):
+    """At most `limit` redirects, each to a URL that passes checked_http_url (a bad target is the remote
+    server's fault: ImageFetchError, 502)."""
+
     def __init__(self, limit: int, name: str):
         super().__init__()
         self.limit, self.name, self.count = limit, name, 0
+
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: D401 - urllib hook
+        # urllib parses Location before redirect_request sees it: an unclosed '[' would escape as a ValueError
+        location = headers.get("location") or headers.get("uri") or ""
+        try:
+            urllib.parse.urlparse(location)
+        except ValueError as exc:
+            fp.close()
+            raise ImageFetchError(f"image URL {self.name} redirects to a malformed URL "
+                                  f"{describe_source(location)} ({exc})", self.name) from exc
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
         self.count += 1
         if self.count > self.limit:
             raise ImageFetchError(f"image URL {self.name}: more than {self.limit} redirects", self.name)
-        if urllib.parse.urlparse(newurl).scheme.lower() not in ("http", "https"):
-            raise ImageFetchError(f"image URL {self.name} redirects to a non-http(s) URL {newurl!r}", self.name)
+        newurl = checked_http_url(newurl, f"image URL {self.name} redirects to {describe_source(newurl)}, which",
+                                  ImageFetchError)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -378,16 +498,19 @@ def _opener(limits: ImageLimits, name: str) -> urllib.request.OpenerDirector:
 def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     """Download an http(s) URL: whole-download deadline `limits.timeout`, at most `limits.max_bytes`,
     at most `limits.max_redirects` redirects, with a User-Agent; with `limits.allow_private_urls` False, only
-    from public addresses. Raises ImageFetchError / ImageTooLargeError / ImageSourceError (refused address)."""
+    from public addresses. The URL (and every redirect target) is checked first (checked_http_url). Raises
+    ImageSourceError (malformed URL, refused address) / ImageFetchError / ImageTooLargeError, nothing else."""
     name = describe_source(url)
+    target = checked_http_url(url)
     deadline = time.monotonic() + limits.timeout
-    opener = _opener(limits, name)
-    req = urllib.request.Request(url, headers={"User-Agent": limits.user_agent, "Accept": "image/*,*/*;q=0.5"})
     chunks, total = [], 0
     try:
+        opener = _opener(limits, name)
+        req = urllib.request.Request(target, headers={"User-Agent": limits.user_agent,
+                                                      "Accept": "image/*,*/*;q=0.5"})
         with opener.open(req, timeout=limits.timeout) as resp:
             length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) > limits.max_bytes:
+            if length is not None and _DIGITS.fullmatch(length) and int(length) > limits.max_bytes:
                 raise ImageTooLargeError(f"image URL {name} is {int(length)} bytes (Content-Length), over the cap "
                                          f"of {limits.max_bytes}", name)
             while True:
@@ -425,7 +548,12 @@ def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
     except (TimeoutError, OSError) as exc:
         kind = "timed out" if isinstance(exc, TimeoutError) or "timed out" in str(exc) else "connection error"
         raise ImageFetchError(f"image URL {name}: {kind} after at most {limits.timeout:g} s ({exc})", name) from exc
-    except ValueError as exc:  # malformed URL (e.g. bad port)
+    except http.client.InvalidURL as exc:  # a URL http.client refuses although checked_http_url took it
+        raise ImageSourceError(f"image URL {name} is malformed: {exc}", name) from exc
+    except http.client.HTTPException as exc:  # the host answered, but not in HTTP (BadStatusLine, LineTooLong, ...)
+        raise ImageFetchError(f"image URL {name}: the server's answer is not valid HTTP "
+                              f"({type(exc).__name__}: {exc})", name) from exc
+    except (ValueError, UnicodeError) as exc:  # whatever else urllib finds malformed (UnicodeError included)
         raise ImageSourceError(f"image URL {name} is malformed: {exc}", name) from exc
     return b"".join(chunks)
 
@@ -579,4 +707,4 @@ def _open_array(a: np.ndarray, limits: ImageLimits) -> OpenedImage:
 
 
 __all__ = ["ImageLimits", "DEFAULT_LIMITS", "OpenedImage", "open_image", "load_image", "fetch_url",
-           "private_address_kind", "check_local_file", "USER_AGENT"]
+           "private_address_kind", "check_local_file", "checked_http_url", "USER_AGENT"]

@@ -1,15 +1,19 @@
 """OpenAI chat-completions protocol types (pydantic v2): the request, the response, the streaming chunk,
 usage, logprobs and the error body, as https://platform.openai.com/docs/api-reference/chat defines them.
 
-Requests are parsed with `parse_chat_request(obj)`: unknown fields are tolerated (as OpenAI does), a bad one
-raises OpenAIError(400) whose `param` names it ("temperature", "messages[0].content[1]"). Extensions:
-`top_k` (0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
+Requests are parsed with `parse_chat_request(obj)`: a bad value raises OpenAIError(400) whose `param` names it
+("temperature", "messages[0].content[1]"). A field the server does not honour is refused, never silently
+ignored (NOT_HONOURED says which values of which fields are accepted because they change nothing), and so
+is a field no table knows (OpenAI refuses those too: "Unrecognized request argument"). Extensions: `top_k`
+(0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class OpenAIError(Exception):
@@ -37,18 +41,97 @@ class ErrorResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------------------ request
-class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")  # like OpenAI: fields this server does not know are ignored
+ANY = "any value"   # accepted whatever it is: bookkeeping that cannot change the answer
+UNSUPPORTED = ()    # no value accepted (null, "not set", aside)
+
+# Request fields the server does not honour -> the values accepted because they change nothing. JSON null
+# ("not set") is always accepted; any other value is refused with 400 naming the field (code
+# unsupported_parameter). Keys are paths: "tools" is a request field, "messages[].refusal" a field of a
+# message, "messages[].content[].x" of a content part, "stream_options.x" of stream_options. A field that is
+# neither a model field nor listed here is refused too (code unknown_parameter). The applications issue will
+# implement tools, response_format and the penalties; each then becomes a field of its model and leaves this
+# table (tests/test_openai_protocol.py checks that no key is both).
+# A message's `name` is a ChatMessage field: accepted, and since Mistral's chat formats have no speaker names,
+# used only as a tool message's tool name.
+NOT_HONOURED: dict[str, tuple | str] = {
+    # tools and structured output: with no tools, tool_choice "auto" and parallel_tool_calls change nothing
+    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
+    "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+    # sampling and output this server does not implement
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
+    "service_tier": ("auto", "default"), "prediction": UNSUPPORTED, "audio": UNSUPPORTED,
+    "reasoning_effort": UNSUPPORTED, "verbosity": UNSUPPORTED, "web_search_options": UNSUPPORTED,
+    # bookkeeping
+    "user": ANY, "metadata": ANY, "store": ANY, "prompt_cache_key": ANY, "safety_identifier": ANY,
+    # vLLM's extensions but top_k (a field: honoured)
+    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "best_of": (1,),
+    "use_beam_search": (False,), "length_penalty": (1,), "stop_token_ids": ([],),
+    "include_stop_str_in_output": (False,), "echo": (False,), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "chat_template_kwargs": ({},), "priority": (0,),
+    "prompt_logprobs": UNSUPPORTED, "chat_template": UNSUPPORTED, "guided_json": UNSUPPORTED,
+    "guided_regex": UNSUPPORTED, "guided_choice": UNSUPPORTED, "guided_grammar": UNSUPPORTED,
+    "structured_outputs": UNSUPPORTED, "truncate_prompt_tokens": UNSUPPORTED, "logits_processors": UNSUPPORTED,
+    # what OpenAI's own responses carry, sent back in an assistant message of the history
+    "messages[].refusal": UNSUPPORTED, "messages[].annotations": ([],), "messages[].audio": UNSUPPORTED,
+    "messages[].function_call": UNSUPPORTED,
+    "stream_options.include_obfuscation": ANY, "stream_options.continuous_usage_stats": (False,),
+}
 
 
-class ImageURL(_Tolerant):
+def _same(value, accepted) -> bool:
+    """JSON equality: 0 == 0.0, but false is not 0 (a Python bool is an int)."""
+    if isinstance(value, bool) or isinstance(accepted, bool):
+        return type(value) is type(accepted) and value == accepted
+    return value == accepted
+
+
+def _refusal(path: str, name: str, value) -> PydanticCustomError | None:
+    """Why the extra field `name` (table key `path`) with `value` is refused, or None when it is accepted.
+    The message is the whole template: accepted values in it hold braces that pydantic must not format."""
+    accepted = NOT_HONOURED.get(path)
+    if accepted is None:
+        return PydanticCustomError("unknown_parameter", "{message}", {
+            "name": name, "message": "unrecognized request argument (this server does not know it): leave it out"})
+    if value is None or accepted == ANY or any(_same(value, a) for a in accepted):
+        return None
+    message = "not supported by this server: leave it out"
+    if accepted:
+        alts = " or ".join(json.dumps(a) for a in accepted)
+        message = (f"not supported by this server (only {alts}, which change{'s' if len(accepted) == 1 else ''} "
+                   f"nothing, {'is' if len(accepted) == 1 else 'are'} accepted): leave it out")
+    return PydanticCustomError("unsupported_parameter", "{message}", {"name": name, "message": message})
+
+
+class _Checked(BaseModel):
+    """A protocol object whose extra fields are looked up in NOT_HONOURED (under `_PATH`) before validation:
+    accepted ones are dropped, any other raises (parse_chat_request names the field)."""
+
+    model_config = ConfigDict(extra="forbid")  # a backstop: every extra field was decided on before
+    _PATH: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_not_honoured(cls, data):
+        if not isinstance(data, dict):
+            return data  # pydantic refuses it with the usual message
+        for name in [k for k in data if k not in cls.model_fields]:  # in the request's order
+            refusal = _refusal(cls._PATH + name, name, data[name])
+            if refusal is not None:
+                raise refusal
+        return {k: v for k, v in data.items() if k in cls.model_fields}
+
+
+class ImageURL(_Checked):
+    _PATH = "messages[].content[].image_url."
     url: str
     detail: Literal["auto", "low", "high"] | None = None  # accepted; Pixtral sees each image at its own size
 
 
-class ContentPart(_Tolerant):
+class ContentPart(_Checked):
     """{"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}; the url is an
     http(s) URL or a data:image/...;base64 URL (local paths only where the operator allows a folder)."""
+
+    _PATH = "messages[].content[]."
 
     type: str
     text: str | None = None
@@ -77,7 +160,8 @@ class ContentPart(_Tolerant):
         return {"type": "image_url", "image_url": {"url": self.image_url.url}}
 
 
-class ChatMessage(_Tolerant):
+class ChatMessage(_Checked):
+    _PATH = "messages[]."
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: list[ContentPart] | None = None
     name: str | None = None
@@ -101,11 +185,12 @@ class ChatMessage(_Tolerant):
         return m
 
 
-class StreamOptions(_Tolerant):
+class StreamOptions(_Checked):
+    _PATH = "stream_options."
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Tolerant):
+class ChatCompletionRequest(_Checked):
     model: str | None = None                  # when given, must be the served model's name
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -167,6 +252,9 @@ def parse_chat_request(obj: Any) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
+        if err["type"] in ("unsupported_parameter", "unknown_parameter"):  # the param is the extra field itself
+            param = _param_name((*err["loc"], err["ctx"]["name"]))
+            raise OpenAIError(400, f"{param}: {err['msg']}", param=param, code=err["type"]) from exc
         param = _param_name(err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):

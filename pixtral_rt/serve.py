@@ -1,355 +1,45 @@
-"""`python -m pixtral_rt.serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on LLMEngine.
+"""`python -m pixtral_rt.serve` (or `pixtral-rt-serve`): the command line of the OpenAI-compatible HTTP server
+(the app itself: serve_app.py).
 
     python -m pixtral_rt.serve --model ~/models/Pixtral-12B-2409 --port 8000
     curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
          -d '{"model": "Pixtral-12B-2409", "messages": [{"role": "user", "content": "Hi"}]}'
 
-Endpoints: POST /v1/chat/completions (streamed as server-sent events or whole), GET /v1/models,
-GET /health (200 only while the engine is ready), GET /metrics (Prometheus).
-
-Each request: body read with a size cap -> validated (openai_protocol) -> host work (image fetch and decode,
-tokenisation: engine.encode) in a thread pool, never on the event loop -> one engine request per choice
-(serve_completion) -> tokens back through an asyncio queue. A client that goes away has its requests
-cancelled, which frees their KV pages. Errors answer in OpenAI's shape; no traceback reaches a client.
-SIGTERM / Ctrl-C: stop accepting, end the requests in flight, shut the engine down, exit 0.
+The order of work makes every mistake show in seconds, not after minutes of loading weights: the arguments,
+then the serve extra (fastapi, uvicorn, prometheus-client; one line saying how to install it), then the
+listening socket (a port in use, a host that is not this machine's), then the model, then serving on that
+same socket. Nothing heavy is imported at module level (no fastapi, uvicorn, starlette or torch), so
+`--help` works on an install without the serve extra.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import functools
-import hmac
-import json
+import errno
+import importlib
 import logging
 import os
-import secrets
-import signal
+import socket
 import sys
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
-import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from .checkpoint import CheckpointError
 from .cli_flags import add_weight_flags, check_weight_flags
-from .config import ConfigError
-from .errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
-                     PixtralInputError, TooManyImagesError, route_image_warnings)
-from .images import ImageLimits
-from .openai_protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
-                              ChunkChoice, DeltaMessage, ModelCard, ModelList, OpenAIError, parse_chat_request)
-from .sampling import SamplingParams
-from .serve_completion import Aborted, CompletionRun, GenerationFailed, TokenText
-from .serve_metrics import ServerMetrics
-from .serving.engine_client import EngineClient
-from .serving.llm_engine import LLMEngine, QueueFullError
 
 log = logging.getLogger("pixtral_rt.serve")
 
-DEFAULT_MAX_BODY_BYTES = 64 << 20
-# what a server may fetch: no local files, no private addresses (the CLI's defaults allow both)
-SERVER_IMAGE_LIMITS = ImageLimits(allow_local_files=False, allow_private_urls=False)
-SHUTDOWN_GRACE_S = 5.0
+DEFAULT_MAX_BODY_MB = 64.0   # serve_app.DEFAULT_MAX_BODY_BYTES in MiB (not imported: serve_app imports fastapi)
+LISTEN_BACKLOG = 2048        # uvicorn's default
+SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client")  # setup.py's SERVE_REQUIRES, by import name
 
-# input error class -> OpenAI error code; the first match wins, so subclasses come first
-_ERROR_CODES = [(QueueFullError, "queue_full"), (ContextLengthError, "context_length_exceeded"),
-                (TooManyImagesError, "too_many_images"), (ImageTooLargeError, "image_too_large"),
-                (ImageFetchError, "image_fetch_failed"), (ImageError, "invalid_image"),
-                (MessageFormatError, "invalid_messages")]
+# exit codes, listed in --help exactly as this table says
+EXIT_STOPPED, EXIT_FAILURE, EXIT_USAGE, EXIT_NO_LISTEN, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = [
+    (EXIT_STOPPED, "stopped by SIGTERM or Ctrl-C"),
+    (EXIT_FAILURE, "runtime failure (loading failed for a reason other than the inputs, or the server failed)"),
+    (EXIT_USAGE, "bad arguments, model folder or checkpoint, or the serve extra is not installed"),
+    (EXIT_NO_LISTEN, "cannot listen on --host/--port (port in use, not an address of this machine, no "
+                     "permission)"),
+    (EXIT_INTERRUPTED, "Ctrl-C while the model was loading"),
+]
 
-
-def _input_error(exc: PixtralInputError) -> OpenAIError:
-    """An input error from the request pipeline or the engine's admission (queue full: 503), as OpenAI
-    would answer it."""
-    msg = str(exc)
-    # OpenAI answers 400 for a prompt that does not fit the context (errors.py says 413 for the CLI's sake)
-    status = 400 if isinstance(exc, ContextLengthError) else exc.status
-    code = next((c for cls, c in _ERROR_CODES if isinstance(exc, cls)), "invalid_request")
-    # image errors start with the part they are about: "messages[0].content[1]: image ..."
-    where = msg.split(":", 1)[0]
-    param = where if where.startswith("messages[") and " " not in where else "messages"
-    kind = {502: "upstream_error", 503: "server_error"}.get(status, "invalid_request_error")
-    return OpenAIError(status, msg, type=kind, param=None if status == 503 else param, code=code)
-
-
-def _error_response(err: OpenAIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
-
-
-class _State:
-    """What the routes share: the engine, the host-work pool, and the requests in flight (for shutdown)."""
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-        self.created = int(time.time())
-        # image downloads block for up to their timeout: a pool of their own keeps them off the event loop
-        # and out of the default executor
-        self.pool = ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4),
-                                       thread_name_prefix="pixtral-encode")
-        self.token_text = TokenText(engine.tokenizer)
-        self.metrics = ServerMetrics(engine)
-        self.active: set[CompletionRun] = set()
-        self.draining = False
-
-    def check_accepting(self) -> None:
-        if self.draining:
-            raise OpenAIError(503, "the server is shutting down", type="server_error", code="shutting_down")
-        if not self.engine.ready:
-            raise OpenAIError(503, "the engine is not ready", type="server_error", code="not_ready")
-
-    def drain(self) -> None:
-        """Shutdown: refuse new requests and end those in flight (their streams finish with an error event).
-        Runs on the event loop's thread (_Server.handle_exit schedules it there)."""
-        self.draining = True
-        for run in list(self.active):
-            run.abort("the server is shutting down")
-
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=self.name, created=self.created, max_model_len=self.engine.max_context)
-
-
-class _StreamingRun(StreamingResponse):
-    """Server-sent events of one run. However the response ends (done, client gone, server stopping), the
-    run is closed, so an abandoned request stops generating and its KV pages are freed at once."""
-
-    def __init__(self, run: CompletionRun, events):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.run = run
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.run.close()
-
-
-async def _read_body(request: Request, cap: int) -> bytes:
-    too_big = OpenAIError(413, f"request body is over the cap of {cap} bytes", code="request_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        raise too_big
-    chunks, total = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
-        total += len(chunk)
-        if total > cap:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json(body: bytes):
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
-        raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_leaves(request: Request, coro):
-    """The result of `coro`, or None when the client disconnects first (then `coro` is cancelled)."""
-    work, gone = asyncio.ensure_future(coro), asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-    return work.result() if work in done else None
-
-
-def _sampling(chat, max_tokens: int) -> list[SamplingParams]:
-    """One SamplingParams per choice. Choice i uses seed + i; without a seed each choice draws its own, so
-    sampled answers differ between requests as with OpenAI (greedy ones do not depend on it). Seeds are
-    taken mod 2^63 to fit the sampler's int64, which keeps their low 32 bits, the only ones it hashes."""
-    return [SamplingParams(temperature=1.0 if chat.temperature is None else chat.temperature,
-                           top_p=1.0 if chat.top_p is None else chat.top_p,
-                           top_k=max(0, chat.top_k or 0), max_tokens=max_tokens, stop=tuple(chat.stop),
-                           seed=(chat.seed + i) % 2**63 if chat.seed is not None else secrets.randbits(32))
-            for i in range(chat.n or 1)]
-
-
-def build_app(engine, served_model_name: str, api_key: str | None = None, max_images: int = 12,
-              image_limits: ImageLimits = SERVER_IMAGE_LIMITS,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app over a loaded engine. `app.state.pixtral.drain()` ends the requests in flight."""
-    state = _State(engine, served_model_name)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        yield
-        state.pool.shutdown(wait=False, cancel_futures=True)
-
-    # no /docs or /openapi.json: they would be one more unauthenticated surface
-    app = FastAPI(title="pixtral_rt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.pixtral = state
-
-    async def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise OpenAIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
-
-    guarded = [Depends(authorized)]
-
-    def unknown_model(name: str) -> OpenAIError:
-        return OpenAIError(404, f"the model {name!r} does not exist: this server serves {state.name!r}",
-                           param="model", code="model_not_found")
-
-    @app.exception_handler(OpenAIError)
-    async def _openai_error(request, exc: OpenAIError):
-        return _error_response(exc)
-
-    @app.exception_handler(PixtralInputError)
-    async def _bad_input(request, exc: PixtralInputError):
-        return _error_response(_input_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc: StarletteHTTPException):  # unknown route (404), wrong method (405)
-        return _error_response(OpenAIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                           code="not_found" if exc.status_code == 404 else None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request, exc: Exception):
-        # Starlette re-raises after this response is sent, and uvicorn logs the traceback: the client only
-        # learns that something failed
-        return _error_response(OpenAIError(500, "internal server error (the server log has the details)",
-                                           type="server_error", code="internal_error"))
-
-    @app.get("/health")
-    async def health():
-        state.check_accepting()
-        return {"status": "ok"}
-
-    @app.get("/metrics", dependencies=guarded)
-    async def metrics():
-        # engine.metrics() may wait for an answer from the engine (EngineClient): not on the event loop
-        body, content_type = await asyncio.get_running_loop().run_in_executor(state.pool, state.metrics.render)
-        return Response(body, media_type=content_type)
-
-    @app.get("/v1/models", dependencies=guarded)
-    async def models():
-        return ModelList(data=[state.model_card()]).model_dump()
-
-    @app.get("/v1/models/{model_id:path}", dependencies=guarded)
-    async def model(model_id: str):
-        if model_id != state.name:
-            raise unknown_model(model_id)
-        return state.model_card().model_dump()
-
-    @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(request: Request):
-        arrived = time.monotonic()
-        state.check_accepting()
-        chat = parse_chat_request(_json(await _read_body(request, max_body_bytes)))
-        if chat.model is not None and chat.model != state.name:
-            raise unknown_model(chat.model)
-        if chat.image_count() > max_images:  # counted before any image is fetched
-            raise OpenAIError(413, f"the request has {chat.image_count()} images; at most {max_images} are "
-                                   "allowed per request", param="messages", code="too_many_images")
-        asked = chat.max_new_tokens
-        # with no max_tokens the answer may fill the context: encode checks that one token fits
-        req = await asyncio.get_running_loop().run_in_executor(
-            state.pool, functools.partial(engine.encode, chat.chat_messages(), asked or 1, image_limits=image_limits))
-        max_tokens = asked or engine.max_context - req.prompt_tokens
-        state.check_accepting()  # shutdown may have begun during a slow image download
-        run = CompletionRun(engine, state.token_text, state.metrics, n=chat.n or 1, stop=tuple(chat.stop),
-                            logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, arrived=arrived,
-                            on_close=state.active.discard)
-        state.active.add(run)
-        run.submit(req, _sampling(chat, max_tokens))
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if chat.stream:
-            return _StreamingRun(run, _stream_events(run, chat, rid, created, state.name))
-        try:
-            body = await _unless_client_leaves(request, _whole_answer(run, rid, created, state.name))
-        finally:
-            run.close()
-        # 499 (client closed request): nobody reads it, but the access log says what happened
-        return JSONResponse(body) if body is not None else Response(status_code=499)
-
-    return app
-
-
-async def _whole_answer(run: CompletionRun, rid: str, created: int, model: str) -> dict:
-    logprobs = [[] for _ in run.choices]
-    try:
-        async for d in run.deltas():
-            if d.logprobs is not None:
-                logprobs[d.index] += d.logprobs
-    except Aborted as exc:
-        raise OpenAIError(503, str(exc), type="server_error", code="shutting_down") from exc
-    except GenerationFailed as exc:
-        raise OpenAIError(500, str(exc), type="server_error", code="generation_failed") from exc
-    choices = [Choice(index=i, message=AssistantMessage(content=c.text.text), finish_reason=c.finish_reason,
-                      logprobs=ChoiceLogprobs(content=logprobs[i]) if run.logprobs is not None else None)
-               for i, c in enumerate(run.choices)]
-    return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
-                                  usage=run.usage()).model_dump()
-
-
-async def _stream_events(run: CompletionRun, chat, rid: str, created: int, model: str):
-    """SSE chunks: each choice's role first, then its text (and logprobs), then its finish_reason; with
-    stream_options.include_usage a last chunk with no choices and the usage; then [DONE]. An error after
-    the stream began can no longer change the status code: it is sent as an {"error": ...} event."""
-    exclude = None if chat.include_usage else {"usage"}
-
-    def chunk(choices, usage=None) -> str:
-        c = ChatCompletionChunk(id=rid, created=created, model=model, choices=choices, usage=usage)
-        return _sse(c.model_dump_json(exclude=exclude))
-
-    # the hot path, one chunk per token of every stream: the same JSON as chunk() gives for a text-only
-    # delta, built from a fixed head (pydantic costs ~100 us a chunk, which caps a 64-stream server)
-    head = json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model},
-                      ensure_ascii=False)[:-1]
-    tail = ',"usage":null}' if chat.include_usage else "}"
-
-    def text_chunk(index: int, text: str) -> str:
-        return (f'data: {head},"choices":[{{"index":{index},"delta":{{"content":{json.dumps(text, ensure_ascii=False)}}},'
-                f'"logprobs":null,"finish_reason":null}}]{tail}\n\n')
-
-    try:
-        for i in range(len(run.choices)):
-            yield chunk([ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        async for d in run.deltas():
-            if d.text and d.logprobs is None:
-                yield text_chunk(d.index, d.text)
-            elif d.text or d.logprobs:
-                lp = ChoiceLogprobs(content=d.logprobs) if d.logprobs is not None else None
-                yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp)])
-            if d.finish_reason is not None:
-                yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(), finish_reason=d.finish_reason)])
-        if chat.include_usage:
-            yield chunk([], usage=run.usage())
-    except Aborted as exc:
-        yield _sse(json.dumps(OpenAIError(503, str(exc), type="server_error", code="shutting_down").body()))
-    except GenerationFailed as exc:
-        yield _sse(json.dumps(OpenAIError(500, str(exc), type="server_error", code="generation_failed").body()))
-    except Exception:  # noqa: BLE001 - the headers are sent: log it, tell the client in the stream
-        log.exception("streaming %s failed", rid)
-        yield _sse(json.dumps(OpenAIError(500, "internal server error (the server log has the details)",
-                                          type="server_error", code="internal_error").body()))
-    yield _sse("[DONE]")
-
-
-# --------------------------------------------------------------------------------------------- command line
 EXAMPLES = """
 examples:
   %(prog)s                      (the embedded random model: tiny on CPU, 12B on a GPU)
@@ -357,9 +47,12 @@ examples:
   %(prog)s --model ./Pixtral-12B-2409 --allowed-local-media-path /srv/images
 
 Then: POST http://HOST:PORT/v1/chat/completions (OpenAI's API; any OpenAI client works), GET /v1/models,
-GET /health, GET /metrics. SIGTERM or Ctrl-C stops it cleanly (exit code 0).
-exit codes: 0 stopped, 2 bad arguments or model folder, 1 runtime failure (e.g. the port is taken).
+GET /health, GET /metrics. A request parameter the server does not honour (tools, response_format,
+penalties, logit_bias, ...) is refused with 400 naming it, unless its value changes nothing (e.g.
+presence_penalty 0); unknown parameters too. SIGTERM or Ctrl-C stops it cleanly (exit code 0).
+--host and --port are checked before the model loads (seconds, not minutes), as is the serve extra.
 """
+EPILOG = EXAMPLES + "\nexit codes:\n" + "\n".join(f"  {code:<4} {what}" for code, what in EXIT_CODES) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pixtral_rt.serve",
         description="Serve a Pixtral-family model over an OpenAI-compatible HTTP API (chat completions with "
                     "images, streaming, logprobs), with continuous batching.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="DIR",
                    help="checkpoint folder (Mistral or HF layout); default: embedded random weights (a tiny "
@@ -391,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting at most; one more is answered 503 (default 1024)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all); "
+                        "checked with --port before the model loads")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one, "
+                                                         "logged)")
     s.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
                         "$PIXTRAL_RT_API_KEY if set, else no key; the variable keeps the key out of `ps`)")
@@ -401,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("request limits and image security")
     r.add_argument("--max-images", type=int, default=12, metavar="N",
                    help="images per request at most; more are refused with 413 (default 12)")
-    r.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20, metavar="MB",
+    r.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB, metavar="MB",
                    help="request body size cap (base64 images included); larger gets 413 (default 64)")
     r.add_argument("--allowed-local-media-path", metavar="DIR",
                    help="let requests name local image files (paths or file:// URLs) inside DIR; without it "
@@ -413,40 +108,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server with this shutdown: on SIGTERM / Ctrl-C, first end the requests in flight (so long
-    streams do not hold up the graceful stop), then stop as uvicorn does, and return instead of re-raising
-    the signal (uvicorn re-raises it after stopping, which would end the process with -15, not 0)."""
-
-    def __init__(self, config: uvicorn.Config, on_exit):
-        super().__init__(config)
-        self.on_exit = on_exit
-
-    def handle_exit(self, sig, frame) -> None:
-        if not self.should_exit:
-            # a signal handler interrupts the event loop between any two bytecodes: drain in a loop callback
-            asyncio.get_running_loop().call_soon_threadsafe(self.on_exit)
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
-
-
 def _default_name(model: str | None, engine) -> str:
     if model:
         return os.path.basename(os.path.normpath(model))
     return engine.info["model"].replace(" ", "-")  # the random default: "random <preset>" -> "random-<preset>"
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class ListenError(Exception):
+    """The server cannot listen on --host:--port; the message says why and what to do."""
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port and listening, opened before the model loads; uvicorn then serves this
+    same socket, so no other process can take the port in between. It listens at once because only that
+    holds the port: a socket merely bound with SO_REUSEADDR (as uvicorn binds) does not keep another one from
+    binding beside it. Connections made while the model loads wait in the backlog until serving starts."""
+    where = _address(host, port)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn: a host name listens on IPv4
+    try:
+        addr = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ListenError(f"cannot listen on {where}: --host {host!r} is not a known name or address here "
+                          f"({exc}); use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of "
+                          "this machine's addresses") from exc
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {where}: {_why_not(exc, host)}") from exc
+    return sock
+
+
+def _why_not(exc: OSError, host: str) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is already in use (another server?): stop that process or choose another --port"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{host} is not an address of this machine: use 127.0.0.1 (this machine only), 0.0.0.0 (every "
+                "interface) or one of this machine's own addresses")
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges): choose a --port of 1024 or more"
+    return f"{exc.strerror or exc}"
+
+
+def _missing_serve_extra() -> str | None:
+    """None when the server's dependencies import, else one line saying what is missing and how to add it."""
+    for module in SERVE_EXTRA:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return (f"the HTTP server needs the 'serve' extra, which is not installed ({exc}): pip install -e "
+                    "'.[serve]' in a source checkout, or pip install 'pixtral_rt[serve]'")
+    return None
+
+
+def _torchrun_follower() -> bool:
+    """A torchrun rank other than 0: it holds a shard and follows rank 0 from inside the engine load, never
+    serves, so it must not take the port. tensor_parallel.torchrun_env's rule, not imported (torch)."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+            and int(os.environ["RANK"]) != 0)
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Value checks argparse cannot express (parser.error: exit 2); returns the real path of the local media
+    folder, or None."""
     for flag, value, low in (("--max-images", args.max_images, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 1)):
         if value is not None and value < low:
@@ -456,53 +187,92 @@ def main(argv=None) -> int:
         parser.error(f"--port must be in 0..65535, got {args.port}")
     if not args.max_body_mb > 0:
         parser.error(f"--max-body-mb must be > 0, got {args.max_body_mb}")
-    root = None
-    if args.allowed_local_media_path is not None:
-        root = os.path.realpath(os.path.expanduser(args.allowed_local_media_path))
-        if not os.path.isdir(root):
-            parser.error(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    route_image_warnings(log.warning)   # an animated image: one warning line per request, no source line
+    if args.allowed_local_media_path is None:
+        return None
+    root = os.path.realpath(os.path.expanduser(args.allowed_local_media_path))
+    if not os.path.isdir(root):
+        parser.error(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder")
+    return root
+
+
+def _load_engine(args: argparse.Namespace):
+    from .serving.engine_client import EngineClient
+    from .serving.llm_engine import LLMEngine
+    engine_kind = args.engine
+    if args.tensor_parallel > 1 and engine_kind == "process":
+        # the engine process is daemonic and may not start the tensor-parallel workers: the engine runs
+        # in this process (its workers are the other processes)
+        log.info("--tensor-parallel %d: the engine runs in the server process (--engine thread)",
+                 args.tensor_parallel)
+        engine_kind = "thread"
+    load = EngineClient.start if engine_kind == "process" else LLMEngine.load
+    return load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
+                max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
+                quantization=args.quantization, random_weights=args.random_weights,
+                tensor_parallel=args.tensor_parallel)
+
+
+def _load_and_serve(args: argparse.Namespace, root: str | None, sock: socket.socket | None) -> int:
+    """Load the model, then serve on `sock` until stopped. `sock` is None only on a torchrun follower,
+    which never returns from the load."""
+    from . import serve_app
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .errors import PixtralInputError
+    from .images import ImageLimits
     try:
-        engine_kind = args.engine
-        if args.tensor_parallel > 1 and engine_kind == "process":
-            # the engine process is daemonic and may not start the tensor-parallel workers: the engine runs
-            # in this process (its workers are the other processes)
-            log.info("--tensor-parallel %d: the engine runs in the server process (--engine thread)",
-                     args.tensor_parallel)
-            engine_kind = "thread"
-        load = EngineClient.start if engine_kind == "process" else LLMEngine.load
-        engine = load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                      max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
-                      quantization=args.quantization, random_weights=args.random_weights,
-                      tensor_parallel=args.tensor_parallel)
+        engine = _load_engine(args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except (PixtralInputError, CheckpointError, ConfigError) as exc:
         print(f"pixtral_rt: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except Exception as exc:  # noqa: BLE001 - one line for users; the traceback on request
         if os.environ.get("PIXTRAL_RT_DEBUG"):
             raise
         print(f"pixtral_rt: error ({type(exc).__name__}): {exc}  [set PIXTRAL_RT_DEBUG=1 for a traceback]",
               file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     name = args.served_model_name or _default_name(args.model, engine)
     limits = ImageLimits(allow_local_files=root is not None, local_files_root=root,
                          allow_private_urls=args.allow_private_urls)
     api_key = args.api_key or os.environ.get("PIXTRAL_RT_API_KEY") or None
-    app = build_app(engine, name, api_key=api_key, max_images=args.max_images, image_limits=limits,
-                    max_body_bytes=int(args.max_body_mb * 2**20))
-    log.info("serving %r (%s) on http://%s:%d; API key %s; local images %s; private image URLs %s", name,
-             engine.info.get("device"), args.host, args.port, "required" if api_key else "not required",
-             f"from {root}" if root else "refused", "allowed" if args.allow_private_urls else "refused")
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    app = serve_app.build_app(engine, name, api_key=api_key, max_images=args.max_images, image_limits=limits,
+                              max_body_bytes=int(args.max_body_mb * 2**20))
+    log.info("serving %r (%s) on http://%s; API key %s; local images %s; private image URLs %s", name,
+             engine.info.get("device"), _address(args.host, sock.getsockname()[1]),
+             "required" if api_key else "not required", f"from {root}" if root else "refused",
+             "allowed" if args.allow_private_urls else "refused")
     try:
-        _Server(config, app.state.pixtral.drain).run()
+        serve_app.serve(app, sock, args.log_level)
     finally:
-        engine.shutdown(timeout=SHUTDOWN_GRACE_S)
-    return 0
+        engine.shutdown(timeout=serve_app.SHUTDOWN_GRACE_S)
+    return EXIT_STOPPED
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    root = _check_args(parser, args)
+    missing = _missing_serve_extra()
+    if missing:
+        print(f"pixtral_rt: error: {missing}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .errors import route_image_warnings
+    route_image_warnings(log.warning)   # an animated image: one warning line per request, no source line
+    sock = None
+    if not _torchrun_follower():
+        try:
+            sock = listen_socket(args.host, args.port)
+        except ListenError as exc:
+            print(f"pixtral_rt: error: {exc}", file=sys.stderr)
+            return EXIT_NO_LISTEN
+    try:
+        return _load_and_serve(args, root, sock)
+    finally:
+        if sock is not None:
+            sock.close()
 
 
 if __name__ == "__main__":

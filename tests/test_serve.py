@@ -312,6 +312,58 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(plain, payload, 
     assert httpx.get(plain.url + "/health").status_code == 200
 
 
+# refused before any connection is tried, so nothing is resolved or contacted (example.invalid included)
+MALFORMED_URLS = [("http://user:pass@127.0.0.1/", "contains credentials"), ("http://[::1", "invalid host"),
+                  ("http://a b/x.png", "contains the character ' '"), ("http://127.0.0.1:abc/", "invalid port 'abc'"),
+                  ("http://127.0.0.1:59449@example.invalid/", "contains credentials")]
+
+
+def _local_port(r: httpx.Response) -> int:
+    return r.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+
+def test_malformed_image_urls_are_400_on_a_connection_that_stays_up(plain):
+    with httpx.Client(base_url=plain.url, timeout=120) as client:
+        ports = set()
+        for url, part in MALFORMED_URLS:
+            r = client.post("/v1/chat/completions", json={"messages": [_user("hi", url)], "max_tokens": 1})
+            err = _error(r, 400)
+            assert err["param"] == "messages[0].content[0]" and err["code"] == "invalid_image", err
+            assert part in err["message"] and repr(url) in err["message"], err
+            ports.add(_local_port(r))
+        ok = client.post("/v1/chat/completions", json={"messages": [_user("hi", DATA_URL)], "max_tokens": 1})
+        assert ok.status_code == 200, ok.text
+        assert ports == {_local_port(ok)}  # one kept-alive connection served them all
+
+
+@pytest.mark.parametrize("extra,param,code", [
+    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
+    ({"logit_bias": {"17": 5}}, "logit_bias", "unsupported_parameter"),
+    ({"repetition_penalty": 1.3}, "repetition_penalty", "unsupported_parameter"),
+    ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
+])
+def test_parameters_the_server_does_not_honour_are_400(plain, extra, param, code):
+    err = _error(_post(plain, {"messages": [_user("hi")], "max_tokens": 1, **extra}), 400)
+    assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
+    assert err["message"].startswith(f"{param}: ")
+
+
+def test_the_openai_client_with_harmless_and_unsupported_parameters(plain):
+    client, model = plain.client(), _model(plain)
+    r = client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, temperature=0,
+                                       presence_penalty=0, frequency_penalty=0, logit_bias={}, user="u-1",
+                                       metadata={"k": "v"}, store=False, tool_choice="none", tools=[],
+                                       response_format={"type": "text"}, parallel_tool_calls=True,
+                                       extra_body={"top_k": 5})
+    assert r.usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, frequency_penalty=1.5)
+    assert e.value.status_code == 400 and e.value.body["param"] == "frequency_penalty"
+    assert e.value.body["code"] == "unsupported_parameter"
+
+
 def test_context_error_carries_the_token_counts(plain):
     err = _error(_post(plain, {"messages": [_user("hi")], "max_tokens": 100000}), 400)
     assert "100000" in err["message"] and "8192" in err["message"]
@@ -429,7 +481,7 @@ def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
     from types import SimpleNamespace
 
     from pixtral_rt.openai_protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
-    from pixtral_rt.serve import _stream_events
+    from pixtral_rt.serve_app import _stream_events
 
     texts = ["plain", 'quote " and \\ backslash', "new\nline\ttab", "é ü 漢字 🙂", "\x01ctl", ""]
 
