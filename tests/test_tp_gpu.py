@@ -2,14 +2,14 @@
 against TP=1 on the same machine. Needs 2 GPUs (the nvidia-h200-x2 machine); skipped elsewhere with the
 reason. On one GPU: the TP code path with a process group of one against the plain engine, and TP=2 with both
 ranks on the one GPU over gloo (PIXTRAL_RT_TP_SAME_GPU: real traffic between ranks, no graphs) against TP=1,
-for Pixtral-12B and Pixtral-Large's real shapes (its first 4 decoder layers). Criterion as in
-test_serving_gpu.py: where TP=2's greedy tokens leave TP=1's, the TP=2 token is in TP=1's top 20 at the first
-divergence and within 1 nat of its choice (bf16 sums in another order)."""
+for Pixtral-12B and Pixtral-Large's real shapes (its first 4 decoder layers). Criterion:
+tests/agreement.py (every position on the shared prefix, and the first divergence), with a negative control."""
 import numpy as np
 import pytest
 import torch
 
 from pixtral_rt.sampling import SamplingParams
+from tests.agreement import check_agreement
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")]
 needs_two = pytest.mark.skipif(
@@ -57,32 +57,7 @@ def test_one_rank_nccl_path_matches_plain_engine(monkeypatch, lm_head, allreduce
 
 
 def _check_agreement(alone, got, what: str) -> None:
-    """TP=1 against TP=2 outputs, both with top-20 logprobs. Up to and including the first divergence the two
-    runs condition on the same tokens, so their next-token distributions must match up to bf16 noise: at
-    every such position the top-20 lists share >= 10 tokens and their logprobs differ by < 1 nat (random
-    weights: logits spread over several nats, bf16 noise ~0.2-0.3 nats; a missing or doubled partial sum
-    moves them by nats). At the first divergence TP=2's token is in TP=1's top 20, within 1 nat of its choice."""
-    same = sum(a.token_ids == b.token_ids for a, b in zip(alone, got))
-    worst, overlaps = 0.0, []
-    for i, (a, b) in enumerate(zip(alone, got)):
-        assert len(a.token_ids) >= 1 and len(b.token_ids) >= 1, f"request {i}: an empty output"
-        n = min(len(a.token_ids), len(b.token_ids))
-        k = next((k for k in range(n) if a.token_ids[k] != b.token_ids[k]), n - 1)
-        for j in range(k + 1):                  # positions conditioned on the same prefix
-            ta, tb = dict(a.top_logprobs[j]), dict(b.top_logprobs[j])
-            common = ta.keys() & tb.keys()
-            overlaps.append(len(common))
-            assert len(common) >= 10, f"request {i} position {j}: top-20 lists share {len(common)} tokens"
-            d = max(abs(ta[t] - tb[t]) for t in common)
-            worst = max(worst, d)
-            assert d < 1.0, f"request {i} position {j}: logprobs differ by {d:.3f} nats"
-        if a.token_ids != b.token_ids and k < n:
-            top = dict(a.top_logprobs[k])
-            assert b.token_ids[k] in top, f"request {i}: token {k} ({b.token_ids[k]}) left TP=1's top 20"
-            assert a.logprobs[k] - top[b.token_ids[k]] < 1.0, f"request {i}: token {k} more than 1 nat off"
-    print(f"\n{what}: {same}/{len(alone)} requests token-identical, TP=2 vs TP=1; {len(overlaps)} positions on "
-          f"a shared prefix: top-20 overlap min {min(overlaps)} mean {sum(overlaps) / len(overlaps):.1f}, "
-          f"max |logprob difference| {worst:.3f} nats")
+    check_agreement(alone, got, what + ", TP=2 vs TP=1")
 
 
 @pytest.mark.parametrize("lm_head", ["replicated", "vocab"])
