@@ -31,10 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # grid dependency control (PDL); absent in old Triton
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit
@@ -174,13 +171,6 @@ def _gemv_fused_kernel(x_ptr, g_ptr, w_ptr, r_ptr, y_ptr, N, K, stride_w, eps,
         r = tl.load(r_ptr + offs_n, mask=nmask, other=0.0)
         y = (y.to(tl.float32) + r.to(tl.float32)).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + offs_n, y, mask=nmask)
-
-
-def pdl_supported(device) -> bool:
-    """Programmatic dependent launch: CUDA sm90+ and a Triton with griddepcontrol."""
-    device = torch.device(device)
-    return (gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def gemv_fused(x: torch.Tensor, w: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from pixtral_rt.kernels.decode_attention import _decode_reduce_kernel, default_num_splits, split_partials
-from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit

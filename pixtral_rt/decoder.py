@@ -59,11 +59,12 @@ import torch.nn.functional as F
 from . import compile_events
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
-from .tensor_parallel import ALLREDUCE_IMPLS, gather_vocab
+from .collectives import ALLREDUCE_IMPLS, gather_vocab
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
-from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
+from pixtral_rt.kernels.gemv import gemv, gemv_fused
+from pixtral_rt.kernels.pdl import pdl_supported
 from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
 from pixtral_rt.kernels.paged_decode_attention import paged_decode_attention
 from pixtral_rt.kernels.paged_prefill_attention import paged_prefill_attention
@@ -305,7 +306,7 @@ class FastDecoder:
         return F.linear(x, w)
 
     def _gather_vocab(self, part: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel lm_head: this rank's (R, vocab / world) logits -> (R, vocab) (tensor_parallel.
+        """Vocab-parallel lm_head: this rank's (R, vocab / world) logits -> (R, vocab) (collectives.
         gather_vocab). Identity otherwise."""
         if not self.vocab_parallel:
             return part

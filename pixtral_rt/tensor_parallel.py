@@ -8,7 +8,8 @@ on a free TCP port of 127.0.0.1), or they already exist under torchrun (RANK / W
 
 Sharding (pixtral_rt/sharding.py, Megatron style): wq / wk / wv / w1 / w3 split by output rows (whole heads,
 whole KV heads), wo / w2 by input columns; each rank's wo / w2 output is a partial sum, summed across ranks
-by one all-reduce (`install_all_reduce` on the reference model; FastDecoder(tp_group=...) on the GPU).
+by one all-reduce (pixtral_rt/collectives.py: `install_all_reduce` on the reference model; FastDecoder(tp_group=...)
+on the GPU).
 Embeddings, norms and the vision encoder are replicated (the vision encoder and the logits only matter on
 rank 0); the lm_head is split by vocabulary rows with its logits all-gathered, or replicated with
 PIXTRAL_RT_TP_LM_HEAD=replicated (sharding.lm_head_mode says why vocab-parallel is the default).
@@ -47,6 +48,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
+from .collectives import allreduce_impl, install_all_reduce
+
 
 def backend_for(device: torch.device) -> str:
     """The data group's backend: NCCL between GPUs, gloo on the CPU and in the same-GPU test mode."""
@@ -61,19 +64,6 @@ def same_gpu_forced() -> bool:
     cross between processes, against TP=1 (tests/test_tp_gpu.py). Slow, and not for production: NCCL, and
     the collectives inside the decode graphs, need one GPU per rank."""
     return os.environ.get("PIXTRAL_RT_TP_SAME_GPU", "0") == "1"
-
-
-ALLREDUCE_IMPLS = ("nccl", "symm")
-
-
-def allreduce_impl() -> str:
-    """The decode step's all-reduces on GPUs: "nccl" (dist.all_reduce) or "symm" (torch symmetric memory's
-    one-shot all-reduce for decode-sized sums, NCCL for prefill; FastDecoder(tp_allreduce=)).
-    PIXTRAL_RT_TP_ALLREDUCE, read in every rank; the faster one by measurement becomes the default."""
-    impl = os.environ.get("PIXTRAL_RT_TP_ALLREDUCE", "nccl")
-    if impl not in ALLREDUCE_IMPLS:
-        raise ValueError(f"PIXTRAL_RT_TP_ALLREDUCE={impl!r}: choose one of {', '.join(ALLREDUCE_IMPLS)}")
-    return impl
 
 
 def check_gpus(world: int, device: torch.device) -> None:
@@ -110,44 +100,6 @@ def _fault(rank: int, where: str, count: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model side
-def install_all_reduce(model: torch.nn.Module, group=None, vocab_parallel: bool = False) -> int:
-    """Sum the partial outputs of every row-parallel linear (layers.*.attention.wo, layers.*.feed_forward.w2)
-    across ranks, by a forward hook on each; vocab_parallel: all-gather the lm_head's (`output`) logit
-    slices into the full vocabulary. Returns how many hooks were installed."""
-    import re
-    n = 0
-    for name, mod in model.named_modules():
-        # text decoder only: the vision encoder (replicated, rank 0 only) has modules of the same names
-        if re.fullmatch(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)", name):
-            mod.register_forward_hook(lambda _m, _inp, out: _all_reduce(out, group))
-            n += 1
-    if vocab_parallel:
-        model.output.register_forward_hook(lambda _m, _inp, out: gather_vocab(out, group))
-        n += 1
-    return n
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    t = t.contiguous()
-    dist.all_reduce(t, group=group)
-    return t
-
-
-_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor    # renamed in torch 2.13
-
-
-def gather_vocab(part: torch.Tensor, group) -> torch.Tensor:
-    """Vocab-parallel lm_head: this rank's (..., vocab / world) logits -> (..., vocab) on every rank, by one
-    all-gather (rank r's block is vocab columns [r V / w, (r + 1) V / w)). Capturable in a CUDA graph (NCCL);
-    FastDecoder and the reference model's hook both use it."""
-    world = dist.get_world_size(group)
-    lead, Vp = part.shape[:-1], part.shape[-1]
-    flat = part.reshape(-1, Vp).contiguous()
-    buf = torch.empty(world * flat.shape[0], Vp, device=part.device, dtype=part.dtype)
-    _gather_into(buf, flat, group=group)
-    return buf.view(world, flat.shape[0], Vp).transpose(0, 1).reshape(*lead, world * Vp)
-
-
 # The control channel: a fixed header of int64 broadcast from rank 0 over a gloo group (CPU tensors, so it
 # also works while rank 0 captures a CUDA graph); the call's tensors follow over the data group (NCCL on
 # GPUs, gloo on the CPU). Header: [op, a, b, c, d, e, f, g].
