@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.common import record
 from pixtral_rt.chat import EncodedRequest
-from pixtral_rt.engine import Engine, decoder_weight_bytes, kv_bytes_per_token
+from pixtral_rt.engine import Engine
+from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
 from pixtral_rt.sampling import SamplingParams
 
 IMAGE_SETS = {"a_1img_1024": [(1024, 1024)], "b_4imgs_mixed": [(1024, 1024), (512, 768), (768, 512), (256, 256)]}

@@ -27,7 +27,8 @@ from benchmarks.bench_e2e import request, run_ours, ttft_flops
 from benchmarks.common import bench_ms, copy_bandwidth_TBps, matmul_TFLOPs, record
 from pixtral_rt.chat import EncodedRequest, encode_request
 from pixtral_rt.config import PRESETS
-from pixtral_rt.engine import Engine, kv_bytes_per_token, resolve_model
+from pixtral_rt.engine import Engine
+from pixtral_rt.loading import kv_bytes_per_token, resolve_model
 from pixtral_rt.sampling import SamplingParams
 
 BENCH = "fp8"

@@ -182,7 +182,7 @@ def main():
 def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
     import torch
     from pixtral_rt.config import PIXTRAL_12B
-    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
+    from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
     sfx = "" if mode == "process" else f"@{mode}"
     print(f"--- server engine: {mode}", flush=True)

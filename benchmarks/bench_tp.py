@@ -23,7 +23,7 @@ import numpy as np
 from benchmarks.bench_e2e import request, ttft_flops
 from benchmarks.bench_fp8 import _Encoder, run_engine, text_request
 from benchmarks.common import copy_bandwidth_TBps, matmul_TFLOPs, record
-from pixtral_rt.engine import kv_bytes_per_token, resolve_model
+from pixtral_rt.loading import kv_bytes_per_token, resolve_model
 
 
 def main():

@@ -32,8 +32,8 @@ def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def check_device_flag(parser: argparse.ArgumentParser, device: str | None) -> None:
-    """Exit 2 with "pixtral_rt: error: --device ..." when `device` is not there (engine.resolve_device)."""
-    from .engine import resolve_device   # torch is imported by then anyway; not at `--help` time
+    """Exit 2 with "pixtral_rt: error: --device ..." when `device` is not there (loading.resolve_device)."""
+    from .loading import resolve_device   # torch is imported by then anyway; not at `--help` time
     from .errors import DeviceError
     try:
         resolve_device(device)

@@ -160,7 +160,7 @@ def _warning_printer():
 def _run_turn(engine, messages, params, args):
     """Stream one answer to stdout (--json: one object at the end instead). Ctrl-C stops the answer: what
     was generated stays printed and is returned, with finish_reason "interrupted"."""
-    from .engine import GenerationResult
+    from .serving.outputs import GenerationResult
     engine.last = None  # an interrupt before the engine starts must not report the previous turn
     pieces = engine.stream(messages, params)
     stopped = False

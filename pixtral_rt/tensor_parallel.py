@@ -48,7 +48,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .collectives import allreduce_impl, install_all_reduce
+from .collectives import allreduce_impl
 
 
 def backend_for(device: torch.device) -> str:
@@ -391,66 +391,66 @@ def join_as_rank0(device: torch.device) -> None:
     _join(*torchrun_env(), device)
 
 
-# ------------------------------------------------------------------------------------------ shards
-def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool = False):
-    """The plain PyTorch model holding this rank's shard: PixtralModel (rank 0: + vision) or the text
-    Transformer (followers), with the all-reduce hooks installed."""
-    import dataclasses
+# ------------------------------------------------------------------------------------------ building
+def options_from_env():
+    """RuntimeOptions from PIXTRAL_RT_TP_LM_HEAD / PIXTRAL_RT_TP_ALLREDUCE (their defaults when unset)."""
+    from .options import RuntimeOptions
+    from .sharding import lm_head_mode
+    return RuntimeOptions(tp_lm_head=lm_head_mode(), tp_allreduce=allreduce_impl())
 
-    from .reference.fp8_linear import install_fp8_linears
-    from .reference.model import PixtralModel
-    from .reference.transformer import Transformer
-    from .sharding import lm_head_mode, sharded_args
-    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
-    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
-    vocab_parallel = lm_head_mode() == "vocab"
-    with torch.device("meta"):
-        m = Transformer(args.text) if text_only else PixtralModel(args)
-        if vocab_parallel:          # this rank's rows of the lm_head (the embedding table stays whole)
-            m.output = torch.nn.Linear(args.text.dim, args.text.vocab_size // world, bias=False)
-    install_fp8_linears(m, sd)
-    m.load_state_dict(sd, assign=True, strict=True)
-    install_all_reduce(m, vocab_parallel=vocab_parallel)
-    return m.eval(), args
+
+def start_leader(src, world: int, env, build_kw: dict, use_graphs: bool, progress: bool, options):
+    """Rank 0 of a tensor-parallel engine: check the sizes, start (or join, under torchrun) the followers,
+    build rank 0's shard (pixtral_rt/loading.py) and wrap it in LeaderModel.
+    Returns (model, backend description, use_graphs, default KV pool tokens or None)."""
+    from .loading import build_model
+    from .sharding import check_divisible
+    dev = src.device
+    check_divisible(src.args.text, world)             # before any process starts (lm_head mode checked too)
+    if not env:                                       # torchrun placed its ranks itself
+        check_gpus(world, dev)
+    if dev.type == "cuda" and options.tp_allreduce == "symm" and same_gpu_forced():
+        raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
+                         "PIXTRAL_RT_TP_SAME_GPU test mode")
+    load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
+                   dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
+                   quantization=src.quantization, random_weights=src.random_preset, options=options.to_dict(),
+                   **build_kw)
+    if dev.type == "cuda" and dev.index is None:
+        dev = src.device = torch.device("cuda", 0)
+    if env:
+        join_as_rank0(dev)
+        followers = None
+    else:
+        followers, _ = launch(world, load_kw, dev)
+    kv_default = None
+    if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
+        same_gpu = same_gpu_forced()      # test mode: all ranks on this GPU over gloo, no graphs
+        use_graphs = use_graphs and not same_gpu
+        backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
+                   + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
+                      if same_gpu else "NCCL")
+                   + f", lm_head {options.tp_lm_head}, all-reduce {'gloo' if same_gpu else options.tp_allreduce}")
+        if same_gpu:                      # the other ranks are still filling this GPU
+            kv_default = 4 * build_kw["max_seq"]
+    else:
+        backend = (f"reference (paged, continuous batching), tensor parallel {world} over gloo, "
+                   f"lm_head {options.tp_lm_head}")
+    local = build_model(src, shard=(0, world), text_only=False, use_graphs=use_graphs, progress=progress,
+                        options=options, **build_kw)
+    return LeaderModel(local, world, processes=followers), backend, use_graphs, kv_default
 
 
 def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.device):
-    """A follower's paged model over its shard (no tokenizer, no vision)."""
-    from .engine import resolve_source
+    """A follower's paged model over its shard (no tokenizer, no vision): pixtral_rt/loading.py."""
+    from .loading import build_model, resolve_source
+    from .options import RuntimeOptions
     src = resolve_source(load_kw.get("model"), str(device), load_kw.get("dtype"), load_kw.get("fmt"),
                          load_kw.get("quantization"), load_kw.get("random_weights"))
-    if device.type == "cuda":
-        return fast_shard(src, rank, world, text_only=True, max_batch=load_kw["max_batch"],
-                          max_seq=load_kw["max_seq"], max_images=load_kw["max_images"],
-                          use_graphs=not same_gpu_forced())
-    from .serving.paged_model import ReferencePagedModel
-    m, args = reference_shard(src, rank, world, text_only=True)
-    return ReferencePagedModel(m, args, device, src.dtype)
-
-
-def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_seq: int, max_images: int,
-               use_graphs: bool, progress: bool = False):
-    """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL; gloo in the
-    same-GPU test mode), plus the vision encoder on rank 0 (text_only=False). Run on one GPU with a group of
-    one and with 2 ranks on one GPU over gloo; not yet across GPUs."""
-    import dataclasses
-
-    from .decoder import FastDecoder
-    from .fast_backend import _TEXT_PREFIXES
-    from .serving.paged_model import FastPagedModel
-    from .sharding import lm_head_mode, sharded_args
-    from .vision import FastVisionEncoder
-    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
-    vision = None
-    if not text_only:
-        vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
-        vision = FastVisionEncoder.from_state_dict(vision_sd, src.args, src.dtype, src.device)
-        del vision_sd
-    torch.cuda.empty_cache()
-    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
-    dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, static_cache=False, tp_group="world",
-                      vocab_parallel=lm_head_mode() == "vocab", tp_allreduce=allreduce_impl())
-    sd.clear()
-    torch.cuda.empty_cache()
-    return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)
+    max_seq = load_kw.get("max_seq")
+    if max_seq is None:           # a torchrun follower: rank 0's sizes are computed here the same way
+        t = src.args.text
+        max_seq = min(load_kw.get("max_context") or t.max_seq_len, t.max_seq_len) + load_kw["page_size"]
+    return build_model(src, max_batch=load_kw["max_batch"], max_seq=max_seq,
+                       max_images=load_kw["max_images"], use_graphs=not same_gpu_forced(), progress=False,
+                       shard=(rank, world), text_only=True, options=RuntimeOptions(**load_kw.get("options", {})))

@@ -66,7 +66,7 @@ def test_paged_fast_path_matches_reference_logits(eng):
     """Prefill + 8 decode steps of one 1-image request on the fast paged model vs the reference model
     (bf16 weights upcast to fp32), through the engine's own logprobs."""
     from pixtral_rt.chat import encode_request
-    from pixtral_rt.engine import load_reference_model, resolve_model
+    from pixtral_rt.loading import load_reference_model, resolve_model
     m = _msgs(1)
     res = eng.generate(m, SamplingParams(max_tokens=8), logprobs=0)
     src = resolve_model(None, "cuda", "bfloat16", None)
