@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (<= 240 s): GPU tests of the decode-chain variants (gemv pdl/glu, PDL norm/silu, decode
 # attention PDL, full-width 2-layer decoder per fusion incl. bitwise none == none+pdl), then the graph-replayed
-# decode step A/B in one process (bench_decode_step.py: none x2, none+pdl, fused2, fused2+pdl at 1k and 4k).
+# decode step A/B in one process (bench_decode_step.py, the engine's graph: none x2, none+pdl at 1k and 4k).
 set -u
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_NO_EXT=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -71,10 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weight/activation dtype (default: bfloat16 on GPU, float32 on CPU)")
-    m.add_argument("--backend", choices=["auto", "serving", "fast", "reference"], default="auto",
-                   help="serving (= auto) = the continuous-batching engine over a paged KV cache, as the server "
-                        "runs it (Triton kernels + CUDA graphs on a GPU, the PyTorch reference on CPU; --chat turns "
-                        "reuse the cached prefix); fast / reference = the earlier batch-1 engines (default: auto)")
     m.add_argument("--max-context", type=int, help="KV cache size in tokens (default: the model's, capped by GPU "
                                                    "memory); longer requests are refused up front")
     m.add_argument("--max-images", type=int, default=12, help="images allowed per request (default 12)")
@@ -330,7 +326,7 @@ def main(argv=None) -> int:
             if not prompt:
                 parser.error("empty prompt on stdin: give --prompt TEXT")
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                             max_images=args.max_images, backend=args.backend, fmt=args.format,
+                             max_images=args.max_images, fmt=args.format,
                              progress=not (args.quiet or args.json), use_graphs=not args.no_graphs,
                              quantization=args.quantization, random_weights=args.random_weights,
                              tensor_parallel=args.tensor_parallel)

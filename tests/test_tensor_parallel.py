@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 @torch.inference_mode()
 def prompt_logits(engine, req):
     """Last-token logits of a prompt through the engine's model (pages 1.. of an idle engine)."""
-    m = engine.backend.runner.model
+    m = engine.llm.runner.model
     P, T = m.page_size, req.prompt_tokens
     toks = torch.tensor(req.tokens)
     h = m.embed(toks)
@@ -64,8 +64,8 @@ def test_tp2_equals_tp1(ckpt, fmt, lm_head, monkeypatch):
             assert err < 1e-5, (n, err)            # partial sums in another order: fp32 round-off only
             assert not torch.equal(la, torch.zeros_like(la))
     finally:
-        two.backend.shutdown()
-        one.backend.shutdown()
+        two.shutdown()
+        one.shutdown()
 
 
 def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
@@ -83,8 +83,8 @@ def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
             req = one.encode(m, p)
             assert torch.equal(prompt_logits(one, req), prompt_logits(forced, req))
     finally:
-        forced.backend.shutdown()
-        one.backend.shutdown()
+        forced.shutdown()
+        one.shutdown()
 
 
 def test_same_gpu_mode_devices_and_backend(monkeypatch):
