@@ -238,7 +238,7 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
         args = dataclasses.replace(src.args, text=sharded_args(src.args.text, shard[1]))
         tp = dict(tp_group="world", vocab_parallel=options.tp_lm_head == "vocab", tp_allreduce=options.tp_allreduce)
     dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, static_cache=False, **tp)      # consume: frees each unfused weight as it is fused
+                      consume=True, **tp)      # consume: frees each unfused weight as it is fused
     sd.clear()
     torch.cuda.empty_cache()
     return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)

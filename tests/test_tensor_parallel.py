@@ -185,7 +185,7 @@ def _fast_rank(rank, world, port, sd, seqs, q, lm_head):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     args = tiny(vocab_size=1000).text
     shard = {k: shard_tensor(v, k, rank, world) for k, v in sd.items()}
-    dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40, prefill_chunk=6,
+    dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40,
                       gemv_backend="triton", decode_fusion="none+pdl", tp_group="world",
                       vocab_parallel=lm_head == "vocab")
     out = run_fast(dec, seqs, splits=[[5]], n_decode=3)
@@ -248,7 +248,7 @@ def test_fast_decoder_tp2_equals_tp1_interpreter(lm_head):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(0, 1000, (14,), generator=g).tolist()]
-    ref = run_fast(FastDecoder(args, dict(sd), max_batch=2, max_seq=40, prefill_chunk=6, gemv_backend="triton",
+    ref = run_fast(FastDecoder(args, dict(sd), max_batch=2, max_seq=40, gemv_backend="triton",
                                decode_fusion="none+pdl"), seqs, splits=[[5]], n_decode=3)[0]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
