@@ -3,23 +3,8 @@ vocab all-gather of the lm_head (FastDecoder on GPUs, forward hooks on the refer
 process code here: starting and steering the ranks is pixtral_rt/tensor_parallel.py's job."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
-
-ALLREDUCE_IMPLS = ("nccl", "symm")
-
-
-def allreduce_impl() -> str:
-    """The decode step's all-reduces on GPUs: "nccl" (dist.all_reduce) or "symm" (torch symmetric memory's
-    one-shot all-reduce for decode-sized sums, NCCL for prefill; FastDecoder(tp_allreduce=)).
-    PIXTRAL_RT_TP_ALLREDUCE, read in every rank; the faster one by measurement becomes the default."""
-    impl = os.environ.get("PIXTRAL_RT_TP_ALLREDUCE", "nccl")
-    if impl not in ALLREDUCE_IMPLS:
-        raise ValueError(f"PIXTRAL_RT_TP_ALLREDUCE={impl!r}: choose one of {', '.join(ALLREDUCE_IMPLS)}")
-    return impl
-
 
 def install_all_reduce(model: torch.nn.Module, group=None, vocab_parallel: bool = False) -> int:
     """Sum the partial outputs of every row-parallel linear (layers.*.attention.wo, layers.*.feed_forward.w2)

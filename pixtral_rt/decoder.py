@@ -38,7 +38,8 @@ import torch.nn.functional as F
 
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
-from .collectives import ALLREDUCE_IMPLS, gather_vocab
+from .collectives import gather_vocab
+from .options import ALLREDUCE_IMPLS
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .cli_flags import add_weight_flags, check_weight_flags
+from .cli_flags import add_runtime_flags, add_weight_flags, check_weight_flags, runtime_options
 from .config import ConfigError
 from .errors import PixtralInputError, route_image_warnings
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "memory); longer requests are refused up front")
     m.add_argument("--max-images", type=int, default=12, help="images allowed per request (default 12)")
     m.add_argument("--no-graphs", action="store_true", help="run without CUDA graphs (debugging)")
+    add_runtime_flags(m)
     r = p.add_argument_group("request")
     r.add_argument("--prompt", help="user message text (read from stdin if omitted and not --chat)")
     r.add_argument("--image", action="append", default=[], metavar="SRC",
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
                              max_images=args.max_images, fmt=args.format,
                              progress=not (args.quiet or args.json), use_graphs=not args.no_graphs,
                              quantization=args.quantization, random_weights=args.random_weights,
-                             tensor_parallel=args.tensor_parallel)
+                             tensor_parallel=args.tensor_parallel, options=runtime_options(args))
         if args.chat:
             _chat_loop(engine, params, args)
             return 0

@@ -86,20 +86,21 @@ class ModelSource:
         return self.plan.format if self.plan is not None else "random (generated on the device)"
 
     def load_weights(self, progress: bool = True, shard: tuple[int, int] | None = None,
-                     text_only: bool = False) -> dict[str, torch.Tensor]:
+                     text_only: bool = False, lm_head: str | None = None) -> dict[str, torch.Tensor]:
         """The weight dictionary the loader produces (our key names; FP8 linears as weight + weight_scale):
         from the checkpoint, or drawn on the device for random_preset (same per-name seeding as the writer).
-        shard=(rank, world): this rank's slices only (pixtral_rt/sharding.py); text_only: the text decoder's
-        tensors only (tensor-parallel followers)."""
+        shard=(rank, world): this rank's slices only (pixtral_rt/sharding.py; lm_head "vocab": the lm_head's
+        rows split too, "replicated": whole); text_only: the text decoder's tensors only (tensor-parallel
+        followers)."""
         from .checkpoint import expected_shapes, load_state_dict
         keys = [k for k in expected_shapes(self.args) if k.startswith(TEXT_PREFIXES)] if text_only else None
         if self.random_preset is not None:
             from .random_weights import random_state_dict_on_device
             return random_state_dict_on_device(self.args, seed=0, device=self.device, dtype=self.dtype,
                                                quantization=self.quantization, progress=progress, shard=shard,
-                                               keys=keys)
+                                               keys=keys, lm_head=lm_head)
         return load_state_dict(self.plan, device=self.device, dtype=self.dtype, progress=progress, keys=keys,
-                               quantization=self.quantization, shard=shard)
+                               quantization=self.quantization, shard=shard, lm_head=lm_head)
 
     def precision(self) -> str:
         """For the load message and --json: which weights are in which precision."""
@@ -225,7 +226,7 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
     from .serving.paged_model import FastPagedModel
     from .sharding import sharded_args
     from .vision import FastVisionEncoder
-    sd = src.load_weights(progress, shard=shard, text_only=text_only)
+    sd = src.load_weights(progress, shard=shard, text_only=text_only, lm_head=options.tp_lm_head)
     torch.cuda.empty_cache()     # transients of loading (random draws, quantisation) out of the cache:
     #                              the fused wqkv / w13 below need contiguous room (Pixtral-Large FP8)
     vision = None
@@ -235,7 +236,7 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
         del vision_sd
     args, tp = src.args, {}
     if shard is not None:
-        args = dataclasses.replace(src.args, text=sharded_args(src.args.text, shard[1]))
+        args = dataclasses.replace(src.args, text=sharded_args(src.args.text, shard[1], options.tp_lm_head))
         tp = dict(tp_group="world", vocab_parallel=options.tp_lm_head == "vocab", tp_allreduce=options.tp_allreduce)
     dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
                       consume=True, **tp)      # consume: frees each unfused weight as it is fused
@@ -248,12 +249,12 @@ def _reference_model(src, progress, shard, text_only, options):
     from .serving.paged_model import ReferencePagedModel
     if shard is None:
         return ReferencePagedModel(load_reference_model(src, progress), src.args, src.device, src.dtype)
-    m, args = reference_shard(src, shard, text_only, progress, vocab_parallel=options.tp_lm_head == "vocab")
+    m, args = reference_shard(src, shard, text_only, progress, lm_head=options.tp_lm_head)
     return ReferencePagedModel(m, args, src.device, src.dtype)
 
 
 def reference_shard(src: ModelSource, shard: tuple[int, int], text_only: bool, progress: bool = False,
-                    vocab_parallel: bool = True):
+                    lm_head: str = "vocab"):
     """The plain PyTorch model holding this rank's shard: PixtralModel (rank 0: + vision) or the text
     Transformer (followers), with the all-reduce hooks installed. Returns (model, sharded args)."""
     from .collectives import install_all_reduce
@@ -261,9 +262,9 @@ def reference_shard(src: ModelSource, shard: tuple[int, int], text_only: bool, p
     from .reference.model import PixtralModel
     from .reference.transformer import Transformer
     from .sharding import sharded_args
-    world = shard[1]
-    sd = src.load_weights(progress, shard=shard, text_only=text_only)
-    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
+    world, vocab_parallel = shard[1], lm_head == "vocab"
+    sd = src.load_weights(progress, shard=shard, text_only=text_only, lm_head=lm_head)
+    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world, lm_head))
     with torch.device("meta"):
         m = Transformer(args.text) if text_only else PixtralModel(args)
         if vocab_parallel:          # this rank's rows of the lm_head (the embedding table stays whole)

@@ -12,7 +12,8 @@ by one all-reduce (pixtral_rt/collectives.py: `install_all_reduce` on the refere
 on the GPU).
 Embeddings, norms and the vision encoder are replicated (the vision encoder and the logits only matter on
 rank 0); the lm_head is split by vocabulary rows with its logits all-gathered, or replicated with
-PIXTRAL_RT_TP_LM_HEAD=replicated (sharding.lm_head_mode says why vocab-parallel is the default).
+--tp-lm-head replicated (RuntimeOptions.tp_lm_head, carried to every rank in the launch arguments;
+pixtral_rt/sharding.py says why vocab-parallel is the default).
 
 Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
 `LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,
@@ -22,7 +23,8 @@ all-reduces inside keep every rank in step. Vision, prompt embedding and samplin
 sends the embeddings it computed). On GPUs a decode step is a CUDA graph on every rank: the input
 broadcasts are inside the graphs, so per step rank 0 sends one header ('replay', batch) and no tensor
 crosses the host. The CPU path (gloo, no graphs) runs the same headers and broadcasts, and is what CI tests;
-the GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
+Test-only environment switches (not for users; read by every rank): PIXTRAL_RT_TP_ONE_RANK, PIXTRAL_RT_TP_SAME_GPU,
+PIXTRAL_RT_TP_FAULT. The GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
 plain engine's tokens exactly, tests/test_tp_gpu.py) but NOT YET across GPUs (no 2-GPU machine lent so far).
 PIXTRAL_RT_TP_SAME_GPU puts 2+ ranks on one GPU over gloo, without graphs (`same_gpu_forced`): the sharded
 GPU decoders with real traffic between ranks, checked against TP=1 on a one-GPU machine.
@@ -48,7 +50,6 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .collectives import allreduce_impl
 
 
 def backend_for(device: torch.device) -> str:
@@ -392,13 +393,6 @@ def join_as_rank0(device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------------------------ building
-def options_from_env():
-    """RuntimeOptions from PIXTRAL_RT_TP_LM_HEAD / PIXTRAL_RT_TP_ALLREDUCE (their defaults when unset)."""
-    from .options import RuntimeOptions
-    from .sharding import lm_head_mode
-    return RuntimeOptions(tp_lm_head=lm_head_mode(), tp_allreduce=allreduce_impl())
-
-
 def start_leader(src, world: int, env, build_kw: dict, use_graphs: bool, progress: bool, options):
     """Rank 0 of a tensor-parallel engine: check the sizes, start (or join, under torchrun) the followers,
     build rank 0's shard (pixtral_rt/loading.py) and wrap it in LeaderModel.
@@ -406,11 +400,11 @@ def start_leader(src, world: int, env, build_kw: dict, use_graphs: bool, progres
     from .loading import build_model
     from .sharding import check_divisible
     dev = src.device
-    check_divisible(src.args.text, world)             # before any process starts (lm_head mode checked too)
+    check_divisible(src.args.text, world, options.tp_lm_head)   # before any process starts
     if not env:                                       # torchrun placed its ranks itself
         check_gpus(world, dev)
     if dev.type == "cuda" and options.tp_allreduce == "symm" and same_gpu_forced():
-        raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
+        raise ValueError("--tp-allreduce symm needs one GPU per rank (NCCL), not the "
                          "PIXTRAL_RT_TP_SAME_GPU test mode")
     load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
                    dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,

@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 
-from ..cli_flags import add_weight_flags, check_weight_flags
+from ..cli_flags import add_runtime_flags, add_weight_flags, check_weight_flags, runtime_options
 
 log = logging.getLogger("pixtral_rt.serve")
 
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt + answer in tokens (default: the model's, capped by GPU memory); "
                         "longer requests are refused with the counts")
     add_weight_flags(m)
+    add_runtime_flags(m)
     m.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="requests decoded together at most (default 64)")
     m.add_argument("--engine", choices=["process", "thread"], default="process",
@@ -209,7 +210,7 @@ def _load_engine(args: argparse.Namespace):
     return load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                 max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
                 quantization=args.quantization, random_weights=args.random_weights,
-                tensor_parallel=args.tensor_parallel)
+                tensor_parallel=args.tensor_parallel, options=runtime_options(args))
 
 
 def _load_and_serve(args: argparse.Namespace, root: str | None, sock: socket.socket | None) -> int:

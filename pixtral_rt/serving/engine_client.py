@@ -130,6 +130,10 @@ class EngineClient:
     @classmethod
     def start(cls, model=None, *, timeout: float = 1800.0, **kwargs) -> "EngineClient":
         """Spawn the engine process with LLMEngine.load(model, **kwargs); returns once it is ready."""
+        from ..preprocess import set_backend
+        options = kwargs.get("options")
+        if options is not None:              # requests are encoded (images preprocessed) in this process
+            set_backend(options.preprocess)
         self = cls()
         ctx = mp.get_context("spawn")           # CUDA must not be inherited through fork
         to_engine_r, self._to_engine = ctx.Pipe(duplex=False)

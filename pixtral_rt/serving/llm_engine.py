@@ -117,7 +117,7 @@ class LLMEngine:
         the KV pool: pixtral_rt/loading.py."""
         from .. import compile_events
         from .. import tensor_parallel as tpm
-        options = options or tpm.options_from_env()
+        options = options or RuntimeOptions()
         env = tpm.torchrun_env()
         world = env[1] if env else (tensor_parallel or 1)
         if env and tensor_parallel not in (None, 1, world):
@@ -132,6 +132,8 @@ class LLMEngine:
                                      max_context=max_context, page_size=page_size))
             raise SystemExit(0)
         compile_events.install()          # count compiles / tunings / captures from the start of the load
+        from ..preprocess import set_backend
+        set_backend(options.preprocess)
         src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
                                                                          random_weights)
         args, dev = src.args, src.device
