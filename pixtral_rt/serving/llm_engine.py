@@ -35,7 +35,8 @@ from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
 from .detokenize import TextStream
 from .kv_pages import PagePool
-from .model_runner import MAX_TOP_LOGPROBS, ModelRunner, StepOutput
+from .api import check_admission
+from .model_runner import ModelRunner, StepOutput
 from .outputs import GenerationResult, TokenEvent
 from .scheduler import QueueFullError, Scheduler
 
@@ -212,8 +213,7 @@ class LLMEngine:
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> RequestHandle:
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+        check_admission(req, params, logprobs, self.pool.page_size, self.pool.usable)   # serving/api.py
         digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
                                                                                         req.images]
         seq = Sequence(req, params, on_output, logprobs, digests=digests,
