@@ -52,7 +52,7 @@ setup(
     version="0.1.0",
     description="GPU inference runtime for Mistral's Pixtral vision-language models (Triton + CUDA graphs)",
     python_requires=">=3.10",
-    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.serving", "pixtral_rt.kernels"],
+    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.serving", "pixtral_rt.server", "pixtral_rt.kernels"],
     package_dir={"pixtral_rt": "pixtral_rt", "pixtral_rt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -73,5 +73,5 @@ setup(
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},
-    entry_points={"console_scripts": ["pixtral-rt=pixtral_rt.generate:main", "pixtral-rt-serve=pixtral_rt.serve:main"]},
+    entry_points={"console_scripts": ["pixtral-rt=pixtral_rt.generate:main", "pixtral-rt-serve=pixtral_rt.server.cli:main"]},
 )

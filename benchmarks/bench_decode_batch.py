@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     a = ap.parse_args()
     import torch
-    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
+    from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     from pixtral_rt.serving.llm_engine import LLMEngine
     batches = [int(b) for b in a.batches.split(",")]
     span = a.context + a.iters + 8                       # positions a row reaches during the timing

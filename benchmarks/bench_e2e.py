@@ -1,4 +1,4 @@
-"""End to end on the GPU: pixtral_rt (fast backend, CUDA graphs) vs HF transformers on the SAME random
+"""End to end on the GPU: pixtral_rt (the engine that runs: Engine over LLMEngine, batch 1, CUDA graphs) vs HF transformers on the SAME random
 Pixtral-12B weights, in one run. Cases (performance.md):
   a) one 1024x1024 image + ~30 text tokens: TTFT, decode tok/s
   b) four mixed images (1024^2, 512x768, 768x512, 256^2): TTFT, decode tok/s
@@ -22,7 +22,8 @@ import torch
 
 from benchmarks.common import record
 from pixtral_rt.chat import EncodedRequest
-from pixtral_rt.engine import Engine, decoder_weight_bytes, kv_bytes_per_token
+from pixtral_rt.engine import Engine
+from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
 from pixtral_rt.sampling import SamplingParams
 
 IMAGE_SETS = {"a_1img_1024": [(1024, 1024)], "b_4imgs_mixed": [(1024, 1024), (512, 768), (768, 512), (256, 256)]}
@@ -146,8 +147,6 @@ def main():
                     "GPU (with --first-request, or with --skip-hf)")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per case")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--backend", default="auto", help="engine backend (Engine.load): auto = the serving engine; "
-                    "fast = the batch-1 engine, kept until the one-engine change measures against it")
     ap.add_argument("--anchor-json", help="gptfast_anchor.py output (JSON lines) measured in the same GPU call")
     ap.add_argument("--cases", default=None, help="comma-separated (default: a_1img_1024,b_4imgs_mixed,c_text_1k,"
                     "d_text_32k; with --first-request a_1img_1024,b_4imgs_mixed,c_2imgs_odd)")
@@ -162,7 +161,7 @@ def main():
     bw, fl_rate = ceilings()
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {fl_rate / 1e12:.0f} TFLOP/s")
     t0 = time.perf_counter()
-    engine = Engine.load(a.model, max_context=40960, progress=False, backend=a.backend,
+    engine = Engine.load(a.model, max_context=40960, progress=False,
                          random_weights=None if a.model else a.random_weights)
     engine_name = engine.info["backend"]
     load_s = time.perf_counter() - t0

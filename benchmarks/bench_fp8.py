@@ -27,7 +27,8 @@ from benchmarks.bench_e2e import request, run_ours, ttft_flops
 from benchmarks.common import bench_ms, copy_bandwidth_TBps, matmul_TFLOPs, record
 from pixtral_rt.chat import EncodedRequest, encode_request
 from pixtral_rt.config import PRESETS
-from pixtral_rt.engine import Engine, kv_bytes_per_token, resolve_model
+from pixtral_rt.engine import Engine
+from pixtral_rt.loading import kv_bytes_per_token, resolve_model
 from pixtral_rt.sampling import SamplingParams
 
 BENCH = "fp8"
@@ -58,7 +59,7 @@ def prompt_logits(engine: Engine, req: EncodedRequest) -> torch.Tensor:
     """Last-token logits of a prompt through the serving engine's model (FastPagedModel), written into pages
     1.. of its pool: only while the engine is idle, and the pool's cached prefixes are garbage afterwards
     (call it last)."""
-    m = engine.backend.runner.model
+    m = engine.llm.runner.model
     P, dev = m.page_size, m.device
     T = req.prompt_tokens
     toks = torch.tensor(req.tokens, device=dev)
@@ -89,7 +90,7 @@ def run_engine(label, load_kw, reqs, quality_reqs, n_tokens, max_context: int = 
     t0 = time.perf_counter()
     engine = Engine.load(max_context=max_context, progress=False, **load_kw)
     out = {"load_s": time.perf_counter() - t0, "info": dict(engine.info), "args": engine.args}
-    dec = getattr(engine.backend.runner.model, "local", engine.backend.runner.model).decoder   # TP: rank 0's shard
+    dec = getattr(engine.llm.runner.model, "local", engine.llm.runner.model).decoder   # TP: rank 0's shard
     out["weight_bytes"] = dec.weight_bytes_per_token
     out["gpu_GB_after_load"] = torch.cuda.memory_allocated() / 1e9
     out["speed"] = {}
@@ -119,7 +120,7 @@ def run_engine(label, load_kw, reqs, quality_reqs, n_tokens, max_context: int = 
         out["logits"][c] = prompt_logits(engine, r)
     print(f"[{label}] load {out['load_s']:.1f} s, {out['gpu_GB_after_load']:.1f} GB allocated, "
           f"{engine.info.get('kv_cache_tokens')} KV tokens; {engine.info.get('precision')}")
-    engine.backend.shutdown()
+    engine.shutdown()
     del engine, dec
     gc.collect()
     torch.cuda.empty_cache()

@@ -145,7 +145,7 @@ def baseline_batch1(model, reqs, n_decode_tokens=256):
     import torch
     from pixtral_rt.engine import Engine
     from pixtral_rt.sampling import SamplingParams
-    eng = Engine.load(model, progress=False, max_context=32768, backend="fast")   # the pre-serving batch-1 engine
+    eng = Engine.load(model, progress=False, max_context=32768)   # the batch-1 engine (LLMEngine, max batch 1)
     t0, toks = time.perf_counter(), 0
     for m, k in reqs:
         toks += len(eng.generate(m, SamplingParams(max_tokens=k)).token_ids)
@@ -182,7 +182,7 @@ def main():
 def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
     import torch
     from pixtral_rt.config import PIXTRAL_12B
-    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
+    from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
     sfx = "" if mode == "process" else f"@{mode}"
     print(f"--- server engine: {mode}", flush=True)

@@ -6,8 +6,8 @@ replicated lm_head, over the measured copy bandwidth, before all-reduce cost), T
 1024x1024 image + ~30 tokens (a new image each repetition), the KV cache that fits; the ratio TP=N / TP=1
 (target >= 1.7x for 12B at TP=2). The all-reduce cost per step: benchmarks/bench_allreduce.py (torchrun).
 
-lm_head: replicated or vocab-parallel (PIXTRAL_RT_TP_LM_HEAD, pixtral_rt/sharding.py); all-reduce: NCCL or
-symmetric-memory one-shot (PIXTRAL_RT_TP_ALLREDUCE, tensor_parallel.allreduce_impl). Comma lists measure
+lm_head: replicated or vocab-parallel (RuntimeOptions.tp_lm_head, pixtral_rt/sharding.py); all-reduce: NCCL or
+symmetric-memory one-shot (RuntimeOptions.tp_allreduce, pixtral_rt/options.py). Comma lists measure
 every combination at each TP size > 1 (case names say which), to pick the defaults.
 
     python -m benchmarks.bench_tp --model DIR --tp 1,2 [--lm-head replicated,vocab] [--allreduce nccl,symm]
@@ -16,14 +16,14 @@ every combination at each TP size > 1 (case names say which), to pick the defaul
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
 from benchmarks.bench_e2e import request, ttft_flops
 from benchmarks.bench_fp8 import _Encoder, run_engine, text_request
 from benchmarks.common import copy_bandwidth_TBps, matmul_TFLOPs, record
-from pixtral_rt.engine import kv_bytes_per_token, resolve_model
+from pixtral_rt.loading import kv_bytes_per_token, resolve_model
+from pixtral_rt.options import RuntimeOptions
 
 
 def main():
@@ -48,10 +48,9 @@ def main():
     res = {}
     for tp in (int(x) for x in a.tp.split(",")):
         for mode, impl in ([(m, i) for m in modes for i in impls] if tp > 1 else [("replicated", "nccl")]):
-            # read by every rank (followers inherit the environment)
-            os.environ.update(PIXTRAL_RT_TP_LM_HEAD=mode, PIXTRAL_RT_TP_ALLREDUCE=impl)
+            # carried to every rank in the launch arguments
             kw = {"model": a.model, "random_weights": a.random_weights, "quantization": a.quantization,
-                  "tensor_parallel": tp}
+                  "tensor_parallel": tp, "options": RuntimeOptions(tp_lm_head=mode, tp_allreduce=impl)}
             res[(tp, mode, impl)] = run_engine(f"tp{tp}-{mode}-{impl}", kw, reqs, {}, a.tokens, max_context=8192)
     base = res.get((1, "replicated", "nccl"))
     for (tp, mode, impl), r in res.items():

@@ -3,7 +3,8 @@ communication: the compute ceiling of TP=n and the all-reduce budget a target le
 
 Per model and TP size n: rank 0's decoder shard (n_heads / n, n_kv_heads / n and hidden_dim / n per layer, the
 real dim; FastDecoder with no process group, so its 2 x n_layers all-reduces are absent) takes one decode step
-replayed from a CUDA graph at ~1k context, random N(0, 0.02) bf16 weights drawn on the GPU. Twice: with the
+of the serving engine (the paged decode step, benchmarks/common.paged_decode_graph) replayed from a CUDA graph
+at ~1k context, random N(0, 0.02) bf16 weights drawn on the GPU. Twice: with the
 lm_head whole on the rank (replicated) and with vocab / n of its rows (vocab-parallel, without its logits
 all-gather). Pixtral-12B also runs whole (TP=1) in the same run as the baseline.
 
@@ -22,7 +23,7 @@ import gc
 import torch
 
 from benchmarks.bench_decode_step import RandomWeights
-from benchmarks.common import bench_ms, copy_bandwidth_TBps, record
+from benchmarks.common import bench_ms, copy_bandwidth_TBps, paged_decode_graph, record
 from pixtral_rt.config import PRESETS
 from pixtral_rt.decoder import FastDecoder
 from pixtral_rt.sharding import sharded_args
@@ -33,10 +34,8 @@ TARGETS = {"Pixtral-12B-2409": ("speedup", 1.7), "Pixtral-Large-Instruct-2411": 
 
 def step_ms(dec: FastDecoder, B: int) -> float:
     """One graph-replayed decode step of B rows at position CTX (random tokens below the lm_head's rows)."""
-    g = dec.capture_decode(B)
-    g.tokens.copy_(torch.randint(0, dec.output.shape[0], (B,), device="cuda"))
-    g.positions.fill_(CTX)
-    ms = bench_ms(g.graph.replay, warmup_ms=100, rep_ms=500)
+    g = paged_decode_graph(dec, B, CTX)
+    ms = bench_ms(g.replay, warmup_ms=100, rep_ms=500)
     del g
     return ms
 
@@ -66,8 +65,6 @@ def main():
             t = sharded_args(args, n)
             dec = FastDecoder(t, RandomWeights(t), max_batch=max(batches), max_seq=CTX + 64,
                               decode_fusion="none+pdl")     # the decode path tensor parallelism allows
-            dec.k_cache.normal_()
-            dec.v_cache.normal_()
             if n > 1:
                 dec.gemv_configs.update(tiles)
             full_out = dec.output

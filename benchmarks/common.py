@@ -114,3 +114,29 @@ def photo_like_jpeg(h: int, w: int, rng, quality: int = 90, subsampling: int = -
     buf = io.BytesIO()
     Image.fromarray(px).save(buf, format="JPEG", quality=quality, subsampling=subsampling)
     return buf.getvalue()
+
+
+def paged_decode_graph(dec, B: int, ctx: int, page_size: int = 64):
+    """The serving engine's decode step (FastDecoder.decode_step_paged, as the model runner calls it) for B
+    rows at position ctx, each row its own pages of random K/V, captured in a CUDA graph. Returns the graph
+    (replay it to time a step). Allocates the decoder's page pool."""
+    import torch
+    n = -(-(ctx + 2) // page_size)                     # pages per row
+    dec.alloc_pages(1 + B * n, page_size)              # page 0: the trash page
+    dec.k_pages.normal_()
+    dec.v_pages.normal_()
+    dev = dec.device
+    table = (1 + torch.arange(B * n, dtype=torch.int32, device=dev)).view(B, n)
+    tokens = torch.randint(0, dec.output.shape[0], (B,), device=dev)
+    positions = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+    lens = positions + 1
+    s = torch.cuda.Stream(dev)
+    s.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(s):                         # compile / tune outside the capture
+        dec.decode_step_paged(tokens, positions, table, lens)
+    torch.cuda.current_stream(dev).wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        dec.decode_step_paged(tokens, positions, table, lens)
+    g.inputs = (tokens, positions, table, lens)        # keep the static inputs alive with the graph
+    return g

@@ -93,8 +93,7 @@ def child(a) -> None:
            "cold_events": events[0], "warm_events": events[1:], "cold_compiled": cold_compiled,
            "patches": r.image_patches, "prompt_tokens": r.prompt_tokens, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     print("RESULT " + json.dumps(out), flush=True)
-    if hasattr(eng.backend, "shutdown"):
-        eng.backend.shutdown()
+    eng.shutdown()
 
 
 def run(model: str | None, random_weights: str | None, cases: list[str], reps: int, max_context: int) -> list[dict]:

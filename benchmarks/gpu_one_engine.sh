@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Device calls for the first-contact and one-engine work (issues 19, 20). Logs and JSON lines land in $OUT.
 #   STAGES=tests        GPU tests ($TESTS; default: timings on the fast model, import names, engine + serving)
-#   STAGES=e2e_fast     bench_e2e on the batch-1 fast backend (only while it exists: the baseline of issue 20)
 #   STAGES=e2e          bench_e2e on the engine that runs (the serving engine, batch 1)
 #   STAGES=cli          the user's command on random Pixtral-12B weights (the timing summary line)
 #   STAGES=serve        bench_serve ($SERVE_ARGS)
-# BASELINE_TREE=DIR: run the e2e / serve stages in DIR too (an older tree carried along), same machine, same call.
+# BASELINE_TREE=DIR: run the e2e stage in DIR too (an older tree carried along), same machine, same call. That
+#   tree's own bench_e2e runs with its own flags: BASELINE_BACKEND (default fast: the batch-1 engine that tree
+#   still has; this tree has one engine and no --backend flag; BASELINE_BACKEND=none passes no --backend).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
@@ -24,15 +25,13 @@ if [[ $STAGES == *tests* ]]; then
   timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_timings.py tests/test_import_names.py} \
     -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|^E " | tail -25
 fi
-if [[ $STAGES == *e2e_fast* ]]; then
-  timeout 300 python benchmarks/bench_e2e.py $E2E --backend fast 2>&1 | tee "$OUT/e2e_fast.log" | grep "^\[" | tail -12
-fi
 if [[ $STAGES == *e2e,* || $STAGES == *e2e ]]; then
   timeout 300 python benchmarks/bench_e2e.py $E2E 2>&1 | tee "$OUT/e2e.log" | grep "^\[" | tail -12
 fi
 if [[ -n ${BASELINE_TREE:-} && $STAGES == *e2e* ]]; then
+  BASELINE_FLAGS="--backend ${BASELINE_BACKEND:-fast}"; [[ ${BASELINE_BACKEND:-} == none ]] && BASELINE_FLAGS=""
   mkdir -p "$OUT/baseline"; (cd "$BASELINE_TREE" && PYTHONPATH=$PWD:/tmp/site PIXTRAL_RT_COMMIT=${BASELINE_COMMIT:-baseline} OUT=$OUT/baseline \
-     timeout 300 python benchmarks/bench_e2e.py $E2E --backend ${BASELINE_BACKEND:-fast} 2>&1) \
+     timeout 300 python benchmarks/bench_e2e.py $E2E $BASELINE_FLAGS 2>&1) \
      | tee "$OUT/e2e_baseline.log" | grep "^\[" | tail -12
 fi
 if [[ $STAGES == *cli* ]]; then

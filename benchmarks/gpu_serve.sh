@@ -15,7 +15,7 @@ python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1; grep -i "not b
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 STAGES=${STAGES:-tests,paged}
 if [[ $STAGES == *tests* ]]; then
-  python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
+  python -c "from pixtral_rt.loading import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
   timeout ${TEST_TIMEOUT:-360} python -m pytest -q -rs ${TESTS:-tests/test_paged_attention.py tests/test_serving_gpu.py} \
     -m gpu -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|identical|logprob|^E " | tail -30
 fi
@@ -33,7 +33,7 @@ if [[ $STAGES == *cli* ]]; then  # the user's command on the GPU (serving backen
     --max-tokens 8 --json 2>/dev/null | cut -c1-160
 fi
 if [[ $STAGES == *serve* ]]; then
-  python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
+  python -c "from pixtral_rt.loading import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
   timeout ${SERVE_TIMEOUT:-540} python benchmarks/bench_serve.py ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | grep -v Warn | tail -30
 fi
 echo done

@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 STAGES=${STAGES:-tests,ar}; TP=${TP:-2}
 BF=$PIXTRAL_RT_CACHE/random-12b-bf16
 if [[ $STAGES == *tests* ]]; then
-  python -c "from pixtral_rt.engine import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
+  python -c "from pixtral_rt.loading import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
   timeout ${TEST_TIMEOUT:-500} python -m pytest -q -rs -m gpu tests/test_tp_gpu.py -k test_tp2_agrees_with_tp1 -s \
     -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|identical|^E " | tail -20
 fi

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from pixtral_rt.fp8 import FP8_DTYPE
-from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit

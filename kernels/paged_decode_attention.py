@@ -9,24 +9,27 @@
     out (B, Hq, D):         out[b, h] = softmax_j(q[b,h] . k_j * D^-0.5) v_j  over j < cache_lens[b],
                             kv head of q head h = h // (Hq / Hkv); cache_lens[b] == 0 (idle batch row) -> zeros
 
-decode_attention.py's static cache is the special case P = max_seq, block_table[b] = [b]. Two launches:
-  1. _paged_decode_split_kernel, grid (num_splits, Hkv, B): as decode_attention's split kernel, program (s, g, b)
+Two launches:
+  1. _paged_decode_split_kernel, grid (num_splits, Hkv, B): program (s, g, b)
      takes the s-th of num_splits equal chunks of [0, cache_lens[b]) (rounded up to BLOCK_N) and serves all
      Hq/Hkv query heads of kv group g from one read of each K/V tile. BLOCK_N divides P and chunks start on
      BLOCK_N multiples, so a tile never crosses a page: one table entry per tile, then the same contiguous
-     (BLOCK_N, D) loads as the static cache.
-  2. decode_attention's _decode_reduce_kernel (imported), grid (B, Hq): log-sum-exp merge of the partials.
+     (BLOCK_N, D) loads as a contiguous cache would.
+  2. _decode_reduce_kernel, grid (B, Hq): log-sum-exp merge of the partials.
 CUDA-graph capturable: lengths and the table are read from device memory; the grid depends only on B and
-num_splits (default_num_splits, imported: from B, Hkv and the SM count).
+num_splits (default_num_splits: from B, Hkv and the SM count, never from the lengths).
+(The contiguous-cache decode kernel this one grew from, kernels/decode_attention.py, was removed with the
+static KV cache; its measurements stay in benchmarks/results/decode_attention.jsonl.)
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from pixtral_rt.kernels.decode_attention import _decode_reduce_kernel, default_num_splits, split_partials
-from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit
@@ -83,6 +86,54 @@ def _paged_decode_split_kernel(q_ptr, k_pages_ptr, v_pages_ptr, table_ptr, lens_
 
 # ----------------------------------------------------------------------------- checks shared with
 # paged_prefill_attention.py
+@triton.jit
+def _decode_reduce_kernel(po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, stride_oh,
+                          NUM_SPLITS, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # wait first, then trigger: at most one grid waits behind this one (no launch cascade)
+        gdc_wait()
+        gdc_launch_dependents()
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.load(pm_ptr + row + offs_s, mask=smask, other=float("-inf"))
+    l = tl.load(pl_ptr + row + offs_s, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.math.exp2(m - m_max), 0.0)
+    acc = tl.load(po_ptr + (row + offs_s[:, None]) * HEAD_DIM + offs_d[None, :], mask=smask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], 0)
+    den = tl.sum(l * w, 0)
+    out = tl.where(den > 0, num / den, 0.0)   # cache_lens[b] == 0 (idle batch row): zeros, not NaN
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_partials(workspace: dict | None, B: int, Hq: int, ns: int, D: int, device):
+    """The fp32 partials (acc (B, Hq, ns, D), max (B, Hq, ns), sum (B, Hq, ns)) of a split-KV launch, made
+    once per shape and kept in the caller's workspace dict (graph replays then reuse the same buffers)."""
+    key = (B, Hq, ns, D, device)
+    bufs = workspace.get(key) if workspace is not None else None
+    if bufs is None:
+        bufs = (torch.empty(B, Hq, ns, D, dtype=torch.float32, device=device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=device),
+                torch.empty(B, Hq, ns, dtype=torch.float32, device=device))
+        if workspace is not None:
+            workspace[key] = bufs
+    return bufs
+
+
+def default_num_splits(batch: int, n_kv_heads: int, device: torch.device, max_splits: int = 64) -> int:
+    """Enough (split, kv head, batch) programs for ~4 per SM; 1 on small grids that already fill the GPU."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    return max(1, min(max_splits, triton.cdiv(4 * sms, batch * n_kv_heads)))
+
+
 def _check_pages(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> tuple[int, int]:
     """q (..., Hq, D) against k_pages/v_pages (n_pages, Hkv, P, D) -> (Hkv, P)."""
     Hq, D = q.shape[-2:]

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pixtral_rt.kernels.gemv import gdc_launch_dependents, gdc_wait, pdl_supported
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit

@@ -87,11 +87,12 @@ class CheckpointPlan:
                      f"{', ignored linears' if n8 < len(linears) else ''}) unquantised")
         return text
 
-    def shard_bytes(self, rank: int, world: int) -> int:
+    def shard_bytes(self, rank: int, world: int, lm_head: str | None = None) -> int:
         """Tensor-data bytes that load_state_dict(self, shard=(rank, world)) reads (all tensors): this rank's
         slice of each sharded tensor plus every replicated tensor whole."""
-        rank, world = _check_shard(self, (rank, world))
-        return sum(sum(n for _, n in _slice_ranges(k, s, rank, world)[0]) for k, s in self.sources.items())
+        rank, world = _check_shard(self, (rank, world), lm_head)
+        return sum(sum(n for _, n in _slice_ranges(k, s, rank, world, lm_head)[0])
+                   for k, s in self.sources.items())
 
 
 def _numel(shape) -> int:
@@ -497,7 +498,8 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
                     keys: Iterable[str] | None = None, progress: bool = True,
                     transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
                     staged: bool | None = None, quantization: str | None = None,
-                    shard: tuple[int, int] | None = None, stats: dict | None = None) -> dict[str, torch.Tensor]:
+                    shard: tuple[int, int] | None = None, stats: dict | None = None,
+                    lm_head: str | None = None) -> dict[str, torch.Tensor]:
     """Load (a subset of) the planned tensors onto `device`; returns our-named tensors.
 
     Unquantised tensors come in `dtype`. FP8 follows pixtral_rt.fp8's contract: a decoder linear stays
@@ -529,13 +531,13 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}")
-    rank, world = _check_shard(plan, shard)
+    rank, world = _check_shard(plan, shard, lm_head)
     quantize = quantization == "fp8" and plan.quantization is None  # an FP8 checkpoint is FP8 already
     dev = torch.device(device)
     staged = dev.type == "cuda" if staged is None else staged
     wanted = _wanted_keys(plan, keys, quantize)
     # what to read of each tensor, all computed (and checked) before a byte is read
-    reads = {k: _slice_ranges(k, plan.sources[k], rank, world) for k in wanted}
+    reads = {k: _slice_ranges(k, plan.sources[k], rank, world, lm_head) for k in wanted}
     by_file: dict[Path, list[str]] = {}
     for k in wanted:
         by_file.setdefault(plan.sources[k].file, []).append(k)
@@ -614,7 +616,7 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
     return out
 
 
-def _check_shard(plan: CheckpointPlan, shard: tuple[int, int] | None) -> tuple[int, int]:
+def _check_shard(plan: CheckpointPlan, shard: tuple[int, int] | None, lm_head: str | None = None) -> tuple[int, int]:
     """(rank, world) of a valid shard argument ((0, 1) for None); the model must divide by world."""
     if shard is None:
         return 0, 1
@@ -622,17 +624,17 @@ def _check_shard(plan: CheckpointPlan, shard: tuple[int, int] | None) -> tuple[i
         rank, world = shard
     except (TypeError, ValueError):
         raise ValueError(f"shard must be (rank, world), got {shard!r}") from None
-    sharding.check_divisible(plan.args, world)
+    sharding.check_divisible(plan.args, world, lm_head)
     if not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"shard=({rank!r}, {world}): rank must be an integer in [0, {world})")
     return rank, world
 
 
-def _slice_ranges(key: str, src: TensorSource, rank: int, world: int
+def _slice_ranges(key: str, src: TensorSource, rank: int, world: int, lm_head: str | None = None
                   ) -> tuple[list[tuple[int, int]], tuple[int, ...], int]:
     """What to read of one tensor for rank `rank` of `world`: absolute (offset, nbytes) byte ranges (adjacent
     ones merged), the shape they make, and the heads to un-permute HF's rotary rows with (0: none)."""
-    rng = sharding.shard_range(key, src.shape, rank, world) if world > 1 else None
+    rng = sharding.shard_range(key, src.shape, rank, world, lm_head) if world > 1 else None
     if rng is None:
         return [(src.offset, src.nbytes)], src.shape, src.unpermute_heads
     dim, start, stop = rng

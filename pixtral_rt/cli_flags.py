@@ -23,6 +23,27 @@ def add_weight_flags(group) -> None:
                             "The text is meaningless")
 
 
+def add_runtime_flags(group) -> None:
+    """The measured alternatives (pixtral_rt/options.py RuntimeOptions) as flags: --tp-lm-head, --tp-allreduce,
+    --preprocess."""
+    from .options import ALLREDUCE_IMPLS, LM_HEAD_MODES
+    group.add_argument("--tp-lm-head", choices=LM_HEAD_MODES, default="vocab",
+                       help="with --tensor-parallel: split the lm_head by vocabulary rows and all-gather the logits "
+                            "(vocab, the default: measured faster) or keep it whole on every rank (replicated)")
+    group.add_argument("--tp-allreduce", choices=ALLREDUCE_IMPLS, default="nccl",
+                       help="with --tensor-parallel on GPUs: the decode step's all-reduces by NCCL (default) or by "
+                            "torch symmetric memory's one-shot kernel (symm; one GPU per rank)")
+    group.add_argument("--preprocess", choices=("auto", "numpy"), default="auto",
+                       help="host image preprocessing: the native C++ op when built (auto, default) or the NumPy "
+                            "fallback (numpy; same results, slower)")
+
+
+def runtime_options(args: argparse.Namespace):
+    """The RuntimeOptions the flags of add_runtime_flags give."""
+    from .options import RuntimeOptions
+    return RuntimeOptions(tp_lm_head=args.tp_lm_head, tp_allreduce=args.tp_allreduce, preprocess=args.preprocess)
+
+
 def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The shared flags' values, before anything loads; --device too (both commands have it), so a missing
     GPU is reported in one line with exit 2, not after a load (or from the server's engine process)."""
@@ -32,8 +53,8 @@ def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def check_device_flag(parser: argparse.ArgumentParser, device: str | None) -> None:
-    """Exit 2 with "pixtral_rt: error: --device ..." when `device` is not there (engine.resolve_device)."""
-    from .engine import resolve_device   # torch is imported by then anyway; not at `--help` time
+    """Exit 2 with "pixtral_rt: error: --device ..." when `device` is not there (loading.resolve_device)."""
+    from .loading import resolve_device   # torch is imported by then anyway; not at `--help` time
     from .errors import DeviceError
     try:
         resolve_device(device)

@@ -1,52 +1,32 @@
-"""Fast text decoder (Mistral / Pixtral): Triton kernels + cuBLAS GEMMs over a static KV cache.
+"""Fast text decoder (Mistral / Pixtral): Triton kernels + cuBLAS GEMMs over a paged KV cache.
 
 Weights come in Mistral checkpoint names (tok_embeddings, layers.{i}.attention.{wq,wk,wv,wo},
 layers.{i}.{attention_norm,ffn_norm}, layers.{i}.feed_forward.{w1,w2,w3}, norm, output), from a state dict
 or from the reference `pixtral_rt.reference.transformer.Transformer`. At load, wq|wk|wv -> wqkv and
 w1|w3 -> w13 (one GEMM each); other weights are used as given (no copy when device/dtype already match).
 
-Static KV cache: k_cache, v_cache (n_layers, max_batch, n_kv_heads, max_seq, head_dim); slot b = row b of a
-decode batch. K is stored RoPE-rotated. Valid length of a slot is whatever the caller says it is
-(start_pos / positions): nothing on the host tracks it.
+Paged KV cache (the serving engine's, pixtral_rt/serving/kv_pages.py): k_pages, v_pages (n_layers, n_pages,
+n_kv_heads, page_size, head_dim); a sequence's position p lives in page block_table[p // page_size], row
+p % page_size. K is stored RoPE-rotated. Nothing on the host tracks lengths: the caller passes them.
 
-API
-    dec = FastDecoder(args, state_dict, max_batch=8, max_seq=8192)      # or FastDecoder.from_reference(m)
-    dec.warmup(batch_sizes=(1, 8))      # compile every kernel, init cuBLAS: call before CUDA-graph capture
-    h = dec.embed(tokens)               # (T,) int -> (T, dim)
-    logits = dec.prefill(h, slot, start_pos)       # h (T, dim) at positions start_pos..start_pos+T-1 of
-                                                   # cache slot `slot` -> (vocab,) fp32 logits of the last token
-    logits = dec.decode_step(tokens, positions)    # tokens (B,), positions (B,) int device tensors, B <= max_batch:
-                                                   # token b sits at positions[b] of slot b and attends to
-                                                   # [0, positions[b]] -> (B, vocab) fp32. Static shapes, no host
-                                                   # sync: capturable in a CUDA graph.
-    graph = dec.capture_decode(B)       # convenience: CUDA graph of decode_step with static input buffers;
-    logits = graph(tokens, positions)   # copies inputs in, replays, returns the static logits buffer
-Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v into the cache) ->
-prefill_attention_cached | decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
+API (the serving engine's FastPagedModel calls these)
+    dec = FastDecoder(args, state_dict, max_batch=64, max_seq=8192)    # or FastDecoder.from_reference(m)
+    dec.alloc_pages(n_pages, page_size)
+    h = dec.embed(tokens)                                # (T,) int -> (T, dim)
+    logits = dec.prefill_paged(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows)
+    logits = dec.decode_step_paged(tokens, positions, block_table, lens)    # (B, vocab) fp32; no host sync:
+                                                                            # capturable in a CUDA graph
+Per layer: rms_norm(+residual) -> wqkv GEMM -> rope_store_kv (q in place, k/v into the pages) ->
+paged_prefill_attention | paged_decode_attention -> wo GEMM -> rms_norm(+residual) -> w13 GEMM -> silu_mul ->
 w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", the default on CUDA:
-+7% decode tok/s on an H200; gemv_backend="cublas" to turn it off). Prefill runs in chunks of `prefill_chunk` tokens (chunked prefill over the cache).
++7% decode tok/s on an H200; gemv_backend="cublas" to turn it off).
 
-Batch-1 decode with the Triton GEMV and decode_fusion "fused" or "pdl" (kernels/gemv.py: gemv_fused) runs
-7 launches per layer instead of 10; the residual stream r lives in the GEMV outputs:
-    qkv = wqkv @ rmsnorm(r)            (norm in the GEMV's input load)
-    rope_store_kv; decode_attention (split + reduce)
-    r = r + wo @ a                     (residual add in the GEMV epilogue)
-    x13 = w13 @ rmsnorm(r)
-    r = r + w2 @ silu_mul(x13)         (SiLU-mul in the input load, residual add in the epilogue)
-    logits = output @ rmsnorm(r)       (final norm fused, fp32 logits written directly)
-"pdl" also launches every kernel of that chain as a programmatic dependent launch (sm90+): each lets the
-next launch early; a GEMV loads its first weight tile before waiting on its producer.
-
-decode_fusion "none+pdl" / "fused2" / "fused2+pdl" (batch 1, Triton GEMV; `_decode_chain`): the 'none' kernel
-sequence, with
-    +pdl    every launch programmatic-dependent (sm90+). Each kernel waits on its producer (griddepcontrol.wait)
-            and only THEN lets its consumer launch, so at most one grid waits behind a running one (the old
-            'pdl' triggered first, letting a whole chain of waiting grids launch early); a GEMV loads its
-            first weight tile before the wait, so weight streaming starts while the tiny kernels run.
-            Same results as 'none', bit for bit.
-    fused2  SiLU-mul folded into the w13 GEMV (each program computes its gate AND up rows, then
-            silu(g) * u: no redundant work, unlike 'fused''s SiLU prologue), fp32 logits written by the
-            output GEMV: 8 launches per layer instead of 10.
+decode_fusion (batch 1, Triton GEMV): "none" (the kernels above) or "none+pdl" (the default; `_decode_chain`):
+the same kernels, every launch a programmatic dependent launch (sm90+). Each kernel waits on its producer
+(griddepcontrol.wait) and only THEN lets its consumer launch, so at most one grid waits behind a running
+one; a GEMV loads its first weight tile before the wait, so weight streaming starts while the tiny kernels
+run. Same results as 'none', bit for bit. The fused-GEMV modes that lost their measurements ('fused', 'pdl',
+'fused2', 'fused2+pdl') were removed: docs/NOTES.md.
 """
 from __future__ import annotations
 
@@ -56,18 +36,18 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from . import compile_events
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
-from .tensor_parallel import ALLREDUCE_IMPLS, gather_vocab
+from .collectives import gather_vocab
+from .options import ALLREDUCE_IMPLS
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
-from pixtral_rt.kernels.gemv import gemv, gemv_fused, pdl_supported
-from pixtral_rt.kernels.decode_attention import decode_attention, default_num_splits
-from pixtral_rt.kernels.paged_decode_attention import paged_decode_attention
+from pixtral_rt.kernels.gemv import gemv
+from pixtral_rt.kernels.pdl import pdl_supported
+from pixtral_rt.kernels.paged_decode_attention import default_num_splits, paged_decode_attention
 from pixtral_rt.kernels.paged_prefill_attention import paged_prefill_attention
-from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
+from pixtral_rt.kernels.prefill_attention import rope_store_kv, rope_table
 from pixtral_rt.kernels.rms_norm import rms_norm, rms_norm_pdl
 from pixtral_rt.kernels.silu_mul import silu_mul, silu_mul_pdl
 
@@ -89,12 +69,10 @@ GEMV_CONFIGS = {
 # removed launches save. Next run, same process (copy 4.24 TB/s, floor 183.2 tok/s): 1k 'none' 154.55 and
 # 154.57 (timed twice), 'none+pdl' 161.12 (+4.2%), 'fused2' 156.02 (+0.9%), 'fused2+pdl' 161.41 (+4.4%);
 # 4k 'none' 152.33, 'none+pdl' 158.14 (+3.8%), 'fused2' 153.64, 'fused2+pdl' 151.14 (-0.8%, unexplained,
-# one sample). 'none+pdl' wins at both contexts, is bit-identical to 'none' (GPU test) -> the default.
+# one sample). 'none+pdl' wins at both contexts, is bit-identical to 'none' (GPU test) -> the default; the
+# others were removed (docs/NOTES.md).
 DEFAULT_DECODE_FUSION = "none+pdl"
-DECODE_FUSIONS = ("none", "fused", "pdl", "none+pdl", "fused2", "fused2+pdl")
-# tiles of the w13 GEMV with the SiLU-mul epilogue (decode_fusion 'fused2*'): each program reads block_n gate
-# rows and the block_n matching up rows, i.e. the same 16-row footprint as the plain w13 tile
-GLU_CONFIG = dict(block_n=8, block_k=256, num_warps=4, num_stages=6)
+DECODE_FUSIONS = ("none", "none+pdl")
 
 # FP8 decoder (pixtral_rt/fp8.py): tiles of kernels/fp8_gemv.py per weight shape (N, K): for 1 row (GEMV), and
 # for 2..64 rows per padded row-tile block_m in (16, 32, 64) (skinny GEMM). Shapes not listed take the
@@ -141,13 +119,13 @@ class _Layer:
 class FastDecoder:
     def __init__(self, args: TransformerArgs, weights: Mapping[str, torch.Tensor], max_batch: int = 1,
                  max_seq: int | None = None, device=None, dtype: torch.dtype | None = None,
-                 prefill_chunk: int = 8192, decode_config: dict | None = None, gemv_backend: str | None = None,
+                 decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
-                 static_cache: bool = True, fp8_gemm_backend: str | None = None, tp_group=None,
+                 fp8_gemm_backend: str | None = None, tp_group=None,
                  vocab_parallel: bool = False, tp_allreduce: str = "nccl"):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
-        static_cache=False: no per-slot cache (the serving engine calls alloc_pages and the *_paged methods).
+        max_batch: the most decode rows (sizes the symmetric-memory buffer); max_seq: the RoPE table's length.
         FP8: a decoder linear given as float8_e4m3fn `<name>.weight` + fp32 `<name>.weight_scale` (N, 1) (the
         contract of pixtral_rt/fp8.py) is kept in FP8: decode runs kernels/fp8_gemv.py on bf16 activations,
         prefill quantises activations per token (kernels/fp8_quant.py) and runs the FP8 GEMM
@@ -167,7 +145,6 @@ class FastDecoder:
         self.dtype = dtype or emb.dtype
         self.max_batch = max_batch
         self.max_seq = max_seq or args.max_seq_len
-        self.prefill_chunk = prefill_chunk
         self.decode_config = dict(block_n=64, num_warps=4, num_stages=4, **(decode_config or {}))
         gemv_backend = gemv_backend or ("triton" if self.device.type == "cuda" else "cublas")
         if gemv_backend not in ("cublas", "triton"):
@@ -175,15 +152,10 @@ class FastDecoder:
         self.gemv_backend = gemv_backend      # 'triton': kernels/gemv.py for 1-row GEMMs (decode at batch 1)
         # (N, K) -> dict(block_n, block_k, num_warps, num_stages)
         self.gemv_configs = dict(GEMV_CONFIGS if gemv_configs is None else gemv_configs)
-        self.fused_gemv_configs = dict(self.gemv_configs)    # tiles of gemv_fused, same keys
-        # batch-1 decode with the Triton GEMV: 'none' (separate norm / silu / add kernels), 'fused'
-        # (gemv_fused prologues/epilogues), 'pdl' (fused + programmatic dependent launches, sm90+)
+        # batch-1 decode with the Triton GEMV: 'none' or 'none+pdl' (see the module docstring)
         decode_fusion = decode_fusion or DEFAULT_DECODE_FUSION
         if decode_fusion not in DECODE_FUSIONS:
             raise ValueError(f"decode_fusion must be one of {DECODE_FUSIONS}, got {decode_fusion!r}")
-        if decode_fusion == "pdl" and not pdl_supported(self.device):
-            decode_fusion = "fused"
-        self.glu_config = dict(GLU_CONFIG)
         self.decode_fusion = decode_fusion
         self.attn_workspace: dict = {}     # decode attention partials, allocated once per shape
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
@@ -247,25 +219,15 @@ class FastDecoder:
         self.output = get("output.weight", (args.vocab_size // tp_world, args.dim))
         if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
             raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
-        if self.tp_group is not None and self.decode_fusion not in ("none", "none+pdl"):
-            raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} adds the residual inside the GEMV; "
-                             f"tensor parallelism needs the all-reduce first: use 'none' or 'none+pdl'")
         self.fp8 = any(isinstance(w, Fp8Weight) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2))
-        if self.fp8 and self.decode_fusion not in ("none", "none+pdl"):
-            raise ValueError(f"FastDecoder: decode_fusion {self.decode_fusion!r} has no FP8 kernels; use 'none' "
-                             f"or 'none+pdl' with FP8 weights")
         self.fp8_gemm_backend = fp8_gemm_backend or (
             DEFAULT_FP8_GEMM_BACKEND if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)
             >= (8, 9) else "triton")
         self.fp8_gemv_configs = dict(FP8_GEMV_CONFIGS)
         self.fp8_skinny_configs = dict(FP8_SKINNY_CONFIGS)
-        cache_shape = (args.n_layers, max_batch if static_cache else 0, Hkv, self.max_seq, D)
-        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
         self.k_pages = self.v_pages = None     # paged cache (alloc_pages)
         self.page_size = 0
         self.cos_sin = rope_table(self.max_seq, D, args.rope_theta, self.device)
-        self.slot_ids = torch.arange(max_batch, device=self.device, dtype=torch.int32)
 
     @classmethod
     def from_reference(cls, model, **kw) -> "FastDecoder":
@@ -305,7 +267,7 @@ class FastDecoder:
         return F.linear(x, w)
 
     def _gather_vocab(self, part: torch.Tensor) -> torch.Tensor:
-        """Vocab-parallel lm_head: this rank's (R, vocab / world) logits -> (R, vocab) (tensor_parallel.
+        """Vocab-parallel lm_head: this rank's (R, vocab / world) logits -> (R, vocab) (collectives.
         gather_vocab). Identity otherwise."""
         if not self.vocab_parallel:
             return part
@@ -322,9 +284,9 @@ class FastDecoder:
         torch.distributed.all_reduce(y, group=self.tp_group)
         return y
 
-    def _layers(self, x: torch.Tensor, attend, last_only: bool, rows: torch.Tensor | None = None,
+    def _layers(self, x: torch.Tensor, attend, rows: torch.Tensor | None = None,
                 act_quant: bool = False) -> torch.Tensor:
-        """x (T, dim) -> final-normed hidden (T, 1 or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
+        """x (T, dim) -> final-normed hidden (T or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
         rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows).
         act_quant: FP8 linears quantise their input per token (prefill); decode passes False."""
         eps = self.args.norm_eps
@@ -339,81 +301,22 @@ class FastDecoder:
             y = self._reduce(self._linear(a.view(T, -1), L.wo, act_quant))
             h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
             y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant))
-        if last_only:
-            y, res = y[-1:], res[-1:]
-        elif rows is not None:
+        if rows is not None:
             y, res = y.index_select(0, rows), res.index_select(0, rows)
         h, _ = rms_norm(y, self.norm, eps, residual=res)
         return h
 
-    @torch.inference_mode()
-    def prefill(self, h: torch.Tensor, slot: int, start_pos: int) -> torch.Tensor:
-        """h (T, dim) embeddings of positions start_pos.. of cache slot `slot` -> (vocab,) fp32 last logits."""
-        T = h.shape[0]
-        if h.dim() != 2 or h.shape[1] != self.args.dim or T == 0:
-            raise ValueError(f"prefill: h must be (T >= 1, {self.args.dim}), got {tuple(h.shape)}")
-        if not 0 <= slot < self.max_batch:
-            raise ValueError(f"prefill: slot {slot} outside 0..{self.max_batch - 1} (max_batch)")
-        if start_pos < 0 or start_pos + T > self.max_seq:
-            raise ValueError(f"prefill: positions {start_pos}..{start_pos + T} exceed max_seq {self.max_seq}; "
-                             f"build the decoder with a larger max_seq")
-        h = h.to(device=self.device, dtype=self.dtype)
-        args = self.args
-        out = None
-        for c0 in range(0, T, self.prefill_chunk):
-            x = h[c0:c0 + self.prefill_chunk]
-            n, pos0 = x.shape[0], start_pos + c0
-            positions = torch.arange(pos0, pos0 + n, device=self.device, dtype=torch.int32)
-            slots = torch.full((n,), slot, device=self.device, dtype=torch.int32)
+    def _decode_mode(self, B: int) -> tuple[bool, bool]:
+        """(chain, pdl) for a batch of B rows (the batch-1 Triton GEMV path, see the docstring)."""
+        chain = B == 1 and self.gemv_backend == "triton" and self.decode_fusion == "none+pdl"
+        return chain, chain and pdl_supported(self.device)
 
-            def attend(i, qkv, n=n, pos0=pos0, positions=positions, slots=slots):
-                rope_store_kv(qkv, positions, slots, self.k_cache[i], self.v_cache[i], self.cos_sin,
-                              args.n_heads, args.n_kv_heads)
-                q = qkv[:, :args.n_heads * args.head_dim].view(n, args.n_heads, args.head_dim)
-                return prefill_attention_cached(q, self.k_cache[i], self.v_cache[i], slot, pos0)
-
-            out = self._layers(x, attend, last_only=True, act_quant=True)
-        return self._gather_vocab(self._linear(out, self.output).float())[0]
-
-    def _decode_mode(self, B: int) -> tuple[bool, bool, bool]:
-        """(fused, chain, pdl) for a batch of B rows (the batch-1 Triton GEMV paths, see the docstring)."""
-        fusion = self.decode_fusion
-        fused = B == 1 and self.gemv_backend == "triton" and fusion in ("fused", "pdl")
-        chain = B == 1 and self.gemv_backend == "triton" and fusion in ("none+pdl", "fused2", "fused2+pdl")
-        pdl = (fused and fusion == "pdl") or (chain and fusion.endswith("+pdl") and pdl_supported(self.device))
-        return fused, chain, pdl
-
-    def _decode(self, tokens: torch.Tensor, attend, fused: bool, chain: bool, pdl: bool) -> torch.Tensor:
-        if fused:
-            logits = self._decode_fused(self.embed(tokens), attend, pdl)
-        elif chain:
-            logits = self._decode_chain(self.embed(tokens), attend, glu=self.decode_fusion.startswith("fused2"),
-                                        pdl=pdl)
+    def _decode(self, tokens: torch.Tensor, attend, chain: bool, pdl: bool) -> torch.Tensor:
+        if chain:
+            logits = self._decode_chain(self.embed(tokens), attend, pdl=pdl)
         else:
-            logits = self._linear(self._layers(self.embed(tokens), attend, last_only=False), self.output).float()
+            logits = self._linear(self._layers(self.embed(tokens), attend), self.output).float()
         return self._gather_vocab(logits)
-
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B,), positions (B,) int device tensors -> logits (B, vocab) fp32. Row b uses cache slot b."""
-        B = tokens.shape[0]
-        if tokens.shape != (B,) or positions.shape != (B,) or not 1 <= B <= self.max_batch:
-            raise ValueError(f"decode_step: tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} "
-                             f"must both be (B,) with 1 <= B <= max_batch={self.max_batch}")
-        args = self.args
-        fused, chain, pdl = self._decode_mode(B)
-        with torch.inference_mode():
-            slots = self.slot_ids[:B]
-            lens = (positions + 1).to(torch.int32)
-            ns = default_num_splits(B, args.n_kv_heads, self.device)
-
-            def attend(i, qkv):
-                rope_store_kv(qkv, positions, slots, self.k_cache[i], self.v_cache[i], self.cos_sin,
-                              args.n_heads, args.n_kv_heads, pdl=pdl)
-                q = qkv[:, :args.n_heads * args.head_dim].view(B, args.n_heads, args.head_dim)
-                return decode_attention(q, self.k_cache[i], self.v_cache[i], lens, num_splits=ns, pdl=pdl,
-                                        workspace=self.attn_workspace, **self.decode_config)
-
-            return self._decode(tokens, attend, fused, chain, pdl)
 
     # ------------------------------------------------------------------ paged KV cache (serving)
     def alloc_pages(self, n_pages: int, page_size: int) -> None:
@@ -432,7 +335,7 @@ class FastDecoder:
         each row attends to: positions + 1, or 0 for an idle row) -> logits (B, vocab) fp32. Writes each
         token's K/V at its position through the block table. No host sync: capturable."""
         B, args, P = tokens.shape[0], self.args, self.page_size
-        fused, chain, pdl = self._decode_mode(B)
+        chain, pdl = self._decode_mode(B)
         with torch.inference_mode():
             pages = block_table[:B].gather(1, (positions // P).long()[:, None])[:, 0]
             pages = torch.where(lens > 0, pages, 0)      # idle rows write the trash page, never a real one
@@ -446,7 +349,7 @@ class FastDecoder:
                 return paged_decode_attention(q, self.k_pages[i], self.v_pages[i], block_table, lens, num_splits=ns,
                                               pdl=pdl, workspace=self.attn_workspace, **self.decode_config)
 
-            return self._decode(tokens, attend, fused, chain, pdl)
+            return self._decode(tokens, attend, chain, pdl)
 
     @torch.inference_mode()
     def prefill_paged(self, h: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
@@ -465,34 +368,17 @@ class FastDecoder:
             return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
                                            max_q_len)
 
-        out = self._layers(h.to(self.dtype), attend, last_only=False, rows=rows, act_quant=True)
+        out = self._layers(h.to(self.dtype), attend, rows=rows, act_quant=True)
         return self._gather_vocab(self._linear(out, self.output).float())
 
-    def _decode_fused(self, r: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
-        """Batch-1 decode body with gemv_fused: r (1, dim) embedding -> (1, vocab) fp32 logits."""
-        eps = self.args.norm_eps
-        cfg = self.fused_gemv_configs
-
-        def lin(x, w, **kw):
-            return gemv_fused(x, w, eps=eps, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
-
-        for i, L in enumerate(self.layers):
-            a = attend(i, lin(r, L.wqkv, norm_weight=L.attention_norm))
-            r = lin(a.view(1, -1), L.wo, residual=r)
-            r = lin(lin(r, L.w13, norm_weight=L.ffn_norm), L.w2, silu=True, residual=r)
-        return lin(r, self.output, norm_weight=self.norm, out_dtype=torch.float32)
-
-    def _decode_chain(self, x: torch.Tensor, attend, glu: bool, pdl: bool) -> torch.Tensor:
-        """Batch-1 decode body of 'none+pdl' / 'fused2' / 'fused2+pdl': the 'none' kernels (rms_norm with the
-        residual add, plain GEMVs), optionally (glu) with SiLU-mul in the w13 GEMV's epilogue (no separate
-        silu_mul launch; no redundant work: each program computes its own gate and up rows) and fp32 logits
-        written by the output GEMV directly, optionally (pdl) every launch programmatic-dependent.
-        'none+pdl' computes exactly what 'none' computes."""
+    def _decode_chain(self, x: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
+        """Batch-1 decode body of 'none+pdl': the 'none' kernels (rms_norm with the residual add, plain GEMVs),
+        (pdl) every launch programmatic-dependent. Computes exactly what 'none' computes."""
         eps = self.args.norm_eps
         cfg = self.gemv_configs
 
         def lin(h, w, **kw):
-            if isinstance(w, Fp8Weight):      # FP8 decode (glu is refused at construction)
+            if isinstance(w, Fp8Weight):      # FP8 decode
                 return fp8_gemv(h, w.weight, w.scale, pdl=pdl, **self.fp8_gemv_configs.get(tuple(w.shape), {}))
             return gemv(h, w, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
 
@@ -505,55 +391,7 @@ class FastDecoder:
             a = attend(i, lin(h, L.wqkv))
             y = self._reduce(lin(a.view(1, -1), L.wo))
             h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=pdl)
-            if glu:
-                g = gemv(h, L.w13, glu=True, pdl=pdl, **self.glu_config)
-            else:
-                g = silu_mul_pdl(lin(h, L.w13), pdl=pdl)
+            g = silu_mul_pdl(lin(h, L.w13), pdl=pdl)
             y = self._reduce(lin(g, L.w2))
         h, _ = rms_norm_pdl(y, self.norm, eps, residual=res, pdl=pdl)
-        if not glu:
-            return lin(h, self.output).float()
-        logits = torch.empty(1, self.output.shape[0], device=h.device, dtype=torch.float32)
-        return lin(h, self.output, out=logits)
-
-    # ------------------------------------------------------------------ graphs
-    def warmup(self, batch_sizes=(1,), prefill_lens=(1, 97)) -> None:
-        """Compile every Triton kernel and initialise cuBLAS for these shapes. Writes garbage K/V at
-        positions 0.. of slots 0..max(batch_sizes)-1: call it before serving (or re-prefill after)."""
-        for T in prefill_lens:
-            T = min(T, self.max_seq)
-            self.prefill(torch.zeros(T, self.args.dim, device=self.device, dtype=self.dtype), 0, 0)
-        for B in batch_sizes:
-            tok = torch.zeros(B, dtype=torch.long, device=self.device)
-            self.decode_step(tok, torch.zeros(B, dtype=torch.int32, device=self.device))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def capture_decode(self, batch: int) -> "DecodeGraph":
-        return DecodeGraph(self, batch)
-
-
-class DecodeGraph:
-    """decode_step for a fixed batch captured in a CUDA graph; call with (tokens, positions) device tensors."""
-
-    def __init__(self, decoder: FastDecoder, batch: int):
-        self.decoder = decoder
-        dev = decoder.device
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, dtype=torch.int32, device=dev)
-        decoder.warmup(batch_sizes=(batch,), prefill_lens=())
-        s = torch.cuda.Stream(dev)
-        s.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(s):  # warm the allocator on the side stream, as torch's docs advise
-            decoder.decode_step(self.tokens, self.positions)
-        torch.cuda.current_stream(dev).wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = decoder.decode_step(self.tokens, self.positions)
-        compile_events.captured()
-
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.tokens.copy_(tokens, non_blocking=True)
-        self.positions.copy_(positions, non_blocking=True)
-        self.graph.replay()
-        return self.logits
+        return lin(h, self.output).float()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError
-from .cli_flags import add_weight_flags, check_weight_flags
+from .cli_flags import add_runtime_flags, add_weight_flags, check_weight_flags, runtime_options
 from .config import ConfigError
 from .errors import PixtralInputError, route_image_warnings
 
@@ -71,14 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     m.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                    help="weight/activation dtype (default: bfloat16 on GPU, float32 on CPU)")
-    m.add_argument("--backend", choices=["auto", "serving", "fast", "reference"], default="auto",
-                   help="serving (= auto) = the continuous-batching engine over a paged KV cache, as the server "
-                        "runs it (Triton kernels + CUDA graphs on a GPU, the PyTorch reference on CPU; --chat turns "
-                        "reuse the cached prefix); fast / reference = the earlier batch-1 engines (default: auto)")
     m.add_argument("--max-context", type=int, help="KV cache size in tokens (default: the model's, capped by GPU "
                                                    "memory); longer requests are refused up front")
     m.add_argument("--max-images", type=int, default=12, help="images allowed per request (default 12)")
     m.add_argument("--no-graphs", action="store_true", help="run without CUDA graphs (debugging)")
+    add_runtime_flags(m)
     r = p.add_argument_group("request")
     r.add_argument("--prompt", help="user message text (read from stdin if omitted and not --chat)")
     r.add_argument("--image", action="append", default=[], metavar="SRC",
@@ -160,7 +157,7 @@ def _warning_printer():
 def _run_turn(engine, messages, params, args):
     """Stream one answer to stdout (--json: one object at the end instead). Ctrl-C stops the answer: what
     was generated stays printed and is returned, with finish_reason "interrupted"."""
-    from .engine import GenerationResult
+    from .serving.outputs import GenerationResult
     engine.last = None  # an interrupt before the engine starts must not report the previous turn
     pieces = engine.stream(messages, params)
     stopped = False
@@ -330,10 +327,10 @@ def main(argv=None) -> int:
             if not prompt:
                 parser.error("empty prompt on stdin: give --prompt TEXT")
         engine = Engine.load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
-                             max_images=args.max_images, backend=args.backend, fmt=args.format,
+                             max_images=args.max_images, fmt=args.format,
                              progress=not (args.quiet or args.json), use_graphs=not args.no_graphs,
                              quantization=args.quantization, random_weights=args.random_weights,
-                             tensor_parallel=args.tensor_parallel)
+                             tensor_parallel=args.tensor_parallel, options=runtime_options(args))
         if args.chat:
             _chat_loop(engine, params, args)
             return 0

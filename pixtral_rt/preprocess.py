@@ -11,11 +11,10 @@
 Backends for `preprocess`: the native C++ op (`pixtral_rt._C`, multi-threaded) when it was built, else a
 NumPy fallback with the same arithmetic; `backend()` says which one is in use. `preprocess_cuda` runs the
 same op on the GPU (`pixtral_rt._C_cuda`): uint8 pixels in, normalised CHW (or patch-major) floats out,
-on the device. Set PIXTRAL_RT_PREPROCESS=numpy to force the fallback.
+on the device. `set_backend("numpy")` (RuntimeOptions.preprocess, --preprocess numpy) forces the fallback.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +37,20 @@ _C_cuda_error: str | None = None
 _cuda_tried = False
 
 
+_FORCED: str = "auto"
+
+
+def set_backend(name: str) -> None:
+    """This process's host preprocessing: "auto" (the native op when built, else NumPy) or "numpy"."""
+    global _FORCED
+    if name not in ("auto", "numpy"):
+        raise ValueError(f"preprocess backend {name!r}: choose auto or numpy")
+    _FORCED = name
+
+
 def backend() -> str:
     """'cpp' when the native C++ op is used, 'numpy' for the fallback."""
-    if _C is not None and os.environ.get("PIXTRAL_RT_PREPROCESS", "").lower() != "numpy":
+    if _C is not None and _FORCED != "numpy":
         return "cpp"
     return "numpy"
 
@@ -49,7 +59,7 @@ def backend_info() -> str:
     """One line for logs: which backend and, for the fallback, why."""
     if backend() == "cpp":
         return f"preprocess: native C++ op pixtral_rt._C ({_C.num_threads()} threads)"
-    why = "forced by PIXTRAL_RT_PREPROCESS=numpy" if _C is not None else f"native op not built ({_C_ERROR})"
+    why = "forced by --preprocess numpy" if _C is not None else f"native op not built ({_C_ERROR})"
     return f"preprocess: NumPy fallback, {why}"
 
 

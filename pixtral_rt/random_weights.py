@@ -143,7 +143,8 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
 def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0.02, device="cuda",
                                 dtype: torch.dtype = torch.bfloat16, quantization: str | None = None,
                                 progress: bool = True, weights_dtype: torch.dtype = torch.bfloat16,
-                                shard: tuple[int, int] | None = None, keys=None) -> dict[str, torch.Tensor]:
+                                shard: tuple[int, int] | None = None, keys=None,
+                                lm_head: str | None = None) -> dict[str, torch.Tensor]:
     """Exactly what load_state_dict(plan, device, dtype) returns for write_random_checkpoint(seed, std,
     dtype=weights_dtype, device=device, quantization=...), made on `device` without a checkpoint: same keys,
     dtypes and shapes, our un-permuted layout, FP8 decoder linears (float8_e4m3fn + fp32 (N, 1) scale) when
@@ -171,7 +172,7 @@ def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0
             if shard is None:
                 entries = _random_entries(k, s, seed, std, device, weights_dtype, quantization)
             else:
-                t = shard_tensor(random_tensor(k, s, seed, std, device, weights_dtype), k, *shard)
+                t = shard_tensor(random_tensor(k, s, seed, std, device, weights_dtype), k, *shard, lm_head=lm_head)
                 entries = ({k: t} if not (quantization == "fp8" and fp8.is_quantized_weight(k)) else
                            dict(zip((k, fp8.scale_key(k)), fp8.quantize_weight(t))))
                 del t

@@ -4,12 +4,12 @@
                                                 (`.weight`, and an FP8 `.weight_scale` (N, 1): its rows follow)
   row-parallel    (dim 1, input columns split): layers.{i}.attention.wo, layers.{i}.feed_forward.w2 (`.weight`;
                                                 an FP8 `.weight_scale` is per output channel: replicated)
-  vocab-parallel (the default; PIXTRAL_RT_TP_LM_HEAD=vocab): output.weight (the lm_head) split by rows
+  vocab-parallel (the default; lm_head="vocab", --tp-lm-head vocab): output.weight (the lm_head) split by rows
                                                 (vocab / world rows per rank); each rank computes its slice of
                                                 the logits, one all-gather joins them (FastDecoder(vocab_parallel=
                                                 True), or the reference model's gather hook)
   replicated:                                   everything else (embeddings, norms, vision encoder, adapter,
-                                                patch merger), and output with PIXTRAL_RT_TP_LM_HEAD=replicated
+                                                patch merger), and output with lm_head="replicated"
 
 Why vocab-parallel by default (benchmarks/bench_tp_shard.py, H200, 2026-12-02): rank 0's decode step of
 Pixtral-12B at TP=2 takes 3.64 ms with vocab / 2 lm_head rows against 3.78 ms with the whole lm_head (0.15 ms
@@ -27,34 +27,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 
 import torch
 
 from .config import PixtralArgs, TransformerArgs
+from .options import LM_HEAD_MODES
 
 _COLUMN = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight(_scale)?")
 _ROW = re.compile(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)\.weight")
 
 
-LM_HEAD_MODES = ("replicated", "vocab")
+# the lm_head split when a caller gives none (the runtime always passes RuntimeOptions.tp_lm_head; tests of the
+# whole-lm_head layout patch this)
+DEFAULT_LM_HEAD = "vocab"
 
 
-def lm_head_mode() -> str:
-    """How the lm_head is split under tensor parallelism: "vocab" (the default: rows split across ranks,
-    logits all-gathered) or "replicated" (every rank holds it whole; rank 0's logits are used).
-    PIXTRAL_RT_TP_LM_HEAD, read in every rank (spawned followers and torchrun ranks inherit the environment)."""
-    mode = os.environ.get("PIXTRAL_RT_TP_LM_HEAD", "vocab")
-    if mode not in LM_HEAD_MODES:
-        raise ValueError(f"PIXTRAL_RT_TP_LM_HEAD={mode!r}: choose one of {', '.join(LM_HEAD_MODES)}")
-    return mode
+def _lm_head(lm_head: str | None) -> str:
+    lm_head = DEFAULT_LM_HEAD if lm_head is None else lm_head
+    if lm_head not in LM_HEAD_MODES:
+        raise ValueError(f"tp_lm_head {lm_head!r}: choose one of {', '.join(LM_HEAD_MODES)}")
+    return lm_head
 
 
-def shard_rule(key: str) -> int | None:
+def shard_rule(key: str, lm_head: str | None = None) -> int | None:
     """0: column-parallel (split dim 0), 1: row-parallel (split dim 1), None: replicated. Our key names
-    (the vision encoder's `vision_encoder.transformer.layers...` linears are replicated)."""
-    if _COLUMN.fullmatch(key) or (key == "output.weight" and lm_head_mode() == "vocab"):
+    (the vision encoder's `vision_encoder.transformer.layers...` linears are replicated). lm_head "vocab":
+    output.weight split by rows; "replicated": whole on every rank (RuntimeOptions.tp_lm_head)."""
+    if _COLUMN.fullmatch(key) or (key == "output.weight" and _lm_head(lm_head) == "vocab"):
         return 0
     if _ROW.fullmatch(key):
         return 1
@@ -77,7 +77,7 @@ def valid_sizes(args: PixtralArgs | TransformerArgs) -> list[int]:
     return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def check_divisible(args: PixtralArgs | TransformerArgs, world: int) -> None:
+def check_divisible(args: PixtralArgs | TransformerArgs, world: int, lm_head: str | None = None) -> None:
     """ValueError unless the attention heads, the KV heads and the FFN width all split evenly over `world`."""
     _check_world(world)
     t = _text(args)
@@ -85,27 +85,27 @@ def check_divisible(args: PixtralArgs | TransformerArgs, world: int) -> None:
         sizes = ", ".join(map(str, valid_sizes(t)))
         raise ValueError(f"--tensor-parallel {world}: {t.n_heads} attention heads, {t.n_kv_heads} KV heads and "
                          f"FFN width {t.hidden_dim} must divide evenly; valid sizes: {sizes}")
-    if lm_head_mode() == "vocab" and t.vocab_size % world:
-        raise ValueError(f"--tensor-parallel {world} with PIXTRAL_RT_TP_LM_HEAD=vocab: the vocabulary "
-                         f"({t.vocab_size}) must divide evenly; use PIXTRAL_RT_TP_LM_HEAD=replicated")
+    if _lm_head(lm_head) == "vocab" and t.vocab_size % world:
+        raise ValueError(f"--tensor-parallel {world} with --tp-lm-head vocab: the vocabulary "
+                         f"({t.vocab_size}) must divide evenly; use --tp-lm-head replicated")
 
 
-def sharded_args(args: TransformerArgs, world: int) -> TransformerArgs:
+def sharded_args(args: TransformerArgs, world: int, lm_head: str | None = None) -> TransformerArgs:
     """The per-rank decoder shapes: n_heads, n_kv_heads and hidden_dim divided by `world` (dim, head_dim,
     vocab and everything else unchanged). A PixtralArgs gives a PixtralArgs with its text part sharded."""
     if isinstance(args, PixtralArgs):
-        return dataclasses.replace(args, text=sharded_args(args.text, world))
-    check_divisible(args, world)
+        return dataclasses.replace(args, text=sharded_args(args.text, world, lm_head))
+    check_divisible(args, world, lm_head)
     return dataclasses.replace(args, n_heads=args.n_heads // world, n_kv_heads=args.n_kv_heads // world,
                                hidden_dim=args.hidden_dim // world)
 
 
-def shard_range(key: str, shape, rank: int, world: int) -> tuple[int, int, int] | None:
+def shard_range(key: str, shape, rank: int, world: int, lm_head: str | None = None) -> tuple[int, int, int] | None:
     """(dim, start, stop) of rank `rank`'s contiguous block of a tensor of `shape`, None if replicated."""
     _check_world(world)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
-    dim = shard_rule(key)
+    dim = shard_rule(key, lm_head)
     if dim is None:
         return None
     shape = tuple(shape)
@@ -118,10 +118,10 @@ def shard_range(key: str, shape, rank: int, world: int) -> tuple[int, int, int] 
     return dim, rank * step, (rank + 1) * step
 
 
-def shard_tensor(t: torch.Tensor, key: str, rank: int, world: int) -> torch.Tensor:
+def shard_tensor(t: torch.Tensor, key: str, rank: int, world: int, lm_head: str | None = None) -> torch.Tensor:
     """Rank `rank`'s slice of an in-memory full tensor (a contiguous copy, so the full one can be freed);
     a replicated tensor is returned as is."""
-    r = shard_range(key, t.shape, rank, world)
+    r = shard_range(key, t.shape, rank, world, lm_head)
     if r is None:
         return t
     dim, start, stop = r

@@ -8,10 +8,12 @@ on a free TCP port of 127.0.0.1), or they already exist under torchrun (RANK / W
 
 Sharding (pixtral_rt/sharding.py, Megatron style): wq / wk / wv / w1 / w3 split by output rows (whole heads,
 whole KV heads), wo / w2 by input columns; each rank's wo / w2 output is a partial sum, summed across ranks
-by one all-reduce (`install_all_reduce` on the reference model; FastDecoder(tp_group=...) on the GPU).
+by one all-reduce (pixtral_rt/collectives.py: `install_all_reduce` on the reference model; FastDecoder(tp_group=...)
+on the GPU).
 Embeddings, norms and the vision encoder are replicated (the vision encoder and the logits only matter on
 rank 0); the lm_head is split by vocabulary rows with its logits all-gathered, or replicated with
-PIXTRAL_RT_TP_LM_HEAD=replicated (sharding.lm_head_mode says why vocab-parallel is the default).
+--tp-lm-head replicated (RuntimeOptions.tp_lm_head, carried to every rank in the launch arguments;
+pixtral_rt/sharding.py says why vocab-parallel is the default).
 
 Protocol. The serving engine talks to its model through a narrow interface (serving/paged_model.py).
 `LeaderModel` wraps rank 0's shard and, for every call that runs the sharded decoder (alloc, prefill,
@@ -21,7 +23,8 @@ all-reduces inside keep every rank in step. Vision, prompt embedding and samplin
 sends the embeddings it computed). On GPUs a decode step is a CUDA graph on every rank: the input
 broadcasts are inside the graphs, so per step rank 0 sends one header ('replay', batch) and no tensor
 crosses the host. The CPU path (gloo, no graphs) runs the same headers and broadcasts, and is what CI tests;
-the GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
+Test-only environment switches (not for users; read by every rank): PIXTRAL_RT_TP_ONE_RANK, PIXTRAL_RT_TP_SAME_GPU,
+PIXTRAL_RT_TP_FAULT. The GPU path (NCCL, graphs) has run on ONE GPU with a process group of one (PIXTRAL_RT_TP_ONE_RANK: the
 plain engine's tokens exactly, tests/test_tp_gpu.py) but NOT YET across GPUs (no 2-GPU machine lent so far).
 PIXTRAL_RT_TP_SAME_GPU puts 2+ ranks on one GPU over gloo, without graphs (`same_gpu_forced`): the sharded
 GPU decoders with real traffic between ranks, checked against TP=1 on a one-GPU machine.
@@ -48,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 
+
 def backend_for(device: torch.device) -> str:
     """The data group's backend: NCCL between GPUs, gloo on the CPU and in the same-GPU test mode."""
     return "nccl" if device.type == "cuda" and not same_gpu_forced() else "gloo"
@@ -61,19 +65,6 @@ def same_gpu_forced() -> bool:
     cross between processes, against TP=1 (tests/test_tp_gpu.py). Slow, and not for production: NCCL, and
     the collectives inside the decode graphs, need one GPU per rank."""
     return os.environ.get("PIXTRAL_RT_TP_SAME_GPU", "0") == "1"
-
-
-ALLREDUCE_IMPLS = ("nccl", "symm")
-
-
-def allreduce_impl() -> str:
-    """The decode step's all-reduces on GPUs: "nccl" (dist.all_reduce) or "symm" (torch symmetric memory's
-    one-shot all-reduce for decode-sized sums, NCCL for prefill; FastDecoder(tp_allreduce=)).
-    PIXTRAL_RT_TP_ALLREDUCE, read in every rank; the faster one by measurement becomes the default."""
-    impl = os.environ.get("PIXTRAL_RT_TP_ALLREDUCE", "nccl")
-    if impl not in ALLREDUCE_IMPLS:
-        raise ValueError(f"PIXTRAL_RT_TP_ALLREDUCE={impl!r}: choose one of {', '.join(ALLREDUCE_IMPLS)}")
-    return impl
 
 
 def check_gpus(world: int, device: torch.device) -> None:
@@ -110,44 +101,6 @@ def _fault(rank: int, where: str, count: int = 0) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model side
-def install_all_reduce(model: torch.nn.Module, group=None, vocab_parallel: bool = False) -> int:
-    """Sum the partial outputs of every row-parallel linear (layers.*.attention.wo, layers.*.feed_forward.w2)
-    across ranks, by a forward hook on each; vocab_parallel: all-gather the lm_head's (`output`) logit
-    slices into the full vocabulary. Returns how many hooks were installed."""
-    import re
-    n = 0
-    for name, mod in model.named_modules():
-        # text decoder only: the vision encoder (replicated, rank 0 only) has modules of the same names
-        if re.fullmatch(r"layers\.\d+\.(attention\.wo|feed_forward\.w2)", name):
-            mod.register_forward_hook(lambda _m, _inp, out: _all_reduce(out, group))
-            n += 1
-    if vocab_parallel:
-        model.output.register_forward_hook(lambda _m, _inp, out: gather_vocab(out, group))
-        n += 1
-    return n
-
-
-def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    t = t.contiguous()
-    dist.all_reduce(t, group=group)
-    return t
-
-
-_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor    # renamed in torch 2.13
-
-
-def gather_vocab(part: torch.Tensor, group) -> torch.Tensor:
-    """Vocab-parallel lm_head: this rank's (..., vocab / world) logits -> (..., vocab) on every rank, by one
-    all-gather (rank r's block is vocab columns [r V / w, (r + 1) V / w)). Capturable in a CUDA graph (NCCL);
-    FastDecoder and the reference model's hook both use it."""
-    world = dist.get_world_size(group)
-    lead, Vp = part.shape[:-1], part.shape[-1]
-    flat = part.reshape(-1, Vp).contiguous()
-    buf = torch.empty(world * flat.shape[0], Vp, device=part.device, dtype=part.dtype)
-    _gather_into(buf, flat, group=group)
-    return buf.view(world, flat.shape[0], Vp).transpose(0, 1).reshape(*lead, world * Vp)
-
-
 # The control channel: a fixed header of int64 broadcast from rank 0 over a gloo group (CPU tensors, so it
 # also works while rank 0 captures a CUDA graph); the call's tensors follow over the data group (NCCL on
 # GPUs, gloo on the CPU). Header: [op, a, b, c, d, e, f, g].
@@ -439,66 +392,59 @@ def join_as_rank0(device: torch.device) -> None:
     _join(*torchrun_env(), device)
 
 
-# ------------------------------------------------------------------------------------------ shards
-def reference_shard(src, rank: int, world: int, text_only: bool, progress: bool = False):
-    """The plain PyTorch model holding this rank's shard: PixtralModel (rank 0: + vision) or the text
-    Transformer (followers), with the all-reduce hooks installed."""
-    import dataclasses
-
-    from .reference.fp8_linear import install_fp8_linears
-    from .reference.model import PixtralModel
-    from .reference.transformer import Transformer
-    from .sharding import lm_head_mode, sharded_args
-    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
-    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
-    vocab_parallel = lm_head_mode() == "vocab"
-    with torch.device("meta"):
-        m = Transformer(args.text) if text_only else PixtralModel(args)
-        if vocab_parallel:          # this rank's rows of the lm_head (the embedding table stays whole)
-            m.output = torch.nn.Linear(args.text.dim, args.text.vocab_size // world, bias=False)
-    install_fp8_linears(m, sd)
-    m.load_state_dict(sd, assign=True, strict=True)
-    install_all_reduce(m, vocab_parallel=vocab_parallel)
-    return m.eval(), args
+# ------------------------------------------------------------------------------------------ building
+def start_leader(src, world: int, env, build_kw: dict, use_graphs: bool, progress: bool, options):
+    """Rank 0 of a tensor-parallel engine: check the sizes, start (or join, under torchrun) the followers,
+    build rank 0's shard (pixtral_rt/loading.py) and wrap it in LeaderModel.
+    Returns (model, backend description, use_graphs, default KV pool tokens or None)."""
+    from .loading import build_model
+    from .sharding import check_divisible
+    dev = src.device
+    check_divisible(src.args.text, world, options.tp_lm_head)   # before any process starts
+    if not env:                                       # torchrun placed its ranks itself
+        check_gpus(world, dev)
+    if dev.type == "cuda" and options.tp_allreduce == "symm" and same_gpu_forced():
+        raise ValueError("--tp-allreduce symm needs one GPU per rank (NCCL), not the "
+                         "PIXTRAL_RT_TP_SAME_GPU test mode")
+    load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
+                   dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
+                   quantization=src.quantization, random_weights=src.random_preset, options=options.to_dict(),
+                   **build_kw)
+    if dev.type == "cuda" and dev.index is None:
+        dev = src.device = torch.device("cuda", 0)
+    if env:
+        join_as_rank0(dev)
+        followers = None
+    else:
+        followers, _ = launch(world, load_kw, dev)
+    kv_default = None
+    if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
+        same_gpu = same_gpu_forced()      # test mode: all ranks on this GPU over gloo, no graphs
+        use_graphs = use_graphs and not same_gpu
+        backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
+                   + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
+                      if same_gpu else "NCCL")
+                   + f", lm_head {options.tp_lm_head}, all-reduce {'gloo' if same_gpu else options.tp_allreduce}")
+        if same_gpu:                      # the other ranks are still filling this GPU
+            kv_default = 4 * build_kw["max_seq"]
+    else:
+        backend = (f"reference (paged, continuous batching), tensor parallel {world} over gloo, "
+                   f"lm_head {options.tp_lm_head}")
+    local = build_model(src, shard=(0, world), text_only=False, use_graphs=use_graphs, progress=progress,
+                        options=options, **build_kw)
+    return LeaderModel(local, world, processes=followers), backend, use_graphs, kv_default
 
 
 def build_follower_model(load_kw: dict, rank: int, world: int, device: torch.device):
-    """A follower's paged model over its shard (no tokenizer, no vision)."""
-    from .engine import resolve_source
+    """A follower's paged model over its shard (no tokenizer, no vision): pixtral_rt/loading.py."""
+    from .loading import build_model, resolve_source
+    from .options import RuntimeOptions
     src = resolve_source(load_kw.get("model"), str(device), load_kw.get("dtype"), load_kw.get("fmt"),
                          load_kw.get("quantization"), load_kw.get("random_weights"))
-    if device.type == "cuda":
-        return fast_shard(src, rank, world, text_only=True, max_batch=load_kw["max_batch"],
-                          max_seq=load_kw["max_seq"], max_images=load_kw["max_images"],
-                          use_graphs=not same_gpu_forced())
-    from .serving.paged_model import ReferencePagedModel
-    m, args = reference_shard(src, rank, world, text_only=True)
-    return ReferencePagedModel(m, args, device, src.dtype)
-
-
-def fast_shard(src, rank: int, world: int, text_only: bool, max_batch: int, max_seq: int, max_images: int,
-               use_graphs: bool, progress: bool = False):
-    """The GPU paged model over this rank's shard: FastDecoder with the all-reduces (NCCL; gloo in the
-    same-GPU test mode), plus the vision encoder on rank 0 (text_only=False). Run on one GPU with a group of
-    one and with 2 ranks on one GPU over gloo; not yet across GPUs."""
-    import dataclasses
-
-    from .decoder import FastDecoder
-    from .fast_backend import _TEXT_PREFIXES
-    from .serving.paged_model import FastPagedModel
-    from .sharding import lm_head_mode, sharded_args
-    from .vision import FastVisionEncoder
-    sd = src.load_weights(progress, shard=(rank, world), text_only=text_only)
-    vision = None
-    if not text_only:
-        vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
-        vision = FastVisionEncoder.from_state_dict(vision_sd, src.args, src.dtype, src.device)
-        del vision_sd
-    torch.cuda.empty_cache()
-    args = dataclasses.replace(src.args, text=sharded_args(src.args.text, world))
-    dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, static_cache=False, tp_group="world",
-                      vocab_parallel=lm_head_mode() == "vocab", tp_allreduce=allreduce_impl())
-    sd.clear()
-    torch.cuda.empty_cache()
-    return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)
+    max_seq = load_kw.get("max_seq")
+    if max_seq is None:           # a torchrun follower: rank 0's sizes are computed here the same way
+        t = src.args.text
+        max_seq = min(load_kw.get("max_context") or t.max_seq_len, t.max_seq_len) + load_kw["page_size"]
+    return build_model(src, max_batch=load_kw["max_batch"], max_seq=max_seq,
+                       max_images=load_kw["max_images"], use_graphs=not same_gpu_forced(), progress=False,
+                       shard=(rank, world), text_only=True, options=RuntimeOptions(**load_kw.get("options", {})))

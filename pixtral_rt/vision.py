@@ -399,3 +399,28 @@ class VisionGraph:
         self.graph.replay()
         rows = plan.n_tokens if self.encode_only or self.plan.merge_index is None else plan.n_merged
         return self.out[:rows]
+
+
+@torch.inference_mode()
+def request_patches(req, patch_size: int, device) -> torch.Tensor:
+    """The request's images as packed patches (n_patches, 3*p*p) fp32 on the device: preprocessed on the
+    GPU straight into the packed buffer (raw uint8 pixels), or uploaded if already normalised."""
+    from .preprocess import preprocess_cuda
+    p = patch_size
+    if not req.images_are_raw:
+        packed = pack_patches(req.images, p, dtype=torch.float32)
+        return packed.pin_memory().to(device, non_blocking=True)
+    packed = torch.empty(req.n_patches, 3 * p * p, device=device, dtype=torch.float32)
+    for pixels, hw, a, b in zip(req.images, req.image_out_hw, req.cu_seqlens[:-1], req.cu_seqlens[1:]):
+        preprocess_cuda(pixels, hw, device=device, out=packed[a:b], layout="patches", patch_size=p)
+    return packed
+
+
+@torch.inference_mode()
+def image_features(vision: "FastVisionEncoder", req, patch_size: int, device, max_images: int,
+                   use_graphs: bool) -> torch.Tensor:
+    """Images of a request -> (n_image_tokens, text dim) on the device: the vision graph of its patch bucket
+    (all captured at load by FastVisionEncoder.prepare_steps) or the eager encoder above the graph range. The
+    result may be a view of the graphs' output buffer: use it before the next call."""
+    patches = request_patches(req, patch_size, device)
+    return vision.run(patches, req.patch_grids, max_images, use_graphs)

@@ -1,25 +1,43 @@
-"""Engine on CPU with the reference backend: streaming equals the final text, stop strings, raw-pixel
-requests (the fast backend's path) carry everything the GPU preprocessing needs."""
+"""Engine (the synchronous API over LLMEngine) on CPU, tiny random checkpoint: streaming equals the final
+text, stop strings, `last`, tokens equal the reference model's own greedy decoding; raw-pixel requests (the
+GPU path's) carry everything the GPU preprocessing needs."""
 import numpy as np
 import pytest
 import torch
 
-from pixtral_rt.chat import encode_request, load_tokenizer
+from pixtral_rt.chat import encode_request
 from pixtral_rt.config import tiny
-from pixtral_rt.engine import Engine, ReferenceBackend, decoder_weight_bytes
+from pixtral_rt.engine import Engine
+from pixtral_rt.loading import decoder_weight_bytes
 from pixtral_rt.preprocess import chw_to_patches, preprocess
-from pixtral_rt.random_weights import random_state_dict
-from pixtral_rt.reference.model import PixtralModel
+from pixtral_rt.random_weights import write_random_checkpoint
 from pixtral_rt.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def engine():
-    args = tiny()
-    model = PixtralModel(args)
-    model.load_state_dict(random_state_dict(args, seed=4, dtype=torch.float32))
-    be = ReferenceBackend(model.eval(), args, torch.device("cpu"), torch.float32, 4096)
-    return Engine(args, load_tokenizer(None, args), be, {"backend": "reference"}, 4096)
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine") / "tiny"
+    write_random_checkpoint(root, tiny(), "mistral", seed=4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    eng = Engine.load(folder, device="cpu", max_context=4096, progress=False)
+    yield eng
+    eng.shutdown()
+
+
+def test_tokens_equal_reference_greedy(engine, folder):
+    """The engine's tokens are the reference model's own greedy decoding (its KV cache, no pages)."""
+    from pixtral_rt.checkpoint import load_reference_model
+    ref, _ = load_reference_model(folder, device="cpu", dtype=torch.float32)
+    m = msgs(2)
+    req = engine.encode(m, SamplingParams(max_tokens=10))
+    want = ref.generate(req.tokens, [im.float() for im in req.images], max_new_tokens=10, eos_id=None)
+    got = engine.generate(m, SamplingParams(max_tokens=10))
+    assert len(got.token_ids) >= 1 and got.token_ids == want[:len(got.token_ids)]
+    assert "reference (paged" in engine.info["backend"]
 
 
 def msgs(n_images=1):

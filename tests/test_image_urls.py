@@ -282,7 +282,7 @@ def _answer(rng: random.Random, urls: list[str]):
 
 
 def test_fuzzed_urls_end_in_an_image_or_a_client_facing_error(fake_net):
-    from pixtral_rt.serve_app import _input_error
+    from pixtral_rt.server.app import _input_error
     rng = random.Random(19)
     urls = KNOWN_BAD + [_url(rng) for _ in range(3000)]
     fake_net.answer = _answer(rng, urls)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pixtral_rt.openai_protocol import (ANY, NOT_HONOURED, ChatCompletionRequest, ChatMessage, ContentPart, ImageURL,
+from pixtral_rt.server.protocol import (ANY, NOT_HONOURED, ChatCompletionRequest, ChatMessage, ContentPart, ImageURL,
                                         OpenAIError, StreamOptions, parse_chat_request)
 
 MESSAGES = [{"role": "user", "content": "hi"}]

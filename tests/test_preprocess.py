@@ -101,8 +101,11 @@ def test_cpp_taps_equal_python_taps():
 def test_backend_reporting(monkeypatch):
     assert pp.backend() in ("cpp", "numpy")
     assert pp.backend_info().startswith("preprocess: ")
-    monkeypatch.setenv("PIXTRAL_RT_PREPROCESS", "numpy")
+    monkeypatch.setattr(pp, "_FORCED", "auto")
+    pp.set_backend("numpy")
     assert pp.backend() == "numpy" and "fallback" in pp.backend_info()
+    with pytest.raises(ValueError, match="auto or numpy"):
+        pp.set_backend("opencv")
 
 
 def test_bad_arguments():

@@ -480,8 +480,8 @@ def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
     import json as _json
     from types import SimpleNamespace
 
-    from pixtral_rt.openai_protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
-    from pixtral_rt.serve_app import _stream_events
+    from pixtral_rt.server.protocol import ChatCompletionChunk, ChunkChoice, DeltaMessage
+    from pixtral_rt.server.app import _stream_events
 
     texts = ["plain", 'quote " and \\ backslash', "new\nline\ttab", "é ü 漢字 🙂", "\x01ctl", ""]
 
@@ -512,7 +512,7 @@ def test_queued_events_coalesce_in_order():
     import asyncio
     from types import SimpleNamespace
 
-    from pixtral_rt.serve_completion import CompletionRun, TokenText
+    from pixtral_rt.server.completion import CompletionRun, TokenText
     from pixtral_rt.serving.outputs import TokenEvent
     tok = load_tokenizer(None, tiny())
     ids = tok.instruct_tokenizer.tokenizer.encode("Hello there, general Kenobi! How are you today?", bos=False,

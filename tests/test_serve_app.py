@@ -17,7 +17,7 @@ import uvicorn  # noqa: E402
 
 from pixtral_rt.chat import load_tokenizer  # noqa: E402
 from pixtral_rt.config import tiny  # noqa: E402
-from pixtral_rt.serve_app import build_app  # noqa: E402
+from pixtral_rt.server.app import build_app  # noqa: E402
 
 
 class BuggyEngine:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pixtral_rt import serve
+from pixtral_rt.server import cli as serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_help_lists_the_exit_codes_main_returns(capsys):
 
 
 def test_cli_body_cap_default_is_the_apps():
-    from pixtral_rt.serve_app import DEFAULT_MAX_BODY_BYTES
+    from pixtral_rt.server.app import DEFAULT_MAX_BODY_BYTES
     assert serve.DEFAULT_MAX_BODY_MB * 2**20 == DEFAULT_MAX_BODY_BYTES
 
 

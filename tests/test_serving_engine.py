@@ -343,7 +343,7 @@ def test_generated_pages_are_reused_by_the_next_turn(eng):
 
 
 def _run_encoded(eng, req, n):
-    from pixtral_rt.engine import GenerationResult
+    from pixtral_rt.serving.outputs import GenerationResult
     res = GenerationResult()
     for _ in eng.stream(None, SamplingParams(max_tokens=n), req=req, result=res):
         pass

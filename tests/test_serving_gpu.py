@@ -103,7 +103,7 @@ def test_paged_fast_path_matches_fp32_reference_at_every_position(eng):
     PyTorch's own bf16 forward of the same model on the same tokens (measured here), over the top 20 tokens
     of every position. Negative control: the same bound against the reference shown another image fails."""
     from pixtral_rt.chat import encode_request
-    from pixtral_rt.engine import load_reference_model, resolve_model
+    from pixtral_rt.loading import load_reference_model, resolve_model
     from pixtral_rt.reference.upcast import fp32_compute
     m = _msgs(1)
     res = eng.generate(m, SamplingParams(max_tokens=8), logprobs=20)

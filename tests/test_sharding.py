@@ -26,8 +26,9 @@ SEED = 3
 @pytest.fixture(autouse=True)
 def replicated_lm_head(monkeypatch):
     """The layout these tests spell out keeps the lm_head whole; the vocab-parallel lm_head (the default) has
-    its own test below, which sets the variable itself."""
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "replicated")
+    its own test below, which passes lm_head itself (the runtime always passes RuntimeOptions.tp_lm_head)."""
+    import pixtral_rt.sharding
+    monkeypatch.setattr(pixtral_rt.sharding, "DEFAULT_LM_HEAD", "replicated")
 
 
 @pytest.fixture(scope="module")
@@ -317,34 +318,36 @@ def test_staged_reader_packs_ranges(tmp_path):
 # ---------------------------------------------------------------------------------------- vocab-parallel lm_head
 @pytest.mark.parametrize("name", ["mistral", "hf", "fp8"])
 def test_vocab_parallel_lm_head_slices(good, name, monkeypatch):
-    """PIXTRAL_RT_TP_LM_HEAD=vocab (the default): output.weight (the lm_head) is split by rows like a
+    """lm_head "vocab" (the default, --tp-lm-head vocab): output.weight (the lm_head) is split by rows like a
     column-parallel linear: each rank reads and holds vocab / world rows of it, and the rows concatenate to
     the full matrix; the embedding table stays whole. Unknown modes and an indivisible vocabulary are
     errors."""
-    from pixtral_rt.sharding import lm_head_mode
-    monkeypatch.delenv("PIXTRAL_RT_TP_LM_HEAD", raising=False)
-    assert lm_head_mode() == "vocab" and shard_rule("output.weight") == 0            # the default
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "replicated")
-    assert lm_head_mode() == "replicated" and shard_rule("output.weight") is None
+    import pixtral_rt.sharding
+    from pixtral_rt.options import RuntimeOptions
+    assert RuntimeOptions().tp_lm_head == "vocab"                                     # the default
+    monkeypatch.setattr(pixtral_rt.sharding, "DEFAULT_LM_HEAD", "vocab")
+    assert shard_rule("output.weight") == 0                                           # the library's default
+    assert shard_rule("output.weight", "replicated") is None
     plan = plan_checkpoint(good[name])
     full = load(good[name])
-    replicated_bytes = plan.shard_bytes(0, WORLD)
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "vocab")
-    assert shard_rule("output.weight") == 0 and shard_rule("tok_embeddings.weight") is None
+    replicated_bytes = plan.shard_bytes(0, WORLD, "replicated")
+    assert shard_rule("output.weight", "vocab") == 0 and shard_rule("tok_embeddings.weight", "vocab") is None
     out = full["output.weight"]
     parts = []
     for r in range(WORLD):
         stats: dict = {}
-        sd = load_state_dict(plan, progress=False, shard=(r, WORLD), stats=stats)
+        sd = load_state_dict(plan, progress=False, shard=(r, WORLD), stats=stats, lm_head="vocab")
         parts.append(sd["output.weight"])
         assert sd["output.weight"].shape == (ARGS.text.vocab_size // WORLD, ARGS.text.dim)
         assert same(sd["tok_embeddings.weight"], full["tok_embeddings.weight"])
         # half of the lm_head's bytes fewer than with it replicated
-        assert stats["bytes_read"] == plan.shard_bytes(r, WORLD) == replicated_bytes - out.nbytes // WORLD
+        assert stats["bytes_read"] == plan.shard_bytes(r, WORLD, "vocab") == replicated_bytes - out.nbytes // WORLD
     assert torch.equal(torch.cat(parts), out)
-    check_divisible(ARGS, WORLD)
+    check_divisible(ARGS, WORLD, "vocab")
     with pytest.raises(ValueError, match="vocabulary \\(513\\) must divide evenly"):
-        check_divisible(dataclasses.replace(ARGS.text, vocab_size=513), WORLD)
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", "rows")
-    with pytest.raises(ValueError, match="PIXTRAL_RT_TP_LM_HEAD='rows': choose one of replicated, vocab"):
-        shard_rule("output.weight")
+        check_divisible(dataclasses.replace(ARGS.text, vocab_size=513), WORLD, "vocab")
+    check_divisible(dataclasses.replace(ARGS.text, vocab_size=513), WORLD, "replicated")
+    with pytest.raises(ValueError, match="tp_lm_head 'rows': choose one of"):
+        shard_rule("output.weight", "rows")
+    with pytest.raises(ValueError, match="tp_lm_head 'rows': choose one of"):
+        RuntimeOptions(tp_lm_head="rows")

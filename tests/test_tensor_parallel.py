@@ -30,7 +30,7 @@ def ckpt(tmp_path_factory):
 @torch.inference_mode()
 def prompt_logits(engine, req):
     """Last-token logits of a prompt through the engine's model (pages 1.. of an idle engine)."""
-    m = engine.backend.runner.model
+    m = engine.llm.runner.model
     P, T = m.page_size, req.prompt_tokens
     toks = torch.tensor(req.tokens)
     h = m.embed(toks)
@@ -46,10 +46,11 @@ def prompt_logits(engine, req):
 @pytest.mark.parametrize("fmt,lm_head", [("m", "replicated"), ("hf", "replicated"), ("m", "vocab")])
 def test_tp2_equals_tp1(ckpt, fmt, lm_head, monkeypatch):
     """TP=2 gives TP=1's tokens and prompt logits (fp32 round-off), with the lm_head replicated or split by
-    vocabulary rows (PIXTRAL_RT_TP_LM_HEAD=vocab: logit slices all-gathered)."""
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
+    vocabulary rows (RuntimeOptions(tp_lm_head="vocab"): logit slices all-gathered), carried to the follower."""
+    from pixtral_rt.options import RuntimeOptions
     one = Engine.load(ckpt / fmt, device="cpu", progress=False)
-    two = Engine.load(ckpt / fmt, device="cpu", progress=False, tensor_parallel=2)
+    two = Engine.load(ckpt / fmt, device="cpu", progress=False, tensor_parallel=2,
+                      options=RuntimeOptions(tp_lm_head=lm_head))
     assert two.info["tensor_parallel"] == 2 and one.info["tensor_parallel"] == 1
     assert f"lm_head {lm_head}" in two.info["backend"], two.info["backend"]
     try:
@@ -64,8 +65,8 @@ def test_tp2_equals_tp1(ckpt, fmt, lm_head, monkeypatch):
             assert err < 1e-5, (n, err)            # partial sums in another order: fp32 round-off only
             assert not torch.equal(la, torch.zeros_like(la))
     finally:
-        two.backend.shutdown()
-        one.backend.shutdown()
+        two.shutdown()
+        one.shutdown()
 
 
 def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
@@ -83,8 +84,8 @@ def test_one_rank_forced_takes_the_tp_path(ckpt, monkeypatch):
             req = one.encode(m, p)
             assert torch.equal(prompt_logits(one, req), prompt_logits(forced, req))
     finally:
-        forced.backend.shutdown()
-        one.backend.shutdown()
+        forced.shutdown()
+        one.shutdown()
 
 
 def test_same_gpu_mode_devices_and_backend(monkeypatch):
@@ -181,11 +182,10 @@ def _fast_rank(rank, world, port, sd, seqs, q, lm_head):
     from pixtral_rt.sharding import shard_tensor, sharded_args
     from tests.test_decoder_fast import run_fast
     torch.set_num_threads(1)
-    os.environ["PIXTRAL_RT_TP_LM_HEAD"] = lm_head          # shard_tensor splits output.weight under "vocab"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     args = tiny(vocab_size=1000).text
-    shard = {k: shard_tensor(v, k, rank, world) for k, v in sd.items()}
-    dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40, prefill_chunk=6,
+    shard = {k: shard_tensor(v, k, rank, world, lm_head) for k, v in sd.items()}   # "vocab": output.weight split
+    dec = FastDecoder(sharded_args(args, world), shard, max_batch=2, max_seq=40,
                       gemv_backend="triton", decode_fusion="none+pdl", tp_group="world",
                       vocab_parallel=lm_head == "vocab")
     out = run_fast(dec, seqs, splits=[[5]], n_decode=3)
@@ -213,16 +213,21 @@ def test_one_gpu_per_rank_is_checked_first(monkeypatch):
 
 
 def test_tp_knobs_are_checked(monkeypatch):
-    """The lm_head / all-reduce choices (PIXTRAL_RT_TP_LM_HEAD, PIXTRAL_RT_TP_ALLREDUCE, FastDecoder's
+    """The lm_head / all-reduce choices (RuntimeOptions, the --tp-lm-head / --tp-allreduce flags, FastDecoder's
     arguments): defaults, and an unknown or impossible choice is an error that names it."""
-    from pixtral_rt import tensor_parallel as tpm
+    from pixtral_rt.cli_flags import add_runtime_flags, runtime_options
     from pixtral_rt.decoder import FastDecoder
+    from pixtral_rt.options import RuntimeOptions
     from pixtral_rt.reference.transformer import Transformer
-    monkeypatch.delenv("PIXTRAL_RT_TP_ALLREDUCE", raising=False)
-    assert tpm.allreduce_impl() == "nccl"
-    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", "ring")
-    with pytest.raises(ValueError, match="PIXTRAL_RT_TP_ALLREDUCE='ring': choose one of nccl, symm"):
-        tpm.allreduce_impl()
+    assert RuntimeOptions() == RuntimeOptions(tp_lm_head="vocab", tp_allreduce="nccl", preprocess="auto")
+    with pytest.raises(ValueError, match="tp_allreduce 'ring': choose one of nccl, symm"):
+        RuntimeOptions(tp_allreduce="ring")
+    import argparse
+    p = argparse.ArgumentParser()
+    add_runtime_flags(p)
+    assert runtime_options(p.parse_args(["--tp-lm-head", "replicated", "--tp-allreduce", "symm"])) == \
+        RuntimeOptions(tp_lm_head="replicated", tp_allreduce="symm")
+    assert RuntimeOptions(**RuntimeOptions(tp_allreduce="symm").to_dict()) == RuntimeOptions(tp_allreduce="symm")
     args = tiny(vocab_size=1000).text
     sd = dict(Transformer(args).state_dict())
     with pytest.raises(ValueError, match="vocab_parallel needs a tp_group"):
@@ -248,7 +253,7 @@ def test_fast_decoder_tp2_equals_tp1_interpreter(lm_head):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(0, 1000, (14,), generator=g).tolist()]
-    ref = run_fast(FastDecoder(args, dict(sd), max_batch=2, max_seq=40, prefill_chunk=6, gemv_backend="triton",
+    ref = run_fast(FastDecoder(args, dict(sd), max_batch=2, max_seq=40, gemv_backend="triton",
                                decode_fusion="none+pdl"), seqs, splits=[[5]], n_decode=3)[0]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pixtral_rt.options import RuntimeOptions
 from pixtral_rt.sampling import SamplingParams
 from tests.agreement import check_agreement
 
@@ -42,9 +43,8 @@ def test_one_rank_nccl_path_matches_plain_engine(monkeypatch, lm_head, allreduce
     del one
     torch.cuda.empty_cache()
     monkeypatch.setenv("PIXTRAL_RT_TP_ONE_RANK", "1")
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)     # vocab: the logits all-gather inside the graphs
-    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", allreduce)  # symm: one-shot symmetric-memory sums in graphs
-    forced = LLMEngine.load(None, **kw)
+    # vocab: the logits all-gather inside the graphs; symm: one-shot symmetric-memory sums in graphs
+    forced = LLMEngine.load(None, options=RuntimeOptions(tp_lm_head=lm_head, tp_allreduce=allreduce), **kw)
     try:
         want = f"tensor parallel 1 over NCCL, lm_head {lm_head}, all-reduce {allreduce}"
         assert want in forced.info["backend"], forced.info["backend"]
@@ -78,8 +78,7 @@ def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset, lm_head):
     del one
     torch.cuda.empty_cache()
     monkeypatch.setenv("PIXTRAL_RT_TP_SAME_GPU", "1")
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
-    two = LLMEngine.load(None, tensor_parallel=2, **kw)
+    two = LLMEngine.load(None, tensor_parallel=2, options=RuntimeOptions(tp_lm_head=lm_head), **kw)
     try:
         assert "tensor parallel 2 over gloo" in two.info["backend"], two.info["backend"]
         assert f"lm_head {lm_head}" in two.info["backend"], two.info["backend"]
@@ -93,15 +92,14 @@ def test_tp2_on_one_gpu_agrees_with_tp1(monkeypatch, preset, lm_head):
 @pytest.mark.parametrize("lm_head,allreduce", COMBOS)
 def test_tp2_agrees_with_tp1(monkeypatch, lm_head, allreduce):
     from pixtral_rt.serving.llm_engine import LLMEngine
-    monkeypatch.setenv("PIXTRAL_RT_TP_LM_HEAD", lm_head)
-    monkeypatch.setenv("PIXTRAL_RT_TP_ALLREDUCE", allreduce)
     p = SamplingParams(max_tokens=24)
     one = LLMEngine.load(None, max_batch=8, max_context=8192, kv_tokens=65536, progress=False)
     alone = [one.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     one.shutdown()
     del one
     torch.cuda.empty_cache()
-    two = LLMEngine.load(None, max_batch=8, max_context=8192, kv_tokens=65536, progress=False, tensor_parallel=2)
+    two = LLMEngine.load(None, max_batch=8, max_context=8192, kv_tokens=65536, progress=False, tensor_parallel=2,
+                         options=RuntimeOptions(tp_lm_head=lm_head, tp_allreduce=allreduce))
     try:
         got = [two.generate(_msgs(i), p, logprobs=20) for i in range(3)]
     finally:

@@ -28,9 +28,9 @@ import threading
 from typing import Callable
 
 from ..chat import EncodedRequest, encode_request, load_tokenizer
-from ..errors import ContextLengthError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
+from .api import check_admission
 from .outputs import TokenEvent
 from .scheduler import QueueFullError
 from .sequence import image_digest
@@ -130,6 +130,10 @@ class EngineClient:
     @classmethod
     def start(cls, model=None, *, timeout: float = 1800.0, **kwargs) -> "EngineClient":
         """Spawn the engine process with LLMEngine.load(model, **kwargs); returns once it is ready."""
+        from ..preprocess import set_backend
+        options = kwargs.get("options")
+        if options is not None:              # requests are encoded (images preprocessed) in this process
+            set_backend(options.preprocess)
         self = cls()
         ctx = mp.get_context("spawn")           # CUDA must not be inherited through fork
         to_engine_r, self._to_engine = ctx.Pipe(duplex=False)
@@ -176,15 +180,8 @@ class EngineClient:
                logprobs: int | None = None, request_id: str = "") -> _Handle:
         if not self.ready:
             raise RuntimeError("the engine is not running")
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise ValueError(f"top_logprobs must be in 0..20, got {logprobs}")
         # the engine's own refusals, checked here so they raise synchronously (as LLMEngine.submit does)
-        P = self._page_size
-        if -(-(req.prompt_tokens + params.max_tokens + 1) // P) > self._kv_pages_total:
-            raise ContextLengthError(
-                f"request needs {req.prompt_tokens} prompt tokens + {params.max_tokens} max_tokens = "
-                f"{req.prompt_tokens + params.max_tokens} tokens of KV cache, but the whole cache holds "
-                f"{self._kv_pages_total * P - 1} tokens: lower max_tokens or shorten the prompt")
+        check_admission(req, params, logprobs, self._page_size, self._kv_pages_total)   # serving/api.py
         with self._lock:
             if len(self._callbacks) >= self._max_in_flight:
                 raise QueueFullError(f"the server is at capacity: {len(self._callbacks)} requests are in flight "

@@ -29,13 +29,15 @@ from typing import Callable, Iterator
 import torch
 
 from ..chat import EncodedRequest, encode_request
-from ..engine import GenerationResult, ModelSource, kv_bytes_per_token, load_reference_model, resolve_model
+from ..loading import ModelSource, build_model, check_kv_pool, kv_pool_tokens, resolve_model
+from ..options import RuntimeOptions
 from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
 from .detokenize import TextStream
 from .kv_pages import PagePool
-from .model_runner import MAX_TOP_LOGPROBS, ModelRunner, StepOutput
-from .outputs import TokenEvent
+from .api import check_admission
+from .model_runner import ModelRunner, StepOutput
+from .outputs import GenerationResult, TokenEvent
 from .scheduler import QueueFullError, Scheduler
 
 __all__ = ["LLMEngine", "QueueFullError", "RequestHandle"]
@@ -104,14 +106,19 @@ class LLMEngine:
              max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
              kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
              chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB, quantization: str | None = None,
-             random_weights: str | None = None, tensor_parallel: int | None = None) -> "LLMEngine":
+             random_weights: str | None = None, tensor_parallel: int | None = None,
+             options: RuntimeOptions | None = None) -> "LLMEngine":
         """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
         kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
         reserve_bytes; on CPU 4 full contexts). quantization "fp8": FP8 decoder linears; random_weights
-        PRESET: seeded random weights generated on the device (engine.resolve_model). tensor_parallel N: the
+        PRESET: seeded random weights generated on the device (loading.resolve_model). tensor_parallel N: the
         decoder sharded over N processes, this one rank 0 (pixtral_rt/tensor_parallel.py); under torchrun the
-        world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops."""
+        world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops. options: the
+        measured alternatives (pixtral_rt/options.py), carried to every rank. Building the model and sizing
+        the KV pool: pixtral_rt/loading.py."""
+        from .. import compile_events
         from .. import tensor_parallel as tpm
+        options = options or RuntimeOptions()
         env = tpm.torchrun_env()
         world = env[1] if env else (tensor_parallel or 1)
         if env and tensor_parallel not in (None, 1, world):
@@ -121,86 +128,28 @@ class LLMEngine:
         if env and env[0] != 0:                       # a torchrun follower: never returns to the caller
             src = model if isinstance(model, ModelSource) else None
             tpm.follow_from_env(dict(model=str(src.folder) if src and src.folder else model, device=device,
-                                     dtype=dtype, fmt=fmt, quantization=quantization, random_weights=random_weights))
+                                     dtype=dtype, fmt=fmt, quantization=quantization, random_weights=random_weights,
+                                     options=options.to_dict(), max_batch=max_batch, max_images=max_images,
+                                     max_context=max_context, page_size=page_size))
             raise SystemExit(0)
-        from .. import compile_events
         compile_events.install()          # count compiles / tunings / captures from the start of the load
+        from ..preprocess import set_backend
+        set_backend(options.preprocess)
         src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
                                                                          random_weights)
         args, dev = src.args, src.device
-        t = args.text
-        ctx = min(max_context or t.max_seq_len, t.max_seq_len)
+        ctx = min(max_context or args.text.max_seq_len, args.text.max_seq_len)
+        build_kw = dict(max_batch=max_batch, max_seq=ctx + page_size, max_images=max_images)
         if world > 1 or tpm.one_rank_forced():
-            from ..sharding import check_divisible, lm_head_mode
-            check_divisible(args.text, world)             # before any process starts (lm_head mode checked too)
-            if not env:                                   # torchrun placed its ranks itself
-                tpm.check_gpus(world, dev)
-            if dev.type == "cuda" and tpm.allreduce_impl() == "symm" and tpm.same_gpu_forced():
-                raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
-                                 "PIXTRAL_RT_TP_SAME_GPU test mode")
-            load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
-                           dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
-                           quantization=src.quantization, random_weights=src.random_preset, max_batch=max_batch,
-                           max_seq=ctx + page_size, max_images=max_images)
-            if dev.type == "cuda" and dev.index is None:
-                dev = src.device = torch.device("cuda", 0)
-            if env:
-                tpm.join_as_rank0(dev)
-                followers = None
-            else:
-                followers, _ = tpm.launch(world, load_kw, dev)
-            if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
-                same_gpu = tpm.same_gpu_forced()      # test mode: all ranks on this GPU over gloo, no graphs
-                use_graphs = use_graphs and not same_gpu
-                local = tpm.fast_shard(src, 0, world, text_only=False, max_batch=max_batch, max_seq=ctx + page_size,
-                                       max_images=max_images, use_graphs=use_graphs, progress=progress)
-                backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
-                           + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
-                              if same_gpu else "NCCL")
-                           + f", lm_head {lm_head_mode()}, all-reduce {'gloo' if same_gpu else tpm.allreduce_impl()}")
-                if kv_tokens is None and same_gpu:    # the other ranks are still filling this GPU
-                    kv_tokens = 4 * (ctx + page_size)
-                if kv_tokens is None:
-                    free, _ = torch.cuda.mem_get_info(dev)
-                    per_token = kv_bytes_per_token(args, src.dtype.itemsize) // world
-                    kv_tokens = max(0, free - reserve_bytes) // per_token
-            else:
-                from .paged_model import ReferencePagedModel
-                ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
-                local = ReferencePagedModel(ref, shard_args, dev, src.dtype)
-                backend = (f"reference (paged, continuous batching), tensor parallel {world} over gloo, "
-                           f"lm_head {lm_head_mode()}")
-                kv_tokens = kv_tokens or 4 * (ctx + page_size)
-            model_ = tpm.LeaderModel(local, world, processes=followers)
-        elif dev.type == "cuda":
-            from ..decoder import FastDecoder
-            from ..fast_backend import _TEXT_PREFIXES
-            from ..vision import FastVisionEncoder
-            from .paged_model import FastPagedModel
-            sd = src.load_weights(progress)
-            torch.cuda.empty_cache()     # transients of loading (random draws, quantisation) out of the cache:
-            #                              the fused wqkv / w13 below need contiguous room (Pixtral-Large FP8)
-            vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
-            vision = FastVisionEncoder.from_state_dict(vision_sd, args, src.dtype, dev)
-            del vision_sd
-            decoder = FastDecoder(t, sd, max_batch=max_batch, max_seq=ctx + page_size, device=dev, dtype=src.dtype,
-                                  consume=True, static_cache=False)
-            sd.clear()
-            torch.cuda.empty_cache()
-            model_ = FastPagedModel(decoder, vision, args, dev, max_images, use_graphs)
-            backend = "fast (paged, continuous batching)"
-            if kv_tokens is None:
-                free, _ = torch.cuda.mem_get_info(dev)
-                kv_tokens = max(0, free - reserve_bytes) // kv_bytes_per_token(args, src.dtype.itemsize)
+            model_, backend, use_graphs, kv_default = tpm.start_leader(src, world, env, build_kw, use_graphs,
+                                                                       progress, options)
+            kv_tokens = kv_tokens if kv_tokens is not None else kv_default
+            dev = src.device
         else:
-            from .paged_model import ReferencePagedModel
-            model_ = ReferencePagedModel(load_reference_model(src, progress), args, dev, src.dtype)
-            backend = "reference (paged, continuous batching)"
-            kv_tokens = kv_tokens or 4 * (ctx + page_size)
-        n_pages = int(kv_tokens) // page_size
-        if (n_pages - 1) * page_size < min(ctx, 4096):
-            raise RuntimeError(f"not enough memory for a KV cache: room for {max(0, n_pages - 1) * page_size} "
-                               f"tokens, fewer than one request of {min(ctx, 4096)}")
+            model_ = build_model(src, use_graphs=use_graphs, progress=progress, options=options, **build_kw)
+            backend = f"{'fast' if dev.type == 'cuda' else 'reference'} (paged, continuous batching)"
+        n_pages = kv_pool_tokens(src, ctx, page_size, reserve_bytes, world, kv_tokens) // page_size
+        check_kv_pool(n_pages, page_size, ctx)
         load_s = time.perf_counter() - src.t0
         info = {"model": src.name, "format": src.format, "random_weights": src.random_default,
                 "tensor_parallel": world,
@@ -264,8 +213,7 @@ class LLMEngine:
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> RequestHandle:
-        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+        check_admission(req, params, logprobs, self.pool.page_size, self.pool.usable)   # serving/api.py
         digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
                                                                                         req.images]
         seq = Sequence(req, params, on_output, logprobs, digests=digests,

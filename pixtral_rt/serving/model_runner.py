@@ -28,10 +28,10 @@ import torch
 
 from .. import compile_events
 from ..sampling import SamplingState, sample
+from .api import MAX_TOP_LOGPROBS
 from .scheduler import PrefillChunk, StepPlan
 from .sequence import Sequence
 
-MAX_TOP_LOGPROBS = 20
 GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 

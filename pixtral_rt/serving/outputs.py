@@ -1,4 +1,5 @@
-"""What the step loop hands to a request's consumer, one event per step in which the request advanced.
+"""What the engine hands back: TokenEvent, one per step in which a request advanced (the step loop's
+callbacks), and GenerationResult, one whole request (LLMEngine.stream / generate, Engine, the CLI).
 
 The callback given to LLMEngine.submit receives TokenEvents from the step-loop thread; it must return at
 once (push onto a queue: `loop.call_soon_threadsafe(q.put_nowait, ev)` for asyncio, `queue.Queue.put` for
@@ -26,3 +27,16 @@ class TokenEvent:
     # request's images, 0 when none or all cached), prefill_ms (its prompt chunks, which the steps share
     # with other sequences' work); device-timed (CUDA events) on a GPU
     timings: dict | None = None
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""          # "stop" (EOS or stop string), "length", "interrupted", "abort", "error"
+    prompt_tokens: int = 0
+    image_patches: int = 0
+    n_images: int = 0
+    timings: dict = field(default_factory=dict)
+    logprobs: list[float] = field(default_factory=list)   # of each output token, when asked for
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)

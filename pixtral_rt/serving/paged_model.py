@@ -113,7 +113,7 @@ class FastPagedModel:
         return self.vision.prepare_steps(max_context, self.max_images, self.use_graphs)
 
     def image_features(self, req):
-        from ..fast_backend import image_features
+        from ..vision import image_features
         return image_features(self.vision, req, self.args.vision.patch_size, self.device, self.max_images,
                               self.use_graphs)
 

@@ -13,8 +13,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from .openai_protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
-from .serving.detokenize import TextStream
+from .protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+from ..serving.detokenize import TextStream
 
 _ABORT = object()  # queued by abort(): wakes the consumer even if the engine sends nothing more
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens

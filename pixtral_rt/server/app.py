@@ -34,15 +34,15 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
+from ..errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
                      PixtralInputError, TooManyImagesError)
-from .images import ImageLimits
-from .openai_protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
+from ..images import ImageLimits
+from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
                               ChunkChoice, DeltaMessage, ModelCard, ModelList, OpenAIError, parse_chat_request)
-from .sampling import SamplingParams
-from .serve_completion import Aborted, CompletionRun, GenerationFailed, TokenText
-from .serve_metrics import ServerMetrics
-from .serving.llm_engine import QueueFullError
+from ..sampling import SamplingParams
+from .completion import Aborted, CompletionRun, GenerationFailed, TokenText
+from .metrics import ServerMetrics
+from ..serving.llm_engine import QueueFullError
 
 log = logging.getLogger("pixtral_rt.serve")
 

@@ -1,0 +1,67 @@
+"""The interface the HTTP server and the CLI drive, and the admission checks every implementation applies.
+
+Two implementations, one Protocol (tests/test_engine_api.py checks the signatures):
+    LLMEngine     (llm_engine.py)    the step loop in this process
+    EngineClient  (engine_client.py) the same engine in a process of its own
+Both call `check_admission` first in `submit`, so a bad request is refused with the same error, raised
+synchronously, whichever runs. What each call means: serving/API.md.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+from ..chat import EncodedRequest
+from ..errors import ContextLengthError
+from ..images import DEFAULT_LIMITS, ImageLimits
+from ..sampling import SamplingParams
+from .outputs import TokenEvent
+
+# top_logprobs the model runner computes per token (its out buffers are this wide)
+MAX_TOP_LOGPROBS = 20
+
+
+@runtime_checkable
+class RequestHandle(Protocol):
+    request_id: str
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class ServingEngine(Protocol):
+    args: Any                  # PixtralArgs
+    tokenizer: Any             # mistral_common MistralTokenizer
+    info: dict
+    max_context: int
+    max_images: int
+    eos_id: int
+    ready: bool
+
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest: ...
+
+    def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
+               logprobs: int | None = None, request_id: str = "") -> RequestHandle: ...
+
+    def metrics(self) -> dict: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+
+def kv_pages_needed(prompt_tokens: int, max_tokens: int, page_size: int) -> int:
+    """Pages a request holds at its longest: prompt + max_tokens + 1 (the step after its last token is
+    launched before the host knows it ended; Sequence.pages_needed)."""
+    return -(-(prompt_tokens + max_tokens + 1) // page_size)
+
+
+def check_admission(req: EncodedRequest, params: SamplingParams, logprobs: int | None, page_size: int,
+                    usable_pages: int) -> None:
+    """Refuse, before anything is queued, a request no engine state could ever serve: top_logprobs outside
+    0..MAX_TOP_LOGPROBS (ValueError), or prompt + max_tokens over the whole KV cache (ContextLengthError,
+    with the counts)."""
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+    if kv_pages_needed(req.prompt_tokens, params.max_tokens, page_size) > usable_pages:
+        raise ContextLengthError(
+            f"request needs {req.prompt_tokens} prompt tokens + {params.max_tokens} max_tokens = "
+            f"{req.prompt_tokens + params.max_tokens} tokens of KV cache, but the whole cache holds "
+            f"{usable_pages * page_size - 1} tokens: lower max_tokens or shorten the prompt")
