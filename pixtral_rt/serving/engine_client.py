@@ -180,11 +180,12 @@ class EngineClient:
             raise ValueError(f"top_logprobs must be in 0..20, got {logprobs}")
         # the engine's own refusals, checked here so they raise synchronously (as LLMEngine.submit does)
         P = self._page_size
-        if -(-(req.prompt_tokens + params.max_tokens + 1) // P) > self._kv_pages_total:
+        # (Scheduler.check_fits: pages come on demand, so only prompt + one token must fit the whole pool)
+        if -(-(req.prompt_tokens + 1) // P) > self._kv_pages_total:
             raise ContextLengthError(
-                f"request needs {req.prompt_tokens} prompt tokens + {params.max_tokens} max_tokens = "
-                f"{req.prompt_tokens + params.max_tokens} tokens of KV cache, but the whole cache holds "
-                f"{self._kv_pages_total * P - 1} tokens: lower max_tokens or shorten the prompt")
+                f"request needs {req.prompt_tokens} prompt tokens + at least 1 generated token = "
+                f"{req.prompt_tokens + 1} tokens of KV cache, but the whole cache holds "
+                f"{self._kv_pages_total * P} tokens: shorten the prompt or use fewer or smaller images")
         with self._lock:
             if len(self._callbacks) >= self._max_in_flight:
                 raise QueueFullError(f"the server is at capacity: {len(self._callbacks)} requests are in flight "
