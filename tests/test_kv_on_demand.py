@@ -219,3 +219,108 @@ def test_admission_takes_the_prompt_pages_and_a_watermark():
     sch.schedule()
     assert b.status == Status.WAITING and len(pool.free) == 50
     assert a.max_tokens == 100 * P - (50 * P - 3) + 1       # capped by the whole pool, not the context (4096)
+
+
+# ----------------------------------------------------------------------------- the engine (tiny model, CPU)
+@pytest.fixture(scope="module")
+def small():
+    """Tiny fp32 reference model with a pool of 16 pages of 16 tokens (the smallest load allows for a
+    256-token context): 8 requests of ~100 tokens each cannot all hold their pages at once."""
+    from pixtral_rt.serving.llm_engine import LLMEngine
+    e = LLMEngine.load(None, device="cpu", max_batch=8, max_context=256, kv_tokens=17 * 16, page_size=16,
+                       chunk_tokens=32, progress=False)
+    yield e
+    e.shutdown()
+
+
+def _requests():
+    """8 requests: text of 10-60 tokens, three with small images; greedy but for two seeded sampled ones."""
+    rng = np.random.default_rng(4)
+    out = []
+    for i in range(8):
+        content = [{"type": "text", "text": " ".join(rng.choice(["river", "stone", "light", "cloud"], 8 + 6 * i))}]
+        if i % 3 == 1:
+            h, w = [(17, 40), (33, 33), (40, 24)][i // 3]
+            content.insert(0, {"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)})
+        params = SamplingParams(max_tokens=int(rng.integers(40, 90)), temperature=0.9 if i in (2, 5) else 0.0,
+                                seed=11 + i)
+        out.append(([{"role": "user", "content": content}], params))
+    return out
+
+
+def _concurrent(eng, reqs):
+    import threading
+    got = [None] * len(reqs)
+
+    def run(i):
+        got[i] = eng.generate(*reqs[i])
+
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    [t.start() for t in ths]
+    [t.join(300) for t in ths]
+    return got
+
+
+def _wait_idle(eng, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = eng.metrics()
+        if m["running"] == 0 and m["waiting"] == 0 and m["kv_pages_used"] == 0:
+            return m
+        time.sleep(0.02)
+    raise AssertionError(f"pages not back: {eng.metrics()}")
+
+
+@pytest.fixture(scope="module")
+def alone(small):
+    """Each request alone (one sequence never needs preempting: the pool holds its whole context)."""
+    reqs = _requests()
+    p0 = small.metrics()["preemptions_total"]
+    out = [small.generate(m, p) for m, p in reqs]
+    assert small.metrics()["preemptions_total"] == p0
+    return reqs, out
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["deliver-at-once", "deliver-one-step-late"])
+def test_preempted_requests_equal_each_request_alone(small, alone, overlap):
+    """All at once in a pool far too small: requests are preempted and resumed, and each one's tokens
+    (greedy, and seeded sampled: the sampling step continues from the delivered count) are those it gets
+    alone, with the same finish_reason. deliver-one-step-late runs the GPU's order of work on CPU (the
+    previous step's tokens read after the next step was launched), so a preempted sequence has a token in
+    flight that must be dropped and recomputed."""
+    reqs, want = alone
+    small._overlap = overlap
+    try:
+        p0 = small.metrics()["preemptions_total"]
+        got = _concurrent(small, reqs)
+        preempted = small.metrics()["preemptions_total"] - p0
+    finally:
+        small._overlap = False
+    assert preempted > 0, "the pool was not small enough to preempt"
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+    assert sum(len(w.token_ids) for w in want) > 300            # the requests did run long
+    m = _wait_idle(small)
+    assert m["kv_pages_cached"] + m["kv_pages_free"] == m["kv_pages_total"]
+
+
+def test_a_resume_that_drops_a_token_is_detected(small, alone, monkeypatch):
+    """Negative control of the comparison above: a resume prefill that feeds the delivered output with its
+    last token dropped (its predecessor fed twice) gives other tokens than the request alone."""
+    reqs, want = alone
+    orig = Sequence.prefill_tokens
+
+    def dropping(self, start, end):
+        toks = orig(self, start, end)
+        last = self.prompt_len + len(self.output) - 1
+        if self.preemptions and len(self.output) >= 2 and start <= last < end:
+            toks[last - start] = self.output[-2]
+        return toks
+    monkeypatch.setattr(Sequence, "prefill_tokens", dropping)
+    small.pool.forget_cached()                 # the resume computes its tokens instead of hitting cached pages
+    p0 = small.metrics()["preemptions_total"]
+    got = _concurrent(small, reqs)
+    assert small.metrics()["preemptions_total"] > p0
+    assert [g.token_ids for g in got] != [w.token_ids for w in want]
+    _wait_idle(small)
