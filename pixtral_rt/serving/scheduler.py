@@ -211,7 +211,8 @@ class Scheduler:
         self._register(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self._register(seq)
+        if seq.finish_reason != "error":        # a failed step may not have written what it was planned to
+            self._register(seq)
         self.pool.release(seq.pages)
         seq.pages = []
         self.free_slots.append(seq.slot)
