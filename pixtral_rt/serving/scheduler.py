@@ -32,7 +32,9 @@ k-1 may not be delivered yet. That report is discarded (the engine skips reports
 in `waiting`), and the resume prefill feeds exactly the delivered tokens, so it recomputes that token from
 the same context: with sampling state step = tokens delivered (seeded sampling draws the same token), the
 client sees no gap and no duplicate, only latency. Nothing else of a preempted slot is in flight: preemption
-happens while planning, before its slot could be scheduled again.
+happens while planning, before its slot could be scheduled again. (Delivering that token instead would also
+be consistent, since re-admission comes after the delivery, but an EOS or the max_tokens-th token would then
+finish a sequence sitting in `waiting`; dropping keeps every FINISHED sequence in `running` until released.)
 
 Refused at submission, with the counts: a prompt that cannot fit the context or the whole pool with at least
 one generated token. Otherwise a request runs until EOS, max_tokens, or until prompt + output reaches what
