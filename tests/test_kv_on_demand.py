@@ -111,6 +111,7 @@ def check_pages(pool: PagePool, sch: Scheduler) -> None:
             held[pg] = held.get(pg, 0) + 1
     for s in sch.waiting:
         assert not s.pages, "a waiting sequence holds pages"
+        assert s.status == Status.WAITING and s.finish_reason is None, "a finished sequence waits to be admitted"
     for pg in range(1, pool.n_pages):          # refcounts exact: the number of block tables holding the page
         assert pool.ref[pg] == held.get(pg, 0), (pg, pool.ref[pg], held.get(pg, 0))
         if held.get(pg, 0) > 1:
