@@ -13,6 +13,16 @@ turn-2 TTFT of a chat with one 1024x1024 image with the prefix cache (turn 1 fir
 conversation with a fresh image: nothing cached).
 
     python benchmarks/bench_serve.py --model /tmp/p12b [--levels 1,4,16,64] [--port 8011]
+
+KV pages on demand (issue 20): `--no-max-tokens` sends every request without max_tokens (the server then
+reserves nothing for the answer) and the client disconnects after the workload's output length, counted in
+streamed content chunks (a chunk holds at least one token); output tok/s then comes from the server's own
+`pixtral_rt_generation_tokens_total` (what it generated before the disconnect reached it). `--kv-tokens N`
+gives the server a pool of N tokens, so preemption happens; every level records the preemptions it caused
+(`pixtral_rt_preemptions_total`). Throughput with and without preemption, same machine, same run:
+
+    python benchmarks/bench_serve.py --no-baseline --engine process --levels 64 --no-max-tokens
+    python benchmarks/bench_serve.py --no-baseline --engine process --levels 64 --no-max-tokens --kv-tokens 40000
 """
 from __future__ import annotations
 
@@ -55,15 +65,21 @@ def workload(n: int, seed: int = 0) -> list[tuple[list, int]]:
     return out
 
 
-async def one(client, model, messages, max_tokens, stats):
+async def one(client, model, messages, max_tokens, stats, no_max_tokens=False):
+    """One streamed request. no_max_tokens: sent without max_tokens; the client leaves after max_tokens
+    content chunks (>= that many tokens), so n_out counts chunks (the level's tok/s uses the server's count)."""
     t0 = time.perf_counter()
     times, n_out = [], 0
-    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                  temperature=0.0, stream=True,
-                                                  stream_options={"include_usage": True})
+    limit = {} if no_max_tokens else {"max_tokens": max_tokens}
+    stream = await client.chat.completions.create(model=model, messages=messages, temperature=0.0, stream=True,
+                                                  stream_options={"include_usage": True}, **limit)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             times.append(time.perf_counter())
+            if no_max_tokens and len(times) >= max_tokens:
+                n_out = len(times)
+                await stream.close()          # the disconnect cancels the request on the server
+                break
         if chunk.usage is not None:
             n_out = chunk.usage.completion_tokens
     if times:
@@ -73,7 +89,19 @@ async def one(client, model, messages, max_tokens, stats):
     stats["requests"] += 1
 
 
-async def run_level(port, model, reqs, users):
+def server_metrics(port) -> dict[str, float]:
+    """The server's Prometheus counters and gauges (unlabelled samples only)."""
+    out = {}
+    for line in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def run_level(port, model, reqs, users, no_max_tokens=False):
+    """Stats of the level; with the server's generated tokens and preemptions over it (deltas of /metrics),
+    and the peak of running requests seen by a 10 Hz poll."""
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
     stats = {"ttft": [], "itl": [], "tokens": 0, "requests": 0}
@@ -81,12 +109,32 @@ async def run_level(port, model, reqs, users):
 
     async def user():
         for m, k in it:
-            await one(client, model, m, k, stats)
+            await one(client, model, m, k, stats, no_max_tokens)
 
+    loop = asyncio.get_running_loop()
+    m0 = await loop.run_in_executor(None, server_metrics, port)
+    peak, done = 0, False
+
+    async def poll():
+        nonlocal peak
+        while not done:
+            m = await loop.run_in_executor(None, server_metrics, port)
+            peak = max(peak, m.get("pixtral_rt_requests_running", 0))
+            await asyncio.sleep(0.1)
+    poller = asyncio.ensure_future(poll())
     t0 = time.perf_counter()
     await asyncio.gather(*[user() for _ in range(users)])
     stats["wall"] = time.perf_counter() - t0
+    done = True
+    await poller
     await client.close()
+    await asyncio.sleep(0.5)                  # the last disconnects reach the engine
+    m1 = await loop.run_in_executor(None, server_metrics, port)
+    stats["server_tokens"] = m1["pixtral_rt_generation_tokens_total"] - m0["pixtral_rt_generation_tokens_total"]
+    stats["preemptions"] = m1.get("pixtral_rt_preemptions_total", 0) - m0.get("pixtral_rt_preemptions_total", 0)
+    stats["peak_running"] = peak
+    if no_max_tokens:
+        stats["tokens"] = stats["server_tokens"]
     return stats
 
 
@@ -123,10 +171,11 @@ async def chat_turns(port, model, rng):
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
-def start_server(model, port, max_batch, log, engine="process"):
+def start_server(model, port, max_batch, log, engine="process", kv_tokens=None):
     cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--max-batch", str(max_batch),
            "--engine", engine,
            "--max-context", "32768", "--log-level", "warning"] + (["--model", model] if model else [])
+    cmd += ["--kv-tokens", str(kv_tokens)] if kv_tokens else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
         try:
@@ -168,15 +217,27 @@ def main():
     ap.add_argument("--engine", default="process,thread",
                     help="server engine modes to run, in order (process: step loop in its own process)")
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "serve_server.log"))
+    ap.add_argument("--no-max-tokens", action="store_true",
+                    help="send requests without max_tokens; the client disconnects after the workload's length")
+    ap.add_argument("--kv-tokens", type=int, help="the server's KV pool in tokens (small: preemption happens)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
     a = ap.parse_args()
     bw = copy_bandwidth_TBps() * 1e12
     levels = [int(x) for x in a.levels.split(",")]
     reqs = workload(max(max(8, 2 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
-    base_rate, base_dec = baseline_batch1(a.model, reqs[:a.baseline_requests])
-    print(f"batch-1 engine: {base_rate:.1f} output tok/s over {a.baseline_requests} requests one at a time; "
-          f"decode {base_dec:.1f} tok/s at ~1k context", flush=True)
+    if a.no_baseline:
+        base_rate = base_dec = float("nan")
+    else:
+        base_rate, base_dec = baseline_batch1(a.model, reqs[:a.baseline_requests])
+        print(f"batch-1 engine: {base_rate:.1f} output tok/s over {a.baseline_requests} requests one at a time; "
+              f"decode {base_dec:.1f} tok/s at ~1k context", flush=True)
     for mode in a.engine.split(","):
         serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw)
+
+
+def _known(x):
+    """None for NaN (a baseline skipped with --no-baseline): JSON lines stay strict JSON."""
+    return None if x != x else x
 
 
 def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
@@ -184,28 +245,30 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
     from pixtral_rt.config import PIXTRAL_12B
     from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
-    sfx = "" if mode == "process" else f"@{mode}"
+    sfx = ("" if mode == "process" else f"@{mode}") + ("@no_max_tokens" if a.no_max_tokens else "") \
+        + (f"@kv{a.kv_tokens}" if a.kv_tokens else "")
+    nomax = a.no_max_tokens
     print(f"--- server engine: {mode}", flush=True)
 
     def record(bench, case, *rest, **kw):
-        return _record(bench, case + sfx, *rest, engine=mode, **kw)
+        return _record(bench, case + sfx, *rest, engine=mode, no_max_tokens=nomax, kv_tokens=a.kv_tokens, **kw)
 
     with open(a.log.replace(".log", f"_{mode}.log"), "w") as log:
-        proc = start_server(a.model, a.port, max(levels), log, mode)
+        proc = start_server(a.model, a.port, max(levels), log, mode, a.kv_tokens)
         try:
             model = "default"
             from openai import OpenAI
             model = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="x").models.list().data[0].id
             # batch-1 decode through the server: 1k prompt, 256 tokens, one user
             text = " ".join(np.random.default_rng(1).choice(WORDS, 800))
-            st = asyncio.run(run_level(a.port, model, [([{"role": "user", "content": text}], 256)], 1))
+            st = asyncio.run(run_level(a.port, model, [([{"role": "user", "content": text}], 256)], 1, nomax))
             srv_dec = 1.0 / float(np.mean(st["itl"]))
             floor1 = bw / (wbytes + kvtok * 1100)
-            record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)", base_dec,
-                   floor1, ratio_vs_baseline=srv_dec / base_dec)
+            record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)",
+                   _known(base_dec), floor1, ratio_vs_baseline=_known(srv_dec / base_dec))
             for u in levels:
                 n = a.requests or max(8, 2 * u)
-                st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u))
+                st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u, nomax))
                 tps = st["tokens"] / st["wall"]
                 ctx = 700 + 1500 / 3 + 72          # mean prompt (text ~700, images add ~1/3 x 1500) + half output
                 floor = u * bw / (wbytes + u * kvtok * ctx)
@@ -215,22 +278,27 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
                 extra = dict(users=u, requests=st["requests"], output_tokens=st["tokens"], wall_s=st["wall"],
                              req_per_s=st["requests"] / st["wall"], ttft_p50_ms=ttft[0], ttft_p99_ms=ttft[1],
                              itl_p50_ms=itl[0], itl_p99_ms=itl[1], gpu_mem_used_GiB=(mem[1] - mem[0]) / 2**30,
-                             decode_roofline_tok_s=floor)
+                             decode_roofline_tok_s=floor, preemptions=st["preemptions"],
+                             peak_running=st["peak_running"], server_tokens=st["server_tokens"])
                 record(BENCH, f"mixed_{u}_users", "output_tok_s", tps, "tok/s", "batch-1 engine, one request at a time",
-                       base_rate, floor, **extra)
+                       _known(base_rate), floor, **extra)
                 print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
                       f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
-                      f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms", flush=True)
+                      f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms, {st['preemptions']:.0f} preemptions, "
+                      f"peak {st['peak_running']:.0f} running", flush=True)
             # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
             rng = np.random.default_rng(3)
             dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]
-            st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels)))
+            st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels), nomax))
             u = max(levels)
             floor = u * bw / (wbytes + u * kvtok * (150 + 128))
             itl = np.percentile(st["itl"], [50, 99]) * 1e3
             record(BENCH, f"decode_{u}_users", "output_tok_s", st["tokens"] / st["wall"], "tok/s",
                    "decode-step HBM roofline", floor, floor, users=u, itl_p50_ms=itl[0], itl_p99_ms=itl[1],
-                   wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor)
+                   wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor,
+                   preemptions=st["preemptions"], peak_running=st["peak_running"])
+            print(f"  decode, {u} users at once: {st['tokens'] / st['wall']:.1f} tok/s, {st['preemptions']:.0f} "
+                  f"preemptions, peak {st['peak_running']:.0f} running", flush=True)
             t = asyncio.run(chat_turns(a.port, model, np.random.default_rng(7)))
             record(BENCH, "chat_turn2_1024_image", "ttft_ms", t["warm"], "ms", "same turn 2 without cached prefix",
                    t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"])

@@ -4,6 +4,9 @@
 #   STAGES=e2e          bench_e2e on the engine that runs (the serving engine, batch 1)
 #   STAGES=cli          the user's command on random Pixtral-12B weights (the timing summary line)
 #   STAGES=serve        bench_serve ($SERVE_ARGS)
+#   STAGES=preempt      bench_serve without max_tokens (clients leave after the workload's length), with the
+#                       default KV pool, then with --kv-tokens $PREEMPT_KV (default 40000: 64 users preempt):
+#                       throughput with and without preemption, same machine, same call (issue 20)
 # BASELINE_TREE=DIR: run the e2e stage in DIR too (an older tree carried along), same machine, same call. That
 #   tree's own bench_e2e runs with its own flags: BASELINE_BACKEND (default fast: the batch-1 engine that tree
 #   still has; this tree has one engine and no --backend flag; BASELINE_BACKEND=none passes no --backend).
@@ -41,5 +44,13 @@ if [[ $STAGES == *cli* ]]; then
 fi
 if [[ $STAGES == *serve* ]]; then
   timeout ${SERVE_TIMEOUT:-480} python benchmarks/bench_serve.py ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | grep -v Warn | tail -30
+fi
+if [[ $STAGES == *preempt* ]]; then
+  for kv in "" "--kv-tokens ${PREEMPT_KV:-40000}"; do
+    echo "--- bench_serve --no-max-tokens ${kv:-(default pool)}"
+    timeout ${SERVE_TIMEOUT:-280} python benchmarks/bench_serve.py --no-baseline --engine process \
+      --levels ${PREEMPT_LEVELS:-64} --no-max-tokens $kv --log "$OUT/preempt_server.log" 2>&1 \
+      | tee -a "$OUT/preempt.log" | grep -v Warn | tail -12
+  done
 fi
 echo done

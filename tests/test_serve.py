@@ -191,6 +191,7 @@ def test_models_health_and_metrics(plain):
     assert httpx.get(plain.url + "/health").json() == {"status": "ok"}
     m = _metrics(plain)
     for name in ("pixtral_rt_requests_running", "pixtral_rt_requests_waiting", "pixtral_rt_kv_pages_used",
+                 "pixtral_rt_kv_pages_cached", "pixtral_rt_kv_pages_free", "pixtral_rt_preemptions_total",
                  "pixtral_rt_kv_pages_total", "pixtral_rt_prompt_tokens_total", "pixtral_rt_generation_tokens_total",
                  "pixtral_rt_time_to_first_token_seconds_count", "pixtral_rt_inter_token_latency_seconds_count"):
         assert name in m, name
@@ -279,6 +280,51 @@ def test_sixteen_concurrent_requests_equal_each_request_alone(plain):
     with cf.ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, range(16)))
     assert together == alone
+
+
+def test_32_streams_without_max_tokens_run_at_once_and_give_back_every_page(plain):
+    """KV pages on demand (issue 20): with no max_tokens nothing is reserved for the answer (it was the rest
+    of the 8192-token context each, so 4 of these ran at a time), so 32 streams decode together; once the
+    clients leave, every page is back (held by no request: free, or cached prefix pages)."""
+    import threading
+    n, started, leave = 32, threading.Semaphore(0), threading.Event()
+    errors = []
+
+    def stream(i):
+        body = {"messages": [_user(f"stream {i}: go on and on about the number {i * 13}")], "stream": True,
+                **NO_EARLY_EOS}
+        try:
+            with httpx.stream("POST", plain.url + "/v1/chat/completions", json=body, timeout=120) as r:
+                lines = r.iter_lines()           # kept: a dropped iterator closes the response (a disconnect)
+                data = 0
+                for line in lines:               # the role chunk, then a first token: it streams
+                    data += line.startswith("data:")
+                    if data == 2:
+                        break
+                started.release()
+                leave.wait(120)                  # leaving the block disconnects, mid-answer
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+            started.release()
+
+    ths = [threading.Thread(target=stream, args=(i,)) for i in range(n)]
+    [t.start() for t in ths]
+    try:
+        for _ in range(n):
+            assert started.acquire(timeout=120), "a stream did not start"
+        assert not errors, errors
+        peak, deadline = 0, time.monotonic() + 30
+        while peak < n - 2 and time.monotonic() < deadline:
+            peak = max(peak, _metrics(plain)["pixtral_rt_requests_running"])
+            time.sleep(0.1)
+        m = _metrics(plain)
+        assert peak >= n - 2, f"at most {peak} of {n} streams ran at once: {m}"
+        assert m["pixtral_rt_kv_pages_used"] > 0 and m["pixtral_rt_preemptions_total"] == 0
+    finally:
+        leave.set()
+        [t.join(60) for t in ths]
+    m = _wait_idle(plain, 0)
+    assert m["pixtral_rt_kv_pages_cached"] + m["pixtral_rt_kv_pages_free"] == m["pixtral_rt_kv_pages_total"]
 
 
 # ------------------------------------------------------------------------------------------ errors

@@ -34,8 +34,9 @@ class BuggyEngine:
         raise RuntimeError("boom: a bug in the request path")
 
     def metrics(self) -> dict:
-        return dict.fromkeys(("running", "waiting", "kv_pages_used", "kv_pages_total", "prompt_tokens_total",
-                              "generation_tokens_total", "cached_prompt_tokens_total", "requests_finished_total"), 0)
+        return dict.fromkeys(("running", "waiting", "kv_pages_used", "kv_pages_cached", "kv_pages_free",
+                              "kv_pages_total", "prompt_tokens_total", "generation_tokens_total",
+                              "cached_prompt_tokens_total", "requests_finished_total", "preemptions_total"), 0)
 
 
 @contextlib.contextmanager

@@ -44,8 +44,8 @@ def test_page_pool_no_leak_under_random_events():
 
 def test_scheduler_and_pool_survive_random_admit_finish_cancel():
     """Thousands of random submissions (shared prefixes, so the prefix cache is hit), cancellations and
-    finishes through the real scheduler: the pool's invariants hold after every step, no sequence ever
-    holds more pages than it reserved, and everything is free at the end."""
+    finishes through the real scheduler: the pool's invariants hold after every step, a sequence holds exactly
+    the pages of its positions, and everything is free at the end."""
     from pixtral_rt.chat import EncodedRequest
     from pixtral_rt.serving.scheduler import Scheduler
     from pixtral_rt.serving.sequence import Sequence, Status
@@ -75,8 +75,8 @@ def test_scheduler_and_pool_survive_random_admit_finish_cancel():
         admitted += len(plan.admitted)
         hits += sum(s.num_cached > 0 for s in plan.admitted)
         assert len(sch.running) <= 6 and len(set(s.slot for s in sch.running)) == len(sch.running)
-        for s in sch.running:
-            assert len(s.pages) == s.pages_needed(16)
+        for s in sch.running:            # pages on demand: exactly those of the positions written or to write
+            assert len(s.pages) == -(-max(s.num_computed, s.prefill_len) // 16)
         for s in plan.decode:                       # the engine's delivery: a token, maybe the end
             s.output.append(rng.randrange(1000))
             if len(s.output) >= s.max_tokens or rng.random() < 0.05:
@@ -253,8 +253,17 @@ def test_max_tokens_one_and_refusals(eng):
     res = eng.generate(_msgs(3, 0), SamplingParams(max_tokens=1))
     assert len(res.token_ids) <= 1 and res.finish_reason in ("length", "stop")
     req = eng.encode(_msgs(3, 0), 10)
-    with pytest.raises(ContextLengthError, match="max_tokens"):
-        eng.submit(req, SamplingParams(max_tokens=eng.pool.usable * 16), lambda ev: None)
+    # nothing is reserved for max_tokens: a max_tokens past the pool is accepted (its output is capped)
+    evs = []
+    eng.submit(req, SamplingParams(max_tokens=eng.pool.usable * 16), evs.append).cancel()
+    assert _idle(eng) and evs[-1].finish_reason in ("abort", "stop")
+    # a prompt that cannot fit with one generated token is refused, with the counts
+    from pixtral_rt.chat import EncodedRequest
+    for n, what in ((eng.pool.usable * 16, "whole cache holds 20464"), (eng.max_context, "context of 8192")):
+        big = EncodedRequest(tokens=[5] * n, images=[], patch_grids=[], image_token_positions=[], cu_seqlens=[0],
+                             prompt_tokens=n)
+        with pytest.raises(ContextLengthError, match=f"{n} prompt tokens .* {what}"):
+            eng.submit(big, SamplingParams(max_tokens=2), lambda ev: None)
     with pytest.raises(ValueError, match="top_logprobs"):
         eng.submit(req, SamplingParams(max_tokens=2), lambda ev: None, logprobs=21)
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of the HTTP server (GET /metrics), one registry per app.
 
-Engine state (running / waiting requests, KV pages, token counters) is read from `engine.metrics()` at
+Engine state (running / waiting requests, KV pages per state, token counters, preemptions) is read from `engine.metrics()` at
 scrape time, so it is never stale; latencies are measured by the server as clients see them: time to first
 token from the request's arrival (image fetch and tokenisation included), and the gap between tokens.
 """
@@ -11,12 +11,17 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _GAUGES = [("running", "pixtral_rt_requests_running", "requests in the running batch"),
            ("waiting", "pixtral_rt_requests_waiting", "requests queued, waiting for a batch slot or KV pages"),
-           ("kv_pages_used", "pixtral_rt_kv_pages_used", "KV-cache pages in use"),
+           ("kv_pages_used", "pixtral_rt_kv_pages_used", "KV-cache pages held by running requests"),
+           ("kv_pages_cached", "pixtral_rt_kv_pages_cached",
+            "KV-cache pages held by no request that keep a cached prefix (evicted least recently used first)"),
+           ("kv_pages_free", "pixtral_rt_kv_pages_free", "KV-cache pages free"),
            ("kv_pages_total", "pixtral_rt_kv_pages_total", "KV-cache pages in all")]
 _COUNTERS = [("prompt_tokens_total", "pixtral_rt_prompt_tokens", "prompt tokens admitted (text + image)"),
              ("generation_tokens_total", "pixtral_rt_generation_tokens", "tokens generated"),
              ("cached_prompt_tokens_total", "pixtral_rt_cached_prompt_tokens", "prompt tokens from the prefix cache"),
-             ("requests_finished_total", "pixtral_rt_requests_finished", "requests finished")]
+             ("requests_finished_total", "pixtral_rt_requests_finished", "requests finished"),
+             ("preemptions_total", "pixtral_rt_preemptions",
+              "running requests preempted when KV pages ran out (resumed later by recomputation)")]
 
 
 class _EngineCollector:

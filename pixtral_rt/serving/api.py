@@ -47,21 +47,22 @@ class ServingEngine(Protocol):
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
-def kv_pages_needed(prompt_tokens: int, max_tokens: int, page_size: int) -> int:
-    """Pages a request holds at its longest: prompt + max_tokens + 1 (the step after its last token is
-    launched before the host knows it ended; Sequence.pages_needed)."""
-    return -(-(prompt_tokens + max_tokens + 1) // page_size)
+def kv_pages_needed(prompt_tokens: int, page_size: int) -> int:
+    """Pages a request must be able to hold for it to be served at all: its prompt + one generated token
+    (pages come on demand as it generates, Scheduler; max_tokens reserves nothing)."""
+    return -(-(prompt_tokens + 1) // page_size)
 
 
 def check_admission(req: EncodedRequest, params: SamplingParams, logprobs: int | None, page_size: int,
                     usable_pages: int) -> None:
     """Refuse, before anything is queued, a request no engine state could ever serve: top_logprobs outside
-    0..MAX_TOP_LOGPROBS (ValueError), or prompt + max_tokens over the whole KV cache (ContextLengthError,
-    with the counts)."""
+    0..MAX_TOP_LOGPROBS (ValueError), or a prompt (+ one generated token) over the whole KV cache
+    (ContextLengthError, with the counts; pages come on demand, so max_tokens reserves nothing)."""
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
-    if kv_pages_needed(req.prompt_tokens, params.max_tokens, page_size) > usable_pages:
+    if kv_pages_needed(req.prompt_tokens, page_size) > usable_pages:
+        L = req.prompt_tokens
         raise ContextLengthError(
-            f"request needs {req.prompt_tokens} prompt tokens + {params.max_tokens} max_tokens = "
-            f"{req.prompt_tokens + params.max_tokens} tokens of KV cache, but the whole cache holds "
-            f"{usable_pages * page_size - 1} tokens: lower max_tokens or shorten the prompt")
+            f"request needs {L} prompt tokens + at least 1 generated token = {L + 1} tokens of KV cache, "
+            f"but the whole cache holds {usable_pages * page_size} tokens: shorten the prompt or use fewer or "
+            "smaller images")

@@ -73,11 +73,16 @@ class PagePool:
             pages.append(p)
         return pages
 
-    def allocate(self, prefix: list[int], n_new: int) -> list[int] | None:
+    @property
+    def cached(self) -> int:
+        """Evictable pages: registered prefix pages no sequence holds (reused on a hit, else evicted LRU)."""
+        return len(self.lru)
+
+    def allocate(self, prefix: list[int], n_new: int, keep: int = 0) -> list[int] | None:
         """Take a reference on each prefix page and n_new fresh pages -> the table, or None (nothing changed)
-        when they do not fit."""
+        when they do not fit with `keep` pages left available afterwards (the admission watermark)."""
         revived = sum(1 for p in prefix if self.ref[p] == 0)    # those leave the evictable set
-        if n_new > self.available - revived:
+        if n_new + keep > self.available - revived:
             return None
         for p in prefix:
             if self.ref[p] == 0:

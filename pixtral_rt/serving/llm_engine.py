@@ -10,7 +10,14 @@ The step loop (one thread) owns the scheduler and the model runner. Other thread
 waiting queue (under a lock) and set cancel flags, so HTTP work never delays a step. Each iteration:
 schedule (host, under the lock) -> launch the step on the device -> deliver the PREVIOUS step's tokens
 (wait for its event; callbacks) while this one runs. A sequence that ends is seen one step late: the step
-after its last token is computed and discarded (its pages have room for it, see Sequence.pages_needed).
+after its last token (EOS) is computed and discarded.
+
+KV pages come on demand (pixtral_rt/serving/scheduler.py): a request holds the pages of its prompt, plus one
+more each time its last page fills; when none is left the youngest running request is preempted and later
+resumed by recomputing prompt + delivered output. The token a preempted sequence sampled in the step before
+(still on its way to the host) is dropped in `_deliver` and recomputed by the resume, so a stream goes on
+with no gap and no duplicate. metrics(): preemptions_total, pages held by running sequences / cached
+(evictable prefix pages) / free.
 Interface for the HTTP side: pixtral_rt/serving/API.md.
 """
 from __future__ import annotations
@@ -84,7 +91,8 @@ class LLMEngine:
         self.eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
         self.raw_pixels = model.raw_pixels
         self.pool = PagePool(n_pages, page_size)
-        self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue)
+        self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue,
+                                   max_context=max_context)
         self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
                                   use_graphs=use_graphs, progress=progress)
         self.counters = _Counters()
@@ -241,6 +249,8 @@ class LLMEngine:
         c = self.counters
         return {"running": self.scheduler.n_running, "waiting": self.scheduler.n_waiting,
                 "kv_pages_used": self.pool.used, "kv_pages_total": self.pool.usable,
+                "kv_pages_cached": self.pool.cached, "kv_pages_free": len(self.pool.free),
+                "preemptions_total": self.scheduler.preemptions,
                 "kv_page_size": self.pool.page_size, "prompt_tokens_total": c.prompt_tokens,
                 "generation_tokens_total": c.generation_tokens, "cached_prompt_tokens_total": c.cached_prompt_tokens,
                 "requests_finished_total": c.requests_finished, "steps_total": c.steps}
@@ -391,6 +401,8 @@ class LLMEngine:
         for seq, slot in out.reports:
             if seq.finish_reason is not None or seq.cancelled:
                 continue                                # ended earlier: this token was computed past its end
+            if seq.status == Status.WAITING:
+                continue                                # preempted after this step: its resume recomputes it
             tok = toks[slot]
             ev = TokenEvent(prompt_tokens=seq.prompt_len, cached_tokens=seq.num_cached)
             if not seq.output and not seq.t_first:

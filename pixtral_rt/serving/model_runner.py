@@ -1,15 +1,23 @@
 """The model runner: executes a StepPlan on the device. It only launches; the scheduler decided.
 
-Per-slot device state (slot = a running sequence's row, fixed for its life; max_batch slots):
+Per-slot device state (slot = a running sequence's row, fixed until it finishes or is preempted; max_batch
+slots):
     tokens (S,) int64       the token each slot feeds to its next decode step (written by the step itself)
     positions (S,) int32    that token's position
     active (S,) int32       1 while the slot decodes; 0 rows compute nothing that lands anywhere (trash page)
-    block_table (S, max_pages) int32   page ids; unused entries -> the trash page 0
-    sampling (SamplingState over S)    temperature / top_p / top_k / seed / step per slot
+    block_table (S, max_pages) int32   page ids; unused entries -> the trash page 0. Pages come on demand:
+                            a row is written whole at admission, then only its new entries when the
+                            scheduler appends pages (one pinned non-blocking upload per step, no host sync;
+                            the decode graphs read the table by address, so in-place writes are seen)
+    sampling (SamplingState over S)    temperature / top_p / top_k / seed / step per slot; step = the index
+                            of the output token sampled next (a resumed sequence continues from the tokens
+                            it had delivered, so seeded sampling draws what it would have drawn)
 A step = (1) slot set-up for admitted / released sequences, (2) one decode step over slots 0..Bp-1 (Bp: the
 smallest captured batch size covering the highest decoding slot; a CUDA graph per (Bp, greedy-only)), which
 writes each row's next token into `tokens` and advances `positions`, then (3) the prompt chunks of this step,
-packed into one varlen forward, whose last chunks sample their sequence's first token into `tokens`.
+packed into one varlen forward, whose last chunks sample their sequence's next token into `tokens` (the
+first output token; for a sequence resumed after preemption, the prefill covers prompt + delivered output and
+samples the token after them).
 Decode runs before prefill, so a sequence activated by (3) is first decoded in the next step. Sampled tokens
 (and logprobs when asked) are copied into a pinned host ring buffer; the engine reads them one step later,
 while the next step runs.
@@ -121,6 +129,7 @@ class ModelRunner:
         self.positions = torch.zeros(S, dtype=torch.int32, device=dev)
         self.active = torch.zeros(S, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(S, self.max_pages, dtype=torch.int32, device=dev)
+        self._table_len = np.zeros(S, dtype=np.int64)      # host: entries of each row written so far
         self.sampling = SamplingState(S, dev)
         self.out_tokens = torch.zeros(S, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(S, dtype=torch.float32, device=dev)
@@ -211,6 +220,7 @@ class ModelRunner:
         row = np.zeros(self.max_pages, dtype=np.int64)       # unused entries: the trash page
         row[:len(seq.pages)] = seq.pages
         self.block_table[s].copy_(self._upload([row])[0])
+        self._table_len[s] = len(seq.pages)
         self.sampling.set(s, p)
         self.active[s] = 0
         self.positions[s] = 0
@@ -219,15 +229,31 @@ class ModelRunner:
         self.active[slot] = 0
         self.positions[slot] = 0
         self.block_table[slot].zero_()
+        self._table_len[slot] = 0
+
+    def _append_pages(self, seqs: list[Sequence]) -> None:
+        """Write the block-table entries of pages appended since the row was last written: (flat index,
+        page id) pairs of all rows in one upload, scattered in place (stream-ordered before this step)."""
+        idx, val = [], []
+        for seq in seqs:
+            n0, n1 = int(self._table_len[seq.slot]), len(seq.pages)
+            if n1 > n0:
+                idx.append(seq.slot * self.max_pages + np.arange(n0, n1))
+                val.append(np.asarray(seq.pages[n0:n1], dtype=np.int64))
+                self._table_len[seq.slot] = n1
+        if idx:
+            idx_d, val_d = self._upload([np.concatenate(idx), np.concatenate(val)])
+            self.block_table.view(-1).index_copy_(0, idx_d, val_d.to(torch.int32))
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> StepOutput:
-        for seq in plan.released:
+        for seq in plan.released + plan.preempted:
             if seq.slot >= 0:
                 self._clear_slot(seq.slot)
         for seq in plan.admitted:
             self._set_slot(seq)
+        self._append_pages(plan.decode + [c.seq for c in plan.prefill])
         reports: list[tuple[Sequence, int]] = []
         want_lp = False
         if plan.decode:
@@ -302,9 +328,10 @@ class ModelRunner:
         P = self.page_size
         toks, pos, cu, start, img_rows, feats = [], [], [0], [], [], []
         for c in chunks:
-            toks.append(np.asarray(c.seq.req.tokens[c.start:c.end], dtype=np.int64))
+            toks.append(np.asarray(c.seq.prefill_tokens(c.start, c.end), dtype=np.int64))
             pos.append(np.arange(c.start, c.end, dtype=np.int64))
-            # [IMG] rows of this chunk and the matching feature rows (features computed on first need)
+            # [IMG] rows of this chunk and the matching feature rows (features computed on first need; all
+            # [IMG] positions are in the prompt, before any resumed output)
             img_pos = c.seq.req.image_token_positions
             i0, i1 = bisect.bisect_left(img_pos, c.start), bisect.bisect_left(img_pos, c.end)
             if i1 > i0:
@@ -321,9 +348,13 @@ class ModelRunner:
         done = [c for c in chunks if c.last]
         rows_np = [cu[i + 1] - 1 for i, c in enumerate(chunks) if c.last]
         img_np = np.concatenate(img_rows) if img_rows else np.zeros(0, dtype=np.int64)
-        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d) = self._upload(
+        # a done sequence's next token sits at position prefill_len; it is output token prefill_len -
+        # prompt_len (0, or the tokens delivered before a preemption): its sampling step
+        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d,
+         done_step_d) = self._upload(
             [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, rows_np, [c.seq.slot for c in chunks],
-             img_np, [c.seq.slot for c in done], [c.seq.prompt_len for c in done]])
+             img_np, [c.seq.slot for c in done], [c.seq.prefill_len for c in done],
+             [c.seq.prefill_len - c.seq.prompt_len for c in done]])
         p0 = _mark(self.device)
         h = self.model.embed(tokens_d)
         if feats:
@@ -335,10 +366,12 @@ class ModelRunner:
             p1 = _mark(self.device)
             stages += [(c.seq, "prefill", p0, p1) for c in chunks]
             return []
-        # first tokens: sample with each sequence's own settings (step 0), then hand the slot to decode
+        # next tokens: sample with each sequence's own settings at its step (set here: decode steps of other
+        # slots advance every row's counter, this one's included while it was prefilling), then decode
         st = _rows(self.sampling, done_d)
+        st.step = done_step_d
         first = sample(logits, st, greedy_only=all(c.seq.params.greedy for c in done))
-        self.sampling.step[done_d] = 1
+        self.sampling.step[done_d] = st.step            # advanced by sample(): done_step + 1
         self.tokens[done_d] = first
         self.out_tokens[done_d] = first
         self.positions[done_d] = done_pos_d.int()

@@ -1,8 +1,15 @@
 """One request's state in the serving engine, from submission to its last token.
 
-Life: WAITING (queued) -> PREFILL (admitted: pages and a batch slot held; prompt chunks being computed)
--> DECODE (one token per step) -> FINISHED (pages released). The host tracks counts; the token being
-decoded lives on the device (the model runner's per-slot buffers), so no step waits for the host.
+Life: WAITING (queued) -> PREFILL (admitted: a batch slot and the pages of its prompt held; prompt chunks
+being computed) -> DECODE (one token per step; a page is added when its last one fills) -> FINISHED (pages
+released). Under page pressure a PREFILL or DECODE sequence may be preempted: back to WAITING with no pages
+and no slot, its delivered output kept. It is resumed by a prefill of prompt + delivered output (`prefill_len`
+tokens, mostly prefix-cache hits), after which it decodes on as if nothing happened.
+
+The host tracks counts; the token being decoded lives on the device (the model runner's per-slot buffers),
+so no step waits for the host. Positions: the prompt is 0..prompt_len-1, output token i sits at position
+prompt_len + i; `num_computed` counts the positions whose K/V are written by launched steps (the prefill,
+then one per decode step), so once the prefill is done num_computed - prompt_len + 1 tokens are sampled.
 """
 from __future__ import annotations
 
@@ -69,13 +76,16 @@ class Sequence:
     status: Status = Status.WAITING
     pages: list[int] = field(default_factory=list)       # block table
     slot: int = -1                              # row of the runner's per-slot device state
-    num_cached: int = 0                         # prompt tokens whose K/V came from the prefix cache
-    num_computed: int = 0                       # prompt tokens whose K/V are in the cache (or scheduled)
+    num_cached: int = 0                         # prompt tokens from the prefix cache at the first admission
+    num_computed: int = 0                       # positions whose K/V are written (or scheduled) this admission
+    prefill_len: int = 0                        # tokens this admission prefills: prompt + output delivered before
+    token_cap: int = 1 << 62                    # most tokens the pool / context allows (Scheduler.add)
+    preemptions: int = 0                        # times it was preempted (back to the waiting queue)
     output: list[int] = field(default_factory=list)      # delivered output tokens (no EOS)
     cancelled: bool = False
     finish_reason: str | None = None
     keys: np.ndarray | None = None              # prefix-cache keys of the prompt
-    hashes: list[bytes] = field(default_factory=list)    # chained hashes of the prompt's full pages
+    hashes: list[bytes] = field(default_factory=list)    # chained hashes of full pages of prompt (+ output) keys
     registered: int = 0                         # pages of this sequence registered in the prefix cache
     features: object = None                     # (n_img_tokens, dim) device tensor while the prompt is computed
     t_first: float = 0.0                        # when its first token was delivered (0: not yet)
@@ -94,7 +104,19 @@ class Sequence:
 
     @property
     def max_tokens(self) -> int:
-        return self.params.max_tokens
+        """Output tokens it may produce: max_tokens, cut to what the context and the whole pool can hold
+        (a request without max_tokens runs to EOS or to that cap, then ends with finish_reason "length")."""
+        return min(self.params.max_tokens, self.token_cap)
+
+    @property
+    def n_sampled(self) -> int:
+        """Output tokens sampled by launched steps (delivered or still on their way to the host)."""
+        return self.num_computed - self.prompt_len + 1 if self.status == Status.DECODE else len(self.output)
+
+    def prefill_tokens(self, start: int, end: int) -> list[int]:
+        """Token ids fed at positions start..end-1 of this admission's prefill (prompt, then resumed output)."""
+        L = self.prompt_len
+        return list(self.req.tokens[start:min(end, L)]) + self.output[max(start, L) - L:max(end, L) - L]
 
     def plan_prefix(self, page_size: int, merge: int = 1) -> None:
         """Prefix-cache keys and page hashes (host work, once, at submission)."""
@@ -102,6 +124,13 @@ class Sequence:
         # the last prompt token is always recomputed (its logits give the first output token)
         self.hashes = page_hashes(self.keys, page_size, (self.prompt_len - 1) // page_size)
 
-    def pages_needed(self, page_size: int) -> int:
-        # + 1 token: the step after the last one is launched before the host knows the sequence ended
-        return -(-(self.prompt_len + self.max_tokens + 1) // page_size)
+    def page_hashes(self, page_size: int, n_tokens: int) -> list[bytes]:
+        """Chained hashes of the full pages among the first n_tokens positions (prompt keys, then output
+        token ids as keys of the generated part, as in a chat's next turn); extends the cached chain."""
+        keys = self.keys
+        if n_tokens > self.prompt_len:
+            keys = np.concatenate([keys, np.asarray(self.output[:n_tokens - self.prompt_len], dtype=np.int64)])
+        out = page_hashes(keys, page_size, n_tokens // page_size, known=self.hashes)
+        if len(out) > len(self.hashes):
+            self.hashes = out
+        return out
