@@ -1,6 +1,7 @@
 """serving/api.py: LLMEngine and EngineClient implement the ServingEngine Protocol (every Protocol method
 with the same parameters: names, kinds, defaults; an implementation may only add optional ones; every
 attribute present), and the admission checks refuse a bad request identically through both."""
+import dataclasses
 import inspect
 
 import pytest
@@ -81,9 +82,15 @@ def test_admission_is_the_same_through_both(engines):
     for bad in (MAX_TOP_LOGPROBS + 1, -1):
         a, b = _refusal(one, req, p, bad), _refusal(two, req, p, bad)
         assert a == b == (ValueError, f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {bad}")
-    huge = SamplingParams(max_tokens=5000)               # over the whole 1024-token cache
-    a, b = _refusal(one, req, huge, None), _refusal(two, req, huge, None)
-    assert a == b and a[0].__name__ == "ContextLengthError" and "whole cache holds" in a[1]
+    # pages come on demand: a large max_tokens reserves nothing and is accepted; a prompt over the whole
+    # 960-token cache (an encoded request built past the context check, as a long-context model's would be)
+    # is refused by both with the counts
+    for eng in engines:
+        eng.submit(req, SamplingParams(max_tokens=5000), lambda ev: None, None).cancel()
+    n = 1200
+    huge = dataclasses.replace(req, tokens=(req.tokens * n)[:n], prompt_tokens=n)
+    a, b = _refusal(one, huge, p, None), _refusal(two, huge, p, None)
+    assert a == b and a[0].__name__ == "ContextLengthError" and "whole cache holds 960 tokens" in a[1], a
     # and a good request is accepted by both
     for eng in engines:
         h = eng.submit(req, p, lambda ev: None, MAX_TOP_LOGPROBS)
@@ -93,6 +100,6 @@ def test_admission_is_the_same_through_both(engines):
 def test_check_admission_alone():
     class Req:
         prompt_tokens = 10
-    check_admission(Req, SamplingParams(max_tokens=5), 0, 16, 1)          # 16 tokens: fits one page
-    with pytest.raises(Exception, match="whole cache holds 15 tokens"):
-        check_admission(Req, SamplingParams(max_tokens=6), None, 16, 1)
+    check_admission(Req, SamplingParams(max_tokens=500), 0, 11, 1)   # prompt + 1 token fit one page of 11
+    with pytest.raises(Exception, match="whole cache holds 10 tokens"):
+        check_admission(Req, SamplingParams(max_tokens=1), None, 10, 1)
