@@ -4,6 +4,7 @@ prefix), with a negative control (an engine whose decode reads the neighbouring 
 fast path's logprobs against the fp32 reference (the same bf16 weights computed in fp32), bounded by a fixed
 multiple of PyTorch's own bf16 error on the same input, with a negative control (the reference shown
 another image)."""
+import gc
 import threading
 
 import numpy as np
@@ -63,34 +64,6 @@ def test_32_concurrent_mixed_requests_match_alone(eng):
     check_agreement(alone, got, "32 concurrent mixed requests, batched vs alone")
 
 
-def test_agreement_check_catches_another_requests_kv():
-    """The negative control of the test above: an engine whose decode reads each slot's block-table row
-    from the slot before it (a batching bug: another request's KV pages) must be rejected by check_agreement.
-    Pixtral-12B's real shapes, first 8 decoder layers, no CUDA graphs (so the broken decode is the one run)."""
-    from pixtral_rt.serving.llm_engine import LLMEngine
-    e = LLMEngine.load(None, max_batch=16, max_context=16384, kv_tokens=65536, progress=False, use_graphs=False,
-                       random_weights="Pixtral-12B-2409:layers=8")
-    try:
-        n = 8
-        params = [SamplingParams(max_tokens=12) for _ in range(n)]
-        msgs = [_msgs(i) for i in range(n)]
-        alone = _run_all(e, msgs, params, concurrent=False)
-        model = e.runner.model
-        decode = model.decode
-        model.decode = lambda tokens, positions, block_table, lens: decode(tokens, positions,
-                                                                           block_table.roll(1, 0), lens)
-        try:
-            got = _run_all(e, msgs, params, concurrent=True)
-        finally:
-            model.decode = decode
-    finally:
-        e.shutdown()
-        del e
-        torch.cuda.empty_cache()
-    with pytest.raises(AssertionError, match="share|differ|left|off"):
-        check_agreement(alone, got, "decode reading the neighbour's KV pages (must fail)")
-
-
 def _fp32_errors(res, lp32) -> float:
     """max |logprob - fp32 reference| over every position of `res` and every token of its top 20."""
     return max(abs(v - lp32[j, t].item()) for j, top in enumerate(res.top_logprobs) for t, v in top)
@@ -132,3 +105,32 @@ def test_paged_fast_path_matches_fp32_reference_at_every_position(eng):
     assert err_torch > 0, "the bf16 and fp32 references agree exactly: fp32_compute did not take effect"
     assert err_fast <= bound, f"engine {err_fast:.4f} nats off the fp32 reference, bound {bound:.4f}"
     assert err_other > bound, "negative control: a wrong image must exceed the bound"
+
+
+def test_agreement_check_catches_another_requests_kv():
+    """The negative control of the test above: an engine whose decode reads each slot's block-table row
+    from the slot before it (a batching bug: another request's KV pages) must be rejected by check_agreement.
+    Pixtral-12B's real shapes, first 8 decoder layers, no CUDA graphs (so the broken decode is the one run)."""
+    from pixtral_rt.serving.llm_engine import LLMEngine
+    e = LLMEngine.load(None, max_batch=16, max_context=16384, kv_tokens=16384, progress=False, use_graphs=False,
+                       random_weights="Pixtral-12B-2409:layers=8")
+    try:
+        n = 8
+        params = [SamplingParams(max_tokens=12) for _ in range(n)]
+        msgs = [_msgs(i) for i in range(n)]
+        alone = _run_all(e, msgs, params, concurrent=False)
+        model = e.runner.model
+        decode = model.decode
+        model.decode = lambda tokens, positions, block_table, lens: decode(tokens, positions,
+                                                                           block_table.roll(1, 0), lens)
+        try:
+            got = _run_all(e, msgs, params, concurrent=True)
+        finally:
+            model.decode = decode
+    finally:
+        e.shutdown()
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+    with pytest.raises(AssertionError, match="share|differ|left|off"):
+        check_agreement(alone, got, "decode reading the neighbour's KV pages (must fail)")
