@@ -47,10 +47,15 @@ class ServingEngine(Protocol):
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
-def kv_pages_needed(prompt_tokens: int, page_size: int) -> int:
-    """Pages a request must be able to hold for it to be served at all: its prompt + one generated token
-    (pages come on demand as it generates, Scheduler; max_tokens reserves nothing)."""
-    return -(-(prompt_tokens + 1) // page_size)
+def check_prompt_fits(prompt_tokens: int, page_size: int, usable_pages: int) -> None:
+    """ContextLengthError (with the counts) unless the prompt + one generated token fit the whole KV cache:
+    pages come on demand as a request generates (Scheduler), so max_tokens reserves nothing."""
+    if -(-(prompt_tokens + 1) // page_size) > usable_pages:
+        L = prompt_tokens
+        raise ContextLengthError(
+            f"request needs {L} prompt tokens + at least 1 generated token = {L + 1} tokens of KV cache, "
+            f"but the whole cache holds {usable_pages * page_size} tokens: shorten the prompt or use fewer or "
+            "smaller images")
 
 
 def check_admission(req: EncodedRequest, params: SamplingParams, logprobs: int | None, page_size: int,
@@ -60,9 +65,4 @@ def check_admission(req: EncodedRequest, params: SamplingParams, logprobs: int |
     (ContextLengthError, with the counts; pages come on demand, so max_tokens reserves nothing)."""
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
-    if kv_pages_needed(req.prompt_tokens, page_size) > usable_pages:
-        L = req.prompt_tokens
-        raise ContextLengthError(
-            f"request needs {L} prompt tokens + at least 1 generated token = {L + 1} tokens of KV cache, "
-            f"but the whole cache holds {usable_pages * page_size} tokens: shorten the prompt or use fewer or "
-            "smaller images")
+    check_prompt_fits(req.prompt_tokens, page_size, usable_pages)

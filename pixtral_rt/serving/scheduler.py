@@ -48,6 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import ContextLengthError, RequestError
+from .api import check_prompt_fits
 from .kv_pages import PagePool
 from .sequence import Sequence, Status
 
@@ -97,10 +98,7 @@ class Scheduler:
         what the context and the whole pool can hold."""
         P, L = self.pool.page_size, seq.prompt_len
         cap = self.pool.usable * P
-        if -(-(L + 1) // P) > self.pool.usable:
-            raise ContextLengthError(
-                f"request needs {L} prompt tokens + at least 1 generated token = {L + 1} tokens of KV cache, "
-                f"but the whole cache holds {cap} tokens: shorten the prompt or use fewer or smaller images")
+        check_prompt_fits(L, P, self.pool.usable)         # the same refusal as check_admission
         if self.max_context is not None and L + 1 > self.max_context:
             raise ContextLengthError(
                 f"request needs {L} prompt tokens + at least 1 generated token = {L + 1} tokens, over the "
