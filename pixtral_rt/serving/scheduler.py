@@ -12,8 +12,8 @@ which is the priority order (oldest first). Per step:
      they are delivered. When no page is free (PagePool.allocate evicts least-recently-used cached prefix
      pages first), the youngest running sequence is preempted, repeatedly, until the page fits or the one
      asking is itself the youngest (then it is the one preempted). Preempting: its full pages whose K/V are
-     written and whose tokens are known (prompt, and delivered output keyed by token ids as register_output
-     does) are registered in the prefix cache, its pages and slot freed, and it goes back to the HEAD of
+     written and whose tokens are known (prompt, and delivered output keyed by token
+     ids) are registered in the prefix cache, its pages and slot freed, and it goes back to the HEAD of
      `waiting` with its delivered output. The oldest running sequence is never preempted by another, so it
      always progresses: every request finishes;
   3. only if nothing was preempted in this step: waiting sequences are admitted in order while a slot is
@@ -202,32 +202,31 @@ class Scheduler:
         seq.registered = n // P
 
     def register_prefix(self, seq: Sequence) -> None:
-        """After a step's prefill chunks were launched: register their full pages."""
+        """After a step's prefill chunks were launched: register their full pages. (At release and preemption
+        the pages holding generated tokens are registered too, so a chat's next turn, which re-sends the
+        answer, or the resumed sequence reuses them.)"""
         self._register(seq)
 
-    def register_output(self, seq: Sequence) -> None:
-        """At the end of a sequence: register the full pages that also hold its generated tokens, so the next
-        turn of a chat (which re-sends the answer) reuses them."""
-        self._register(seq)
-
-    def _release(self, seq: Sequence) -> None:
-        if seq.finish_reason != "error":        # a failed step may not have written what it was planned to
-            self._register(seq)
+    def _give_back(self, seq: Sequence) -> None:
+        """Its pages to the pool (registered ones stay cached) and its batch slot to the free list."""
         self.pool.release(seq.pages)
         seq.pages = []
         self.free_slots.append(seq.slot)
         self.free_slots.sort(reverse=True)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.finish_reason != "error":        # a failed step may not have written what it was planned to
+            self._register(seq)
+        self._give_back(seq)
         seq.status = Status.FINISHED
 
     def _preempt(self, seq: Sequence) -> None:
         """Running -> head of waiting: cache what is reusable, give back pages and slot (the runner clears the
         slot of each sequence in StepPlan.preempted: seq.slot keeps its old value until the re-admission)."""
         self._register(seq)
-        self.pool.release(seq.pages)
+        self._give_back(seq)
         self.running.remove(seq)
-        self.free_slots.append(seq.slot)
-        self.free_slots.sort(reverse=True)
-        seq.pages, seq.registered, seq.num_computed, seq.prefill_len = [], 0, 0, 0
+        seq.registered, seq.num_computed, seq.prefill_len = 0, 0, 0
         seq.features = None                 # recomputed (or from the runner's feature cache) when resumed
         seq.status = Status.WAITING
         seq.preemptions += 1
