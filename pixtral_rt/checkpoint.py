@@ -759,12 +759,7 @@ def load_reference_model(folder: str | Path, device="cpu", dtype: torch.dtype = 
                          fmt: str | None = None, progress: bool = False, quantization: str | None = None):
     """Plan, validate, and load a checkpoint into the reference PixtralModel (built on meta, weights assigned).
     FP8 decoder linears (an FP8 checkpoint, or quantization="fp8") become reference Fp8Linear modules."""
-    from .reference.fp8_linear import install_fp8_linears
     from .reference.model import PixtralModel
     plan = plan_checkpoint(folder, fmt)
     sd = load_state_dict(plan, device=device, dtype=dtype, progress=progress, quantization=quantization)
-    with torch.device("meta"):
-        model = PixtralModel(plan.args)
-    install_fp8_linears(model, sd)
-    model.load_state_dict(sd, assign=True, strict=True)
-    return model.eval(), plan
+    return PixtralModel.from_state_dict(plan.args, sd), plan

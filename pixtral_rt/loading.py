@@ -191,14 +191,8 @@ def resolve_source(model, device, dtype, fmt, quantization=None, random_weights=
 
 def load_reference_model(src: ModelSource, progress: bool = True):
     """The plain PyTorch reference model with the checkpoint's weights (built on meta, weights assigned)."""
-    from .reference.fp8_linear import install_fp8_linears
     from .reference.model import PixtralModel
-    sd = src.load_weights(progress)
-    with torch.device("meta"):
-        m = PixtralModel(src.args)
-    install_fp8_linears(m, sd)
-    m.load_state_dict(sd, assign=True, strict=True)
-    return m.eval()
+    return PixtralModel.from_state_dict(src.args, src.load_weights(progress))
 
 
 def split_vision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

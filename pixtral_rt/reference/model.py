@@ -27,6 +27,16 @@ class PixtralModel(Transformer):
             self.patch_merger = PatchMerger(v.hidden_size, v.spatial_merge_size)
         self.vision_language_adapter = VisionLanguageAdapter(v.hidden_size, args.text.dim, v.adapter_bias)
 
+    @classmethod
+    def from_state_dict(cls, args: PixtralArgs, sd: dict[str, torch.Tensor]) -> "PixtralModel":
+        """Built on meta, the tensors assigned (no copy); FP8 decoder linears in `sd` become Fp8Linear."""
+        from .fp8_linear import install_fp8_linears
+        with torch.device("meta"):
+            model = cls(args)
+        install_fp8_linears(model, sd)
+        model.load_state_dict(sd, assign=True, strict=True)
+        return model.eval()
+
     def image_features(self, images: list[torch.Tensor]) -> torch.Tensor:
         """images (C, H, W) each -> (n_image_tokens, text dim): one row per [IMG] token, prompt order."""
         x = self.vision_encoder(images)
