@@ -93,6 +93,7 @@ class Sequence:
     t_admit: float = 0.0                        # ... when the scheduler admitted it
     vision_ms: float = 0.0                      # measured stages of its prompt (TokenEvent.timings)
     prefill_ms: float = 0.0
+    first_token_ack: object = None              # threading.Event the consumer sets (LLMEngine.submit)
 
     def __post_init__(self):
         if not self.request_id:
