@@ -44,15 +44,17 @@ def native_extensions():
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 
-# fastapi >= 0.100: pydantic v2; uvicorn >= 0.30: Server.capture_signals, which pixtral_rt.serve overrides
-SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.30", "prometheus-client>=0.17"]
+# fastapi >= 0.100: pydantic v2; uvicorn >= 0.30: Server.capture_signals, which pixtral_rt.serve overrides;
+# llguidance: the grammars of response_format and tool calls (pixtral_rt/structured/)
+SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.30", "prometheus-client>=0.17", "llguidance>=1.0"]
 
 setup(
     name="pixtral_rt",
     version="0.1.0",
     description="GPU inference runtime for Mistral's Pixtral vision-language models (Triton + CUDA graphs)",
     python_requires=">=3.10",
-    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.serving", "pixtral_rt.server", "pixtral_rt.kernels"],
+    packages=["pixtral_rt", "pixtral_rt.reference", "pixtral_rt.serving", "pixtral_rt.server", "pixtral_rt.structured",
+              "pixtral_rt.kernels"],
     package_dir={"pixtral_rt": "pixtral_rt", "pixtral_rt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -67,9 +69,9 @@ setup(
         # the OpenAI-compatible HTTP server, python -m pixtral_rt.serve
         "serve": SERVE_REQUIRES,
         # numpy<2.3: Triton's CPU interpreter; OpenCV 5: the cubic-resize maths the pixel tests match;
-        # openai + httpx: the server tests call it as clients do
+        # openai + httpx: the server tests call it as clients do; jsonschema: structured outputs validated
         "test": ["pytest", "transformers>=4.48", "numpy<2.3", "opencv-python-headless>=5", *SERVE_REQUIRES,
-                 "openai>=1.40", "httpx", "compressed-tensors>=0.9"],
+                 "openai>=1.40", "httpx", "compressed-tensors>=0.9", "jsonschema>=4"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

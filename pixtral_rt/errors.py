@@ -15,6 +15,8 @@ hint (400 bad input, 413 too large, 502 upstream fetch failed) and the `source` 
         MessageFormatError           messages not in the OpenAI chat shape
         TooManyImagesError           more images than the per-request cap
         ContextLengthError           prompt + max_tokens larger than the context
+        ConstraintError              a response_format / tool schema the grammar library cannot compile, or a
+                                     tool_choice naming no offered tool (`param` names the request field)
       TokenizerError                 tokenizer file missing or not matching the model config
       DeviceError                    --device names no device this machine has or this runtime runs on
     AnimatedImageWarning (a UserWarning): an animated image was given; its first frame is used
@@ -99,6 +101,16 @@ class ContextLengthError(RequestError):
     """Prompt tokens (text + image) plus max_tokens exceed the context."""
 
     status = 413
+
+
+class ConstraintError(RequestError):
+    """A structured-output constraint that cannot be served: a JSON schema (response_format or a tool's
+    parameters) the grammar library cannot compile, or a tool_choice that names no offered tool. `param` is
+    the request field it is about ("response_format.json_schema.schema", "tools[2].function.parameters")."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class AnimatedImageWarning(UserWarning):
