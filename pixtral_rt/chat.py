@@ -18,8 +18,10 @@ count of [IMG] ids is checked against the plan.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from .preprocess import ImagePlan, backend, plan_image, preprocess
 log = logging.getLogger(__name__)
 
 _PLACEHOLDER = "pixtral-rt-image:"  # ImageURLChunk url standing for our k-th image
+_PARTS = "\x00pixtral-rt-parts:"   # text standing for the parts of the k-th image-bearing assistant / tool message
+_PARTS_RE = re.compile("\x00pixtral-rt-parts:(\\d+);")
 
 
 @dataclass
@@ -176,10 +180,9 @@ def _parse_messages(messages: Any) -> tuple[list[dict], list[_Image]]:
                         raise MessageFormatError(f"{where}: an {kind} part needs "
                                                  + ("{'image_url': {'url': ...}}" if kind == "image_url"
                                                     else "an 'image' value"))
-                    if role != "user":
-                        raise MessageFormatError(f"{where}: images are only accepted in user messages "
-                                                 f"(mistral_common defines no {role}-message image format for "
-                                                 "Pixtral's tokenizers)")
+                    if role == "system":
+                        raise MessageFormatError(f"{where}: a system message cannot carry an image (no Mistral "
+                                                 "chat format has a place for one): put it in a user message")
                     parts.append(("image", len(images)))
                     images.append(_Image(where=where, source=src))
                 else:
@@ -192,16 +195,22 @@ def _parse_messages(messages: Any) -> tuple[list[dict], list[_Image]]:
 
 
 def _to_mistral(msgs: list[dict]):
+    """mistral_common messages, and the parts of image-bearing assistant / tool messages by marker index: such a
+    message goes to mistral_common with a marker as its text (its validator and normalizer know no images
+    there) and is encoded by _encode_with_images."""
     from mistral_common.protocol.instruct.chunk import ImageURLChunk, TextChunk
     from mistral_common.protocol.instruct.messages import (AssistantMessage, SystemMessage, ToolMessage,
                                                            UserMessage)
     from mistral_common.protocol.instruct.tool_calls import FunctionCall, ToolCall
 
-    out = []
+    out, marked = [], {}
     for i, m in enumerate(msgs):
         role, parts = m["role"], m["_parts"]
         has_image = any(k == "image" for k, _ in parts)
         text = "".join(v for k, v in parts if k == "text")
+        if has_image and role in ("assistant", "tool"):
+            marked[len(marked)] = parts
+            text = f"{_PARTS}{len(marked) - 1};"
         if role == "user" and has_image:
             chunks = [TextChunk(text=v) if k == "text" else ImageURLChunk(image_url=f"{_PLACEHOLDER}{v}")
                       for k, v in parts if not (k == "text" and v == "")]
@@ -224,6 +233,24 @@ def _to_mistral(msgs: list[dict]):
                                              f"{{'name', 'arguments'}}}} dicts ({exc})") from exc
             out.append(AssistantMessage(content=text if parts else None, tool_calls=calls,
                                         prefix=bool(m.get("prefix", False))))
+    return out, marked
+
+
+def _tools_to_mistral(tools: list[dict]):
+    """OpenAI `tools` ([{"type": "function", "function": {"name", "description", "parameters"}}]) as
+    mistral_common Tools (they become [AVAILABLE_TOOLS] before the last user message)."""
+    from mistral_common.protocol.instruct.tool_calls import Function, Tool
+
+    out = []
+    for i, t in enumerate(tools):
+        f = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise MessageFormatError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                     "'description': ..., 'parameters': {...}}}}")
+        kw = {"name": f["name"], "parameters": f.get("parameters") or {}}
+        if f.get("description") is not None:
+            kw["description"] = f["description"]
+        out.append(Tool(function=Function(**kw)))
     return out
 
 
@@ -253,12 +280,14 @@ def _no_text(*_args, **_kwargs) -> str:
     return ""
 
 
-def _tokenize(tokenizer, msgs: list[dict], images: list[_Image]) -> tuple[list[int], list[int]]:
+def _tokenize(tokenizer, msgs: list[dict], images: list[_Image], tools: list[dict] | None = None
+              ) -> tuple[list[int], list[int]]:
     from mistral_common.exceptions import MistralCommonException
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     try:
-        request = ChatCompletionRequest(messages=_to_mistral(msgs))
+        messages, marked = _to_mistral(msgs)
+        request = ChatCompletionRequest(messages=messages, tools=_tools_to_mistral(tools) if tools else None)
         validated = tokenizer._chat_completion_request_validator.validate_request(request)
         instruct = tokenizer._instruct_request_normalizer.from_chat_completion_request(validated)
         it = copy.copy(tokenizer.instruct_tokenizer)  # per-call copy: the shared tokenizer is never mutated
@@ -268,12 +297,80 @@ def _tokenize(tokenizer, msgs: list[dict], images: list[_Image]) -> tuple[list[i
         # 2.4-2.5 ms a 1024^2-image prompt took to tokenise (benchmarks/bench_host.py, development CPU); the
         # copy's decode is a no-op instead
         it.decode = _no_text
+        if marked:
+            _encode_with_images(it, marked)
         tokens = it.encode_instruct(instruct).tokens
     except PixtralInputError:
         raise
     except (MistralCommonException, AssertionError, ValueError, TypeError) as exc:
         raise MessageFormatError(f"messages rejected by the chat format ({type(exc).__name__}): {exc}") from exc
     return list(tokens), enc.order
+
+
+def _encode_with_images(it, marked: dict[int, list]) -> None:
+    """Make the per-call instruct tokenizer copy `it` encode the marked (image-bearing) assistant and tool
+    messages. mistral_common has no image format there for v7 (its V7 encoders assert text only; V13+ put
+    tool-result chunks, images included, between [TOOL_RESULTS] and [/TOOL_RESULTS]). Ours keeps v7's
+    layout and puts the content's chunks, text and images in their order, where its text goes:
+        tool:      [TOOL_RESULTS] <tool_call_id> [TOOL_CONTENT] <chunks> [/TOOL_RESULTS]
+        assistant: <chunks> [TOOL_CALLS]... (if it has calls) </s> (unless prefix)
+    each text chunk encoded alone, each image as its [IMG]... tokens (the user-message image layout), as the
+    Pixtral-Large chat template lays images inline in assistant and tool turns. Unmarked messages go to
+    mistral_common's own encoders."""
+    from mistral_common.protocol.instruct.chunk import ImageURLChunk, TextChunk
+
+    def chunks_of(content: str) -> list:
+        out = []
+        for k, piece in enumerate(_PARTS_RE.split(content)):
+            if k % 2 == 0:
+                if piece:
+                    out.append(TextChunk(text=piece))
+                continue
+            if int(piece) not in marked:
+                raise MessageFormatError(f"unexpected image marker {piece!r} in a message")
+            out += [TextChunk(text=v) if kind == "text" else ImageURLChunk(image_url=f"{_PLACEHOLDER}{v}")
+                    for kind, v in marked[int(piece)] if not (kind == "text" and v == "")]
+        return out
+
+    tool_message, assistant_message = it.encode_tool_message, it.encode_assistant_message
+
+    def encode_tool_message(message, is_before_last_user_message):
+        if not (isinstance(message.content, str) and _PARTS_RE.search(message.content)):
+            return tool_message(message, is_before_last_user_message)
+        tokens, images, _ = it._encode_content_chunks(chunks_of(message.content))
+        return ([it.BEGIN_TOOL_RESULTS, *it.tokenizer.encode(message.tool_call_id, bos=False, eos=False),
+                 it.BEGIN_TOOL_CONTENT, *tokens, it.END_TOOL_RESULTS], images, [])
+
+    def encode_assistant_message(message, is_before_last_user_message):
+        if not (isinstance(message.content, str) and _PARTS_RE.search(message.content)):
+            return assistant_message(message=message, is_before_last_user_message=is_before_last_user_message)
+        tokens, _, _ = it._encode_content_chunks(chunks_of(message.content))
+        if message.tool_calls:
+            tokens += it._encode_tool_calls_in_assistant_message(message)
+        if not message.prefix:
+            tokens.append(it.tokenizer.eos_id)
+        return tokens
+
+    it.encode_tool_message, it.encode_assistant_message = encode_tool_message, encode_assistant_message
+
+
+def tokenizer_version(tokenizer) -> int:
+    """The mistral_common tokenizer version as a number: 3 (Pixtral-12B), 7 (Pixtral-Large, Mistral-Small-3.1)."""
+    return int(str(tokenizer.instruct_tokenizer.tokenizer.version.value).lstrip("v"))
+
+
+def _check_image_roles(msgs: list[dict], tokenizer) -> None:
+    """Images outside user messages need a v7+ tokenizer: v3's chat format has no place for them."""
+    version = tokenizer_version(tokenizer)
+    if version >= 7:
+        return
+    for i, m in enumerate(msgs):
+        if m["role"] in ("assistant", "tool") and any(k == "image" for k, _ in m["_parts"]):
+            j = next(j for j, (k, _) in enumerate(m["_parts"]) if k == "image")
+            raise MessageFormatError(
+                f"messages[{i}].content[{j}]: an image in a {m['role']} message needs a v7 chat format "
+                f"(Pixtral-Large, Mistral-Small-3.1); this model's tokenizer is v{version} (Pixtral-12B), whose "
+                "format carries images in user messages only: send the image in a user message")
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -305,10 +402,11 @@ def _each(fn, items: list, workers: int | None, worth_it: bool = True):
     return [f.result() for f in futures]
 
 
-def _text_token_bound(msgs: list[dict]) -> int:
+def _text_token_bound(msgs: list[dict], tools: list[dict] | None = None) -> int:
     """An upper bound on the prompt's text tokens, without tokenising: every string in the messages (image
     parts left out) costs at most its UTF-8 bytes + 1 tokens (byte-level BPE; SentencePiece with byte
-    fallback and a leading-space piece), plus 16 control tokens per message and 16 for the prompt."""
+    fallback and a leading-space piece), plus 16 control tokens per message and 16 for the prompt; the
+    tools' JSON as mistral_common writes it, at most its bytes + 16."""
     def walk(x) -> int:
         if isinstance(x, str):
             return len(x.encode("utf-8", "surrogatepass")) + 1
@@ -319,13 +417,14 @@ def _text_token_bound(msgs: list[dict]) -> int:
         if isinstance(x, (list, tuple)):
             return sum(walk(v) for v in x)
         return len(str(x)) + 1 if x is not None else 0
-    return sum(walk(m) + 16 for m in msgs) + 16
+    tools_bound = len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass")) + 16 if tools else 0
+    return sum(walk(m) + 16 for m in msgs) + 16 + tools_bound
 
 
 def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12, max_context: int | None = None,
                    max_tokens: int = 0, image_limits: ImageLimits = DEFAULT_LIMITS, threads: int = 0,
                    to_torch: bool = True, raw_pixels: bool = False, workers: int | None = None,
-                   digest=None) -> EncodedRequest:
+                   digest=None, tools: list[dict] | None = None) -> EncodedRequest:
     """Plan, check and encode one chat request. Order of work: shape check -> image count cap -> image headers
     (pixel cap) -> tokens -> context check -> decode + preprocess (decoding starts beside the tokens when the
     context check cannot fail, see below). Raises a PixtralInputError subclass naming
@@ -339,8 +438,11 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
     this thread tokenises; otherwise decoding waits for the exact context check, so a request refused on
     counts never has a pixel decoded (one the chat format refuses may have had its decoding started; queued
     decodes are cancelled). digest: optional fn(image) -> bytes, run on the image threads too
-    (EncodedRequest.image_digests)."""
+    (EncodedRequest.image_digests). tools: OpenAI-shaped function tools, tokenised by mistral_common into
+    [AVAILABLE_TOOLS] (which tool_choice does not change: it only shapes the grammar, pixtral_rt.structured).
+    Images in assistant and tool messages need a v7 tokenizer (_encode_with_images); v3 refuses them."""
     msgs, images = _parse_messages(messages)
+    _check_image_roles(msgs, tokenizer)
     if max_tokens < 0:
         raise RequestError(f"max_tokens must be >= 0, got {max_tokens}")
     if len(images) > max_images:
@@ -378,10 +480,11 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
 
     # decode beside tokenisation when no count check can refuse the request any more
     early = None
-    if images and workers != 1 and image_tokens + _text_token_bound(msgs) + max_tokens <= context:
+    if images and workers != 1 and image_tokens + _text_token_bound(msgs, tools) + max_tokens <= context:
         early = {id(im): _image_pool().submit(decode_one, im) for im in images}
     try:
-        tokens, ordered, positions = _checked_tokens(tokenizer, msgs, images, v, max_tokens, context, image_tokens)
+        tokens, ordered, positions = _checked_tokens(tokenizer, msgs, images, v, max_tokens, context, image_tokens,
+                                                     tools)
     except BaseException:
         for f in (early or {}).values():
             f.cancel()                  # queued decodes of a refused request never start
@@ -403,9 +506,9 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
         image_digests=[d for _, d in done] if digest is not None else [])
 
 
-def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, image_tokens: int):
+def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, image_tokens: int, tools=None):
     """Tokens, the images in prompt order and the [IMG] positions, checked against the plans and the context."""
-    tokens, order = _tokenize(tokenizer, msgs, images)
+    tokens, order = _tokenize(tokenizer, msgs, images, tools)
     if sorted(order) != list(range(len(images))):
         raise MessageFormatError(f"chat format used images {order}, expected each of {len(images)} images once")
     ordered = [images[k] for k in order]

@@ -119,7 +119,10 @@ def sample(logits: torch.Tensor, st: SamplingState, greedy_only: bool = False) -
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     # noise indexed by the ORIGINAL vocab id, so the draw does not depend on ties in the sort
     u = uniform_noise(st.seed, st.step, V).gather(1, order)
-    choice = (probs / -torch.log(u)).argmax(-1, keepdim=True)  # (B, 1) index into sorted order
+    # u reaches 1.0 in float32 ((2^24 - 0.5) / 2^24 rounds up), so E = -log(u) can be 0: the clamp keeps a
+    # zero-probability token (masked, or cut by top-k / top-p) at 0 instead of 0/0 = NaN, which argmax would
+    # pick (~V / 2^24 per step: 0.8% of steps at V = 131072)
+    choice = (probs / (-torch.log(u)).clamp_min(1e-30)).argmax(-1, keepdim=True)  # (B, 1) index into sorted order
     sampled = order.gather(1, choice)[:, 0]
     st.step += 1
     return torch.where(st.temperature > 0, sampled, greedy_tok)

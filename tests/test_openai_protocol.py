@@ -13,8 +13,7 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 # one value per table entry that would change the answer (ANY entries have none)
 REFUSED = {
-    "tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": "yes", "functions": [TOOL["function"]],
-    "function_call": {"name": "f"}, "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
+    "functions": [TOOL["function"]], "function_call": {"name": "f"}, "presence_penalty": 0.5,
     "frequency_penalty": -1, "logit_bias": {"1": 100}, "modalities": ["text", "audio"], "service_tier": "flex",
     "prediction": {"type": "content", "content": "x"}, "audio": {"voice": "alloy", "format": "wav"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "min_p": 0.1,

@@ -73,3 +73,21 @@ def test_same_seed_same_tokens_different_seed_differs():
 def test_bad_params_are_named(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+def test_a_noise_draw_of_exactly_one_never_picks_a_zero_probability_token():
+    """In float32 the noise reaches 1.0 ((2^24 - 0.5) / 2^24 rounds up): at seed 49, step 0, V = 131072 it
+    does at index 120940, so E = -log(u) = 0 there. A token of probability 0 at that index (masked by a
+    grammar, or cut by top-k) must still never be drawn (0/0 = NaN would win the argmax)."""
+    V, hit = 131072, 120940
+    u = uniform_noise(torch.tensor([49]), torch.tensor([0]), V)
+    assert u[0, hit] == 1.0, "the premise: this draw is exactly 1.0"
+    logits = torch.zeros(1, V)
+    logits[0, hit] = float("-inf")                     # probability 0, as a masked token
+    st = SamplingState(1, "cpu")
+    st.set(0, SamplingParams(temperature=1.0, seed=49))
+    assert sample(logits.clone(), st).item() != hit
+    st.set(0, SamplingParams(temperature=1.0, top_k=5, seed=49))
+    logits = torch.zeros(1, V)
+    logits[0, :5] = 1.0                                # top-k keeps ids 0..4; id 120940 is cut
+    assert sample(logits, st).item() < 5

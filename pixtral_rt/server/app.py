@@ -34,13 +34,16 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError, MessageFormatError,
-                     PixtralInputError, TooManyImagesError)
+from ..errors import (ConstraintError, ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError,
+                      MessageFormatError, PixtralInputError, TooManyImagesError)
 from ..images import ImageLimits
 from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
-                              ChunkChoice, DeltaMessage, ModelCard, ModelList, OpenAIError, parse_chat_request)
+                       ChunkChoice, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ModelCard,
+                       ModelList, OpenAIError, ToolCall, parse_chat_request)
 from ..sampling import SamplingParams
+from ..structured import check_constraint, warm_up
 from .completion import Aborted, CompletionRun, GenerationFailed, TokenText
+from .constraints import constraint_for, parses_tool_calls
 from .metrics import ServerMetrics
 from ..serving.llm_engine import QueueFullError
 
@@ -55,7 +58,7 @@ SHUTDOWN_GRACE_S = 5.0
 _ERROR_CODES = [(QueueFullError, "queue_full"), (ContextLengthError, "context_length_exceeded"),
                 (TooManyImagesError, "too_many_images"), (ImageTooLargeError, "image_too_large"),
                 (ImageFetchError, "image_fetch_failed"), (ImageError, "invalid_image"),
-                (MessageFormatError, "invalid_messages")]
+                (MessageFormatError, "invalid_messages"), (ConstraintError, "invalid_schema")]
 
 
 def _input_error(exc: PixtralInputError) -> OpenAIError:
@@ -68,6 +71,8 @@ def _input_error(exc: PixtralInputError) -> OpenAIError:
     # image errors start with the part they are about: "messages[0].content[1]: image ..."
     where = msg.split(":", 1)[0]
     param = where if where.startswith("messages[") and " " not in where else "messages"
+    if isinstance(exc, ConstraintError):    # a schema of response_format or of a tool: the error names it
+        param = exc.param
     kind = {502: "upstream_error", 503: "server_error"}.get(status, "invalid_request_error")
     return OpenAIError(status, msg, type=kind, param=None if status == 503 else param, code=code)
 
@@ -200,14 +205,16 @@ async def _unless_client_leaves(request: Request, coro):
     return work.result() if work in done else None
 
 
-def _sampling(chat, max_tokens: int) -> list[SamplingParams]:
+def _sampling(chat, max_tokens: int, constraint=None) -> list[SamplingParams]:
     """One SamplingParams per choice. Choice i uses seed + i; without a seed each choice draws its own, so
     sampled answers differ between requests as with OpenAI (greedy ones do not depend on it). Seeds are
-    taken mod 2^63 to fit the sampler's int64, which keeps their low 32 bits, the only ones it hashes."""
+    taken mod 2^63 to fit the sampler's int64, which keeps their low 32 bits, the only ones it hashes.
+    constraint: the grammar of every choice (response_format / tools: server/constraints.py)."""
     return [SamplingParams(temperature=1.0 if chat.temperature is None else chat.temperature,
                            top_p=1.0 if chat.top_p is None else chat.top_p,
                            top_k=max(0, chat.top_k or 0), max_tokens=max_tokens, stop=tuple(chat.stop),
-                           seed=(chat.seed + i) % 2**63 if chat.seed is not None else secrets.randbits(32))
+                           seed=(chat.seed + i) % 2**63 if chat.seed is not None else secrets.randbits(32),
+                           constraint=constraint)
             for i in range(chat.n or 1)]
 
 
@@ -226,6 +233,9 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
     app = FastAPI(title="pixtral_rt", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(_AnswerUnexpected)
     app.state.pixtral = state
+    # the grammar library's view of the tokenizer (~1 s for tekken) is built now, beside start-up, not on the
+    # first request with a response_format or tools
+    state.pool.submit(warm_up, engine.tokenizer)
 
     async def authorized(request: Request) -> None:
         if api_key is None:
@@ -286,16 +296,21 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
             raise OpenAIError(413, f"the request has {chat.image_count()} images; at most {max_images} are "
                                    "allowed per request", param="messages", code="too_many_images")
         asked = chat.max_new_tokens
+        loop = asyncio.get_running_loop()
+        constraint = constraint_for(chat)
+        if constraint is not None:   # a schema that cannot compile is a 400 naming it (compiled once, cached)
+            await loop.run_in_executor(state.pool, check_constraint, constraint, engine.tokenizer)
         # with no max_tokens the answer may fill the context: encode checks that one token fits
-        req = await asyncio.get_running_loop().run_in_executor(
-            state.pool, functools.partial(engine.encode, chat.chat_messages(), asked or 1, image_limits=image_limits))
+        req = await loop.run_in_executor(
+            state.pool, functools.partial(engine.encode, chat.chat_messages(), asked or 1, image_limits=image_limits,
+                                          tools=chat.tool_dicts()))
         max_tokens = asked or engine.max_context - req.prompt_tokens
         state.check_accepting()  # shutdown may have begun during a slow image download
         run = CompletionRun(engine, state.token_text, state.metrics, n=chat.n or 1, stop=tuple(chat.stop),
                             logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, arrived=arrived,
-                            on_close=state.active.discard)
+                            on_close=state.active.discard, tool_calls=parses_tool_calls(chat))
         state.active.add(run)
-        run.submit(req, _sampling(chat, max_tokens))
+        run.submit(req, _sampling(chat, max_tokens, constraint))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return _StreamingRun(run, _stream_events(run, chat, rid, created, state.name))
@@ -319,11 +334,23 @@ async def _whole_answer(run: CompletionRun, rid: str, created: int, model: str) 
         raise OpenAIError(503, str(exc), type="server_error", code="shutting_down") from exc
     except GenerationFailed as exc:
         raise OpenAIError(500, str(exc), type="server_error", code="generation_failed") from exc
-    choices = [Choice(index=i, message=AssistantMessage(content=c.text.text), finish_reason=c.finish_reason,
+    choices = [Choice(index=i, message=_message(c), finish_reason=c.finish_reason,
                       logprobs=ChoiceLogprobs(content=logprobs[i]) if run.logprobs is not None else None)
                for i, c in enumerate(run.choices)]
     return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices,
                                   usage=run.usage()).model_dump()
+
+
+def _message(c) -> AssistantMessage:
+    """A finished choice's message: its text, and its tool calls (content null when there is no text)."""
+    calls = [ToolCall(id=t.id, function=FunctionCall(name=t.name, arguments=t.arguments))
+             for t in (c.calls.calls if c.calls is not None else [])]
+    return AssistantMessage(content=c.content or (None if calls else c.content), tool_calls=calls or None)
+
+
+def _delta_calls(deltas) -> list[DeltaToolCall]:
+    return [DeltaToolCall(index=d.index, id=d.id, function=DeltaFunctionCall(name=d.name, arguments=d.arguments))
+            for d in deltas]
 
 
 async def _stream_events(run: CompletionRun, chat, rid: str, created: int, model: str):
@@ -355,6 +382,8 @@ async def _stream_events(run: CompletionRun, chat, rid: str, created: int, model
             elif d.text or d.logprobs:
                 lp = ChoiceLogprobs(content=d.logprobs) if d.logprobs is not None else None
                 yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp)])
+            if d.tool_calls:
+                yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(tool_calls=_delta_calls(d.tool_calls)))])
             if d.finish_reason is not None:
                 yield chunk([ChunkChoice(index=d.index, delta=DeltaMessage(), finish_reason=d.finish_reason)])
         if chat.include_usage:

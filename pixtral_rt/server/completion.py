@@ -1,5 +1,6 @@
-"""One chat completion in the engine: its n choices, their token events turned into text deltas, logprobs
-and usage. Used by pixtral_rt.serve for both streamed and whole answers.
+"""One chat completion in the engine: its n choices, their token events turned into text deltas (and, for a
+request with tools, tool-call deltas: pixtral_rt/structured/tool_calls.py), logprobs and usage. Used by
+pixtral_rt.serve for both streamed and whole answers.
 
 Threads: the engine calls each choice's on_output from its step-loop thread; the callback only hands the
 event to the asyncio loop (call_soon_threadsafe -> asyncio.Queue). Detokenising, stop strings (TextStream)
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from .protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 from ..serving.detokenize import TextStream
+from ..structured.tool_calls import ToolCallDelta, ToolCallStream
 
 _ABORT = object()  # queued by abort(): wakes the consumer even if the engine sends nothing more
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
@@ -69,25 +71,43 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class _Choice:
-    def __init__(self, tokenizer, stop):
-        self.text = TextStream(tokenizer, stop=stop)
+    def __init__(self, tokenizer, stop, tool_calls: bool = False):
+        # with tools offered, the answer goes through the tool-call parser (which keeps its text content in a
+        # TextStream of its own); otherwise it is text
+        self.calls = ToolCallStream(tokenizer, stop=stop) if tool_calls else None
+        self.text = None if tool_calls else TextStream(tokenizer, stop=stop)
         self.handle = None
         self.n_tokens = 0
         self.finish_reason: str | None = None
         self.last_token_at: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return (self.calls or self.text).stopped
+
+    @property
+    def content(self) -> str:
+        return (self.calls or self.text).text
+
+    def add(self, token_ids) -> tuple[str, list[ToolCallDelta]]:
+        return self.calls.add(token_ids) if self.calls is not None else (self.text.add(token_ids), [])
+
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        return self.calls.finish() if self.calls is not None else (self.text.finish(), [])
 
 
 class CompletionRun:
     """The n choices of one request. Create on the event loop; submit(); iterate deltas(); close() always."""
 
     def __init__(self, engine, token_text: TokenText, metrics, *, n: int, stop, logprobs: int | None,
-                 arrived: float, on_close=None):
+                 arrived: float, on_close=None, tool_calls: bool = False):
         self.engine, self.token_text, self.metrics = engine, token_text, metrics
         self.logprobs, self.arrived, self.on_close = logprobs, arrived, on_close
-        self.choices = [_Choice(engine.tokenizer, stop) for _ in range(n)]
+        self.choices = [_Choice(engine.tokenizer, stop, tool_calls) for _ in range(n)]
         self.prompt_tokens = self.cached_tokens = 0
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -143,9 +163,9 @@ class CompletionRun:
             self._observe_latency(c, len(ev.token_ids))
             c.n_tokens += len(ev.token_ids)
             self.cached_tokens = max(self.cached_tokens, ev.cached_tokens)
-            text = c.text.add(ev.token_ids)
+            text, calls = c.add(ev.token_ids)
             finish = None
-            if c.text.stopped:
+            if c.stopped:
                 c.handle.cancel()
                 finish = "stop"
             elif ev.finish_reason == "error":
@@ -153,12 +173,15 @@ class CompletionRun:
             elif ev.finish_reason == "abort":
                 raise Aborted("the request was cancelled by the server")
             elif ev.finish_reason is not None:
-                text += c.text.finish()
+                more, more_calls = c.finish()
+                text, calls = text + more, calls + more_calls
                 finish = ev.finish_reason
+                if finish == "stop" and c.calls is not None and c.calls.calls:
+                    finish = "tool_calls"           # the answer ended (EOS / grammar complete) with calls
             if finish is not None:
                 c.finish_reason = finish
                 open_choices -= 1
-            yield Delta(index, text, self._logprob_items(ev), finish)
+            yield Delta(index, text, self._logprob_items(ev), finish, calls or None)
 
     def _coalesce(self, index: int, ev):
         """Merge the events of this choice that are already queued behind `ev` into one (a client or an event

@@ -6,6 +6,9 @@ Requests are parsed with `parse_chat_request(obj)`: a bad value raises OpenAIErr
 ignored (NOT_HONOURED says which values of which fields are accepted because they change nothing), and so
 is a field no table knows (OpenAI refuses those too: "Unrecognized request argument"). Extensions: `top_k`
 (0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
+Structured output: `response_format` (json_object, json_schema) and function `tools` with `tool_choice` and
+`parallel_tool_calls`, checked here for shape (names, a tool_choice naming an offered function) and turned
+into a grammar by pixtral_rt/server/constraints.py; answers carry `tool_calls` (whole and as stream deltas).
 """
 from __future__ import annotations
 
@@ -50,13 +53,13 @@ UNSUPPORTED = ()    # no value accepted (null, "not set", aside)
 # message, "messages[].content[].x" of a content part, "stream_options.x" of stream_options. A field that is
 # neither a model field nor listed here is refused too (code unknown_parameter). The applications issue will
 # implement tools, response_format and the penalties; each then becomes a field of its model and leaves this
-# table (tests/test_openai_protocol.py checks that no key is both).
+# table (tests/test_openai_protocol.py checks that no key is both): tools, tool_choice, parallel_tool_calls and
+# response_format are fields now (structured output, issue 23).
 # A message's `name` is a ChatMessage field: accepted, and since Mistral's chat formats have no speaker names,
 # used only as a tool message's tool name.
 NOT_HONOURED: dict[str, tuple | str] = {
-    # tools and structured output: with no tools, tool_choice "auto" and parallel_tool_calls change nothing
-    "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
-    "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
+    # OpenAI's deprecated forms of tools / tool_choice
+    "functions": ([],), "function_call": ("none", "auto"),
     # sampling and output this server does not implement
     "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
     "service_tier": ("auto", "default"), "prediction": UNSUPPORTED, "audio": UNSUPPORTED,
@@ -114,11 +117,12 @@ class _Checked(BaseModel):
     def _refuse_not_honoured(cls, data):
         if not isinstance(data, dict):
             return data  # pydantic refuses it with the usual message
-        for name in [k for k in data if k not in cls.model_fields]:  # in the request's order
+        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        for name in [k for k in data if k not in known]:  # in the request's order
             refusal = _refusal(cls._PATH + name, name, data[name])
             if refusal is not None:
                 raise refusal
-        return {k: v for k, v in data.items() if k in cls.model_fields}
+        return {k: v for k, v in data.items() if k in known}
 
 
 class ImageURL(_Checked):
@@ -190,6 +194,56 @@ class StreamOptions(_Checked):
     include_usage: bool = False
 
 
+# a function name as Mistral's chat formats take it (mistral_common's validator), and as OpenAI documents it
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+
+
+class FunctionDefinition(_Checked):
+    _PATH = "tools[].function."
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None   # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None                 # accepted: every call is held to its parameters by a grammar
+
+
+class ChatTool(_Checked):
+    _PATH = "tools[]."
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Checked):
+    _PATH = "tool_choice.function."
+    name: str
+
+
+class NamedToolChoice(_Checked):
+    _PATH = "tool_choice."
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(_Checked):
+    _PATH = "response_format.json_schema."
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")   # "schema" would shadow pydantic's BaseModel.schema
+    strict: bool | None = None                        # accepted: the schema is always enforced
+
+
+class ResponseFormat(_Checked):
+    _PATH = "response_format."
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs 'json_schema': {'name': ..., 'schema': {...}}")
+        return self
+
+
 class ChatCompletionRequest(_Checked):
     model: str | None = None                  # when given, must be the served model's name
     messages: list[ChatMessage] = Field(min_length=1)
@@ -205,6 +259,10 @@ class ChatCompletionRequest(_Checked):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -234,11 +292,43 @@ class ChatCompletionRequest(_Checked):
     def chat_messages(self) -> list[dict]:
         return [m.to_chat() for m in self.messages]
 
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools as pixtral_rt.chat.encode_request takes them (None: no tools)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """What no single field can check: tool_choice against the tools, and response_format beside them."""
+    names = [t.function.name for t in req.tools or []]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise OpenAIError(400, f"tools[{i}].function.name: {n!r} is offered twice: function names must be "
+                                   "unique", param=f"tools[{i}].function.name", code="invalid_value")
+    choice = req.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            offered = ", ".join(names) if names else "no tools were given"
+            raise OpenAIError(400, f"tool_choice.function.name: {choice.function.name!r} is not one of the "
+                                   f"offered tools ({offered})", param="tool_choice.function.name",
+                              code="invalid_value")
+    elif choice == "required" and not names:
+        raise OpenAIError(400, "tool_choice: 'required' needs at least one tool in 'tools'", param="tool_choice",
+                          code="invalid_value")
+    fmt = req.response_format
+    if names and fmt is not None and fmt.type != "text" and (choice == "required" or isinstance(choice,
+                                                                                              NamedToolChoice)):
+        raise OpenAIError(400, f"response_format: {fmt.type} with tools is only possible with tool_choice 'auto' "
+                               "(the answer is the JSON or tool calls) or 'none'", param="response_format",
+                          code="invalid_value")
+
 
 def _param_name(loc: tuple) -> str | None:
-    """pydantic's ('messages', 0, 'content', 1) -> 'messages[0].content[1]'."""
+    """pydantic's ('messages', 0, 'content', 1) -> 'messages[0].content[1]'. Union member tags in the path
+    ("literal['none','auto','required']", "NamedToolChoice") are left out: fields here are lower case."""
     out = ""
     for p in loc:
+        if isinstance(p, str) and (p[:1].isupper() or "[" in p):
+            continue
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or None
 
@@ -249,9 +339,12 @@ def parse_chat_request(obj: Any) -> ChatCompletionRequest:
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                           code="invalid_request")
     try:
-        return ChatCompletionRequest.model_validate(obj)
+        req = ChatCompletionRequest.model_validate(obj)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # of the first bad field's errors, the deepest: for a union (tool_choice) that is the member the value
+        # was meant as ({"type": "function", ...}), not the first member tried (the strings)
+        err = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]), key=lambda e: len(e["loc"]))
         if err["type"] in ("unsupported_parameter", "unknown_parameter"):  # the param is the extra field itself
             param = _param_name((*err["loc"], err["ctx"]["name"]))
             raise OpenAIError(400, f"{param}: {err['msg']}", param=param, code=err["type"]) from exc
@@ -260,6 +353,8 @@ def parse_chat_request(obj: Any) -> ChatCompletionRequest:
         if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r:.80})"
         raise OpenAIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value") from exc
+    _check_tools(req)
+    return req
 
 
 # ------------------------------------------------------------------------------------------------ response
@@ -277,16 +372,37 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str                     # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer
+    def _no_empty_calls(self) -> dict:
+        # OpenAI leaves tool_calls out of a message without calls
+        out = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: str | None = None   # "stop" (EOS or a stop string) or "length" (max_tokens)
+    finish_reason: str | None = None   # "stop" (EOS, a stop string, a complete grammar), "length" (max_tokens),
+                                       # "tool_calls" (the answer is tool calls)
 
 
 class PromptTokensDetails(BaseModel):
@@ -309,14 +425,42 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    """A call's first delta carries id, type and function.name (arguments ""), the next ones arguments only."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
 
     @model_serializer
     def _set_fields_only(self) -> dict:
-        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...}, finally {}
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        out: dict = {"index": self.index}
+        if self.id is not None:
+            out["id"], out["type"] = self.id, "function"
+        out["function"] = ({"name": self.function.name, "arguments": self.function.arguments}
+                           if self.function.name is not None else {"arguments": self.function.arguments})
+        return out
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer
+    def _set_fields_only(self) -> dict:
+        # OpenAI's deltas carry only what changed: {"role": ...} first, then {"content": ...} or
+        # {"tool_calls": [...]}, finally {}
+        out = {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        return out
 
 
 class ChunkChoice(BaseModel):

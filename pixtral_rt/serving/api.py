@@ -37,7 +37,8 @@ class ServingEngine(Protocol):
     eos_id: int
     ready: bool
 
-    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest: ...
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS,
+               tools: list | None = None) -> EncodedRequest: ...
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> RequestHandle: ...

@@ -171,10 +171,12 @@ class EngineClient:
         return self
 
     # ------------------------------------------------------------------ the LLMEngine API
-    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest:
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS,
+               tools: list | None = None) -> EncodedRequest:
         return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
                               max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
-                              raw_pixels=self.raw_pixels, digest=image_digest)   # digests on this side's threads
+                              raw_pixels=self.raw_pixels, digest=image_digest,   # digests on this side's threads
+                              tools=tools)
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "") -> _Handle:

@@ -213,11 +213,13 @@ class LLMEngine:
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ requests (any thread)
-    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest:
-        """Plan, fetch / decode images, tokenise, check the context (raises PixtralInputError subclasses)."""
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS,
+               tools: list | None = None) -> EncodedRequest:
+        """Plan, fetch / decode images, tokenise, check the context (raises PixtralInputError subclasses).
+        tools: OpenAI function tools, tokenised into the prompt (chat.encode_request)."""
         return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
                               max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
-                              raw_pixels=self.raw_pixels, digest=image_digest)
+                              raw_pixels=self.raw_pixels, digest=image_digest, tools=tools)
 
     def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
                logprobs: int | None = None, request_id: str = "",

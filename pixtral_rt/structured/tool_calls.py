@@ -54,6 +54,17 @@ class ToolCallDelta:
     arguments: str = ""
 
 
+def _merged(deltas: list[ToolCallDelta]) -> list[ToolCallDelta]:
+    """Consecutive argument fragments of one call as one delta (a call's first delta stays on its own)."""
+    out: list[ToolCallDelta] = []
+    for d in deltas:
+        if out and d.id is None and out[-1].index == d.index and out[-1].id is None:
+            out[-1] = ToolCallDelta(index=d.index, arguments=out[-1].arguments + d.arguments)
+        else:
+            out.append(d)
+    return out
+
+
 @dataclass
 class _Open:
     """The call object being read: where it starts in the call text, its head once read, what went out."""
@@ -96,6 +107,10 @@ class ToolCallStream:
         return self._content.text + (self._buf if self.malformed else "")
 
     def add(self, token_ids) -> tuple[str, list[ToolCallDelta]]:
+        text, deltas = self._add(token_ids)
+        return text, _merged(deltas)
+
+    def _add(self, token_ids) -> tuple[str, list[ToolCallDelta]]:
         text, deltas = "", []
         for t in token_ids:
             t = int(t)
@@ -124,7 +139,7 @@ class ToolCallStream:
                 self._fail()
         if self.malformed:
             self.calls = []
-        return self._malformed_text(), deltas
+        return self._malformed_text(), _merged(deltas)
 
     # ------------------------------------------------------------------ scanning the call text
     def _malformed_text(self) -> str:
