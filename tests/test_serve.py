@@ -383,8 +383,7 @@ def test_malformed_image_urls_are_400_on_a_connection_that_stays_up(plain):
 
 
 @pytest.mark.parametrize("extra,param,code", [
-    ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
+    ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),   # tools: tests/test_structured_serve.py
     ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
     ({"logit_bias": {"17": 5}}, "logit_bias", "unsupported_parameter"),
     ({"repetition_penalty": 1.3}, "repetition_penalty", "unsupported_parameter"),
