@@ -13,7 +13,7 @@
 A grammar is compiled once per (tokenizer, Constraint) into a template LLMatcher; each sequence gets a
 deep copy of it, which shares the compiled grammar and lexer (measured: ~20 us, against 1-5 ms to compile a
 tool-call grammar on the development CPU: benchmarks/bench_structured.py). The llguidance tokenizer is
-built once per tokenizer (~0.7 s for tekken; warm_up() does it at load time, off the request path).
+built once per tokenizer (~0.6 s for tekken; warm_up() does it at start-up, off the request path).
 
 EOS (the tokenizer's eos id) is allowed whenever the grammar can end; llguidance adds it itself. Ids past
 the tokenizer's n_words (a model vocab larger than its tokenizer's) are never allowed.
