@@ -47,7 +47,7 @@ from pixtral_rt.kernels.gemv import gemv
 from pixtral_rt.kernels.pdl import pdl_supported
 from pixtral_rt.kernels.paged_decode_attention import default_num_splits, paged_decode_attention
 from pixtral_rt.kernels.paged_prefill_attention import paged_prefill_attention
-from pixtral_rt.kernels.prefill_attention import prefill_attention_cached, rope_store_kv, rope_table
+from pixtral_rt.kernels.prefill_attention import rope_store_kv, rope_table
 from pixtral_rt.kernels.rms_norm import rms_norm, rms_norm_pdl
 from pixtral_rt.kernels.silu_mul import silu_mul, silu_mul_pdl
 
@@ -354,31 +354,17 @@ class FastDecoder:
     @torch.inference_mode()
     def prefill_paged(self, h: torch.Tensor, positions: torch.Tensor, pages: torch.Tensor, offsets: torch.Tensor,
                       block_table: torch.Tensor, cu_q: torch.Tensor, start_pos: torch.Tensor, max_q_len: int,
-                      rows: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+                      rows: torch.Tensor) -> torch.Tensor:
         """Prompt chunks of S sequences packed in h (T, dim): sequence s owns rows cu_q[s]..cu_q[s+1]-1 at
         positions start_pos[s].., written through block_table[s]. positions / pages / offsets (T,) int32 per
         row (position, its page, row in the page). rows (R,) int64: rows whose logits are wanted
-        -> (R, vocab) fp32.
-        fresh (host flag): one sequence from position 0, so its keys are this chunk's own: K/V are rotated
-        into a contiguous scratch (1, Hkv, T, D), attended there by the contiguous kernel (no page-table
-        lookup per key tile: measured 362 vs 419 TFLOP/s at 4096 tokens, results/paged_attention.jsonl)
-        and then copied into their pages (one scatter per layer, ~2% of the attention's time at 8k)."""
+        -> (R, vocab) fp32."""
         args, T = self.args, h.shape[0]
-        if fresh:
-            ks = torch.empty(1, args.n_kv_heads, T, args.head_dim, device=h.device, dtype=self.dtype)
-            vs = torch.empty_like(ks)
-            zero = torch.zeros(T, dtype=torch.int32, device=h.device)
-            pg, off = pages.long(), offsets.long()
 
         def attend(i, qkv):
-            q = qkv[:, :args.n_heads * args.head_dim].view(T, args.n_heads, args.head_dim)
-            if fresh:
-                rope_store_kv(qkv, positions, zero, ks, vs, self.cos_sin, args.n_heads, args.n_kv_heads)
-                self.k_pages[i][pg, :, off] = ks[0].transpose(0, 1)       # (T, Hkv, D) into the pages
-                self.v_pages[i][pg, :, off] = vs[0].transpose(0, 1)
-                return prefill_attention_cached(q, ks, vs, 0, 0)
             rope_store_kv(qkv, positions, pages, self.k_pages[i], self.v_pages[i], self.cos_sin,
                           args.n_heads, args.n_kv_heads, cache_pos=offsets)
+            q = qkv[:, :args.n_heads * args.head_dim].view(T, args.n_heads, args.head_dim)
             return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
                                            max_q_len)
 

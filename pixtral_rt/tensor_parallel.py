@@ -166,14 +166,13 @@ class LeaderModel:
     def vision_prepare_steps(self, max_context: int) -> list:
         return self.local.vision_prepare_steps(max_context)     # the vision encoder runs on rank 0 only
 
-    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         T, S, R = h.shape[0], start_pos.shape[0], rows.shape[0]
-        _send_header("prefill", T, S, block_table.shape[1], R, int(max_q_len), h.shape[1], int(fresh))
+        _send_header("prefill", T, S, block_table.shape[1], R, int(max_q_len), h.shape[1])
         h = h.to(self.dtype).contiguous()
         for t in (h, positions, pages, offsets, block_table[:S].contiguous(), cu_q, start_pos, rows):
             _bcast(t)
-        return self.local.prefill(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows,
-                                  fresh=fresh)
+        return self.local.prefill(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows)
 
     def decode(self, tokens, positions, block_table, lens):
         B = tokens.shape[0]
@@ -221,7 +220,7 @@ def follow(model, rank: int) -> None:
 
     with torch.inference_mode():
         while True:
-            op, a, b, c, d, e, f, g = _recv_header()
+            op, a, b, c, d, e, f, _ = _recv_header()
             if op == OPS["stop"]:
                 return
             if op == OPS["alloc"]:
@@ -234,7 +233,7 @@ def follow(model, rank: int) -> None:
                 table = _bcast(torch.empty(S, cols, **i32))
                 cu_q, start_pos = _bcast(torch.empty(S + 1, **i32)), _bcast(torch.empty(S, **i32))
                 rows = _bcast(torch.empty(R, dtype=torch.long, device=dev))
-                model.prefill(h, positions, pages, offsets, table, cu_q, start_pos, max_q_len, rows, fresh=bool(g))
+                model.prefill(h, positions, pages, offsets, table, cu_q, start_pos, max_q_len, rows)
             elif op == OPS["decode"]:
                 n_decode += 1
                 _fault(rank, "decode", n_decode)

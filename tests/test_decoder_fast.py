@@ -38,8 +38,7 @@ def randomize(model, seed):
 def run_fast(dec, seqs, splits, n_decode, graph=False, page_size=None):
     """Drive the decoder as the serving engine does, over its paged KV cache. seqs: token lists (prompt +
     n_decode tokens), one per decode row; splits: prefill chunk boundaries per sequence (one prefill_paged
-    call per chunk; the first one, from position 0, takes the contiguous 'fresh' path, the others the paged
-    kernel over what earlier chunks wrote, so both must agree with the reference); then n_decode teacher-forced decode_step_paged steps over all rows (graph: replayed from
+    call per chunk); then n_decode teacher-forced decode_step_paged steps over all rows (graph: replayed from
     one CUDA graph captured before the first step, with the inputs copied in). Pages: each sequence its own,
     in reverse order (non-contiguous ids); page 0 is the trash page.
     Returns per sequence the logits (1 + n_decode, vocab): last prefill position, then each decode step."""
@@ -60,7 +59,7 @@ def run_fast(dec, seqs, splits, n_decode, graph=False, page_size=None):
             pages = table[b][(pos // P).long()]
             last = dec.prefill_paged(dec.embed(t), pos, pages, pos % P, table[b:b + 1],
                                      torch.tensor([0, c - a], **i32), torch.tensor([a], **i32), c - a,
-                                     torch.tensor([c - a - 1], device=dev), fresh=a == 0)[0]
+                                     torch.tensor([c - a - 1], device=dev))[0]
         out[b].append(last.float())
     tok = torch.zeros(S, dtype=torch.long, device=dev)
     pos = torch.zeros(S, **i32)

@@ -422,8 +422,7 @@ class ModelRunner:
             h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
         logits = self.model.prefill(h, pos_d.int(), pages_d.int(), offs_d.int(),
                                     self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
-                                    max(c.end - c.start for c in chunks), rows_d,
-                                    fresh=len(chunks) == 1 and chunks[0].start == 0)
+                                    max(c.end - c.start for c in chunks), rows_d)
         if not done:
             p1 = _mark(self.device)
             stages += [(c.seq, "prefill", p0, p1) for c in chunks]

@@ -49,7 +49,7 @@ class ReferencePagedModel:
     def image_features(self, req) -> torch.Tensor:
         return self.model.image_features([im.to(self.device, self.dtype) for im in req.images])
 
-    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         cu, sp = cu_q.tolist(), start_pos.tolist()
         segs = [(cu[s], cu[s + 1], sp[s] + cu[s + 1] - cu[s], block_table[s]) for s in range(len(sp))]
         return self._forward(h, positions, pages, offsets, segs, rows)
@@ -117,10 +117,9 @@ class FastPagedModel:
         return image_features(self.vision, req, self.args.vision.patch_size, self.device, self.max_images,
                               self.use_graphs)
 
-    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows, fresh=False):
-        """fresh (host flag): one sequence from position 0 (decoder.prefill_paged)."""
+    def prefill(self, h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len, rows):
         return self.decoder.prefill_paged(h, positions, pages, offsets, block_table, cu_q, start_pos, max_q_len,
-                                          rows, fresh=fresh)
+                                          rows)
 
     def decode(self, tokens, positions, block_table, lens):
         return self.decoder.decode_step_paged(tokens, positions, block_table, lens)
