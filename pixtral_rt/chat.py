@@ -368,7 +368,7 @@ def _check_image_roles(msgs: list[dict], tokenizer) -> None:
         if m["role"] in ("assistant", "tool") and any(k == "image" for k, _ in m["_parts"]):
             j = next(j for j, (k, _) in enumerate(m["_parts"]) if k == "image")
             raise MessageFormatError(
-                f"messages[{i}].content[{j}]: an image in a {m['role']} message needs a v7 chat format "
+                f"messages[{i}].content[{j}]: an image in this {m['role']} message needs a v7 chat format "
                 f"(Pixtral-Large, Mistral-Small-3.1); this model's tokenizer is v{version} (Pixtral-12B), whose "
                 "format carries images in user messages only: send the image in a user message")
 

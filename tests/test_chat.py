@@ -238,7 +238,7 @@ def test_exact_fit_is_accepted(tok12):
     ([{"role": "user", "content": [{"type": "text"}]}], r"text part needs a string"),
     ([{"role": "user"}], r"has no content"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [_img((1, 1))]}],
-     r"messages\[1\].content\[0\]: images are only accepted in user messages"),
+     r"messages\[1\].content\[0\]: an image in this assistant message needs a v7 chat format"),
     ([{"role": "assistant", "content": "first"}], "rejected by the chat format"),
 ])
 def test_bad_messages(tok12, messages, pattern):

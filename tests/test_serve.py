@@ -535,7 +535,7 @@ def test_fast_text_chunk_is_the_protocol_chunk(include_usage):
 
         async def deltas(self):
             for t in texts:
-                yield SimpleNamespace(index=0, text=t, logprobs=None, finish_reason=None)
+                yield SimpleNamespace(index=0, text=t, logprobs=None, finish_reason=None, tool_calls=None)
 
         def usage(self):
             return None

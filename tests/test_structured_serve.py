@@ -301,3 +301,28 @@ def test_an_image_in_a_tool_result_is_refused_by_a_v3_model(server):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "messages[2].content[0]" and "v3" in err["message"] and "user message" in err["message"]
+
+
+def test_constraints_cross_into_the_engine_process():
+    """The server's default engine runs in a process of its own (EngineClient): the Constraint travels pickled
+    inside SamplingParams and is compiled again there; the answers are as valid as in-process."""
+    from pixtral_rt.serving.engine_client import EngineClient
+    eng = EngineClient.start(None, device="cpu", max_batch=4, max_context=2048, progress=False)
+    try:
+        with live(build_app(eng, "tiny")) as url, httpx.Client(base_url=url, timeout=300) as client:
+            body = _tool_request(3)
+            r = client.post("/v1/chat/completions", json=body)
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls", choice
+            _check_calls([(c["id"], c["function"]["name"], c["function"]["arguments"])
+                          for c in choice["message"]["tool_calls"]], body["tools"], body["parallel_tool_calls"])
+            assert [c[1:] for c in _streamed_calls(_events(client, body))[0]] == \
+                [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]]
+            s = schema(random.Random(1001))
+            r = client.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "JSON"}], "max_tokens": MAX_TOKENS,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": s}}})
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+            jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), s)
+    finally:
+        eng.shutdown()
