@@ -85,10 +85,11 @@ def _same(value, accepted) -> bool:
     return value == accepted
 
 
-def _refusal(path: str, name: str, value) -> PydanticCustomError | None:
-    """Why the extra field `name` (table key `path`) with `value` is refused, or None when it is accepted.
-    The message is the whole template: accepted values in it hold braces that pydantic must not format."""
-    accepted = NOT_HONOURED.get(path)
+def _refusal(path: str, name: str, value, table: dict | None = None) -> PydanticCustomError | None:
+    """Why the extra field `name` (table key `path` of `table`, default NOT_HONOURED) with `value` is refused,
+    or None when it is accepted. The message is the whole template: accepted values in it hold braces that
+    pydantic must not format."""
+    accepted = (NOT_HONOURED if table is None else table).get(path)
     if accepted is None:
         return PydanticCustomError("unknown_parameter", "{message}", {
             "name": name, "message": "unrecognized request argument (this server does not know it): leave it out"})
@@ -108,6 +109,7 @@ class _Checked(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a backstop: every extra field was decided on before
     _PATH: ClassVar[str] = ""
+    _NOT_HONOURED: ClassVar[dict | None] = None   # the table its extra fields are looked up in (None: NOT_HONOURED)
 
     @model_validator(mode="before")
     @classmethod
@@ -115,7 +117,7 @@ class _Checked(BaseModel):
         if not isinstance(data, dict):
             return data  # pydantic refuses it with the usual message
         for name in [k for k in data if k not in cls.model_fields]:  # in the request's order
-            refusal = _refusal(cls._PATH + name, name, data[name])
+            refusal = _refusal(cls._PATH + name, name, data[name], cls._NOT_HONOURED)
             if refusal is not None:
                 raise refusal
         return {k: v for k, v in data.items() if k in cls.model_fields}
@@ -245,11 +247,17 @@ def _param_name(loc: tuple) -> str | None:
 
 def parse_chat_request(obj: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; OpenAIError(400) naming the first bad parameter otherwise."""
+    return parse_request(obj, ChatCompletionRequest)
+
+
+def parse_request(obj: Any, model: type[BaseModel]):
+    """Validate a decoded JSON body as `model` (a _Checked request); OpenAIError(400) naming the first bad
+    parameter otherwise."""
     if not isinstance(obj, dict):
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                           code="invalid_request")
     try:
-        return ChatCompletionRequest.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] in ("unsupported_parameter", "unknown_parameter"):  # the param is the extra field itself
