@@ -1,7 +1,9 @@
 """Token sampling on the device with no host synchronisation, capturable in a CUDA graph.
 
 All per-sequence settings live in device tensors (SamplingState), so one captured graph serves every
-request: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), and a seed.
+request: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), a seed, and for structured output a
+token bitmask per slot (kernels/token_bitmask.py), filled by the host before each step of a constrained
+sequence and applied to its logits first; rows whose `masked` flag is 0 are untouched.
 
 Sampling uses the exponential-race form of the Gumbel trick:
     token = argmax_i  p_i / E_i,   E_i = -log(u_i) ~ Exp(1)
@@ -9,7 +11,7 @@ which draws token i with probability p_i. The uniforms u come from a counter-bas
 (seed, step, vocab index) computed on the device: reproducible for a seed, independent of the batch
 and of graph capture, and with no generator state to register with the graph.
 
-Shapes: logits (B, V) fp32; every state tensor (B,).
+Shapes: logits (B, V) fp32; every state tensor (B,) but bitmask (B, ceil(V / 32)) int32.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class SamplingParams:
     seed: int = 0
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
+    constraint: object = None        # structured output / tool calls (pixtral_rt/structured): None = free
 
     def __post_init__(self):
         if not (self.temperature >= 0.0):
@@ -69,25 +72,38 @@ class SamplingParams:
 class SamplingState:
     """Per-slot sampling settings as device tensors, written in place (graph-safe)."""
 
-    def __init__(self, batch: int, device):
+    def __init__(self, batch: int, device, vocab: int = 0):
         self.temperature = torch.zeros(batch, device=device, dtype=torch.float32)
         self.top_p = torch.ones(batch, device=device, dtype=torch.float32)
         self.top_k = torch.zeros(batch, device=device, dtype=torch.int64)
         self.seed = torch.zeros(batch, device=device, dtype=torch.int64)
         self.step = torch.zeros(batch, device=device, dtype=torch.int64)
+        self.bitmask = torch.zeros(batch, (vocab + 31) // 32, device=device, dtype=torch.int32)
+        self.masked = torch.zeros(batch, device=device, dtype=torch.int32)   # 1: apply the row's bitmask
 
     def set(self, slot: int, p: SamplingParams) -> None:
         self.temperature[slot] = p.temperature
         self.top_p[slot] = p.top_p
         self.top_k[slot] = p.top_k
         self.seed[slot] = p.seed
-        self.step[slot] = 0
+        self.step[slot] = 0           # masked: rewritten whole before each step (ModelRunner.set_token_masks)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:
+    """In place on logits (B, V) fp32: -inf for the tokens a masked row's bitmask disallows."""
+    if st.bitmask.shape[-1] == 0:                # a state built without a vocab: nothing can be masked
+        return logits
+    if logits.is_cuda:
+        from .kernels.token_bitmask import apply_token_bitmask_ as kernel
+    else:
+        from .kernels.token_bitmask import apply_token_bitmask_torch_ as kernel
+    return kernel(logits, st.bitmask, st.masked)
 
 
 def sample(logits: torch.Tensor, st: SamplingState, greedy_only: bool = False) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,) int64; advances st.step. No host sync.
     greedy_only: skip the sort entirely (a separate, cheaper graph for greedy requests)."""
-    logits = logits.float()
+    logits = apply_token_bitmask_(logits.float(), st)
     greedy_tok = logits.argmax(-1)
     if greedy_only:
         st.step += 1

@@ -231,6 +231,8 @@ class LLMEngine:
                                                                                         req.images]
         seq = Sequence(req, params, on_output, logprobs, digests=digests,
                        request_id=request_id, t_submit=time.perf_counter(), first_token_ack=first_token_ack)
+        if params.constraint is not None:        # structured output / tool calls: compiled here, off the loop
+            seq.matcher = self._matcher(params.constraint)
         seq.plan_prefix(self.pool.page_size, self.args.vision.spatial_merge_size)
         with self._cv:
             if self._stop:
@@ -238,6 +240,11 @@ class LLMEngine:
             self.scheduler.add(seq)
             self._cv.notify()
         return RequestHandle(self, seq)
+
+    def _matcher(self, constraint):
+        """A fresh grammar matcher of a request's constraint (compiled grammars are cached there)."""
+        from ..structured import make_matcher     # the grammar library lives in pixtral_rt/structured
+        return make_matcher(constraint, self.tokenizer, self.args.text.vocab_size)
 
     def _cancel(self, seq: Sequence) -> None:
         with self._cv:
@@ -363,6 +370,14 @@ class LLMEngine:
                     return
                 plan = self.scheduler.schedule()
             self._finish_released(plan.released)
+            # constrained sequences that sample in this step need their grammar advanced by the previous
+            # step's tokens first: deliver it now (the GPU waits for this step's launch meanwhile; free
+            # batches keep the one-step overlap)
+            cons = [s for s in plan.decode + [c.seq for c in plan.prefill if c.last] if s.matcher is not None]
+            if cons and prev is not None:
+                self._deliver(prev)
+                prev = None
+            self._set_masks([s for s in cons if s.finish_reason is None and not s.cancelled])
             try:
                 out = self.runner.run(plan)
                 for c in plan.prefill:
@@ -378,6 +393,15 @@ class LLMEngine:
             if prev is not None and not self._overlap:
                 self._deliver(prev)      # CPU: the step has finished already; waiting a step would only add latency
                 prev = None
+
+    def _set_masks(self, seqs: list[Sequence]) -> None:
+        """Token masks of the constrained sequences the next step samples (each matcher is current: every
+        token before this step was delivered to it); every other slot samples freely."""
+        if seqs:
+            rows = self.runner.mask_buffer(len(seqs))        # (n, ceil(V / 32)) int32, host
+            for i, s in enumerate(seqs):
+                s.matcher.fill_bitmask(rows[i])
+        self.runner.set_token_masks([s.slot for s in seqs])
 
     def _finish_released(self, released: list[Sequence]) -> None:
         for s in released:
@@ -427,11 +451,13 @@ class LLMEngine:
                 seq.output.append(tok)
                 c.generation_tokens += 1
                 ev.token_ids = [tok]
+                if seq.matcher is not None:
+                    ev.error = self._advance_grammar(seq, tok)
                 if seq.logprobs is not None and lps is not None:
                     ev.logprobs = [lps[slot]]
                     k = seq.logprobs
                     ev.top_logprobs = [list(zip(out.top_ids[slot, :k].tolist(), out.top_logprobs[slot, :k].tolist()))]
-                if len(seq.output) >= seq.max_tokens:
+                if len(seq.output) >= seq.max_tokens and seq.finish_reason is None:   # grammar "stop" wins
                     seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 seq.status = Status.FINISHED
@@ -440,6 +466,20 @@ class LLMEngine:
             self._emit(seq, ev)
         for a in acks:       # Event.wait releases the GIL; the consumer sets it once the token is in hand
             a.wait(0.002)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence, tok: int) -> str | None:
+        """Feed a delivered token to the sequence's grammar; a complete grammar ends it with "stop".
+        Returns the error of a token the grammar refuses (the mask makes that a bug: the request fails)."""
+        try:
+            seq.matcher.accept(tok)
+        except ValueError as exc:
+            log.error("%s: sampled token %d outside its grammar: %s", seq.request_id, tok, exc)
+            seq.finish_reason = "error"
+            return f"internal error: token {tok} was sampled outside the request's grammar ({exc})"
+        if seq.matcher.is_stopped():
+            seq.finish_reason = "stop"
+        return None
 
     @staticmethod
     def _emit(seq: Sequence, ev: TokenEvent) -> None:

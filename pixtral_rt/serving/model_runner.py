@@ -47,7 +47,7 @@ def _rows(st: SamplingState, idx: torch.Tensor | slice) -> SamplingState:
     """A SamplingState over some slots: a view for a slice (in-place updates land in `st`), a copy for an
     index tensor."""
     out = SamplingState.__new__(SamplingState)
-    for name in ("temperature", "top_p", "top_k", "seed", "step"):
+    for name in ("temperature", "top_p", "top_k", "seed", "step", "bitmask", "masked"):
         setattr(out, name, getattr(st, name)[idx])
     return out
 
@@ -130,7 +130,7 @@ class ModelRunner:
         self.active = torch.zeros(S, dtype=torch.int32, device=dev)
         self.block_table = torch.zeros(S, self.max_pages, dtype=torch.int32, device=dev)
         self._table_len = np.zeros(S, dtype=np.int64)      # host: entries of each row written so far
-        self.sampling = SamplingState(S, dev)
+        self.sampling = SamplingState(S, dev, args.text.vocab_size)
         self.out_tokens = torch.zeros(S, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(S, dtype=torch.float32, device=dev)
         self.out_top_ids = torch.zeros(S, MAX_TOP_LOGPROBS, dtype=torch.long, device=dev)
@@ -139,6 +139,13 @@ class ModelRunner:
         self._ring = [tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin) for t in
                             (self.out_tokens, self.out_lp, self.out_top_ids, self.out_top_lp)) for _ in range(3)]
         self._ring_i = 0
+        W = self.sampling.bitmask.shape[1]
+        # structured output: host-filled token masks, uploaded before the step that samples with them.
+        # Pinned, three deep: a buffer is rewritten two steps later, after the engine waited for its step
+        self._mask_ring = [(torch.zeros(S, W, dtype=torch.int32, pin_memory=pin),
+                            torch.zeros(S, dtype=torch.int32, pin_memory=pin)) for _ in range(3)]
+        self._mask_i = 0
+        self._any_masked = False
         self.features = _FeatureCache(feature_cache_bytes)
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -244,6 +251,28 @@ class ModelRunner:
         if idx:
             idx_d, val_d = self._upload([np.concatenate(idx), np.concatenate(val)])
             self.block_table.view(-1).index_copy_(0, idx_d, val_d.to(torch.int32))
+
+    def mask_buffer(self, n: int) -> np.ndarray:
+        """(n, W) int32 host rows (pinned on CUDA) for the masks of the next step's n constrained
+        sequences: fill them (pixtral_rt/structured fill_bitmasks), then set_token_masks(slots)."""
+        return self._mask_ring[self._mask_i][0][:n].numpy()
+
+    def set_token_masks(self, slots: list[int]) -> None:
+        """The next step samples slots[i] with row i of mask_buffer(len(slots)); every other slot is free.
+        One non-blocking upload; nothing when no slot was masked before or now."""
+        if not slots and not self._any_masked:
+            return
+        rows, flags = self._mask_ring[self._mask_i]
+        self._mask_i = (self._mask_i + 1) % len(self._mask_ring)
+        flags.zero_()
+        n = len(slots)
+        nb = self.device.type == "cuda"
+        if n:
+            flags[slots] = 1
+            idx = torch.as_tensor(slots, dtype=torch.long).to(self.device, non_blocking=nb)
+            self.sampling.bitmask.index_copy_(0, idx, rows[:n].to(self.device, non_blocking=nb))
+        self.sampling.masked.copy_(flags, non_blocking=nb)
+        self._any_masked = n > 0
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()

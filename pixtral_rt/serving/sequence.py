@@ -94,6 +94,7 @@ class Sequence:
     vision_ms: float = 0.0                      # measured stages of its prompt (TokenEvent.timings)
     prefill_ms: float = 0.0
     first_token_ack: object = None              # threading.Event the consumer sets (LLMEngine.submit)
+    matcher: object = None                      # grammar matcher (pixtral_rt/structured) of a constrained request
 
     def __post_init__(self):
         if not self.request_id:

@@ -1,0 +1,169 @@
+"""FP8 linear kernels on the decoder's shapes (GPU), each beside its bf16 baseline measured in the same run.
+
+  decode M = 1          kernels/fp8_gemv.py GEMV, tile sweep        vs bf16 Triton GEMV (kernels/gemv.py, the
+                                                                       decoder's tuned tiles) and cuBLAS bf16
+  decode M = 2..64      kernels/fp8_gemv.py skinny GEMM, tile sweep vs cuBLAS bf16 (F.linear)
+                        floor: FP8 weight bytes / measured copy bandwidth
+  prefill M = 512, 4193 kernels/fp8_gemm.py: torch._scaled_mm and the Triton GEMM (per-token activation
+                        quantisation included, and alone)            vs cuBLAS bf16; TFLOP/s = 2 M N K / t
+  quant                 kernels/fp8_quant.py GB/s (read 2 B + write 1 B per element) vs copy bandwidth
+
+Weights rotate through copies larger than L2 (a decode step never finds W in cache). Prints the best
+tiles per shape as Python dicts for pixtral_rt/decoder.py (FP8_GEMV_CONFIGS / FP8_SKINNY_CONFIGS).
+
+    python -m benchmarks.bench_fp8_linear [--model 12b|large|both] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import bench_ms, copy_bandwidth_TBps, record
+from pixtral_rt.config import PIXTRAL_12B, PIXTRAL_LARGE
+from pixtral_rt.fp8 import quantize_weight
+from pixtral_rt.kernels.fp8_gemm import fp8_gemm
+from pixtral_rt.kernels.fp8_gemv import fp8_gemv
+from pixtral_rt.kernels.fp8_quant import fp8_quant
+from pixtral_rt.kernels.gemv import gemv
+
+BENCH = "fp8_linear"
+
+
+def shapes(args) -> dict[str, tuple[int, int]]:
+    t = args.text
+    return {"wqkv": ((t.n_heads + 2 * t.n_kv_heads) * t.head_dim, t.dim), "wo": (t.dim, t.n_heads * t.head_dim),
+            "w13": (2 * t.hidden_dim, t.dim), "w2": (t.dim, t.hidden_dim)}
+
+
+class Rotating:
+    """Copies of one weight shape totalling >= 256 MB; each call takes the next (never L2-resident)."""
+
+    def __init__(self, N, K):
+        n = max(2, -(-(256 << 20) // (N * K)))
+        w = torch.randn(N, K, device="cuda") * 0.02
+        w8, s = quantize_weight(w)
+        self.fp8 = [(w8.clone(), s.reshape(-1).contiguous()) for _ in range(n)]
+        self.bf16 = [w.to(torch.bfloat16) for _ in range(max(2, n // 2))]
+        self.i = 0
+
+    def next_fp8(self):
+        self.i += 1
+        return self.fp8[self.i % len(self.fp8)]
+
+    def next_bf16(self):
+        self.i += 1
+        return self.bf16[self.i % len(self.bf16)]
+
+
+def graph_ms(fn, n: int = 16) -> float:
+    """Milliseconds per call of fn() (which rotates its weights), timed as replays of a CUDA graph of n calls:
+    a decode step is replayed from a graph, so Python launch overhead must not count."""
+    fn()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return bench_ms(g.replay, warmup_ms=20, rep_ms=100) / n
+
+
+def best_of(fn_of_cfg, cfgs):
+    best = None
+    for cfg in cfgs:
+        try:
+            ms = graph_ms(lambda: fn_of_cfg(cfg))
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit shared memory / registers
+            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+            continue
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["12b", "large", "both"], default="12b")
+    ap.add_argument("--quick", action="store_true", help="smaller tile sweeps")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    bw = copy_bandwidth_TBps() * 1e12
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    models = {"12b": [PIXTRAL_12B], "large": [PIXTRAL_LARGE], "both": [PIXTRAL_12B, PIXTRAL_LARGE]}[a.model]
+    from pixtral_rt.decoder import GEMV_CONFIGS
+    gemv_cfgs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in
+                 itertools.product((8, 16) if a.quick else (4, 8, 16), (512, 1024, 2048), (4, 8), (3, 4))]
+    best_gemv, best_skinny = {}, {}
+    for args in models:
+        for name, (N, K) in shapes(args).items():
+            rot = Rotating(N, K)
+            case = f"{args.name} {name} ({N}x{K})"
+            fp8_bytes = N * K + 4 * N
+            # ---- M = 1
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            ms, cfg = best_of(lambda c: fp8_gemv(x, *rot.next_fp8(), **c), gemv_cfgs)
+            ms_bf = graph_ms(lambda: gemv(x, rot.next_bf16(), **GEMV_CONFIGS.get((N, K), {})))
+            ms_cb = graph_ms(lambda: F.linear(x, rot.next_bf16()))
+            best_gemv[(N, K)] = cfg
+            record(BENCH, f"{case} M=1", "weight_read_TBps", fp8_bytes / ms / 1e9, "TB/s",
+                   "bf16 Triton GEMV (tuned), its weight-read rate", 2 * N * K / ms_bf / 1e9, bw / 1e12,
+                   time_us=ms * 1e3, bf16_gemv_us=ms_bf * 1e3, bf16_cublas_us=ms_cb * 1e3,
+                   speedup_vs_bf16_gemv=ms_bf / ms, config=cfg, timing="cuda graph")
+            record(BENCH, f"{case} M=1", "time", ms * 1e3, "us", "bf16 Triton GEMV (tuned)", ms_bf * 1e3,
+                   fp8_bytes / bw * 1e6, config=cfg, timing="cuda graph")
+            # ---- M = 2..64
+            for M in (2, 16, 32, 64):
+                bm = min(64, max(16, 1 << (M - 1).bit_length()))
+                cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in
+                        itertools.product((32, 64, 128), (128, 256), (4,) if a.quick else (4, 8), (3, 4, 5))]
+                xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ms, cfg = best_of(lambda c: fp8_gemv(xm, *rot.next_fp8(), **c), cfgs)
+                ms_cb = graph_ms(lambda: F.linear(xm, rot.next_bf16()))
+                if M in (16, 32, 64):           # the decoder keys skinny tiles by block_m
+                    best_skinny.setdefault((N, K), {})[M] = cfg
+                record(BENCH, f"{case} M={M}", "time", ms * 1e3, "us", "cuBLAS bf16 F.linear", ms_cb * 1e3,
+                       fp8_bytes / bw * 1e6, weight_read_TBps=fp8_bytes / ms / 1e9, config=cfg, timing="cuda graph")
+            # ---- prefill
+            for M in (512, 4193):
+                xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                wb = rot.next_bf16()
+                w8, s = rot.next_fp8()
+                flops = 2 * M * N * K
+                ms_bf = bench_ms(lambda: F.linear(xm, wb))
+                x8, sx = fp8_quant(xm)
+                ms_q = graph_ms(lambda: fp8_quant(xm), n=4)
+                res = {}
+                for be in ("scaled_mm", "triton"):
+                    res[be] = bench_ms(lambda: fp8_gemm(x8, sx, w8, s, backend=be))
+                    record(BENCH, f"{case} M={M} {be}", "gemm_TFLOPs", flops / res[be] / 1e9, "TFLOP/s",
+                           "cuBLAS bf16 F.linear", flops / ms_bf / 1e9, None, gemm_us=res[be] * 1e3,
+                           quant_us=ms_q * 1e3, with_quant_TFLOPs=flops / (res[be] + ms_q) / 1e9)
+                record(BENCH, f"{case} M={M} quant", "bandwidth_TBps", 3 * M * K / ms_q / 1e9, "TB/s", None, None,
+                       bw / 1e12, time_us=ms_q * 1e3)
+            del rot
+            torch.cuda.empty_cache()
+    print("\nFP8_GEMV_CONFIGS = {")
+    for k, v in best_gemv.items():
+        print(f"    {k}: dict({', '.join(f'{a}={b}' for a, b in v.items())}),")
+    print("}\nFP8_SKINNY_CONFIGS = {")
+    for k, per in best_skinny.items():
+        print(f"    {k}: {{" + ", ".join(f"{bm}: dict({', '.join(f'{a}={b}' for a, b in c.items() if a != 'block_m')})"
+                                      for bm, c in per.items()) + "},")
+    print("}")
+    import os
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "fp8_tiles.json"), "w") as f:
+            json.dump({"gemv": {str(k): v for k, v in best_gemv.items()},
+                       "skinny": {str(k): v for k, v in best_skinny.items()}}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

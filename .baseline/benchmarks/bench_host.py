@@ -1,0 +1,55 @@
+"""Host work of one request before the GPU starts (issue 12), on this machine's CPU, median wall clock:
+  tokenise      chat.encode_request's tokenisation of a 1024x1024-image prompt (4193 tokens), as it runs now;
+                baseline: the same plus the work it skips, mistral_common decoding every token back to text
+                (InstructTokenizer.decode with special tokens kept, what encode_instruct did for its text field)
+  digest        serving.sequence.image_digest (SHA-256 over the pixels, no copy) of a decoded 1024^2 image;
+                baseline: the earlier digest, BLAKE2b-128 over header + a.tobytes()
+
+    python -m benchmarks.bench_host
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from benchmarks.common import median_wall_ms, photo_like_jpeg, record
+
+
+def _old_digest(a: np.ndarray) -> bytes:
+    a = np.ascontiguousarray(a)
+    return hashlib.blake2b(repr((a.shape, a.dtype.str)).encode() + a.tobytes(), digest_size=16).digest()
+
+
+def main() -> None:
+    from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+    from pixtral_rt.chat import _parse_messages, _tokenize, encode_request, load_tokenizer
+    from pixtral_rt.config import PIXTRAL_12B
+    from pixtral_rt.images import open_image
+    from pixtral_rt.preprocess import plan_image
+    from pixtral_rt.serving.sequence import image_digest
+    tok = load_tokenizer(None, PIXTRAL_12B)
+    jpg = photo_like_jpeg(1024, 1024, np.random.default_rng(0))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": jpg},
+                                         {"type": "text", "text": " ".join(["describe the picture"] * 8)}]}]
+    parsed, images = _parse_messages(msgs)
+    for im in images:
+        im.opened = open_image(im.source)
+        im.plan = plan_image(im.opened.width, im.opened.height, PIXTRAL_12B.vision)
+    tokens = encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True).tokens
+    now = median_wall_ms(lambda: _tokenize(tok, parsed, images), reps=21)
+    skipped = median_wall_ms(lambda: tok.instruct_tokenizer.decode(tokens, special_token_policy=SpecialTokenPolicy.KEEP),
+                             reps=21)
+    record("host", "tokenise_1img_1024", "tokenise_ms", now, "ms", "tokenise_plus_text_decode", now + skipped, None,
+           prompt_tokens=len(tokens), skipped_text_decode_ms=round(skipped, 3))
+    px = encode_request(msgs, tok, PIXTRAL_12B, raw_pixels=True).images[0]
+    assert image_digest(px) != _old_digest(px)
+    new = median_wall_ms(lambda: image_digest(px), reps=21)
+    old = median_wall_ms(lambda: _old_digest(px), reps=21)
+    record("host", "digest_1024sq_uint8", "image_digest_ms", new, "ms", "blake2b_over_copy", old, None,
+           bytes=int(px.nbytes))
+
+
+if __name__ == "__main__":
+    main()

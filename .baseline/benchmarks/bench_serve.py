@@ -1,0 +1,248 @@
+"""Serving benchmark: a seeded mixed workload through the HTTP server (`python -m pixtral_rt.serve`) with the
+official `openai` async client at several concurrency levels, against the same requests sent one at a time
+to the batch-1 engine (pixtral_rt.engine.Engine, the pre-serving runtime) in the same run.
+
+Workload (fixed seed): 2/3 text-only prompts of 100-1000 words, 1/3 with one image (512x512 or 1024x1024
+random pixels, data: URL); output lengths 32-256 tokens; greedy; ignore EOS is not available over the API,
+random weights rarely emit it (the token counts used are the ones reported in `usage`).
+Per level: output tok/s, requests/s, TTFT and inter-token latency p50 / p99 (client side, per streamed
+chunk), GPU memory used. Floors: the decode-step HBM roofline at the level's concurrency (weights once per
+step + every sequence's KV) -> tok/s; the batch-1 engine's own rate as the baseline.
+Also: batch-1 decode through the server vs the batch-1 engine (1k-token text prompt, 256 tokens), and
+turn-2 TTFT of a chat with one 1024x1024 image with the prefix cache (turn 1 first) vs without (same
+conversation with a fresh image: nothing cached).
+
+    python benchmarks/bench_serve.py --model /tmp/p12b [--levels 1,4,16,64] [--port 8011]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import copy_bandwidth_TBps, record as _record  # noqa: E402
+
+BENCH = "serve"
+WORDS = "the a of river image light stone window garden city music table paper cloud green small old".split()
+
+
+def png_data_url(rng, h, w) -> str:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[list, int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(WORDS, int(rng.integers(100, 1000))))
+        content = [{"type": "text", "text": text}]
+        if i % 3 == 2:
+            side = int(rng.choice([512, 1024]))
+            content.insert(0, {"type": "image_url", "image_url": {"url": png_data_url(rng, side, side)}})
+        out.append(([{"role": "user", "content": content}], int(rng.integers(32, 257))))
+    return out
+
+
+async def one(client, model, messages, max_tokens, stats):
+    t0 = time.perf_counter()
+    times, n_out = [], 0
+    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                  temperature=0.0, stream=True,
+                                                  stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+        if chunk.usage is not None:
+            n_out = chunk.usage.completion_tokens
+    if times:
+        stats["ttft"].append(times[0] - t0)
+        stats["itl"] += list(np.diff(times))
+    stats["tokens"] += n_out
+    stats["requests"] += 1
+
+
+async def run_level(port, model, reqs, users):
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
+    stats = {"ttft": [], "itl": [], "tokens": 0, "requests": 0}
+    it = iter(reqs)
+
+    async def user():
+        for m, k in it:
+            await one(client, model, m, k, stats)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[user() for _ in range(users)])
+    stats["wall"] = time.perf_counter() - t0
+    await client.close()
+    return stats
+
+
+async def chat_turns(port, model, rng):
+    """Turn-2 TTFT with a cached prefix (turn 1 sent first) and without (fresh image, nothing cached)."""
+    from openai import AsyncOpenAI
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
+
+    def conv(url, answer=None):
+        m = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                          {"type": "text", "text": "What is in this picture?"}]}]
+        if answer is not None:
+            m += [{"role": "assistant", "content": answer}, {"role": "user", "content": "Tell me more about the colours."}]
+        return m
+
+    async def ttft(messages):
+        t0 = time.perf_counter()
+        s = await client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0.0,
+                                                 stream=True)
+        first, text = None, ""
+        async for c in s:
+            if c.choices and c.choices[0].delta.content:
+                first = first or time.perf_counter()
+                text += c.choices[0].delta.content
+        return (first - t0) * 1e3, text
+
+    out = {"warm": [], "cold": []}
+    for _ in range(3):
+        url = png_data_url(rng, 1024, 1024)
+        _, answer = await ttft(conv(url))
+        out["warm"].append((await ttft(conv(url, answer)))[0])
+        out["cold"].append((await ttft(conv(png_data_url(rng, 1024, 1024), answer)))[0])
+    await client.close()
+    return {k: float(np.median(v)) for k, v in out.items()}
+
+
+def start_server(model, port, max_batch, log, engine="process"):
+    cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--max-batch", str(max_batch),
+           "--engine", engine,
+           "--max-context", "32768", "--log-level", "warning"] + (["--model", model] if model else [])
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(1200):
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                return proc
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see its log")
+        time.sleep(0.5)
+    raise RuntimeError("server did not become healthy in 10 minutes")
+
+
+def baseline_batch1(model, reqs, n_decode_tokens=256):
+    """The same requests one at a time through the batch-1 engine; plus its decode rate on a 1k prompt."""
+    import torch
+    from pixtral_rt.engine import Engine
+    from pixtral_rt.sampling import SamplingParams
+    eng = Engine.load(model, progress=False, max_context=32768, backend="fast")   # the pre-serving batch-1 engine
+    t0, toks = time.perf_counter(), 0
+    for m, k in reqs:
+        toks += len(eng.generate(m, SamplingParams(max_tokens=k)).token_ids)
+    rate = toks / (time.perf_counter() - t0)
+    text = " ".join(np.random.default_rng(1).choice(WORDS, 800))
+    res = eng.generate([{"role": "user", "content": text}], SamplingParams(max_tokens=n_decode_tokens))
+    dec = res.timings["decode_tok_s"]
+    del eng
+    torch.cuda.empty_cache()
+    return rate, dec
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint folder (default: the embedded random Pixtral-12B)")
+    ap.add_argument("--levels", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(8, 2 x users))")
+    ap.add_argument("--baseline-requests", type=int, default=12)
+    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--engine", default="process,thread",
+                    help="server engine modes to run, in order (process: step loop in its own process)")
+    ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "serve_server.log"))
+    a = ap.parse_args()
+    bw = copy_bandwidth_TBps() * 1e12
+    levels = [int(x) for x in a.levels.split(",")]
+    reqs = workload(max(max(8, 2 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
+    base_rate, base_dec = baseline_batch1(a.model, reqs[:a.baseline_requests])
+    print(f"batch-1 engine: {base_rate:.1f} output tok/s over {a.baseline_requests} requests one at a time; "
+          f"decode {base_dec:.1f} tok/s at ~1k context", flush=True)
+    for mode in a.engine.split(","):
+        serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw)
+
+
+def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
+    import torch
+    from pixtral_rt.config import PIXTRAL_12B
+    from pixtral_rt.engine import decoder_weight_bytes, kv_bytes_per_token
+    wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
+    sfx = "" if mode == "process" else f"@{mode}"
+    print(f"--- server engine: {mode}", flush=True)
+
+    def record(bench, case, *rest, **kw):
+        return _record(bench, case + sfx, *rest, engine=mode, **kw)
+
+    with open(a.log.replace(".log", f"_{mode}.log"), "w") as log:
+        proc = start_server(a.model, a.port, max(levels), log, mode)
+        try:
+            model = "default"
+            from openai import OpenAI
+            model = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="x").models.list().data[0].id
+            # batch-1 decode through the server: 1k prompt, 256 tokens, one user
+            text = " ".join(np.random.default_rng(1).choice(WORDS, 800))
+            st = asyncio.run(run_level(a.port, model, [([{"role": "user", "content": text}], 256)], 1))
+            srv_dec = 1.0 / float(np.mean(st["itl"]))
+            floor1 = bw / (wbytes + kvtok * 1100)
+            record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)", base_dec,
+                   floor1, ratio_vs_baseline=srv_dec / base_dec)
+            for u in levels:
+                n = a.requests or max(8, 2 * u)
+                st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u))
+                tps = st["tokens"] / st["wall"]
+                ctx = 700 + 1500 / 3 + 72          # mean prompt (text ~700, images add ~1/3 x 1500) + half output
+                floor = u * bw / (wbytes + u * kvtok * ctx)
+                ttft = np.percentile(st["ttft"], [50, 99]) * 1e3
+                itl = np.percentile(st["itl"], [50, 99]) * 1e3 if st["itl"] else [0, 0]
+                mem = torch.cuda.mem_get_info(0)
+                extra = dict(users=u, requests=st["requests"], output_tokens=st["tokens"], wall_s=st["wall"],
+                             req_per_s=st["requests"] / st["wall"], ttft_p50_ms=ttft[0], ttft_p99_ms=ttft[1],
+                             itl_p50_ms=itl[0], itl_p99_ms=itl[1], gpu_mem_used_GiB=(mem[1] - mem[0]) / 2**30,
+                             decode_roofline_tok_s=floor)
+                record(BENCH, f"mixed_{u}_users", "output_tok_s", tps, "tok/s", "batch-1 engine, one request at a time",
+                       base_rate, floor, **extra)
+                print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
+                      f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
+                      f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms", flush=True)
+            # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
+            rng = np.random.default_rng(3)
+            dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]
+            st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels)))
+            u = max(levels)
+            floor = u * bw / (wbytes + u * kvtok * (150 + 128))
+            itl = np.percentile(st["itl"], [50, 99]) * 1e3
+            record(BENCH, f"decode_{u}_users", "output_tok_s", st["tokens"] / st["wall"], "tok/s",
+                   "decode-step HBM roofline", floor, floor, users=u, itl_p50_ms=itl[0], itl_p99_ms=itl[1],
+                   wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor)
+            t = asyncio.run(chat_turns(a.port, model, np.random.default_rng(7)))
+            record(BENCH, "chat_turn2_1024_image", "ttft_ms", t["warm"], "ms", "same turn 2 without cached prefix",
+                   t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"])
+        finally:
+            proc.terminate()
+            try:
+                rc = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = "killed"
+            print(f"server exit code after SIGTERM: {rc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Device calls for the first-contact and one-engine work (issues 19, 20). Logs and JSON lines land in $OUT.
+#   STAGES=tests        GPU tests ($TESTS; default: timings on the fast model, import names, engine + serving)
+#   STAGES=e2e_fast     bench_e2e on the batch-1 fast backend (only while it exists: the baseline of issue 20)
+#   STAGES=e2e          bench_e2e on the engine that runs (the serving engine, batch 1)
+#   STAGES=cli          the user's command on random Pixtral-12B weights (the timing summary line)
+#   STAGES=serve        bench_serve ($SERVE_ARGS)
+# BASELINE_TREE=DIR: run the e2e / serve stages in DIR too (an older tree carried along), same machine, same call.
+set -o pipefail
+export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PIXTRAL_RT_CACHE=${PIXTRAL_RT_CACHE:-/tmp/pixtral_rt_cache}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then  # offline machine: wheels for what it lacks, appended so the image's own packages win
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+fi
+python setup.py -q build_ext --inplace > "$OUT/install.log" 2>&1; grep -i "not built" "$OUT/install.log" | head -3
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+STAGES=${STAGES:-tests}
+E2E="--random-weights Pixtral-12B-2409 --skip-hf --cases ${E2E_CASES:-a_1img_1024,b_4imgs_mixed,c_text_1k} --tokens 128"
+if [[ $STAGES == *tests* ]]; then
+  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_timings.py tests/test_import_names.py} \
+    -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|^E " | tail -25
+fi
+if [[ $STAGES == *e2e_fast* ]]; then
+  timeout 300 python benchmarks/bench_e2e.py $E2E --backend fast 2>&1 | tee "$OUT/e2e_fast.log" | grep "^\[" | tail -12
+fi
+if [[ $STAGES == *e2e,* || $STAGES == *e2e ]]; then
+  timeout 300 python benchmarks/bench_e2e.py $E2E 2>&1 | tee "$OUT/e2e.log" | grep "^\[" | tail -12
+fi
+if [[ -n ${BASELINE_TREE:-} && $STAGES == *e2e* ]]; then
+  mkdir -p "$OUT/baseline"; (cd "$BASELINE_TREE" && PYTHONPATH=$PWD:/tmp/site PIXTRAL_RT_COMMIT=${BASELINE_COMMIT:-baseline} OUT=$OUT/baseline \
+     timeout 300 python benchmarks/bench_e2e.py $E2E --backend ${BASELINE_BACKEND:-fast} 2>&1) \
+     | tee "$OUT/e2e_baseline.log" | grep "^\[" | tail -12
+fi
+if [[ $STAGES == *cli* ]]; then
+  python -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0,256,(700,1100,3),dtype=n.uint8)).save('/tmp/cli.png')"
+  python -m pixtral_rt.generate --random-weights Pixtral-12B-2409 --image /tmp/cli.png --prompt "Describe the image." \
+    --max-tokens 32 2>&1 | tee "$OUT/cli.log" | grep -v "it/s\|B/s" | tail -3
+fi
+if [[ $STAGES == *serve* ]]; then
+  timeout ${SERVE_TIMEOUT:-480} python benchmarks/bench_serve.py ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log" | grep -v Warn | tail -30
+fi
+echo done

@@ -1,0 +1,1 @@
+"""Plain PyTorch reference implementation of the Pixtral family: the oracle for every fast path."""

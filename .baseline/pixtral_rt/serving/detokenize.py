@@ -1,0 +1,104 @@
+"""Token ids -> text pieces for one output stream, with stop strings. Runs on the consumer side (the CLI
+loop, the HTTP handler), never in the step loop: detokenising 64 streams there would stall every step.
+
+    text = TextStream(tokenizer, stop=("\n\n",))
+    piece = text.add([id1, id2])   # new text that is safe to show
+    if text.stopped: ...           # a stop string was found: cancel the request, finish with "stop"
+    piece = text.finish()          # at the end of the stream: whatever was held back
+
+A piece never contains the first characters of a stop string that may still complete (they are held back
+until the next token decides), so the concatenated pieces always equal the final text.
+"""
+from __future__ import annotations
+
+
+class IncrementalText:
+    """Token ids -> new text per token, decoding only a short window (host work per token stays constant
+    instead of re-decoding the whole answer). Each step decodes ids[prefix:] and ids[prefix:read] and
+    returns the difference: both windows start at the same token, so a tokenizer that drops a leading space
+    at the start of a sequence drops it from both. A window ending in an incomplete UTF-8 sequence is held
+    until the next token completes it."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        new = self.decode(self.ids[self.prefix:])
+        if new.endswith("\ufffd"):
+            return ""
+        return self._advance(new)
+
+    def flush(self) -> str:
+        """Whatever is held back (an incomplete sequence at the very end decodes as U+FFFD)."""
+        if self.read == len(self.ids):
+            return ""
+        return self._advance(self.decode(self.ids[self.prefix:]))
+
+    def _advance(self, new: str) -> str:
+        old = self.decode(self.ids[self.prefix:self.read])
+        self.prefix, self.read = self.read, len(self.ids)
+        return new[len(old):]
+
+
+def stop_prefix_len(text: str, stops) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string (held back)."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def find_stop(text: str, stops) -> int | None:
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop=()):
+        self.stop = tuple(s for s in stop if s)
+        self._inc = IncrementalText(tokenizer.decode)
+        self._pending = ""          # decoded, not yet emitted (may begin a stop string)
+        self._parts: list[str] = []
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._inc.ids
+
+    def add(self, token_ids) -> str:
+        if self.stopped:
+            return ""
+        for t in token_ids:
+            self._pending += self._inc.add(int(t))
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self._pending += self._inc.flush()
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        cut = find_stop(self._pending, self.stop) if self.stop else None
+        if cut is not None:
+            self._pending, self.stopped, final = self._pending[:cut], True, True
+        keep = 0 if final else stop_prefix_len(self._pending, self.stop)
+        out = self._pending[:len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
+        if out:
+            self._parts.append(out)
+        return out

@@ -1,0 +1,477 @@
+"""The serving engine: continuous batching over a paged KV cache, stepped by one thread of its own.
+
+    eng = LLMEngine.load(model_dir or None, max_batch=64)     # loads, sizes the KV pool, captures graphs
+    req = eng.encode(messages, max_tokens)                    # host work, in the caller's thread
+    h = eng.submit(req, SamplingParams(...), on_output=cb, logprobs=None)
+    h.cancel()
+    for piece in eng.stream(messages, params): ...            # sync convenience (CLI, tests)
+
+The step loop (one thread) owns the scheduler and the model runner. Other threads only append to the
+waiting queue (under a lock) and set cancel flags, so HTTP work never delays a step. Each iteration:
+schedule (host, under the lock) -> launch the step on the device -> deliver the PREVIOUS step's tokens
+(wait for its event; callbacks) while this one runs. A sequence that ends is seen one step late: the step
+after its last token is computed and discarded (its pages have room for it, see Sequence.pages_needed).
+Interface for the HTTP side: pixtral_rt/serving/API.md.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import queue
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from ..chat import EncodedRequest, encode_request
+from ..engine import GenerationResult, ModelSource, kv_bytes_per_token, load_reference_model, resolve_model
+from ..images import DEFAULT_LIMITS, ImageLimits
+from ..sampling import SamplingParams
+from .detokenize import TextStream
+from .kv_pages import PagePool
+from .model_runner import MAX_TOP_LOGPROBS, ModelRunner, StepOutput
+from .outputs import TokenEvent
+from .scheduler import QueueFullError, Scheduler
+
+__all__ = ["LLMEngine", "QueueFullError", "RequestHandle"]
+from .sequence import Sequence, Status, image_digest
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+def _shutdown_if_alive(ref) -> None:
+    eng = ref()
+    if eng is not None:
+        eng.shutdown()
+
+
+class RequestHandle:
+    def __init__(self, engine: "LLMEngine", seq: Sequence):
+        self._engine, self._seq = engine, seq
+
+    @property
+    def request_id(self) -> str:
+        return self._seq.request_id
+
+    def cancel(self) -> None:
+        self._engine._cancel(self._seq)
+
+
+@dataclass
+class _Counters:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    requests_finished: int = 0
+    steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, args, tokenizer, model, info: dict, max_context: int, max_images: int, max_batch: int,
+                 n_pages: int, page_size: int = 64, max_queue: int = 1024, chunk_tokens: int = 512,
+                 use_graphs: bool = True, progress: bool = True):
+        self.args, self.tokenizer, self.info = args, tokenizer, info
+        self.max_context, self.max_images, self.max_batch = max_context, max_images, max_batch
+        self.eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
+        self.raw_pixels = model.raw_pixels
+        self.pool = PagePool(n_pages, page_size)
+        self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue)
+        self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
+                                  use_graphs=use_graphs, progress=progress)
+        self.counters = _Counters()
+        # a GPU step runs while the host delivers the previous one's tokens; on CPU a step is done on return
+        self._overlap = model.device.type == "cuda"
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="pixtral-rt-step-loop", daemon=True)
+        self._thread.start()
+        # stop the loop before interpreter teardown: a daemon thread inside a torch op at exit aborts the process
+        # (a weak reference: a shut-down engine's memory must not stay pinned by the atexit table)
+        self._atexit = functools.partial(_shutdown_if_alive, weakref.ref(self))
+        atexit.register(self._atexit)
+        self.ready = True
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, model=None, *, device: str | None = None, dtype: str | None = None, max_context: int | None = None,
+             max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
+             kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
+             chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB, quantization: str | None = None,
+             random_weights: str | None = None, tensor_parallel: int | None = None) -> "LLMEngine":
+        """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
+        kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
+        reserve_bytes; on CPU 4 full contexts). quantization "fp8": FP8 decoder linears; random_weights
+        PRESET: seeded random weights generated on the device (engine.resolve_model). tensor_parallel N: the
+        decoder sharded over N processes, this one rank 0 (pixtral_rt/tensor_parallel.py); under torchrun the
+        world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops."""
+        from .. import tensor_parallel as tpm
+        env = tpm.torchrun_env()
+        world = env[1] if env else (tensor_parallel or 1)
+        if env and tensor_parallel not in (None, 1, world):
+            raise ValueError(f"--tensor-parallel {tensor_parallel} but torchrun started {world} processes")
+        if world < 1:
+            raise ValueError(f"--tensor-parallel must be >= 1, got {world}")
+        if env and env[0] != 0:                       # a torchrun follower: never returns to the caller
+            src = model if isinstance(model, ModelSource) else None
+            tpm.follow_from_env(dict(model=str(src.folder) if src and src.folder else model, device=device,
+                                     dtype=dtype, fmt=fmt, quantization=quantization, random_weights=random_weights))
+            raise SystemExit(0)
+        from .. import compile_events
+        compile_events.install()          # count compiles / tunings / captures from the start of the load
+        src = model if isinstance(model, ModelSource) else resolve_model(model, device, dtype, fmt, quantization,
+                                                                         random_weights)
+        args, dev = src.args, src.device
+        t = args.text
+        ctx = min(max_context or t.max_seq_len, t.max_seq_len)
+        if world > 1 or tpm.one_rank_forced():
+            from ..sharding import check_divisible, lm_head_mode
+            check_divisible(args.text, world)             # before any process starts (lm_head mode checked too)
+            if not env:                                   # torchrun placed its ranks itself
+                tpm.check_gpus(world, dev)
+            if dev.type == "cuda" and tpm.allreduce_impl() == "symm" and tpm.same_gpu_forced():
+                raise ValueError("PIXTRAL_RT_TP_ALLREDUCE=symm needs one GPU per rank (NCCL), not the "
+                                 "PIXTRAL_RT_TP_SAME_GPU test mode")
+            load_kw = dict(model=str(src.folder) if src.folder else None, device=str(dev),
+                           dtype=str(src.dtype).replace("torch.", ""), fmt=src.plan.format if src.plan else None,
+                           quantization=src.quantization, random_weights=src.random_preset, max_batch=max_batch,
+                           max_seq=ctx + page_size, max_images=max_images)
+            if dev.type == "cuda" and dev.index is None:
+                dev = src.device = torch.device("cuda", 0)
+            if env:
+                tpm.join_as_rank0(dev)
+                followers = None
+            else:
+                followers, _ = tpm.launch(world, load_kw, dev)
+            if dev.type == "cuda":    # NCCL + CUDA graphs: run with a group of one, not yet across GPUs
+                same_gpu = tpm.same_gpu_forced()      # test mode: all ranks on this GPU over gloo, no graphs
+                use_graphs = use_graphs and not same_gpu
+                local = tpm.fast_shard(src, 0, world, text_only=False, max_batch=max_batch, max_seq=ctx + page_size,
+                                       max_images=max_images, use_graphs=use_graphs, progress=progress)
+                backend = (f"fast (paged, continuous batching), tensor parallel {world} over "
+                           + ("gloo, every rank on this GPU (PIXTRAL_RT_TP_SAME_GPU test mode, no CUDA graphs)"
+                              if same_gpu else "NCCL")
+                           + f", lm_head {lm_head_mode()}, all-reduce {'gloo' if same_gpu else tpm.allreduce_impl()}")
+                if kv_tokens is None and same_gpu:    # the other ranks are still filling this GPU
+                    kv_tokens = 4 * (ctx + page_size)
+                if kv_tokens is None:
+                    free, _ = torch.cuda.mem_get_info(dev)
+                    per_token = kv_bytes_per_token(args, src.dtype.itemsize) // world
+                    kv_tokens = max(0, free - reserve_bytes) // per_token
+            else:
+                from .paged_model import ReferencePagedModel
+                ref, shard_args = tpm.reference_shard(src, 0, world, text_only=False, progress=progress)
+                local = ReferencePagedModel(ref, shard_args, dev, src.dtype)
+                backend = (f"reference (paged, continuous batching), tensor parallel {world} over gloo, "
+                           f"lm_head {lm_head_mode()}")
+                kv_tokens = kv_tokens or 4 * (ctx + page_size)
+            model_ = tpm.LeaderModel(local, world, processes=followers)
+        elif dev.type == "cuda":
+            from ..decoder import FastDecoder
+            from ..fast_backend import _TEXT_PREFIXES
+            from ..vision import FastVisionEncoder
+            from .paged_model import FastPagedModel
+            sd = src.load_weights(progress)
+            torch.cuda.empty_cache()     # transients of loading (random draws, quantisation) out of the cache:
+            #                              the fused wqkv / w13 below need contiguous room (Pixtral-Large FP8)
+            vision_sd = {k: sd.pop(k) for k in list(sd) if not k.startswith(_TEXT_PREFIXES)}
+            vision = FastVisionEncoder.from_state_dict(vision_sd, args, src.dtype, dev)
+            del vision_sd
+            decoder = FastDecoder(t, sd, max_batch=max_batch, max_seq=ctx + page_size, device=dev, dtype=src.dtype,
+                                  consume=True, static_cache=False)
+            sd.clear()
+            torch.cuda.empty_cache()
+            model_ = FastPagedModel(decoder, vision, args, dev, max_images, use_graphs)
+            backend = "fast (paged, continuous batching)"
+            if kv_tokens is None:
+                free, _ = torch.cuda.mem_get_info(dev)
+                kv_tokens = max(0, free - reserve_bytes) // kv_bytes_per_token(args, src.dtype.itemsize)
+        else:
+            from .paged_model import ReferencePagedModel
+            model_ = ReferencePagedModel(load_reference_model(src, progress), args, dev, src.dtype)
+            backend = "reference (paged, continuous batching)"
+            kv_tokens = kv_tokens or 4 * (ctx + page_size)
+        n_pages = int(kv_tokens) // page_size
+        if (n_pages - 1) * page_size < min(ctx, 4096):
+            raise RuntimeError(f"not enough memory for a KV cache: room for {max(0, n_pages - 1) * page_size} "
+                               f"tokens, fewer than one request of {min(ctx, 4096)}")
+        load_s = time.perf_counter() - src.t0
+        info = {"model": src.name, "format": src.format, "random_weights": src.random_default,
+                "tensor_parallel": world,
+                "quantization": src.quantization, "precision": src.precision(),
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
+                "max_context": ctx, "kv_cache_tokens": (n_pages - 1) * page_size, "max_batch": max_batch}
+        eng = cls(args, src.tokenizer, model_, info, ctx, max_images, max_batch, n_pages, page_size, max_queue,
+                  chunk_tokens, use_graphs, progress)
+        if dev.type == "cuda" and use_graphs:
+            eng.runner.warmup_info["warm_request_s"] = round(eng.warm_request(), 2)
+            eng.runner.warmup_info["warmup_s"] += eng.runner.warmup_info["warm_request_s"]
+        info["load_s"] = time.perf_counter() - src.t0
+        w = info["warmup"] = dict(eng.runner.warmup_info)
+        prepared = (f"; warm-up {w['warmup_s']:.1f} s: {w['decode_graphs']} decode graphs, {w['vision_buckets']} "
+                    f"vision buckets, {w['triton_compiles']} kernel compiles, {w['autotunes']} autotunings, "
+                    f"+{w['warmup_extra_GB']:.2f} GB") if w else ""
+        print(f"pixtral_rt: {backend} on {dev}, {info['precision']}, context {ctx} tokens, KV cache "
+              f"{info['kv_cache_tokens']} tokens in {n_pages - 1} pages of {page_size}, max batch {max_batch}; "
+              f"ready in {info['load_s']:.1f} s{prepared}", file=sys.stderr)
+        return eng
+
+    def warm_request(self) -> float:
+        """One small request end to end before the first user's (issue 12), so that the first real request
+        costs what the next ones do: it is the first run of what the kernel warm-up does not touch -- the
+        JPEG and PNG decoders and the image threads, the tokenizer's caches, the GPU preprocessing op, CUDA
+        modules loaded on first use, the feature and prefix caches. Afterwards the caches forget it and the
+        counters restart at 0. Returns its seconds."""
+        import io
+
+        import numpy as np
+        from PIL import Image
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        files = []
+        for fmt, (h, w) in (("JPEG", (40, 56)), ("PNG", (24, 72))):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format=fmt)
+            files.append(buf.getvalue())
+        msgs = [{"role": "user", "content": [{"type": "image", "image": f} for f in files]
+                 + [{"type": "text", "text": "Describe the two images."}]}]
+        req = encode_request(msgs, self.tokenizer, self.args, max_images=self.max_images,
+                             max_context=self.max_context, max_tokens=2, raw_pixels=self.raw_pixels, workers=0)
+        for _ in self.stream(None, SamplingParams(max_tokens=2, temperature=0.0), req=req):
+            pass
+        deadline = time.perf_counter() + 10       # the step loop releases the finished sequence next step
+        while (self.scheduler.n_running or self.scheduler.n_waiting) and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        with self._cv:
+            self.pool.forget_cached()
+            self.runner.features.clear()
+            self.counters = _Counters()
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ requests (any thread)
+    def encode(self, messages, max_tokens: int, image_limits: ImageLimits = DEFAULT_LIMITS) -> EncodedRequest:
+        """Plan, fetch / decode images, tokenise, check the context (raises PixtralInputError subclasses)."""
+        return encode_request(messages, self.tokenizer, self.args, max_images=self.max_images,
+                              max_context=self.max_context, max_tokens=max_tokens, image_limits=image_limits,
+                              raw_pixels=self.raw_pixels, digest=image_digest)
+
+    def submit(self, req: EncodedRequest, params: SamplingParams, on_output: Callable[[TokenEvent], None],
+               logprobs: int | None = None, request_id: str = "") -> RequestHandle:
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+        digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
+                                                                                        req.images]
+        seq = Sequence(req, params, on_output, logprobs, digests=digests,
+                       request_id=request_id, t_submit=time.perf_counter())
+        seq.plan_prefix(self.pool.page_size, self.args.vision.spatial_merge_size)
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine is shut down")
+            self.scheduler.add(seq)
+            self._cv.notify()
+        return RequestHandle(self, seq)
+
+    def _cancel(self, seq: Sequence) -> None:
+        with self._cv:
+            seq.cancelled = True
+            self._cv.notify()
+
+    def compile_events(self) -> dict[str, int]:
+        """Triton compilations, autotuner tunings and CUDA graph captures in this process so far
+        (pixtral_rt/compile_events.py): compare before and after a request to see what it paid for."""
+        from .. import compile_events
+        return compile_events.snapshot()
+
+    def metrics(self) -> dict:
+        c = self.counters
+        return {"running": self.scheduler.n_running, "waiting": self.scheduler.n_waiting,
+                "kv_pages_used": self.pool.used, "kv_pages_total": self.pool.usable,
+                "kv_page_size": self.pool.page_size, "prompt_tokens_total": c.prompt_tokens,
+                "generation_tokens_total": c.generation_tokens, "cached_prompt_tokens_total": c.cached_prompt_tokens,
+                "requests_finished_total": c.requests_finished, "steps_total": c.steps}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            if self._stop:
+                return
+            for s in list(self.scheduler.waiting) + list(self.scheduler.running):
+                s.cancelled = True
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        atexit.unregister(self._atexit)
+        self.ready = False
+        stop = getattr(self.runner.model, "shutdown", None)
+        if stop is not None:              # tensor parallel: tell the followers to exit, wait for them
+            stop()
+
+    # ------------------------------------------------------------------ sync convenience
+    def stream(self, messages, params: SamplingParams | None = None, logprobs: int | None = None,
+               req: EncodedRequest | None = None, result: GenerationResult | None = None) -> Iterator[str]:
+        """Text pieces of one request (stop strings applied). `result` (optional) is filled as it goes."""
+        params = params or SamplingParams()
+        res = result if result is not None else GenerationResult()
+        t0 = time.perf_counter()
+        req = req or self.encode(messages, params.max_tokens)
+        # stages of the time to first token: encode_ms (host: image fetch + decode + preprocess, tokenise)
+        # here, then queue_ms, vision_ms, prefill_ms from the engine (TokenEvent.timings); ttft_ms is the
+        # whole, from this call to the first token in hand
+        res.timings["encode_ms"] = (time.perf_counter() - t0) * 1e3
+        res.prompt_tokens, res.image_patches, res.n_images = req.prompt_tokens, req.n_patches, req.n_images
+        q: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        h = self.submit(req, params, q.put, logprobs)
+        text = TextStream(self.tokenizer, params.stop)
+        t_first = None
+        try:
+            while True:
+                ev = q.get()
+                if ev.timings:
+                    res.timings.update(ev.timings)
+                if ev.token_ids and t_first is None:
+                    t_first = time.perf_counter()
+                    res.timings["ttft_ms"] = (t_first - t0) * 1e3
+                res.token_ids += ev.token_ids
+                if ev.logprobs is not None:
+                    res.logprobs += ev.logprobs
+                    res.top_logprobs += ev.top_logprobs or []
+                piece = text.add(ev.token_ids)
+                if text.stopped:
+                    h.cancel()
+                    res.finish_reason = "stop"
+                elif ev.finish_reason:
+                    piece += text.finish()
+                    res.finish_reason = ev.finish_reason
+                    if ev.error:
+                        raise RuntimeError(ev.error)
+                if piece:
+                    yield piece
+                if res.finish_reason:
+                    break
+        except BaseException:
+            h.cancel()
+            res.finish_reason = res.finish_reason or "interrupted"
+            raise
+        finally:
+            res.text = text.text
+            n = len(res.token_ids)
+            if t_first is not None and n > 1:
+                res.timings["decode_tok_s"] = (n - 1) / (time.perf_counter() - t_first)
+
+    def generate(self, messages, params: SamplingParams | None = None, logprobs: int | None = None
+                 ) -> GenerationResult:
+        res = GenerationResult()
+        for _ in self.stream(messages, params, logprobs, result=res):
+            pass
+        return res
+
+    # ------------------------------------------------------------------ the step loop (its own thread)
+    def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as exc:  # noqa: BLE001 - a bug in the loop: fail every request rather than hang
+            log.exception("the step loop stopped")
+            with self._cv:
+                self._stop, self.ready = True, False
+                seqs = list(self.scheduler.waiting) + list(self.scheduler.running)
+            for s in seqs:
+                if s.finish_reason is None:
+                    s.finish_reason, s.status = "error", Status.FINISHED
+                    self._emit(s, TokenEvent(finish_reason="error", error=f"the engine stopped: {exc}",
+                                             prompt_tokens=s.prompt_len))
+
+    def _steps(self) -> None:
+        prev: StepOutput | None = None
+        while True:
+            with self._cv:
+                while not self._stop and prev is None and not self.scheduler.running and not self.scheduler.waiting:
+                    self._cv.wait()
+                if self._stop and prev is None:
+                    plan = self.scheduler.schedule()     # releases everything (all cancelled)
+                    self._finish_released(plan.released)
+                    return
+                plan = self.scheduler.schedule()
+            self._finish_released(plan.released)
+            try:
+                out = self.runner.run(plan)
+                for c in plan.prefill:
+                    self.scheduler.register_prefix(c.seq)
+                self.counters.steps += 1
+            except Exception as exc:  # noqa: BLE001 - e.g. CUDA OOM: fail the step's requests, keep serving
+                log.exception("step failed")
+                self._fail(plan, exc)
+                out = None
+            if prev is not None:
+                self._deliver(prev)
+            prev = out if out is not None and (out.reports or out.stages) else None
+            if prev is not None and not self._overlap:
+                self._deliver(prev)      # CPU: the step has finished already; waiting a step would only add latency
+                prev = None
+
+    def _finish_released(self, released: list[Sequence]) -> None:
+        for s in released:
+            if s.finish_reason is None:                 # cancelled before it finished
+                s.finish_reason = "abort"
+                self._emit(s, TokenEvent(finish_reason="abort", prompt_tokens=s.prompt_len,
+                                         cached_tokens=s.num_cached))
+
+    def _fail(self, plan, exc: Exception) -> None:
+        msg = ("the GPU ran out of memory during this step; retry with a shorter request"
+               if isinstance(exc, torch.cuda.OutOfMemoryError) else f"internal error in the model step: {exc}")
+        for s in plan.decode + [c.seq for c in plan.prefill]:
+            if s.finish_reason is None:
+                s.finish_reason, s.status = "error", Status.FINISHED
+                self._emit(s, TokenEvent(finish_reason="error", error=msg, prompt_tokens=s.prompt_len))
+
+    def _deliver(self, out: StepOutput) -> None:
+        out.wait()
+        for seq, kind, ms in out.stage_ms():
+            if kind == "vision":
+                seq.vision_ms += ms
+            else:
+                seq.prefill_ms += ms
+        toks = out.tokens.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        now = time.perf_counter()
+        c = self.counters
+        for seq, slot in out.reports:
+            if seq.finish_reason is not None or seq.cancelled:
+                continue                                # ended earlier: this token was computed past its end
+            tok = toks[slot]
+            ev = TokenEvent(prompt_tokens=seq.prompt_len, cached_tokens=seq.num_cached)
+            if not seq.output and not seq.t_first:
+                seq.t_first = now
+                ev.timings = {"queue_ms": max(0.0, seq.t_admit - seq.t_submit) * 1e3,
+                              "vision_ms": seq.vision_ms, "prefill_ms": seq.prefill_ms}
+                c.prompt_tokens += seq.prompt_len
+                c.cached_prompt_tokens += seq.num_cached
+            if tok == self.eos_id:
+                seq.finish_reason = "stop"
+            else:
+                seq.output.append(tok)
+                c.generation_tokens += 1
+                ev.token_ids = [tok]
+                if seq.logprobs is not None and lps is not None:
+                    ev.logprobs = [lps[slot]]
+                    k = seq.logprobs
+                    ev.top_logprobs = [list(zip(out.top_ids[slot, :k].tolist(), out.top_logprobs[slot, :k].tolist()))]
+                if len(seq.output) >= seq.max_tokens:
+                    seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                seq.status = Status.FINISHED
+                c.requests_finished += 1
+                ev.finish_reason = seq.finish_reason
+            self._emit(seq, ev)
+
+    @staticmethod
+    def _emit(seq: Sequence, ev: TokenEvent) -> None:
+        try:
+            seq.on_output(ev)
+        except Exception:  # noqa: BLE001 - a consumer's bug must not stop the step loop
+            log.exception("output callback of %s failed", seq.request_id)

@@ -1,0 +1,384 @@
+"""The model runner: executes a StepPlan on the device. It only launches; the scheduler decided.
+
+Per-slot device state (slot = a running sequence's row, fixed for its life; max_batch slots):
+    tokens (S,) int64       the token each slot feeds to its next decode step (written by the step itself)
+    positions (S,) int32    that token's position
+    active (S,) int32       1 while the slot decodes; 0 rows compute nothing that lands anywhere (trash page)
+    block_table (S, max_pages) int32   page ids; unused entries -> the trash page 0
+    sampling (SamplingState over S)    temperature / top_p / top_k / seed / step per slot
+A step = (1) slot set-up for admitted / released sequences, (2) one decode step over slots 0..Bp-1 (Bp: the
+smallest captured batch size covering the highest decoding slot; a CUDA graph per (Bp, greedy-only)), which
+writes each row's next token into `tokens` and advances `positions`, then (3) the prompt chunks of this step,
+packed into one varlen forward, whose last chunks sample their sequence's first token into `tokens`.
+Decode runs before prefill, so a sequence activated by (3) is first decoded in the next step. Sampled tokens
+(and logprobs when asked) are copied into a pinned host ring buffer; the engine reads them one step later,
+while the next step runs.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import compile_events
+from ..sampling import SamplingState, sample
+from .scheduler import PrefillChunk, StepPlan
+from .sequence import Sequence
+
+MAX_TOP_LOGPROBS = 20
+GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _rows(st: SamplingState, idx: torch.Tensor | slice) -> SamplingState:
+    """A SamplingState over some slots: a view for a slice (in-place updates land in `st`), a copy for an
+    index tensor."""
+    out = SamplingState.__new__(SamplingState)
+    for name in ("temperature", "top_p", "top_k", "seed", "step"):
+        setattr(out, name, getattr(st, name)[idx])
+    return out
+
+
+def _mark(device: torch.device):
+    """A point in the device's work, timed once the step is done (`_elapsed_ms`): a CUDA event on a GPU
+    (recorded on the stream, no host sync), the host clock on CPU (where every op has finished on return)."""
+    if device.type == "cuda":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    return time.perf_counter()
+
+
+def _elapsed_ms(a, b) -> float:
+    return a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else (b - a) * 1e3
+
+
+@dataclass
+class StepOutput:
+    """What one step produced, on its way to the host. `reports`: (sequence, slot) whose token it holds.
+    `stages`: (sequence, "vision" | "prefill", start mark, end mark) of the prompt work in this step."""
+    reports: list[tuple[Sequence, int]]
+    tokens: torch.Tensor                    # (n,) int64, host (pinned on CUDA)
+    logprobs: torch.Tensor | None           # (n,) fp32
+    top_ids: torch.Tensor | None            # (n, 20) int64
+    top_logprobs: torch.Tensor | None       # (n, 20) fp32
+    event: torch.cuda.Event | None
+    stages: list = dataclasses.field(default_factory=list)
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def stage_ms(self) -> list[tuple[Sequence, str, float]]:
+        """(sequence, stage, ms) of this step's prompt work; call after wait()."""
+        return [(seq, kind, _elapsed_ms(a, b)) for seq, kind, a, b in self.stages]
+
+
+class _FeatureCache:
+    """Image features by pixel digest, least recently used evicted past `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.bytes = 0
+
+    def get(self, d: bytes) -> torch.Tensor | None:
+        t = self.items.get(d)
+        if t is not None:
+            self.items.move_to_end(d)
+        return t
+
+    def put(self, d: bytes, t: torch.Tensor) -> None:
+        n = t.numel() * t.element_size()
+        if n > self.max_bytes or d in self.items:
+            return
+        while self.bytes + n > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.items[d] = t
+        self.bytes += n
+
+
+class ModelRunner:
+    def __init__(self, model, args, device, max_batch: int, n_pages: int, page_size: int, max_context: int,
+                 use_graphs: bool = True, feature_cache_bytes: int = 1 << 30, progress: bool = True):
+        self.model, self.args, self.device = model, args, torch.device(device)
+        self.max_batch, self.page_size = max_batch, page_size
+        self.max_pages = -(-(max_context + 1) // page_size)
+        self.max_context = max_context
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        model.alloc(n_pages, page_size)
+        dev, S = self.device, max_batch
+        self.tokens = torch.zeros(S, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.active = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.block_table = torch.zeros(S, self.max_pages, dtype=torch.int32, device=dev)
+        self.sampling = SamplingState(S, dev)
+        self.out_tokens = torch.zeros(S, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.out_top_ids = torch.zeros(S, MAX_TOP_LOGPROBS, dtype=torch.long, device=dev)
+        self.out_top_lp = torch.zeros(S, MAX_TOP_LOGPROBS, dtype=torch.float32, device=dev)
+        pin = self.device.type == "cuda"
+        self._ring = [tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin) for t in
+                            (self.out_tokens, self.out_lp, self.out_top_ids, self.out_top_lp)) for _ in range(3)]
+        self._ring_i = 0
+        self.features = _FeatureCache(feature_cache_bytes)
+        self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._before_replay = getattr(model, "before_replay", None)
+        self.warmup_info: dict = {}
+        if self.device.type == "cuda":
+            self._warmup(progress)
+
+    # ------------------------------------------------------------------ set-up
+    def _warmup(self, progress: bool) -> None:
+        """Compile every kernel (prefill shapes, decode batch sizes) and capture the decode graphs. Rows are
+        idle (lens 0) and tables point at the trash page: nothing real is written."""
+        import time
+
+        from tqdm import tqdm
+        t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved(self.device)
+        events0 = compile_events.snapshot()
+        # prefill lengths: 1, odd, and a ladder up to the largest chunk a step takes: cuBLAS picks other GEMM
+        # kernels for other row counts and loads each on its first use (lazy module loading), which cost the
+        # first request of a new prompt size 3-6 ms before this ladder (benchmarks/first_request.py)
+        lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
+        steps = [("prefill", T) for T in lens] + [("graph", (B, g)) for B in self.batch_sizes
+                                                            for g in (True, False)]
+        steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
+        pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
+            for kind, what in bar:
+                bar.set_postfix_str(what[0] if kind == "vision" else f"{kind} {what}")
+                if kind == "vision":
+                    what[1]()
+                elif kind == "prefill":
+                    T = what
+                    z = torch.zeros(T, dtype=torch.int32, device=self.device)
+                    self.model.prefill(torch.randn(T, self.args.text.dim, device=self.device, dtype=self.model.dtype),
+                                       torch.arange(T, dtype=torch.int32, device=self.device), z,
+                                       torch.arange(T, dtype=torch.int32, device=self.device) % self.page_size,
+                                       self.block_table[:1], torch.tensor([0, T], dtype=torch.int32, device=self.device),
+                                       z[:1], T, torch.tensor([T - 1], device=self.device))
+                elif self.use_graphs:
+                    self._capture(*what, pool)
+                else:
+                    self._decode_body(*what)
+        self.sampling.step.zero_()
+        torch.cuda.synchronize(self.device)
+        ev = compile_events.snapshot()
+        # what the load prepared so that requests compile / capture nothing (issue 12), for the load message
+        self.warmup_info = {
+            "warmup_s": round(time.perf_counter() - t0, 2),
+            "decode_graphs": len(self._graphs),
+            "vision_buckets": ev["graph_capture"] - events0["graph_capture"] - len(self._graphs),
+            "triton_compiles": ev["triton_compile"] - events0["triton_compile"],
+            "autotunes": ev["autotune"] - events0["autotune"],
+            "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}
+
+    def _capture(self, B: int, greedy: bool, pool) -> None:
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            self._decode_body(B, greedy)         # compile / autotune / cuBLAS handles outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            logits = self._decode_body(B, greedy)
+        compile_events.captured()
+        self._graphs[(B, greedy)] = (g, logits)
+
+    def _decode_body(self, B: int, greedy: bool) -> torch.Tensor:
+        pos, act = self.positions[:B], self.active[:B]
+        lens = (pos + 1) * act
+        logits = self.model.decode(self.tokens[:B], pos, self.block_table, lens)
+        nxt = sample(logits, _rows(self.sampling, slice(0, B)), greedy_only=greedy)
+        self.out_tokens[:B].copy_(nxt)
+        self.tokens[:B].copy_(torch.where(act > 0, nxt, self.tokens[:B]))
+        pos += act
+        return logits
+
+    def _set_slot(self, seq: Sequence) -> None:
+        s, p = seq.slot, seq.params
+        row = np.zeros(self.max_pages, dtype=np.int64)       # unused entries: the trash page
+        row[:len(seq.pages)] = seq.pages
+        self.block_table[s].copy_(self._upload([row])[0])
+        self.sampling.set(s, p)
+        self.active[s] = 0
+        self.positions[s] = 0
+
+    def _clear_slot(self, slot: int) -> None:
+        self.active[slot] = 0
+        self.positions[slot] = 0
+        self.block_table[slot].zero_()
+
+    # ------------------------------------------------------------------ a step
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> StepOutput:
+        for seq in plan.released:
+            if seq.slot >= 0:
+                self._clear_slot(seq.slot)
+        for seq in plan.admitted:
+            self._set_slot(seq)
+        reports: list[tuple[Sequence, int]] = []
+        want_lp = False
+        if plan.decode:
+            B = max(s.slot for s in plan.decode) + 1
+            B = self.batch_sizes[bisect.bisect_left(self.batch_sizes, B)]
+            greedy = all(s.params.greedy for s in plan.decode)
+            if self.use_graphs:
+                g, logits = self._graphs[(B, greedy)]
+                if self._before_replay is not None:      # tensor parallel: followers replay their graph too
+                    self._before_replay(B)
+                g.replay()
+            else:
+                logits = self._decode_body(B, greedy)
+            reports += [(s, s.slot) for s in plan.decode]
+            if any(s.logprobs is not None for s in plan.decode):
+                want_lp = True
+                self._logprobs(logits, self.out_tokens[:B], torch.arange(B, device=self.device))
+        stages: list = []
+        if plan.prefill:
+            done = self._prefill(plan.prefill, stages)
+            reports += [(s, s.slot) for s in done]
+            want_lp = want_lp or any(s.logprobs is not None for s in done)
+        out = self._to_host(reports, want_lp)
+        out.stages = stages
+        return out
+
+    def _logprobs(self, logits, chosen, slots) -> None:
+        """Raw-distribution logprobs of the chosen tokens and the top 20, into the per-slot out buffers."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        self.out_lp[slots] = lp.gather(1, chosen[:, None])[:, 0]
+        top = lp.topk(MAX_TOP_LOGPROBS, dim=-1)
+        self.out_top_lp[slots] = top.values
+        self.out_top_ids[slots] = top.indices
+
+    def _to_host(self, reports, want_lp: bool) -> StepOutput:
+        n = max((slot for _, slot in reports), default=-1) + 1
+        ring = self._ring[self._ring_i]
+        self._ring_i = (self._ring_i + 1) % len(self._ring)
+        nb = self.device.type == "cuda"
+        toks = ring[0][:n]
+        toks.copy_(self.out_tokens[:n], non_blocking=nb)
+        lp = top_ids = top_lp = None
+        if want_lp:
+            lp, top_ids, top_lp = ring[1][:n], ring[2][:n], ring[3][:n]
+            lp.copy_(self.out_lp[:n], non_blocking=nb)
+            top_ids.copy_(self.out_top_ids[:n], non_blocking=nb)
+            top_lp.copy_(self.out_top_lp[:n], non_blocking=nb)
+        ev = None
+        if nb:
+            ev = torch.cuda.Event()
+            ev.record()
+        return StepOutput(reports, toks, lp, top_ids, top_lp, ev)
+
+    # ------------------------------------------------------------------ prefill
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Small int64 host arrays -> device views, in one pinned, non-blocking copy (no stream sync)."""
+        host = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in arrays]))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(self.device, non_blocking=True)
+        out, o = [], 0
+        for x in arrays:
+            out.append(dev[o:o + len(x)])
+            o += len(x)
+        return out
+
+    def _prefill(self, chunks: list[PrefillChunk], stages: list) -> list[Sequence]:
+        """All prompt chunks of the step in one varlen forward; samples the first token of every sequence
+        whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync.
+        Appends to `stages` the marks around each vision encoder call and around the forward + sampling
+        (every chunk's sequence waits for the whole forward, so each is charged all of it)."""
+        P = self.page_size
+        toks, pos, cu, start, img_rows, feats = [], [], [0], [], [], []
+        for c in chunks:
+            toks.append(np.asarray(c.seq.req.tokens[c.start:c.end], dtype=np.int64))
+            pos.append(np.arange(c.start, c.end, dtype=np.int64))
+            # [IMG] rows of this chunk and the matching feature rows (features computed on first need)
+            img_pos = c.seq.req.image_token_positions
+            i0, i1 = bisect.bisect_left(img_pos, c.start), bisect.bisect_left(img_pos, c.end)
+            if i1 > i0:
+                img_rows.append(np.asarray(img_pos[i0:i1], dtype=np.int64) - c.start + cu[-1])
+                encode = c.seq.features is None          # else computed in an earlier chunk's step
+                v0 = _mark(self.device) if encode else None
+                feats.append(self._features(c.seq)[i0:i1])
+                if encode:
+                    stages.append((c.seq, "vision", v0, _mark(self.device)))
+            cu.append(cu[-1] + c.end - c.start)
+            start.append(c.start)
+        pos_np = np.concatenate(pos)
+        pages_np = np.concatenate([np.asarray(c.seq.pages, dtype=np.int64)[p // P] for c, p in zip(chunks, pos)])
+        done = [c for c in chunks if c.last]
+        rows_np = [cu[i + 1] - 1 for i, c in enumerate(chunks) if c.last]
+        img_np = np.concatenate(img_rows) if img_rows else np.zeros(0, dtype=np.int64)
+        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d) = self._upload(
+            [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, rows_np, [c.seq.slot for c in chunks],
+             img_np, [c.seq.slot for c in done], [c.seq.prompt_len for c in done]])
+        p0 = _mark(self.device)
+        h = self.model.embed(tokens_d)
+        if feats:
+            h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
+        logits = self.model.prefill(h, pos_d.int(), pages_d.int(), offs_d.int(),
+                                    self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
+                                    max(c.end - c.start for c in chunks), rows_d)
+        if not done:
+            p1 = _mark(self.device)
+            stages += [(c.seq, "prefill", p0, p1) for c in chunks]
+            return []
+        # first tokens: sample with each sequence's own settings (step 0), then hand the slot to decode
+        st = _rows(self.sampling, done_d)
+        first = sample(logits, st, greedy_only=all(c.seq.params.greedy for c in done))
+        self.sampling.step[done_d] = 1
+        self.tokens[done_d] = first
+        self.out_tokens[done_d] = first
+        self.positions[done_d] = done_pos_d.int()
+        self.active[done_d] = 1
+        if any(c.seq.logprobs is not None for c in done):
+            self._logprobs(logits, first, done_d)
+        for c in done:
+            c.seq.features = None                  # the prompt is in the cache: features no longer needed
+        p1 = _mark(self.device)
+        stages += [(c.seq, "prefill", p0, p1) for c in chunks]
+        return [c.seq for c in done]
+
+    def _features(self, seq: Sequence) -> torch.Tensor:
+        """(n_img_tokens, dim) features of all the sequence's images: from the cache where the same pixels
+        were encoded before, the others in one encoder call. Kept on the sequence until its prompt is done."""
+        if seq.features is not None:
+            return seq.features
+        req, merge = seq.req, self.args.vision.spatial_merge_size
+        counts = [(r // merge) * (c // merge) for r, c in req.patch_grids]
+        parts: list[torch.Tensor | None] = [self.features.get(d) for d in seq.digests]
+        todo = [i for i, p in enumerate(parts) if p is None]
+        if todo:
+            sub = _subset(req, todo)
+            out = self.model.image_features(sub)
+            o = 0
+            for i in todo:
+                parts[i] = out[o:o + counts[i]].clone()     # the encoder output may be a graph buffer
+                o += counts[i]
+                self.features.put(seq.digests[i], parts[i])
+        seq.features = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return seq.features
+
+
+def _subset(req, idx: list[int]):
+    """The request restricted to images idx (for the encoder only: tokens untouched)."""
+    if idx == list(range(req.n_images)):
+        return req
+    cu = [0]
+    for i in idx:
+        cu.append(cu[-1] + req.cu_seqlens[i + 1] - req.cu_seqlens[i])
+    return dataclasses.replace(req, images=[req.images[i] for i in idx],
+                               patch_grids=[req.patch_grids[i] for i in idx], cu_seqlens=cu,
+                               image_out_hw=[req.image_out_hw[i] for i in idx] if req.image_out_hw else [])

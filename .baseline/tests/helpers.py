@@ -1,0 +1,97 @@
+"""Small shared test utilities: prompts with the Pixtral image-token layout, random images, a local PNG server."""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
+
+import torch
+
+from pixtral_rt.config import PixtralArgs
+
+
+def image_tokens(args: PixtralArgs, rows: int, cols: int) -> list[int]:
+    """[IMG]*cols + [IMG_BREAK] per row (rows, cols after merging); the last token becomes [IMG_END]."""
+    v = args.vision
+    toks = []
+    for _ in range(rows):
+        toks += [v.image_token_id] * cols + [v.image_break_token_id]
+    toks[-1] = v.image_end_token_id
+    return toks
+
+
+def random_images(args: PixtralArgs, grids: list[tuple[int, int]], seed: int = 0) -> list[torch.Tensor]:
+    """Random normalised (3, H, W) images whose patch grids are `grids` (rows, cols in merged units)."""
+    g = torch.Generator().manual_seed(seed)
+    unit = args.vision.patch_size * args.vision.spatial_merge_size
+    return [torch.randn(3, r * unit, c * unit, generator=g) for r, c in grids]
+
+
+def prompt_with_images(args: PixtralArgs, grids: list[tuple[int, int]], text_ids: list[int]) -> list[int]:
+    """<s>[INST] <images> text [/INST]"""
+    toks = [1, 3]
+    for r, c in grids:
+        toks += image_tokens(args, r, c)
+    return toks + text_ids + [4]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@contextlib.contextmanager
+def png_server(png: bytes):
+    """A local HTTP server on 127.0.0.1 (tests never reach other addresses): every path answers `png` as
+    image/png, except /to?url=U, which redirects (302) to U. Yields "http://127.0.0.1:PORT"."""
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith("/to?url="):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/to?url="):])
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of a against b, in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def fp8_weights(N, K, device, seed):
+    """Random (N, K) weights quantised per channel -> (W8 float8_e4m3fn, scale (N,) fp32); channel 0 has a
+    40x larger range, so each channel's own scale matters."""
+    import torch
+
+    from pixtral_rt.fp8 import quantize_weight
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[0] *= 40
+    w8, s = quantize_weight(w.to(device))
+    return w8, s.reshape(-1).contiguous()
+
+
+def small_image_messages(n_images: int, seed: int) -> list[dict]:
+    """A chat request with n_images (<= 3) small random images of awkward sizes and a short text."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
+    content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
+    return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]
