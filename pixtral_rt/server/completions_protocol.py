@@ -77,7 +77,7 @@ class CompletionRequest(_Checked):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     echo: bool | None = None
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=20, strict=True)   # an int here (true is chat's)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     add_special_tokens: bool = True                           # vLLM's: BOS before a string prompt
