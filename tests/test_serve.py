@@ -385,12 +385,17 @@ def test_malformed_image_urls_are_400_on_a_connection_that_stays_up(plain):
 @pytest.mark.parametrize("extra,param,code", [
     ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-    ({"logit_bias": {"17": 5}}, "logit_bias", "unsupported_parameter"),
-    ({"repetition_penalty": 1.3}, "repetition_penalty", "unsupported_parameter"),
+    ({"min_p": 0.5}, "min_p", "unsupported_parameter"),
+    ({"ignore_eos": True}, "ignore_eos", "unsupported_parameter"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"17": 500}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"131072": 5}}, "logit_bias", "invalid_request"),
+    ({"stop_token_ids": [7, 131072]}, "stop_token_ids[1]", "invalid_request"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
+    ({"min_tokens": 3}, "min_tokens", "invalid_value"),
     ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
 ])
-def test_parameters_the_server_does_not_honour_are_400(plain, extra, param, code):
+def test_parameters_the_server_does_not_honour_or_out_of_range_are_400(plain, extra, param, code):
     err = _error(_post(plain, {"messages": [_user("hi")], "max_tokens": 1, **extra}), 400)
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
     assert err["message"].startswith(f"{param}: ")
@@ -405,8 +410,8 @@ def test_the_openai_client_with_harmless_and_unsupported_parameters(plain):
                                        extra_body={"top_k": 5})
     assert r.usage.completion_tokens == 2
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, frequency_penalty=1.5)
-    assert e.value.status_code == 400 and e.value.body["param"] == "frequency_penalty"
+        client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, service_tier="flex")
+    assert e.value.status_code == 400 and e.value.body["param"] == "service_tier"
     assert e.value.body["code"] == "unsupported_parameter"
 
 

@@ -204,11 +204,12 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
             state.pool, functools.partial(engine.encode, chat.chat_messages(), asked or 1, image_limits=image_limits))
         max_tokens = asked or engine.max_context - req.prompt_tokens
         state.check_accepting()  # shutdown may have begun during a slow image download
+        params = _sampling(chat, max_tokens)     # may refuse (min_tokens over max_tokens): before the run exists
         run = CompletionRun(engine, state.token_text, state.metrics, n=chat.n or 1, stop=tuple(chat.stop),
                             logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, arrived=arrived,
                             on_close=state.active.discard)
         state.active.add(run)
-        run.submit(req, _sampling(chat, max_tokens))
+        run.submit(req, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return _StreamingRun(run, _stream_events(run, chat, rid, created, state.name))

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from .protocol import ANY, UNSUPPORTED, ChatMessage, StreamOptions, Usage, _Checked
+from .sampling_protocol import SamplingControls
 
 MAX_PROMPTS = 64           # prompts in one /v1/completions request
 MAX_CHOICES = 256          # prompts x n: engine requests one HTTP request may queue
@@ -28,11 +29,10 @@ DEFAULT_MAX_TOKENS = 16    # OpenAI's default for completions
 # (null is always accepted); see protocol.NOT_HONOURED for the rules
 COMPLETION_NOT_HONOURED: dict[str, tuple | str] = {
     "suffix": ("",), "best_of": (1,), "user": ANY,
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
     "response_format": ({"type": "text"},), "service_tier": ("auto", "default"), "metadata": ANY,
-    # vLLM's extensions but top_k and add_special_tokens (fields: honoured)
-    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,),
-    "use_beam_search": (False,), "length_penalty": (1,), "stop_token_ids": ([],),
+    # vLLM's extensions but top_k, add_special_tokens and the sampling controls (fields: honoured)
+    "min_p": (0,), "ignore_eos": (False,),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,),
     "priority": (0,), "bad_words": ([],), "allowed_token_ids": UNSUPPORTED, "prompt_logprobs": UNSUPPORTED,
     "truncate_prompt_tokens": UNSUPPORTED, "prompt_embeds": UNSUPPORTED, "guided_json": UNSUPPORTED,
@@ -64,7 +64,7 @@ def _prompts(v) -> tuple[list[str | list[int]], bool]:
                      "(several prompts), not a mix")
 
 
-class CompletionRequest(_Checked):
+class CompletionRequest(SamplingControls, _Checked):
     _NOT_HONOURED = COMPLETION_NOT_HONOURED
     # field order matters: a field's validator sees the fields above it (n checks prompt, logprobs echo)
     model: str | None = None

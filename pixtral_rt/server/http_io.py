@@ -23,6 +23,11 @@ ERROR_CODES = [(QueueFullError, "queue_full"), (ContextLengthError, "context_len
                (MessageFormatError, "invalid_messages")]
 
 
+# request fields an engine-side refusal may start its message with ("logit_bias: token id 131072 is outside
+# the vocabulary"): the error's param then names it
+NAMED_FIELDS = ("logit_bias", "stop_token_ids")
+
+
 def input_error(exc: PixtralInputError, param: str = "messages") -> OpenAIError:
     """An input error from the request pipeline or the engine's admission (queue full: 503), as OpenAI
     would answer it. `param`: the request field the error is about unless its message names a part of it
@@ -32,7 +37,7 @@ def input_error(exc: PixtralInputError, param: str = "messages") -> OpenAIError:
     status = 400 if isinstance(exc, ContextLengthError) else exc.status
     code = next((c for cls, c in ERROR_CODES if isinstance(exc, cls)), "invalid_request")
     where = msg.split(":", 1)[0]
-    if " " not in where and where.startswith(f"{param}["):
+    if " " not in where and (where.startswith(f"{param}[") or where.split("[", 1)[0] in NAMED_FIELDS):
         param = where
     kind = {502: "upstream_error", 503: "server_error"}.get(status, "invalid_request_error")
     return OpenAIError(status, msg, type=kind, param=None if status == 503 else param, code=code)

@@ -5,7 +5,8 @@ Requests are parsed with `parse_chat_request(obj)`: a bad value raises OpenAIErr
 ("temperature", "messages[0].content[1]"). A field the server does not honour is refused, never silently
 ignored (NOT_HONOURED says which values of which fields are accepted because they change nothing), and so
 is a field no table knows (OpenAI refuses those too: "Unrecognized request argument"). Extensions: `top_k`
-(0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
+(0 or -1 = off, as in vLLM), vLLM's repetition_penalty / min_tokens / stop_token_ids (sampling_protocol.py,
+with OpenAI's penalties and logit_bias), and a content part's `image_url` may be a bare URL string.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
+
+from .sampling_protocol import SamplingControls
 
 
 class OpenAIError(Exception):
@@ -58,14 +61,14 @@ NOT_HONOURED: dict[str, tuple | str] = {
     "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
     "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
     # sampling and output this server does not implement
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
+    "modalities": (["text"],),
     "service_tier": ("auto", "default"), "prediction": UNSUPPORTED, "audio": UNSUPPORTED,
     "reasoning_effort": UNSUPPORTED, "verbosity": UNSUPPORTED, "web_search_options": UNSUPPORTED,
     # bookkeeping
     "user": ANY, "metadata": ANY, "store": ANY, "prompt_cache_key": ANY, "safety_identifier": ANY,
     # vLLM's extensions but top_k (a field: honoured)
-    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "best_of": (1,),
-    "use_beam_search": (False,), "length_penalty": (1,), "stop_token_ids": ([],),
+    "min_p": (0,), "ignore_eos": (False,), "best_of": (1,),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "include_stop_str_in_output": (False,), "echo": (False,), "add_generation_prompt": (True,),
     "continue_final_message": (False,), "chat_template_kwargs": ({},), "priority": (0,),
     "prompt_logprobs": UNSUPPORTED, "chat_template": UNSUPPORTED, "guided_json": UNSUPPORTED,
@@ -192,7 +195,7 @@ class StreamOptions(_Checked):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Checked):
+class ChatCompletionRequest(SamplingControls, _Checked):
     model: str | None = None                  # when given, must be the served model's name
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)

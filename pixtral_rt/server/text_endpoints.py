@@ -75,11 +75,12 @@ def add_text_endpoints(app: FastAPI, state, *, dependencies: list, max_body_byte
             raise input_error(exc, "prompt") from exc
         state.check_accepting()
         n = req.n or 1
+        # each prompt's n choices sample as that prompt would alone (seed + j for choice j)
+        params = [sampling_params(req, max_tokens) for _ in encoded]
         run = TextCompletionRun(engine, state.token_text, state.metrics, n=len(encoded) * n, stop=tuple(req.stop),
                                 logprobs=req.logprobs, arrived=arrived, on_close=state.active.discard)
         state.active.add(run)
-        # each prompt's n choices sample as that prompt would alone (seed + j for choice j)
-        run.submit_prompts([e for e, _ in encoded], [sampling_params(req, max_tokens) for _ in encoded])
+        run.submit_prompts([e for e, _ in encoded], params)
         echo = [text for _, text in encoded for _ in range(n)]          # per choice
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
