@@ -17,7 +17,7 @@ from pixtral_rt.sampling_controls import apply_controls, count_tokens_, plan_con
 EOS = 2
 
 
-def reference_row(x: torch.Tensor, p: SamplingParams, prompt, output, step: int) -> torch.Tensor:
+def reference_row(x: torch.Tensor, p: SamplingParams, prompt, output, step: int, eos: int = EOS) -> torch.Tensor:
     """One row, straight from the formula (vLLM's order: logit_bias, min_tokens, then the penalties)."""
     x = x.clone()
     for t, b in p.logit_bias.items():
@@ -31,7 +31,7 @@ def reference_row(x: torch.Tensor, p: SamplingParams, prompt, output, step: int)
     x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
     x = x - p.frequency_penalty * cnt - p.presence_penalty * (cnt > 0).float()
     if step < p.min_tokens:
-        x[[EOS, *p.stop_token_ids]] = float("-inf")
+        x[[eos, *p.stop_token_ids]] = float("-inf")
     return x
 
 
