@@ -304,3 +304,42 @@ def test_the_tables_and_the_models_never_both_claim_a_field():
         assert not both, f"{model.__name__}: {both} are fields and in its table"
     # a harmless value of a listed field is accepted and changes nothing
     assert CompletionRequest.model_validate({"prompt": "a", "best_of": 1, "user": "u", "suffix": ""}).prompts == ["a"]
+
+
+# ----------------------------------------------------------------------------- sampling controls over HTTP
+def test_sampling_controls_reach_the_sampler_from_both_routes(eng, http):
+    forced = TokenText(eng.tokenizer).of(1000)[0]
+    chat = _post(http, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                                 "temperature": 0, "logit_bias": {"1000": 100}, "logprobs": True})
+    assert [t["token"] for t in chat["choices"][0]["logprobs"]["content"]] == [forced] * 5
+    # min_tokens holds back the biased stop id for 3 tokens, then it ends the answer (and is not emitted)
+    body = {"prompt": "x", "max_tokens": 8, "temperature": 0, "logprobs": 0, "min_tokens": 3,
+            "logit_bias": {"1000": 100, "77": 99}, "stop_token_ids": [1000]}
+    r = _post(http, "/v1/completions", body)
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 3
+    assert r["choices"][0]["logprobs"]["tokens"] == [TokenText(eng.tokenizer).of(77)[0]] * 3
+    plain = {"prompt": "Again and again and again", "max_tokens": 16, "temperature": 0}
+    a = _post(http, "/v1/completions", plain)["choices"][0]["text"]
+    b = _post(http, "/v1/completions", {**plain, "frequency_penalty": 2, "presence_penalty": 1,
+                                        "repetition_penalty": 1.5})["choices"][0]["text"]
+    assert a != b
+
+
+@pytest.mark.parametrize("path,body,param,code", [
+    ("/v1/completions", {"prompt": "a", "frequency_penalty": 2.1}, "frequency_penalty", "invalid_value"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", "invalid_value"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": -101}}, "logit_bias", "invalid_value"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "invalid_value"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"131072": 1}}, "logit_bias", "invalid_request"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [1, -2]}, "stop_token_ids", "invalid_value"),
+    ("/v1/completions", {"prompt": "a", "stop_token_ids": [1, 131072]}, "stop_token_ids[1]", "invalid_request"),
+    ("/v1/completions", {"prompt": "a", "min_tokens": 17}, "min_tokens", "invalid_value"),    # default max 16
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "repetition_penalty": -1},
+     "repetition_penalty", "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "min_tokens": 2000},
+     "min_tokens", "invalid_value"),
+])
+def test_bad_sampling_controls_are_400_naming_the_field(http, path, body, param, code):
+    err = _error(http.post(path, json=body), 400)
+    assert (err["param"], err["code"]) == (param, code), err
+    assert err["message"].startswith(f"{param}: "), err
