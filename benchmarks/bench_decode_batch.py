@@ -42,7 +42,7 @@ def main():
         r.model.decoder.v_pages.normal_(0, 1)
         r.tokens.random_(0, eng.args.text.vocab_size)
         for B in batches:
-            g, _ = r._graphs[(B, True)]
+            g, _ = r._graphs[(B, True, False)]
             r.active.zero_()
             r.active[:B] = 1
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]

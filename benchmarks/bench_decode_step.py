@@ -97,8 +97,8 @@ def run_steps(eng, copy_tb):
         r.active[:B] = 1
         for fusion, pos, rep in variants:
             dec.decode_fusion = fusion
-            r._capture(B, True, None)                      # the runner's graph of this path (greedy)
-            g, _ = r._graphs[(B, True)]
+            r._capture(B, True, False, None)               # the runner's graph of this path (greedy, no controls)
+            g, _ = r._graphs[(B, True, False)]
 
             def step():
                 r.positions[:B] = pos                      # in the graph: position += 1; reset each replay

@@ -92,7 +92,8 @@ def write_controls_(st, slot: int, rows: ControlRows, upload=None) -> None:
         st.counts[slot].index_add_(0, output, torch.ones_like(output, dtype=torch.int32))
 
 
-def _tables(st) -> dict:
+def control_tables(st) -> dict:
+    """The keyword tensors of kernels/logits_process.py for SamplingState (or a state over some rows) `st`."""
     return dict(slots=st.slots, ctl=st.ctl, step=st.step, min_tokens=st.min_tokens, repetition=st.repetition,
                 frequency=st.frequency, presence=st.presence, n_sparse=st.n_sparse, counts=st.counts,
                 prompt_bits=st.prompt_bits, sparse_bits=st.sparse_bits, sparse_ids=st.sparse_ids,
@@ -104,7 +105,7 @@ def apply_controls(logits: torch.Tensor, st) -> torch.Tensor:
     the others. Out of place (logits is not modified); no host sync, capturable."""
     from .kernels.logits_process import logits_process, logits_process_torch
     out = torch.empty_like(logits)
-    (logits_process if logits.is_cuda else logits_process_torch)(logits, out, **_tables(st))
+    (logits_process if logits.is_cuda else logits_process_torch)(logits, out, **control_tables(st))
     return torch.where((st.ctl != 0)[:, None], out, logits)
 
 

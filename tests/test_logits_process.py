@@ -12,7 +12,8 @@ import torch
 
 from pixtral_rt.kernels.logits_process import logits_process, logits_process_torch
 from pixtral_rt.sampling import SamplingParams, SamplingState, sample
-from pixtral_rt.sampling_controls import apply_controls, count_tokens_, plan_controls, write_controls_
+from pixtral_rt.sampling_controls import (apply_controls, control_tables, count_tokens_, plan_controls,
+                                         write_controls_)
 
 EOS = 2
 
@@ -80,13 +81,6 @@ def _case(B: int, V: int, S: int, seed: int, device: str, kinds=KINDS):
     return st, sub, logits, rows
 
 
-def _tables(sub):
-    return dict(slots=sub.slots, ctl=sub.ctl, step=sub.step, min_tokens=sub.min_tokens, repetition=sub.repetition,
-                frequency=sub.frequency, presence=sub.presence, n_sparse=sub.n_sparse, counts=sub.counts,
-                prompt_bits=sub.prompt_bits, sparse_bits=sub.sparse_bits, sparse_ids=sub.sparse_ids,
-                sparse_bias=sub.sparse_bias, sparse_ban=sub.sparse_ban)
-
-
 @pytest.mark.parametrize("B,V,S", [(1, 32, 1), (8, 1001, 11), (5, 4096 + 77, 6), (7, 33, 9), (3, 8192, 4)])
 @pytest.mark.parametrize("fn", [logits_process, logits_process_torch], ids=["kernel", "torch"])
 def test_logits_process_matches_the_reference(device, fn, B, V, S):
@@ -94,7 +88,7 @@ def test_logits_process_matches_the_reference(device, fn, B, V, S):
         st, sub, logits, rows = _case(B, V, S, seed + B + V, device)
         raw = logits.clone()
         out = torch.full_like(logits, float("nan"))
-        fn(logits, out, **_tables(sub))
+        fn(logits, out, **control_tables(sub))
         assert torch.equal(logits, raw), "the input logits must stay intact (out of place)"
         out = out.cpu()
         for r, (p, prompt, output, step) in enumerate(rows):
@@ -113,7 +107,7 @@ def test_every_sparse_entry_in_use(device):
     st, sub, logits, rows = _case(3, 5000, 3, 1, device, kinds=["max"])
     assert all(r[0] is not None and len(r[0].logit_bias) == 300 for r in rows)
     out = torch.full_like(logits, float("nan"))
-    logits_process(logits, out, **_tables(sub))
+    logits_process(logits, out, **control_tables(sub))
     for r, (p, prompt, output, step) in enumerate(rows):
         want = reference_row(logits[r].cpu(), p, prompt, output, step)
         assert torch.equal(torch.isinf(out[r].cpu()), torch.isinf(want))
