@@ -593,3 +593,19 @@ def test_queued_events_coalesce_in_order():
         assert [d.finish_reason for d in ds][-1] == "length" and all(d.finish_reason is None for d in ds[:-1])
         want = tok.decode([t for i, t in enumerate(ids) if ch == 0 or i % 3 == 0])
         assert "".join(d.text for d in ds) == want and len(lps) == n
+
+
+def test_text_routes_and_sampling_controls_through_the_engine_process(plain):
+    """/v1/completions, /tokenize and the sampling controls with the engine in its own process (EngineClient),
+    as the server runs by default (tests/test_text_endpoints.py covers them in depth, in process)."""
+    client, model = plain.client(), _model(plain)
+    r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=0,
+                                  logit_bias={"1000": 100}, extra_body={"min_tokens": 2})
+    assert r.object == "text_completion" and r.usage.completion_tokens == 4
+    assert len(set(r.choices[0].logprobs.tokens)) == 1               # the biased token, 4 times
+    messages = [_user("What is this?", DATA_URL)]
+    count = httpx.post(plain.url + "/tokenize", json={"model": model, "messages": messages}).json()["count"]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
+    assert count == chat.usage.prompt_tokens
+    ids = httpx.post(plain.url + "/tokenize", json={"prompt": "round trip"}).json()["tokens"]
+    assert httpx.post(plain.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "round trip"}

@@ -52,8 +52,8 @@ UNSUPPORTED = ()    # no value accepted (null, "not set", aside)
 # unsupported_parameter). Keys are paths: "tools" is a request field, "messages[].refusal" a field of a
 # message, "messages[].content[].x" of a content part, "stream_options.x" of stream_options. A field that is
 # neither a model field nor listed here is refused too (code unknown_parameter). The applications issue will
-# implement tools, response_format and the penalties; each then becomes a field of its model and leaves this
-# table (tests/test_openai_protocol.py checks that no key is both).
+# implement tools and response_format (the penalties and vLLM's sampling extras did: sampling_protocol.py); each
+# then becomes a field of its model and leaves this table (tests/test_openai_protocol.py checks that no key is both).
 # A message's `name` is a ChatMessage field: accepted, and since Mistral's chat formats have no speaker names,
 # used only as a tool message's tool name.
 NOT_HONOURED: dict[str, tuple | str] = {
