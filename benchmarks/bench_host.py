@@ -4,6 +4,9 @@
                 (InstructTokenizer.decode with special tokens kept, what encode_instruct did for its text field)
   digest        serving.sequence.image_digest (SHA-256 over the pixels, no copy) of a decoded 1024^2 image;
                 baseline: the earlier digest, BLAKE2b-128 over header + a.tobytes()
+  repeat_url    chat.encode_request (the server's path: raw pixels + digest) of a chat whose image is a ~4 MB
+                PNG data URL sent again (turn 2: pixtral_rt/image_cache.py serves it); baseline: the same
+                request with the cache emptied before each call (base64 + PNG decode + digest every time)
 
     python -m benchmarks.bench_host
 """
@@ -49,6 +52,39 @@ def main() -> None:
     old = median_wall_ms(lambda: _old_digest(px), reps=21)
     record("host", "digest_1024sq_uint8", "image_digest_ms", new, "ms", "blake2b_over_copy", old, None,
            bytes=int(px.nbytes))
+    _repeat_url(tok, PIXTRAL_12B, image_digest)
+
+
+def _repeat_url(tok, args, image_digest) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pixtral_rt import image_cache
+    from pixtral_rt.chat import encode_request
+    rng = np.random.default_rng(1)
+    # a photo-like picture stored as PNG: ~4 MB encoded at 1400 x 1400
+    a = np.asarray(Image.open(io.BytesIO(photo_like_jpeg(1400, 1400, rng))).convert("RGB"))
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, "PNG", compress_level=1)
+    url = "data:image/png;base64," + base64.b64encode(b.getvalue()).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is in this picture?"}]}]
+
+    def encode():
+        return encode_request(msgs, tok, args, raw_pixels=True, digest=image_digest)
+
+    def uncached():
+        image_cache.CACHE.clear()
+        return encode()
+
+    assert encode().image_digests == uncached().image_digests        # same request either way
+    cold = median_wall_ms(uncached, reps=9)
+    encode()
+    warm = median_wall_ms(encode, reps=9)
+    record("host", "repeat_png_data_url", "encode_request_ms", warm, "ms", "image_cache_emptied", cold, None,
+           url_MB=round(len(url) / 2**20, 2), png_MB=round(len(b.getvalue()) / 2**20, 2), pixels=f"{a.shape[1]}x{a.shape[0]}")
 
 
 if __name__ == "__main__":

@@ -366,9 +366,14 @@ def encode_request(messages, tokenizer, args: PixtralArgs, *, max_images: int = 
             pixels = im.opened.decode()
         except ImageError as exc:
             raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
+        cached = im.opened.cached          # image_cache entry of its encoded bytes (None: not cached)
         im.opened = None  # drop the decoder's copy early
         if raw_pixels:
             out = pixels
+            if digest is not None and cached is not None:   # the pixels' digest, computed once per image
+                if cached.digest is None or cached.digest[0] is not digest:
+                    cached.digest = (digest, digest(out))
+                return out, cached.digest[1]
         else:
             out = preprocess(pixels, (im.plan.out_height, im.plan.out_width), threads=threads)
             if to_torch:

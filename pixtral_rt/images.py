@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from . import image_cache
+from .image_cache import CachedImage, encoded_key
 from .errors import (AnimatedImageError, AnimatedImageWarning, ImageDecodeError, ImageError, ImageFetchError,
                      ImageSourceError, ImageTooLargeError, describe_source)
 
@@ -102,8 +104,12 @@ class OpenedImage:
     mode: str
     orientation: int = 1
     animated: bool = False
+    n_bytes: int = 0                    # encoded size (0: not from encoded bytes)
+    n_frames: object = 1                # of an animated image ("several" when its container does not say)
     _pil: Image.Image | None = None
     _array: np.ndarray | None = None
+    cache_key: bytes | None = None      # image_cache key of its encoded bytes: decode() stores the pixels there
+    cached: CachedImage | None = None   # the cache entry its pixels came from (or went to)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -135,6 +141,10 @@ class OpenedImage:
                                    f"{(self.height, self.width, 3)} from its header", self.name)
         self._array = np.ascontiguousarray(arr)
         self._pil = None
+        if self.cache_key is not None:
+            self.cached = CachedImage(self.width, self.height, self.format, self.mode, self.orientation,
+                                      self.animated, self.n_frames, self.n_bytes, self._array)
+            image_cache.CACHE.put(self.cache_key, self.cached)     # marks the pixels read-only
         return self._array
 
 
@@ -170,8 +180,13 @@ def _open_string(s: str, limits: ImageLimits) -> OpenedImage:
     if len(scheme) == 1 and os.name == "nt":  # "C:\..." is a Windows drive, not a scheme
         scheme = ""
     if scheme == "data":
+        # the same data URL again (a chat's history re-sends its images): no base64, no decode
+        key = encoded_key(stripped, limits.apply_exif_orientation) if image_cache.CACHE.max_bytes else None
+        hit = _from_cache(key, name, limits)
+        if hit is not None:
+            return hit
         data, mime = _decode_data_url(stripped, name)
-        opened = _open_bytes(data, name, limits)
+        opened = _open_bytes(data, name, limits, key=key)
         _check_mime(mime, opened, name)
         return opened
     if scheme in ("http", "https"):
@@ -570,11 +585,17 @@ def _sniff(data: bytes) -> str:
     return ""
 
 
-def _open_bytes(data: bytes, name: str, limits: ImageLimits) -> OpenedImage:
+def _open_bytes(data: bytes, name: str, limits: ImageLimits, key: bytes | None = None) -> OpenedImage:
+    """key: the image_cache key of the source these bytes came from (a data URL); None: the bytes' own."""
     if not data:
         raise ImageDecodeError(f"image {name} is empty (0 bytes)", name)
     if len(data) > limits.max_bytes:
         raise ImageTooLargeError(f"image {name} is {len(data)} bytes, over the cap of {limits.max_bytes}", name)
+    if key is None and image_cache.CACHE.max_bytes:
+        key = encoded_key(data, limits.apply_exif_orientation)
+        hit = _from_cache(key, name, limits)
+        if hit is not None:
+            return hit
     try:
         im = _pil_open(data)
     except Image.DecompressionBombError as exc:
@@ -589,7 +610,31 @@ def _open_bytes(data: bytes, name: str, limits: ImageLimits) -> OpenedImage:
         raise ImageDecodeError(f"image {name} is not a recognised image format{_sniff(data)}", name) from exc
     except Exception as exc:  # noqa: BLE001 - corrupt headers raise many types
         raise ImageDecodeError(f"image {name} has a corrupt header: {exc}", name) from exc
-    return _open_pil(im, name, limits)
+    opened = _open_pil(im, name, limits)
+    opened.cache_key, opened.n_bytes = key, len(data)
+    return opened
+
+
+def _from_cache(key: bytes | None, name: str, limits: ImageLimits) -> OpenedImage | None:
+    """The decoded image of these encoded bytes if cached, with this request's limits checked again (the
+    same checks and messages as a first opening)."""
+    e = image_cache.CACHE.get(key) if key is not None else None
+    if e is None:
+        return None
+    if e.n_bytes > limits.max_bytes:
+        raise ImageTooLargeError(f"image {name} is {e.n_bytes} bytes, over the cap of {limits.max_bytes}", name)
+    if e.width * e.height > limits.max_pixels:
+        raise ImageTooLargeError(f"image {name} is {e.width}x{e.height} = {e.width * e.height} pixels, over the "
+                                 f"cap of {limits.max_pixels} (decompression-bomb guard): downscale it first", name)
+    if e.animated:
+        if not limits.allow_animated:
+            raise AnimatedImageError(f"image {name} is an animated {e.format} with {e.n_frames} frames; only still "
+                                     "images are accepted here", name)
+        warnings.warn(AnimatedImageWarning(f"image {name} is an animated {e.format} with {e.n_frames} frames: using "
+                                           "the first frame only"), stacklevel=4)
+    return OpenedImage(name=name, width=e.width, height=e.height, format=e.format, mode=e.mode,
+                       orientation=e.orientation, animated=e.animated, n_bytes=e.n_bytes, n_frames=e.n_frames,
+                       _array=e.pixels, cached=e)
 
 
 def _pil_open(data: bytes) -> Image.Image:
@@ -655,7 +700,7 @@ def _open_pil(im: Image.Image, name: str, limits: ImageLimits) -> OpenedImage:
     if orientation in (5, 6, 7, 8):
         w, h = h, w
     return OpenedImage(name=name, width=w, height=h, format=im.format, mode=im.mode, orientation=orientation,
-                       animated=animated, _pil=im)
+                       animated=animated, n_frames=getattr(im, "n_frames", "several") if animated else 1, _pil=im)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

@@ -39,10 +39,10 @@ def test_counters_see_request_path_work_cpu(tmp_path, monkeypatch):
         compile_events.register_autotuner(Tuner)
         run = eng.runner.run
 
-        def run_that_captures_and_tunes(plan):
+        def run_that_captures_and_tunes(plan, before_sample=None):
             compile_events.captured()
             Tuner.cache[len(Tuner.cache)] = "config"
-            return run(plan)
+            return run(plan, before_sample)
 
         monkeypatch.setattr(eng.runner, "run", run_that_captures_and_tunes)
         eng.generate(_req([(40, 56)], 2), SamplingParams(max_tokens=2))

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 
+from .. import image_cache
 from ..cli_flags import add_runtime_flags, add_weight_flags, check_weight_flags, runtime_options
 
 log = logging.getLogger("pixtral_rt.serve")
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs reach loopback, private, link-local and cloud-metadata addresses "
                         "(refused by default, on every redirect too, so clients cannot probe your network)")
+    r.add_argument("--image-cache-mb", type=int, default=512, metavar="MB",
+                   help="decoded images kept by the digest of their encoded bytes, so an image a chat re-sends "
+                        "(its history) is not base64-decoded or decoded again (default 512; 0: off)")
     return p
 
 
@@ -184,7 +188,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     folder, or None."""
     for flag, value, low in (("--max-images", args.max_images, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 1),
-                             ("--kv-tokens", args.kv_tokens, 1)):
+                             ("--kv-tokens", args.kv_tokens, 1), ("--image-cache-mb", args.image_cache_mb, 0)):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     check_weight_flags(parser, args)
@@ -239,6 +243,7 @@ def _load_and_serve(args: argparse.Namespace, root: str | None, sock: socket.soc
               file=sys.stderr)
         return EXIT_FAILURE
     name = args.served_model_name or _default_name(args.model, engine)
+    image_cache.CACHE.max_bytes = args.image_cache_mb << 20
     limits = ImageLimits(allow_local_files=root is not None, local_files_root=root,
                          allow_private_urls=args.allow_private_urls)
     api_key = args.api_key or os.environ.get("PIXTRAL_RT_API_KEY") or None

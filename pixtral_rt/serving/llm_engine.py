@@ -372,20 +372,30 @@ class LLMEngine:
                 plan = self.scheduler.schedule()
             self._finish_released(plan.released)
             # constrained sequences that sample in this step need their grammar advanced by the previous
-            # step's tokens first: deliver it now (the GPU waits for this step's launch meanwhile; free
-            # batches keep the one-step overlap)
+            # step's tokens: the runner launches the decode forward, then calls before_sample, which
+            # delivers the previous step (its tokens are ready once the GPU reaches this forward) and
+            # uploads the masks while the forward runs; free batches skip this
             cons = [s for s in plan.decode + [c.seq for c in plan.prefill if c.last] if s.matcher is not None]
-            if cons and prev is not None:
-                self._deliver(prev)
-                prev = None
-            self._set_masks([s for s in cons if s.finish_reason is None and not s.cancelled])
+            before_sample, held = None, None
+            if cons:
+                held, prev = [prev], None            # delivered by before_sample (or below if it never ran)
+
+                def before_sample():
+                    if held[0] is not None:
+                        p, held[0] = held[0], None
+                        self._deliver(p)
+                    self._set_masks([s for s in cons if s.finish_reason is None and not s.cancelled])
+            else:
+                self.runner.set_token_masks([])       # clears the masks of sequences constrained before
             try:
-                out = self.runner.run(plan)
+                out = self.runner.run(plan, before_sample)
                 for c in plan.prefill:
                     self.scheduler.register_prefix(c.seq)
                 self.counters.steps += 1
             except Exception as exc:  # noqa: BLE001 - e.g. CUDA OOM: fail the step's requests, keep serving
                 log.exception("step failed")
+                if held and held[0] is not None:      # the step failed before before_sample: its tokens stand
+                    self._deliver(held[0])
                 self._fail(plan, exc)
                 out = None
             if prev is not None:

@@ -15,9 +15,12 @@ slots):
                             sampling controls of a slot (penalties, logit_bias, min_tokens) are written at
                             its set-up from the prompt and the delivered output (pixtral_rt/sampling_controls.py)
 A step = (1) slot set-up for admitted / released sequences, (2) one decode step over slots 0..Bp-1 (Bp: the
-smallest captured batch size covering the highest decoding slot; a CUDA graph per (Bp, greedy-only,
-controlled: some row has sampling controls; without, the graph runs none of their work)), which
-writes each row's next token into `tokens` and advances `positions`, then (3) the prompt chunks of this step,
+smallest captured batch size covering the highest decoding slot) as two CUDA graphs: the forward (one per
+Bp), then the sampling (one per (Bp, greedy-only, controlled: some row has sampling controls; without, the
+graph runs none of their work)), which writes each row's next token into `tokens` and
+advances `positions`. Between the two launches the engine may run `before_sample` (structured output: wait
+for the previous step's tokens, advance the grammars, upload the token masks) while the GPU runs the
+forward, so constrained sequences keep the overlap of host and device work. Then (3) the prompt chunks of this step,
 packed into one varlen forward, whose last chunks sample their sequence's next token into `tokens` (the
 first output token; for a sequence resumed after preemption, the prefill covers prompt + delivered output and
 samples the token after them).
@@ -151,7 +154,8 @@ class ModelRunner:
         self._any_masked = False
         self.features = _FeatureCache(feature_cache_bytes)
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
-        self._graphs: dict[tuple[int, bool, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._fwd_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # B -> (graph, logits)
+        self._sample_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (B, greedy-only, controls)
         self._before_replay = getattr(model, "before_replay", None)
         self.warmup_info: dict = {}
         if self.device.type == "cuda":
@@ -197,35 +201,52 @@ class ModelRunner:
         # what the load prepared so that requests compile / capture nothing (issue 12), for the load message
         self.warmup_info = {
             "warmup_s": round(time.perf_counter() - t0, 2),
-            "decode_graphs": len(self._graphs),
-            "vision_buckets": ev["graph_capture"] - events0["graph_capture"] - len(self._graphs),
+            "decode_graphs": len(self._fwd_graphs) + len(self._sample_graphs),
+            "vision_buckets": (ev["graph_capture"] - events0["graph_capture"] - len(self._fwd_graphs)
+                               - len(self._sample_graphs)),
             "triton_compiles": ev["triton_compile"] - events0["triton_compile"],
             "autotunes": ev["autotune"] - events0["autotune"],
             "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}
 
     def _capture(self, B: int, greedy: bool, controls: bool, pool) -> None:
+        """The forward graph of batch B (once) and the sampling graph of (B, greedy, controls)."""
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             self._decode_body(B, greedy, controls)   # compile / autotune / cuBLAS handles outside the capture
         torch.cuda.current_stream(self.device).wait_stream(s)
+        if B not in self._fwd_graphs:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                logits = self._decode_forward(B)
+            compile_events.captured()
+            self._fwd_graphs[B] = (g, logits)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            logits = self._decode_body(B, greedy, controls)
+            self._decode_sample(B, greedy, self._fwd_graphs[B][1], controls)
         compile_events.captured()
-        self._graphs[(B, greedy, controls)] = (g, logits)
+        self._sample_graphs[(B, greedy, controls)] = g
 
-    def _decode_body(self, B: int, greedy: bool, controls: bool = False) -> torch.Tensor:
+    def _decode_forward(self, B: int) -> torch.Tensor:
+        """Slots 0..B-1: logits (B, V) fp32 of the token each feeds at its position (idle rows: trash)."""
         pos, act = self.positions[:B], self.active[:B]
-        lens = (pos + 1) * act
-        logits = self.model.decode(self.tokens[:B], pos, self.block_table, lens)
+        return self.model.decode(self.tokens[:B], pos, self.block_table, (pos + 1) * act)
+
+    def _decode_sample(self, B: int, greedy: bool, logits: torch.Tensor, controls: bool = False) -> None:
+        """Next token of each slot (token masks applied first, then the sampling controls of the rows that
+        have them, when `controls`) into out_tokens and, active rows, tokens; positions advance."""
+        act = self.active[:B]
         st = _rows(self.sampling, slice(0, B))
         nxt = sample(logits, st, greedy_only=greedy, controls=controls)
         if controls:
             count_tokens_(st, nxt, act)            # the penalties of the next step see this token
         self.out_tokens[:B].copy_(nxt)
         self.tokens[:B].copy_(torch.where(act > 0, nxt, self.tokens[:B]))
-        pos += act
+        self.positions[:B] += act
+
+    def _decode_body(self, B: int, greedy: bool, controls: bool = False) -> torch.Tensor:
+        logits = self._decode_forward(B)
+        self._decode_sample(B, greedy, logits, controls)
         return logits
 
     def _set_slot(self, seq: Sequence) -> None:
@@ -286,7 +307,9 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ a step
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> StepOutput:
+    def run(self, plan: StepPlan, before_sample=None) -> StepOutput:
+        """Launch the step. before_sample(): called once the decode forward is launched (or, with no
+        decode, before the prefill), before anything samples: the engine's last chance to set token masks."""
         for seq in plan.released + plan.preempted:
             if seq.slot >= 0:
                 self._clear_slot(seq.slot)
@@ -301,16 +324,25 @@ class ModelRunner:
             greedy = all(s.params.greedy for s in plan.decode)
             controls = any(s.params.has_controls for s in plan.decode)
             if self.use_graphs:
-                g, logits = self._graphs[(B, greedy, controls)]
+                g, logits = self._fwd_graphs[B]
                 if self._before_replay is not None:      # tensor parallel: followers replay their graph too
                     self._before_replay(B)
                 g.replay()
             else:
-                logits = self._decode_body(B, greedy, controls)
+                logits = self._decode_forward(B)
+            if before_sample is not None:                # host work while the GPU runs the forward
+                before_sample()
+                before_sample = None
+            if self.use_graphs:
+                self._sample_graphs[(B, greedy, controls)].replay()
+            else:
+                self._decode_sample(B, greedy, logits, controls)
             reports += [(s, s.slot) for s in plan.decode]
             if any(s.logprobs is not None for s in plan.decode):
                 want_lp = True
                 self._logprobs(logits, self.out_tokens[:B], torch.arange(B, device=self.device))
+        if before_sample is not None:
+            before_sample()
         stages: list = []
         if plan.prefill:
             done = self._prefill(plan.prefill, stages)
