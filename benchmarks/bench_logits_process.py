@@ -85,11 +85,12 @@ def bench_step(batches, fractions, context: int) -> None:
             r.active[:B] = 1
 
             def run(controls: bool):
-                graph, _ = r._graphs[(B, True, controls)]
+                fwd, smp = r._fwd_graphs[B][0], r._sample_graphs[(B, True, controls)]
 
-                def step():
+                def step():                                   # the decode step: forward, then sampling
                     r.positions[:B] = context                 # the graph advances it: reset each replay
-                    graph.replay()
+                    fwd.replay()
+                    smp.replay()
                 return bench_ms(step, warmup_ms=100, rep_ms=500)
 
             base = run(False)
