@@ -5,7 +5,8 @@ Requests are parsed with `parse_chat_request(obj)`: a bad value raises OpenAIErr
 ("temperature", "messages[0].content[1]"). A field the server does not honour is refused, never silently
 ignored (NOT_HONOURED says which values of which fields are accepted because they change nothing), and so
 is a field no table knows (OpenAI refuses those too: "Unrecognized request argument"). Extensions: `top_k`
-(0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
+(0 or -1 = off, as in vLLM), vLLM's repetition_penalty / min_tokens / stop_token_ids (sampling_protocol.py,
+with OpenAI's penalties and logit_bias), and a content part's `image_url` may be a bare URL string.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
+
+from .sampling_protocol import SamplingControls
 
 
 class OpenAIError(Exception):
@@ -49,8 +52,8 @@ UNSUPPORTED = ()    # no value accepted (null, "not set", aside)
 # unsupported_parameter). Keys are paths: "tools" is a request field, "messages[].refusal" a field of a
 # message, "messages[].content[].x" of a content part, "stream_options.x" of stream_options. A field that is
 # neither a model field nor listed here is refused too (code unknown_parameter). The applications issue will
-# implement tools, response_format and the penalties; each then becomes a field of its model and leaves this
-# table (tests/test_openai_protocol.py checks that no key is both).
+# implement tools and response_format (the penalties and vLLM's sampling extras did: sampling_protocol.py); each
+# then becomes a field of its model and leaves this table (tests/test_openai_protocol.py checks that no key is both).
 # A message's `name` is a ChatMessage field: accepted, and since Mistral's chat formats have no speaker names,
 # used only as a tool message's tool name.
 NOT_HONOURED: dict[str, tuple | str] = {
@@ -58,14 +61,14 @@ NOT_HONOURED: dict[str, tuple | str] = {
     "tools": ([],), "tool_choice": ("none", "auto"), "parallel_tool_calls": (True, False),
     "functions": ([],), "function_call": ("none", "auto"), "response_format": ({"type": "text"},),
     # sampling and output this server does not implement
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
+    "modalities": (["text"],),
     "service_tier": ("auto", "default"), "prediction": UNSUPPORTED, "audio": UNSUPPORTED,
     "reasoning_effort": UNSUPPORTED, "verbosity": UNSUPPORTED, "web_search_options": UNSUPPORTED,
     # bookkeeping
     "user": ANY, "metadata": ANY, "store": ANY, "prompt_cache_key": ANY, "safety_identifier": ANY,
     # vLLM's extensions but top_k (a field: honoured)
-    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "best_of": (1,),
-    "use_beam_search": (False,), "length_penalty": (1,), "stop_token_ids": ([],),
+    "min_p": (0,), "ignore_eos": (False,), "best_of": (1,),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "include_stop_str_in_output": (False,), "echo": (False,), "add_generation_prompt": (True,),
     "continue_final_message": (False,), "chat_template_kwargs": ({},), "priority": (0,),
     "prompt_logprobs": UNSUPPORTED, "chat_template": UNSUPPORTED, "guided_json": UNSUPPORTED,
@@ -85,10 +88,11 @@ def _same(value, accepted) -> bool:
     return value == accepted
 
 
-def _refusal(path: str, name: str, value) -> PydanticCustomError | None:
-    """Why the extra field `name` (table key `path`) with `value` is refused, or None when it is accepted.
-    The message is the whole template: accepted values in it hold braces that pydantic must not format."""
-    accepted = NOT_HONOURED.get(path)
+def _refusal(path: str, name: str, value, table: dict | None = None) -> PydanticCustomError | None:
+    """Why the extra field `name` (table key `path` of `table`, default NOT_HONOURED) with `value` is refused,
+    or None when it is accepted. The message is the whole template: accepted values in it hold braces that
+    pydantic must not format."""
+    accepted = (NOT_HONOURED if table is None else table).get(path)
     if accepted is None:
         return PydanticCustomError("unknown_parameter", "{message}", {
             "name": name, "message": "unrecognized request argument (this server does not know it): leave it out"})
@@ -108,6 +112,7 @@ class _Checked(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a backstop: every extra field was decided on before
     _PATH: ClassVar[str] = ""
+    _NOT_HONOURED: ClassVar[dict | None] = None   # the table its extra fields are looked up in (None: NOT_HONOURED)
 
     @model_validator(mode="before")
     @classmethod
@@ -115,7 +120,7 @@ class _Checked(BaseModel):
         if not isinstance(data, dict):
             return data  # pydantic refuses it with the usual message
         for name in [k for k in data if k not in cls.model_fields]:  # in the request's order
-            refusal = _refusal(cls._PATH + name, name, data[name])
+            refusal = _refusal(cls._PATH + name, name, data[name], cls._NOT_HONOURED)
             if refusal is not None:
                 raise refusal
         return {k: v for k, v in data.items() if k in cls.model_fields}
@@ -190,7 +195,7 @@ class StreamOptions(_Checked):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Checked):
+class ChatCompletionRequest(SamplingControls, _Checked):
     model: str | None = None                  # when given, must be the served model's name
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -245,11 +250,17 @@ def _param_name(loc: tuple) -> str | None:
 
 def parse_chat_request(obj: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; OpenAIError(400) naming the first bad parameter otherwise."""
+    return parse_request(obj, ChatCompletionRequest)
+
+
+def parse_request(obj: Any, model: type[BaseModel]):
+    """Validate a decoded JSON body as `model` (a _Checked request); OpenAIError(400) naming the first bad
+    parameter otherwise."""
     if not isinstance(obj, dict):
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                           code="invalid_request")
     try:
-        return ChatCompletionRequest.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] in ("unsupported_parameter", "unknown_parameter"):  # the param is the extra field itself
