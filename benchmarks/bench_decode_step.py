@@ -97,12 +97,14 @@ def run_steps(eng, copy_tb):
         r.active[:B] = 1
         for fusion, pos, rep in variants:
             dec.decode_fusion = fusion
-            r._capture(B, True, None)                      # the runner's graph of this path (greedy)
-            g, _ = r._graphs[(B, True)]
+            r._fwd_graphs.pop(B, None)                     # the forward graph is captured once per B: again
+            r._capture(B, True, False, None)               # the runner's graphs of this path (greedy, no controls)
+            fwd, smp = r._fwd_graphs[B][0], r._sample_graphs[(B, True, False)]
 
             def step():
                 r.positions[:B] = pos                      # in the graph: position += 1; reset each replay
-                g.replay()
+                fwd.replay()
+                smp.replay()
 
             ms = bench_ms(step, warmup_ms=100, rep_ms=rep)
             kv_bytes = B * args.n_layers * 2 * args.n_kv_heads * args.head_dim * 2 * (pos + 1)

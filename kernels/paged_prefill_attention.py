@@ -30,12 +30,11 @@ from pixtral_rt.kernels.prefill_attention import _attn_tile, _default_config
 
 
 @triton.jit
-def _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE: tl.constexpr, valid):
+def _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE: tl.constexpr):
     # _attn_tile addresses key n (n0 <= n < n0 + BLOCK_N) at base + n * stride_ps, as in a contiguous cache.
     # Return the base (an element offset, possibly negative) that puts key n at row n % P of its page
-    # table_row[n0 // P]: page start minus the page's first position times the row stride. valid False: the
-    # tile lies past the sequence's keys (its entry may lie past the table row): page 0, never used.
-    page = tl.load(table_row + n0 // PAGE, mask=valid, other=0).to(tl.int64)
+    # table_row[n0 // P]: page start minus the page's first position times the row stride.
+    page = tl.load(table_row + n0 // PAGE).to(tl.int64)
     return page * stride_pn + head_off - (n0 // PAGE * PAGE) * stride_ps
 
 
@@ -66,19 +65,14 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_end = ((start_pos + start_m * BLOCK_M) // BLOCK_N) * BLOCK_N   # keys every row of the block sees
     kv_end = start_pos + tl.minimum(T, (start_m + 1) * BLOCK_M)
-    # the next tile's page-table entry is loaded one tile ahead, so its latency hides behind this tile's math
-    # instead of sitting in front of every K/V load (the table entry past the last key is not read)
-    base = _page_rebase(table_row, 0, head_off, stride_pn, stride_ps, PAGE, 0 < kv_end)
     for n0 in range(0, full_end, BLOCK_N):
-        nxt = _page_rebase(table_row, n0 + BLOCK_N, head_off, stride_pn, stride_ps, PAGE, n0 + BLOCK_N < kv_end)
+        base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
                                    stride_ps, qk_scale, False, BLOCK_N, HEAD_DIM)
-        base = nxt
     for n0 in range(full_end, kv_end, BLOCK_N):
-        nxt = _page_rebase(table_row, n0 + BLOCK_N, head_off, stride_pn, stride_ps, PAGE, n0 + BLOCK_N < kv_end)
+        base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
                                    stride_ps, qk_scale, True, BLOCK_N, HEAD_DIM)
-        base = nxt
     acc = acc / l_i[:, None]   # every valid row sees at least its own key: l_i > 0
     o_ptrs = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)

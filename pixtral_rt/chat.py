@@ -528,3 +528,27 @@ def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, i
             f"{len(ordered)} image(s)) + {max_tokens} max_tokens = {len(tokens) + max_tokens}, over the context "
             f"of {context} tokens: shorten the prompt, use fewer or smaller images, or lower max_tokens")
     return tokens, ordered, positions
+
+
+def chat_prompt_tokens(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12,
+                       image_limits: ImageLimits = DEFAULT_LIMITS, workers: int | None = None) -> list[int]:
+    """The prompt token ids `encode_request` would give these messages (the same chat format, image tokens
+    included), for counting (POST /tokenize): images are opened (headers read, URLs fetched) and planned,
+    never decoded, and no context check is made (the caller compares the count with the context). Raises
+    the input errors encode_request raises for the same messages, but ContextLengthError."""
+    msgs, images = _parse_messages(messages)
+    if len(images) > max_images:
+        raise TooManyImagesError(f"request has {len(images)} images; at most {max_images} are allowed per request")
+
+    def plan_one(im):
+        try:
+            opened = open_image(im.source, image_limits)
+        except ImageError as exc:
+            raise type(exc)(f"{im.where}: {exc}", exc.source) from exc
+        im.plan = plan_image(opened.width, opened.height, args.vision)
+
+    n_urls = sum(isinstance(im.source, str) and im.source.startswith(("http://", "https://")) for im in images)
+    _each(plan_one, images, workers, worth_it=n_urls >= 2)
+    image_tokens = sum(im.plan.n_tokens for im in images)
+    tokens, _, _ = _checked_tokens(tokenizer, msgs, images, args.vision, 0, 1 << 62, image_tokens)
+    return tokens

@@ -3,7 +3,10 @@
 All per-sequence settings live in device tensors (SamplingState), so one captured graph serves every
 request: temperature (0 = greedy), top_k (0 = off), top_p (1 = off), a seed, and for structured output a
 token bitmask per slot (kernels/token_bitmask.py), filled by the host before each step of a constrained
-sequence and applied to its logits first; rows whose `masked` flag is 0 are untouched.
+sequence and applied to its logits first; rows whose `masked` flag is 0 are untouched. Then the sampling
+controls (logit_bias, min_tokens, repetition / frequency / presence penalties; pixtral_rt/sampling_controls.py,
+kernels/logits_process.py), out of place, on the rows whose `ctl` flag is set; they are written at slot
+set-up, and each controlled row's output-token counts are updated inside the step (count_tokens_).
 
 Sampling uses the exponential-race form of the Gumbel trick:
     token = argmax_i  p_i / E_i,   E_i = -log(u_i) ~ Exp(1)
@@ -11,13 +14,17 @@ which draws token i with probability p_i. The uniforms u come from a counter-bas
 (seed, step, vocab index) computed on the device: reproducible for a seed, independent of the batch
 and of graph capture, and with no generator state to register with the graph.
 
-Shapes: logits (B, V) fp32; every state tensor (B,) but bitmask (B, ceil(V / 32)) int32.
+Shapes: logits (B, V) fp32; every state tensor (B,) but bitmask (B, ceil(V / 32)) int32 and the controls'
+per-slot tables (counts (S, V), prompt_bits / sparse_bits (S, ceil(V / 32)), sparse_* (S, SPARSE)).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
+
+from .sampling_controls import SPARSE, apply_controls
 
 _MASK32 = 0xFFFFFFFF
 
@@ -43,6 +50,11 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 64
+assert MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + 1 <= SPARSE     # bias ids + (EOS + stop ids) banned by min_tokens
+
+
 @dataclass
 class SamplingParams:
     """Host-side settings of one request (validated here, with messages naming the bad value)."""
@@ -53,6 +65,13 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     constraint: object = None        # structured output / tool calls (pixtral_rt/structured): None = free
+    # sampling controls, vLLM's semantics (kernels/logits_process.py has the formula)
+    presence_penalty: float = 0.0    # [-2, 2], on output tokens: - p if the token was generated
+    frequency_penalty: float = 0.0   # [-2, 2], on output tokens: - f * times generated
+    repetition_penalty: float = 1.0  # > 0 (1 = off), on prompt + output tokens: logit / r if > 0, else * r
+    logit_bias: dict = field(default_factory=dict)   # token id -> [-100, 100] added to its logit; <= 300
+    min_tokens: int = 0              # EOS and stop_token_ids are banned until this many output tokens
+    stop_token_ids: tuple[int, ...] = ()   # finish "stop" when one is sampled (not emitted); <= 64
 
     def __post_init__(self):
         if not (self.temperature >= 0.0):
@@ -63,6 +82,44 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        self.logit_bias = dict(self.logit_bias)
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for t, b in self.logit_bias.items():
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias: {t!r} is not a token id (an integer >= 0)")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias[{t}] must be in [-100, 100], got {b}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
+        for i, t in enumerate(self.stop_token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise ValueError(f"stop_token_ids[{i}]: {t!r} is not a token id (an integer >= 0)")
+
+    def check_vocab(self, vocab: int) -> None:
+        """ValueError naming the first token id (logit_bias, stop_token_ids) outside 0..vocab-1."""
+        for t in self.logit_bias:
+            if t >= vocab:
+                raise ValueError(f"logit_bias: token id {t} is outside the vocabulary (0..{vocab - 1})")
+        for i, t in enumerate(self.stop_token_ids):
+            if t >= vocab:
+                raise ValueError(f"stop_token_ids[{i}]: token id {t} is outside the vocabulary (0..{vocab - 1})")
+
+    @property
+    def has_controls(self) -> bool:
+        """True when the logits of this request need the controls pass (a stop_token_ids list alone does
+        not: it is checked on the host as tokens are delivered)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias) or self.min_tokens > 0)
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +137,39 @@ class SamplingState:
         self.step = torch.zeros(batch, device=device, dtype=torch.int64)
         self.bitmask = torch.zeros(batch, (vocab + 31) // 32, device=device, dtype=torch.int32)
         self.masked = torch.zeros(batch, device=device, dtype=torch.int32)   # 1: apply the row's bitmask
+        # sampling controls (written by sampling_controls.write_controls_ at slot set-up; formula and shapes:
+        # kernels/logits_process.py). Per slot, 4 * (V + 2 * ceil(V / 32) + 3 * SPARSE + 7) bytes: 549 KiB at
+        # V = 131072, almost all of it the output-token counts
+        i32 = dict(device=device, dtype=torch.int32)
+        self.slots = torch.arange(batch, **i32)                # row -> slot (identity over the whole state)
+        self.ctl = torch.zeros(batch, **i32)                   # 1: the row has controls (else untouched)
+        self.min_tokens = torch.zeros(batch, device=device, dtype=torch.int64)
+        self.repetition = torch.ones(batch, device=device, dtype=torch.float32)
+        self.frequency = torch.zeros(batch, device=device, dtype=torch.float32)
+        self.presence = torch.zeros(batch, device=device, dtype=torch.float32)
+        self.n_sparse = torch.zeros(batch, **i32)
+        self.counts = torch.zeros(batch, vocab, **i32)         # output tokens so far, per id (controlled slots)
+        self.prompt_bits = torch.zeros(batch, (vocab + 31) // 32, **i32)
+        self.sparse_bits = torch.zeros(batch, (vocab + 31) // 32, **i32)
+        self.sparse_ids = torch.zeros(batch, SPARSE, **i32)
+        self.sparse_bias = torch.zeros(batch, SPARSE, device=device, dtype=torch.float32)
+        self.sparse_ban = torch.zeros(batch, SPARSE, **i32)
+
+    # per-row settings (a view or a copy in a state over some slots) and per-slot tables (always whole,
+    # addressed through `slots`)
+    PER_ROW = ("temperature", "top_p", "top_k", "seed", "step", "bitmask", "masked", "slots", "ctl", "min_tokens",
+               "repetition", "frequency", "presence", "n_sparse")
+    TABLES = ("counts", "prompt_bits", "sparse_bits", "sparse_ids", "sparse_bias", "sparse_ban")
+
+    def rows(self, idx: torch.Tensor | slice) -> "SamplingState":
+        """The state over some slots: per-row settings a view for a slice (in-place updates land here), a copy
+        for an index tensor; the per-slot tables shared."""
+        out = SamplingState.__new__(SamplingState)
+        for name in self.PER_ROW:
+            setattr(out, name, getattr(self, name)[idx])
+        for name in self.TABLES:
+            setattr(out, name, getattr(self, name))
+        return out
 
     def set(self, slot: int, p: SamplingParams) -> None:
         self.temperature[slot] = p.temperature
@@ -87,6 +177,7 @@ class SamplingState:
         self.top_k[slot] = p.top_k
         self.seed[slot] = p.seed
         self.step[slot] = 0           # masked: rewritten whole before each step (ModelRunner.set_token_masks)
+        self.ctl[slot] = 0            # controls: sampling_controls.write_controls_ after this, if any
 
 
 def apply_token_bitmask_(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:
@@ -100,10 +191,16 @@ def apply_token_bitmask_(logits: torch.Tensor, st: SamplingState) -> torch.Tenso
     return kernel(logits, st.bitmask, st.masked)
 
 
-def sample(logits: torch.Tensor, st: SamplingState, greedy_only: bool = False) -> torch.Tensor:
+def sample(logits: torch.Tensor, st: SamplingState, greedy_only: bool = False, controls: bool = False
+           ) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,) int64; advances st.step. No host sync.
-    greedy_only: skip the sort entirely (a separate, cheaper graph for greedy requests)."""
+    greedy_only: skip the sort entirely (a separate, cheaper graph for greedy requests).
+    controls: apply the sampling controls of the rows whose ctl is set (a graph of its own for batches
+    with such rows; without them, nothing of the controls runs). The input logits are not modified by it:
+    they stay the raw distribution the logprobs are taken from (after a structured-output mask)."""
     logits = apply_token_bitmask_(logits.float(), st)
+    if controls:
+        logits = apply_controls(logits, st)
     greedy_tok = logits.argmax(-1)
     if greedy_only:
         st.step += 1

@@ -13,12 +13,12 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 # one value per table entry that would change the answer (ANY entries have none)
 REFUSED = {
-    "functions": [TOOL["function"]], "function_call": {"name": "f"}, "presence_penalty": 0.5,
-    "frequency_penalty": -1, "logit_bias": {"1": 100}, "modalities": ["text", "audio"], "service_tier": "flex",
+    "functions": [TOOL["function"]], "function_call": {"name": "f"},
+    "modalities": ["text", "audio"], "service_tier": "flex",
     "prediction": {"type": "content", "content": "x"}, "audio": {"voice": "alloy", "format": "wav"},
     "reasoning_effort": "low", "verbosity": "low", "web_search_options": {}, "min_p": 0.1,
-    "repetition_penalty": 1.2, "min_tokens": 5, "ignore_eos": True, "best_of": 2, "use_beam_search": True,
-    "length_penalty": 0.5, "stop_token_ids": [2], "include_stop_str_in_output": True, "echo": True,
+    "ignore_eos": True, "best_of": 2, "use_beam_search": True,
+    "length_penalty": 0.5, "include_stop_str_in_output": True, "echo": True,
     "add_generation_prompt": False, "continue_final_message": True, "chat_template_kwargs": {"x": 1},
     "priority": 1, "prompt_logprobs": 1, "chat_template": "{{ x }}", "guided_json": {}, "guided_regex": "a+",
     "guided_choice": ["a"], "guided_grammar": "root ::= x", "structured_outputs": {}, "truncate_prompt_tokens": 5,

@@ -384,12 +384,17 @@ def test_malformed_image_urls_are_400_on_a_connection_that_stays_up(plain):
 
 @pytest.mark.parametrize("extra,param,code", [
     ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),   # tools: tests/test_structured_serve.py
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported_parameter"),
-    ({"logit_bias": {"17": 5}}, "logit_bias", "unsupported_parameter"),
-    ({"repetition_penalty": 1.3}, "repetition_penalty", "unsupported_parameter"),
+    ({"min_p": 0.5}, "min_p", "unsupported_parameter"),
+    ({"ignore_eos": True}, "ignore_eos", "unsupported_parameter"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+    ({"logit_bias": {"17": 500}}, "logit_bias", "invalid_value"),
+    ({"logit_bias": {"131072": 5}}, "logit_bias", "invalid_request"),
+    ({"stop_token_ids": [7, 131072]}, "stop_token_ids[1]", "invalid_request"),
+    ({"repetition_penalty": 0}, "repetition_penalty", "invalid_value"),
+    ({"min_tokens": 3}, "min_tokens", "invalid_value"),
     ({"frobnicate": True}, "frobnicate", "unknown_parameter"),
 ])
-def test_parameters_the_server_does_not_honour_are_400(plain, extra, param, code):
+def test_parameters_the_server_does_not_honour_or_out_of_range_are_400(plain, extra, param, code):
     err = _error(_post(plain, {"messages": [_user("hi")], "max_tokens": 1, **extra}), 400)
     assert (err["param"], err["code"], err["type"]) == (param, code, "invalid_request_error"), err
     assert err["message"].startswith(f"{param}: ")
@@ -404,8 +409,8 @@ def test_the_openai_client_with_harmless_and_unsupported_parameters(plain):
                                        extra_body={"top_k": 5})
     assert r.usage.completion_tokens == 2
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, frequency_penalty=1.5)
-    assert e.value.status_code == 400 and e.value.body["param"] == "frequency_penalty"
+        client.chat.completions.create(model=model, messages=[_user("hi")], max_tokens=2, service_tier="flex")
+    assert e.value.status_code == 400 and e.value.body["param"] == "service_tier"
     assert e.value.body["code"] == "unsupported_parameter"
 
 
@@ -587,3 +592,19 @@ def test_queued_events_coalesce_in_order():
         assert [d.finish_reason for d in ds][-1] == "length" and all(d.finish_reason is None for d in ds[:-1])
         want = tok.decode([t for i, t in enumerate(ids) if ch == 0 or i % 3 == 0])
         assert "".join(d.text for d in ds) == want and len(lps) == n
+
+
+def test_text_routes_and_sampling_controls_through_the_engine_process(plain):
+    """/v1/completions, /tokenize and the sampling controls with the engine in its own process (EngineClient),
+    as the server runs by default (tests/test_text_endpoints.py covers them in depth, in process)."""
+    client, model = plain.client(), _model(plain)
+    r = client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0, logprobs=0,
+                                  logit_bias={"1000": 100}, extra_body={"min_tokens": 2})
+    assert r.object == "text_completion" and r.usage.completion_tokens == 4
+    assert len(set(r.choices[0].logprobs.tokens)) == 1               # the biased token, 4 times
+    messages = [_user("What is this?", DATA_URL)]
+    count = httpx.post(plain.url + "/tokenize", json={"model": model, "messages": messages}).json()["count"]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
+    assert count == chat.usage.prompt_tokens
+    ids = httpx.post(plain.url + "/tokenize", json={"prompt": "round trip"}).json()["tokens"]
+    assert httpx.post(plain.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "round trip"}

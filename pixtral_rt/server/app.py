@@ -2,7 +2,8 @@
 pixtral_rt.serve` (serve.py: the command line) builds it with `build_app` and runs it with `serve`.
 
 Endpoints: POST /v1/chat/completions (streamed as server-sent events or whole), GET /v1/models,
-GET /health (200 only while the engine is ready), GET /metrics (Prometheus).
+GET /health (200 only while the engine is ready), GET /metrics (Prometheus); POST /v1/completions,
+/tokenize and /detokenize are in text_endpoints.py.
 
 Each request: body read with a size cap -> validated (openai_protocol) -> host work (image fetch and decode,
 tokenisation: engine.encode) in a thread pool, never on the event loop -> one engine request per choice
@@ -22,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -31,21 +31,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import (ConstraintError, ContextLengthError, ImageError, ImageFetchError, ImageTooLargeError,
-                      MessageFormatError, PixtralInputError, TooManyImagesError)
+from ..errors import PixtralInputError
 from ..images import ImageLimits
 from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionResponse, Choice, ChoiceLogprobs,
                        ChunkChoice, DeltaFunctionCall, DeltaMessage, DeltaToolCall, FunctionCall, ModelCard,
                        ModelList, OpenAIError, ToolCall, parse_chat_request)
-from ..sampling import SamplingParams
 from ..structured import check_constraint, warm_up
 from .completion import Aborted, CompletionRun, GenerationFailed, TokenText
 from .constraints import constraint_for, parses_tool_calls
 from .metrics import ServerMetrics
-from ..serving.llm_engine import QueueFullError
+# the HTTP plumbing and the sampling mapping the routes share live in modules of their own (the text routes,
+# text_endpoints.py, use them too); the chat route below calls them by these names
+from .http_io import StreamingRun as _StreamingRun, input_error as _input_error, parse_json as _json
+from .http_io import read_body as _read_body, sse as _sse, unless_client_leaves as _unless_client_leaves
+from .sampling_args import sampling_params as _sampling
+from .text_endpoints import add_text_endpoints
 
 log = logging.getLogger("pixtral_rt.serve")
 
@@ -54,36 +57,10 @@ DEFAULT_MAX_BODY_BYTES = 64 << 20
 SERVER_IMAGE_LIMITS = ImageLimits(allow_local_files=False, allow_private_urls=False)
 SHUTDOWN_GRACE_S = 5.0
 
-# input error class -> OpenAI error code; the first match wins, so subclasses come first
-_ERROR_CODES = [(QueueFullError, "queue_full"), (ContextLengthError, "context_length_exceeded"),
-                (TooManyImagesError, "too_many_images"), (ImageTooLargeError, "image_too_large"),
-                (ImageFetchError, "image_fetch_failed"), (ImageError, "invalid_image"),
-                (MessageFormatError, "invalid_messages"), (ConstraintError, "invalid_schema")]
-
-
-def _input_error(exc: PixtralInputError) -> OpenAIError:
-    """An input error from the request pipeline or the engine's admission (queue full: 503), as OpenAI
-    would answer it."""
-    msg = str(exc)
-    # OpenAI answers 400 for a prompt that does not fit the context (errors.py says 413 for the CLI's sake)
-    status = 400 if isinstance(exc, ContextLengthError) else exc.status
-    code = next((c for cls, c in _ERROR_CODES if isinstance(exc, cls)), "invalid_request")
-    # image errors start with the part they are about: "messages[0].content[1]: image ..."
-    where = msg.split(":", 1)[0]
-    param = where if where.startswith("messages[") and " " not in where else "messages"
-    if isinstance(exc, ConstraintError):    # a schema of response_format or of a tool: the error names it
-        param = exc.param
-    kind = {502: "upstream_error", 503: "server_error"}.get(status, "invalid_request_error")
-    return OpenAIError(status, msg, type=kind, param=None if status == 503 else param, code=code)
-
 
 def _error_response(err: OpenAIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
-
-
-def _sse(data: str) -> str:
-    return f"data: {data}\n\n"
 
 
 class _State:
@@ -148,74 +125,6 @@ class _AnswerUnexpected:
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             await _error_response(OpenAIError(500, "internal server error (the server log has the details)",
                                               type="server_error", code="internal_error"))(scope, receive, send)
-
-
-class _StreamingRun(StreamingResponse):
-    """Server-sent events of one run. However the response ends (done, client gone, server stopping), the
-    run is closed, so an abandoned request stops generating and its KV pages are freed at once."""
-
-    def __init__(self, run: CompletionRun, events):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.run = run
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.run.close()
-
-
-async def _read_body(request: Request, cap: int) -> bytes:
-    too_big = OpenAIError(413, f"request body is over the cap of {cap} bytes", code="request_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        raise too_big
-    chunks, total = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a chunked body has no Content-Length
-        total += len(chunk)
-        if total > cap:
-            raise too_big
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json(body: bytes):
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, absurd nesting
-        raise OpenAIError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
-
-
-async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_leaves(request: Request, coro):
-    """The result of `coro`, or None when the client disconnects first (then `coro` is cancelled)."""
-    work, gone = asyncio.ensure_future(coro), asyncio.ensure_future(_client_gone(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()
-    return work.result() if work in done else None
-
-
-def _sampling(chat, max_tokens: int, constraint=None) -> list[SamplingParams]:
-    """One SamplingParams per choice. Choice i uses seed + i; without a seed each choice draws its own, so
-    sampled answers differ between requests as with OpenAI (greedy ones do not depend on it). Seeds are
-    taken mod 2^63 to fit the sampler's int64, which keeps their low 32 bits, the only ones it hashes.
-    constraint: the grammar of every choice (response_format / tools: server/constraints.py)."""
-    return [SamplingParams(temperature=1.0 if chat.temperature is None else chat.temperature,
-                           top_p=1.0 if chat.top_p is None else chat.top_p,
-                           top_k=max(0, chat.top_k or 0), max_tokens=max_tokens, stop=tuple(chat.stop),
-                           seed=(chat.seed + i) % 2**63 if chat.seed is not None else secrets.randbits(32),
-                           constraint=constraint)
-            for i in range(chat.n or 1)]
 
 
 def build_app(engine, served_model_name: str, api_key: str | None = None, max_images: int = 12,
@@ -306,11 +215,13 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
                                           tools=chat.tool_dicts()))
         max_tokens = asked or engine.max_context - req.prompt_tokens
         state.check_accepting()  # shutdown may have begun during a slow image download
+        # may refuse (min_tokens over max_tokens): before the run exists
+        params = _sampling(chat, max_tokens, constraint=constraint)
         run = CompletionRun(engine, state.token_text, state.metrics, n=chat.n or 1, stop=tuple(chat.stop),
                             logprobs=(chat.top_logprobs or 0) if chat.logprobs else None, arrived=arrived,
                             on_close=state.active.discard, tool_calls=parses_tool_calls(chat))
         state.active.add(run)
-        run.submit(req, _sampling(chat, max_tokens, constraint))
+        run.submit(req, params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             return _StreamingRun(run, _stream_events(run, chat, rid, created, state.name))
@@ -321,6 +232,9 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
         # 499 (client closed request): nobody reads it, but the access log says what happened
         return JSONResponse(body) if body is not None else Response(status_code=499)
 
+    # POST /v1/completions, /tokenize, /detokenize
+    add_text_endpoints(app, state, dependencies=guarded, max_body_bytes=max_body_bytes, max_images=max_images,
+                       image_limits=image_limits, unknown_model=unknown_model)
     return app
 
 

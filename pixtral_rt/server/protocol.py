@@ -5,7 +5,8 @@ Requests are parsed with `parse_chat_request(obj)`: a bad value raises OpenAIErr
 ("temperature", "messages[0].content[1]"). A field the server does not honour is refused, never silently
 ignored (NOT_HONOURED says which values of which fields are accepted because they change nothing), and so
 is a field no table knows (OpenAI refuses those too: "Unrecognized request argument"). Extensions: `top_k`
-(0 or -1 = off, as in vLLM), and a content part's `image_url` may be a bare URL string.
+(0 or -1 = off, as in vLLM), vLLM's repetition_penalty / min_tokens / stop_token_ids (sampling_protocol.py,
+with OpenAI's penalties and logit_bias), and a content part's `image_url` may be a bare URL string.
 Structured output: `response_format` (json_object, json_schema) and function `tools` with `tool_choice` and
 `parallel_tool_calls`, checked here for shape (names, a tool_choice naming an offered function) and turned
 into a grammar by pixtral_rt/server/constraints.py; answers carry `tool_calls` (whole and as stream deltas).
@@ -17,6 +18,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
+
+from .sampling_protocol import SamplingControls
 
 
 class OpenAIError(Exception):
@@ -52,23 +55,23 @@ UNSUPPORTED = ()    # no value accepted (null, "not set", aside)
 # unsupported_parameter). Keys are paths: "tools" is a request field, "messages[].refusal" a field of a
 # message, "messages[].content[].x" of a content part, "stream_options.x" of stream_options. A field that is
 # neither a model field nor listed here is refused too (code unknown_parameter). The applications issue will
-# implement tools, response_format and the penalties; each then becomes a field of its model and leaves this
-# table (tests/test_openai_protocol.py checks that no key is both): tools, tool_choice, parallel_tool_calls and
-# response_format are fields now (structured output, issue 23).
+# implement tools and response_format (the penalties and vLLM's sampling extras did: sampling_protocol.py;
+# tools, tool_choice, parallel_tool_calls and response_format did: structured output); each then becomes a
+# field of its model and leaves this table (tests/test_openai_protocol.py checks that no key is both).
 # A message's `name` is a ChatMessage field: accepted, and since Mistral's chat formats have no speaker names,
 # used only as a tool message's tool name.
 NOT_HONOURED: dict[str, tuple | str] = {
     # OpenAI's deprecated forms of tools / tool_choice
     "functions": ([],), "function_call": ("none", "auto"),
     # sampling and output this server does not implement
-    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "modalities": (["text"],),
+    "modalities": (["text"],),
     "service_tier": ("auto", "default"), "prediction": UNSUPPORTED, "audio": UNSUPPORTED,
     "reasoning_effort": UNSUPPORTED, "verbosity": UNSUPPORTED, "web_search_options": UNSUPPORTED,
     # bookkeeping
     "user": ANY, "metadata": ANY, "store": ANY, "prompt_cache_key": ANY, "safety_identifier": ANY,
     # vLLM's extensions but top_k (a field: honoured)
-    "min_p": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "ignore_eos": (False,), "best_of": (1,),
-    "use_beam_search": (False,), "length_penalty": (1,), "stop_token_ids": ([],),
+    "min_p": (0,), "ignore_eos": (False,), "best_of": (1,),
+    "use_beam_search": (False,), "length_penalty": (1,),
     "include_stop_str_in_output": (False,), "echo": (False,), "add_generation_prompt": (True,),
     "continue_final_message": (False,), "chat_template_kwargs": ({},), "priority": (0,),
     "prompt_logprobs": UNSUPPORTED, "chat_template": UNSUPPORTED, "guided_json": UNSUPPORTED,
@@ -88,10 +91,11 @@ def _same(value, accepted) -> bool:
     return value == accepted
 
 
-def _refusal(path: str, name: str, value) -> PydanticCustomError | None:
-    """Why the extra field `name` (table key `path`) with `value` is refused, or None when it is accepted.
-    The message is the whole template: accepted values in it hold braces that pydantic must not format."""
-    accepted = NOT_HONOURED.get(path)
+def _refusal(path: str, name: str, value, table: dict | None = None) -> PydanticCustomError | None:
+    """Why the extra field `name` (table key `path` of `table`, default NOT_HONOURED) with `value` is refused,
+    or None when it is accepted. The message is the whole template: accepted values in it hold braces that
+    pydantic must not format."""
+    accepted = (NOT_HONOURED if table is None else table).get(path)
     if accepted is None:
         return PydanticCustomError("unknown_parameter", "{message}", {
             "name": name, "message": "unrecognized request argument (this server does not know it): leave it out"})
@@ -111,6 +115,7 @@ class _Checked(BaseModel):
 
     model_config = ConfigDict(extra="forbid")  # a backstop: every extra field was decided on before
     _PATH: ClassVar[str] = ""
+    _NOT_HONOURED: ClassVar[dict | None] = None   # the table its extra fields are looked up in (None: NOT_HONOURED)
 
     @model_validator(mode="before")
     @classmethod
@@ -119,7 +124,7 @@ class _Checked(BaseModel):
             return data  # pydantic refuses it with the usual message
         known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
         for name in [k for k in data if k not in known]:  # in the request's order
-            refusal = _refusal(cls._PATH + name, name, data[name])
+            refusal = _refusal(cls._PATH + name, name, data[name], cls._NOT_HONOURED)
             if refusal is not None:
                 raise refusal
         return {k: v for k, v in data.items() if k in known}
@@ -244,7 +249,7 @@ class ResponseFormat(_Checked):
         return self
 
 
-class ChatCompletionRequest(_Checked):
+class ChatCompletionRequest(SamplingControls, _Checked):
     model: str | None = None                  # when given, must be the served model's name
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -335,11 +340,17 @@ def _param_name(loc: tuple) -> str | None:
 
 def parse_chat_request(obj: Any) -> ChatCompletionRequest:
     """Validate a decoded JSON body; OpenAIError(400) naming the first bad parameter otherwise."""
+    return parse_request(obj, ChatCompletionRequest)
+
+
+def parse_request(obj: Any, model: type[BaseModel]):
+    """Validate a decoded JSON body as `model` (a _Checked request); OpenAIError(400) naming the first bad
+    parameter otherwise."""
     if not isinstance(obj, dict):
         raise OpenAIError(400, f"the request body must be a JSON object, got {type(obj).__name__}",
                           code="invalid_request")
     try:
-        req = ChatCompletionRequest.model_validate(obj)
+        req = model.model_validate(obj)
     except ValidationError as exc:
         errors = exc.errors()
         # of the first bad field's errors, the deepest: for a union (tool_choice) that is the member the value
@@ -353,7 +364,8 @@ def parse_chat_request(obj: Any) -> ChatCompletionRequest:
         if err["type"] != "value_error" and "input" in err and not isinstance(err["input"], (dict, list)):
             msg += f" (got {err['input']!r:.80})"
         raise OpenAIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value") from exc
-    _check_tools(req)
+    if isinstance(req, ChatCompletionRequest):
+        _check_tools(req)
     return req
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol, runtime_checkable
 
 from ..chat import EncodedRequest
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, RequestError
 from ..images import DEFAULT_LIMITS, ImageLimits
 from ..sampling import SamplingParams
 from .outputs import TokenEvent
@@ -60,10 +60,17 @@ def check_prompt_fits(prompt_tokens: int, page_size: int, usable_pages: int) -> 
 
 
 def check_admission(req: EncodedRequest, params: SamplingParams, logprobs: int | None, page_size: int,
-                    usable_pages: int) -> None:
+                    usable_pages: int, vocab: int | None = None) -> None:
     """Refuse, before anything is queued, a request no engine state could ever serve: top_logprobs outside
-    0..MAX_TOP_LOGPROBS (ValueError), or a prompt (+ one generated token) over the whole KV cache
-    (ContextLengthError, with the counts; pages come on demand, so max_tokens reserves nothing)."""
+    0..MAX_TOP_LOGPROBS (ValueError), a logit_bias or stop_token_ids id outside the model's vocabulary
+    (RequestError naming it: the sampler would write out of bounds), or a prompt (+ one generated token)
+    over the whole KV cache (ContextLengthError, with the counts; pages come on demand, so max_tokens
+    reserves nothing)."""
     if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
         raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {logprobs}")
+    if vocab is not None:
+        try:
+            params.check_vocab(vocab)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
     check_prompt_fits(req.prompt_tokens, page_size, usable_pages)

@@ -183,7 +183,8 @@ class EngineClient:
         if not self.ready:
             raise RuntimeError("the engine is not running")
         # the engine's own refusals, checked here so they raise synchronously (as LLMEngine.submit does)
-        check_admission(req, params, logprobs, self._page_size, self._kv_pages_total)   # serving/api.py
+        check_admission(req, params, logprobs, self._page_size, self._kv_pages_total,   # serving/api.py
+                        vocab=self.args.text.vocab_size)
         with self._lock:
             if len(self._callbacks) >= self._max_in_flight:
                 raise QueueFullError(f"the server is at capacity: {len(self._callbacks)} requests are in flight "

@@ -94,7 +94,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue,
                                    max_context=max_context)
         self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
-                                  use_graphs=use_graphs, progress=progress)
+                                  use_graphs=use_graphs, progress=progress, eos_id=self.eos_id)
         self.counters = _Counters()
         # a GPU step runs while the host delivers the previous one's tokens; on CPU a step is done on return
         self._overlap = model.device.type == "cuda"
@@ -228,7 +228,8 @@ class LLMEngine:
         (optional, in-process consumers): the step thread waits up to 2 ms after emitting the first token
         for the consumer to set it, so the consumer gets the GIL at once rather than after the next
         step's host work (measured: ~1 ms of TTFT otherwise)."""
-        check_admission(req, params, logprobs, self.pool.page_size, self.pool.usable)   # serving/api.py
+        check_admission(req, params, logprobs, self.pool.page_size, self.pool.usable,   # serving/api.py
+                        vocab=self.args.text.vocab_size)
         digests = req.image_digests if len(req.image_digests) == len(req.images) else [image_digest(im) for im in
                                                                                         req.images]
         seq = Sequence(req, params, on_output, logprobs, digests=digests,
@@ -457,7 +458,7 @@ class LLMEngine:
                 c.cached_prompt_tokens += seq.num_cached
                 if seq.first_token_ack is not None:
                     acks.append(seq.first_token_ack)
-            if tok == self.eos_id:
+            if tok == self.eos_id or tok in seq.params.stop_token_ids:   # neither is emitted
                 seq.finish_reason = "stop"
             else:
                 seq.output.append(tok)

@@ -11,10 +11,13 @@ slots):
                             the decode graphs read the table by address, so in-place writes are seen)
     sampling (SamplingState over S)    temperature / top_p / top_k / seed / step per slot; step = the index
                             of the output token sampled next (a resumed sequence continues from the tokens
-                            it had delivered, so seeded sampling draws what it would have drawn)
+                            it had delivered, so seeded sampling draws what it would have drawn); the
+                            sampling controls of a slot (penalties, logit_bias, min_tokens) are written at
+                            its set-up from the prompt and the delivered output (pixtral_rt/sampling_controls.py)
 A step = (1) slot set-up for admitted / released sequences, (2) one decode step over slots 0..Bp-1 (Bp: the
 smallest captured batch size covering the highest decoding slot) as two CUDA graphs: the forward (one per
-Bp), then the sampling (one per (Bp, greedy-only)), which writes each row's next token into `tokens` and
+Bp), then the sampling (one per (Bp, greedy-only, controlled: some row has sampling controls; without, the
+graph runs none of their work)), which writes each row's next token into `tokens` and
 advances `positions`. Between the two launches the engine may run `before_sample` (structured output: wait
 for the previous step's tokens, advance the grammars, upload the token masks) while the GPU runs the
 forward, so constrained sequences keep the overlap of host and device work. Then (3) the prompt chunks of this step,
@@ -39,6 +42,7 @@ import torch
 
 from .. import compile_events
 from ..sampling import SamplingState, sample
+from ..sampling_controls import count_tokens_, plan_controls, write_controls_
 from .api import MAX_TOP_LOGPROBS
 from .scheduler import PrefillChunk, StepPlan
 from .sequence import Sequence
@@ -48,11 +52,8 @@ GRAPH_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 def _rows(st: SamplingState, idx: torch.Tensor | slice) -> SamplingState:
     """A SamplingState over some slots: a view for a slice (in-place updates land in `st`), a copy for an
-    index tensor."""
-    out = SamplingState.__new__(SamplingState)
-    for name in ("temperature", "top_p", "top_k", "seed", "step", "bitmask", "masked"):
-        setattr(out, name, getattr(st, name)[idx])
-    return out
+    index tensor (the per-slot tables of the controls are shared: SamplingState.rows)."""
+    return st.rows(idx)
 
 
 def _mark(device: torch.device):
@@ -120,11 +121,13 @@ class _FeatureCache:
 
 class ModelRunner:
     def __init__(self, model, args, device, max_batch: int, n_pages: int, page_size: int, max_context: int,
-                 use_graphs: bool = True, feature_cache_bytes: int = 1 << 30, progress: bool = True):
+                 use_graphs: bool = True, feature_cache_bytes: int = 1 << 30, progress: bool = True,
+                 eos_id: int = 2):
         self.model, self.args, self.device = model, args, torch.device(device)
         self.max_batch, self.page_size = max_batch, page_size
         self.max_pages = -(-(max_context + 1) // page_size)
         self.max_context = max_context
+        self.eos_id = eos_id                  # banned with a request's stop_token_ids until its min_tokens
         self.use_graphs = use_graphs and self.device.type == "cuda"
         model.alloc(n_pages, page_size)
         dev, S = self.device, max_batch
@@ -152,7 +155,7 @@ class ModelRunner:
         self.features = _FeatureCache(feature_cache_bytes)
         self.batch_sizes = sorted({b for b in GRAPH_BATCHES if b < max_batch} | {max_batch})
         self._fwd_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}   # B -> (graph, logits)
-        self._sample_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}        # (B, greedy-only)
+        self._sample_graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (B, greedy-only, controls)
         self._before_replay = getattr(model, "before_replay", None)
         self.warmup_info: dict = {}
         if self.device.type == "cuda":
@@ -171,8 +174,8 @@ class ModelRunner:
         # kernels for other row counts and loads each on its first use (lazy module loading), which cost the
         # first request of a new prompt size 3-6 ms before this ladder (benchmarks/first_request.py)
         lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
-        steps = [("prefill", T) for T in lens] + [("graph", (B, g)) for B in self.batch_sizes
-                                                            for g in (True, False)]
+        steps = [("prefill", T) for T in lens] + [("graph", (B, g, c)) for B in self.batch_sizes
+                                                            for g in (True, False) for c in (False, True)]
         steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
         pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         with tqdm(steps, desc="warm-up + graph capture", disable=not progress, file=sys.stderr, leave=False) as bar:
@@ -205,12 +208,12 @@ class ModelRunner:
             "autotunes": ev["autotune"] - events0["autotune"],
             "warmup_extra_GB": round((torch.cuda.memory_reserved(self.device) - mem0) / 1e9, 2)}
 
-    def _capture(self, B: int, greedy: bool, pool) -> None:
-        """The forward graph of batch B (once) and the sampling graph of (B, greedy)."""
+    def _capture(self, B: int, greedy: bool, controls: bool, pool) -> None:
+        """The forward graph of batch B (once) and the sampling graph of (B, greedy, controls)."""
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            self._decode_body(B, greedy)         # compile / autotune / cuBLAS handles outside the capture
+            self._decode_body(B, greedy, controls)   # compile / autotune / cuBLAS handles outside the capture
         torch.cuda.current_stream(self.device).wait_stream(s)
         if B not in self._fwd_graphs:
             g = torch.cuda.CUDAGraph()
@@ -220,27 +223,30 @@ class ModelRunner:
             self._fwd_graphs[B] = (g, logits)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=pool):
-            self._decode_sample(B, greedy, self._fwd_graphs[B][1])
+            self._decode_sample(B, greedy, self._fwd_graphs[B][1], controls)
         compile_events.captured()
-        self._sample_graphs[(B, greedy)] = g
+        self._sample_graphs[(B, greedy, controls)] = g
 
     def _decode_forward(self, B: int) -> torch.Tensor:
         """Slots 0..B-1: logits (B, V) fp32 of the token each feeds at its position (idle rows: trash)."""
         pos, act = self.positions[:B], self.active[:B]
         return self.model.decode(self.tokens[:B], pos, self.block_table, (pos + 1) * act)
 
-    def _decode_sample(self, B: int, greedy: bool, logits: torch.Tensor) -> None:
-        """Next token of each slot (token masks applied first) into out_tokens and, active rows, tokens;
-        positions advance."""
+    def _decode_sample(self, B: int, greedy: bool, logits: torch.Tensor, controls: bool = False) -> None:
+        """Next token of each slot (token masks applied first, then the sampling controls of the rows that
+        have them, when `controls`) into out_tokens and, active rows, tokens; positions advance."""
         act = self.active[:B]
-        nxt = sample(logits, _rows(self.sampling, slice(0, B)), greedy_only=greedy)
+        st = _rows(self.sampling, slice(0, B))
+        nxt = sample(logits, st, greedy_only=greedy, controls=controls)
+        if controls:
+            count_tokens_(st, nxt, act)            # the penalties of the next step see this token
         self.out_tokens[:B].copy_(nxt)
         self.tokens[:B].copy_(torch.where(act > 0, nxt, self.tokens[:B]))
         self.positions[:B] += act
 
-    def _decode_body(self, B: int, greedy: bool) -> torch.Tensor:
+    def _decode_body(self, B: int, greedy: bool, controls: bool = False) -> torch.Tensor:
         logits = self._decode_forward(B)
-        self._decode_sample(B, greedy, logits)
+        self._decode_sample(B, greedy, logits, controls)
         return logits
 
     def _set_slot(self, seq: Sequence) -> None:
@@ -250,11 +256,15 @@ class ModelRunner:
         self.block_table[s].copy_(self._upload([row])[0])
         self._table_len[s] = len(seq.pages)
         self.sampling.set(s, p)
+        if p.has_controls:          # from the prompt and the delivered output (a resume: what it had generated)
+            rows = plan_controls(p, seq.req.tokens, seq.output, self.eos_id, self.sampling.counts.shape[1])
+            write_controls_(self.sampling, s, rows, self._upload_arrays)
         self.active[s] = 0
         self.positions[s] = 0
 
     def _clear_slot(self, slot: int) -> None:
         self.active[slot] = 0
+        self.sampling.ctl[slot] = 0
         self.positions[slot] = 0
         self.block_table[slot].zero_()
         self._table_len[slot] = 0
@@ -312,6 +322,7 @@ class ModelRunner:
             B = max(s.slot for s in plan.decode) + 1
             B = self.batch_sizes[bisect.bisect_left(self.batch_sizes, B)]
             greedy = all(s.params.greedy for s in plan.decode)
+            controls = any(s.params.has_controls for s in plan.decode)
             if self.use_graphs:
                 g, logits = self._fwd_graphs[B]
                 if self._before_replay is not None:      # tensor parallel: followers replay their graph too
@@ -323,9 +334,9 @@ class ModelRunner:
                 before_sample()
                 before_sample = None
             if self.use_graphs:
-                self._sample_graphs[(B, greedy)].replay()
+                self._sample_graphs[(B, greedy, controls)].replay()
             else:
-                self._decode_sample(B, greedy, logits)
+                self._decode_sample(B, greedy, logits, controls)
             reports += [(s, s.slot) for s in plan.decode]
             if any(s.logprobs is not None for s in plan.decode):
                 want_lp = True
@@ -381,6 +392,16 @@ class ModelRunner:
             o += len(x)
         return out
 
+    def _upload_arrays(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Host arrays of any dtype -> device tensors, each one pinned non-blocking copy (no stream sync)."""
+        out = []
+        for a in arrays:
+            host = torch.from_numpy(np.ascontiguousarray(a))
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            out.append(host.to(self.device, non_blocking=True))
+        return out
+
     def _prefill(self, chunks: list[PrefillChunk], stages: list) -> list[Sequence]:
         """All prompt chunks of the step in one varlen forward; samples the first token of every sequence
         whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync.
@@ -431,7 +452,10 @@ class ModelRunner:
         # slots advance every row's counter, this one's included while it was prefilling), then decode
         st = _rows(self.sampling, done_d)
         st.step = done_step_d
-        first = sample(logits, st, greedy_only=all(c.seq.params.greedy for c in done))
+        controls = any(c.seq.params.has_controls for c in done)
+        first = sample(logits, st, greedy_only=all(c.seq.params.greedy for c in done), controls=controls)
+        if controls:
+            count_tokens_(st, first)
         self.sampling.step[done_d] = st.step            # advanced by sample(): done_step + 1
         self.tokens[done_d] = first
         self.out_tokens[done_d] = first

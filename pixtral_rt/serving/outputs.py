@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 class TokenEvent:
     token_ids: list[int] = field(default_factory=list)     # new output tokens (EOS is never included)
     # logprobs of each new token under the model's raw distribution (log_softmax of the logits, before
-    # temperature / top-k / top-p; for a constrained request after its grammar's mask, as in vLLM:
-    # disallowed tokens -inf), present when the request asked for logprobs
+    # temperature / top-k / top-p and the sampling controls (penalties, logit_bias, min_tokens); for a
+    # constrained request after its grammar's mask, as in vLLM: disallowed tokens -inf), present when the
+    # request asked for logprobs
     logprobs: list[float] | None = None
     # for each new token, the `top_logprobs` most likely (token_id, logprob) pairs, best first
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None   # "stop" (EOS, or a constrained request's grammar complete), "length"
+    finish_reason: str | None = None   # "stop" (EOS or a stop_token_ids id, neither in token_ids; or a
+                                       # constrained request's grammar complete), "length"
                                        # (max_tokens), "abort" (cancelled), "error"
     error: str | None = None           # with finish_reason "error": a one-line message for the client
     prompt_tokens: int = 0             # set on every event
