@@ -24,7 +24,7 @@ import json
 import re
 import secrets
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..serving.detokenize import IncrementalText, TextStream
 
