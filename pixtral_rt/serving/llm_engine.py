@@ -54,6 +54,15 @@ log = logging.getLogger(__name__)
 GIB = 1 << 30
 
 
+def _warm_grammars(tokenizer) -> None:
+    """Build the tokenizer's grammar-library state at load (structured output), if the library is installed."""
+    try:
+        from ..structured import warm_up
+        warm_up(tokenizer)
+    except ImportError:               # llguidance missing: constrained requests are refused with the reason
+        pass
+
+
 def _shutdown_if_alive(ref) -> None:
     eng = ref()
     if eng is not None:
@@ -170,6 +179,8 @@ class LLMEngine:
         if dev.type == "cuda" and use_graphs:
             eng.runner.warmup_info["warm_request_s"] = round(eng.warm_request(), 2)
             eng.runner.warmup_info["warmup_s"] += eng.runner.warmup_info["warm_request_s"]
+        if dev.type == "cuda":
+            _warm_grammars(src.tokenizer)     # ~0.6 s once, not on a server's first constrained request
         info["load_s"] = time.perf_counter() - src.t0
         w = info["warmup"] = dict(eng.runner.warmup_info)
         prepared = (f"; warm-up {w['warmup_s']:.1f} s: {w['decode_graphs']} decode graphs, {w['vision_buckets']} "
@@ -409,11 +420,17 @@ class LLMEngine:
 
     def _set_masks(self, seqs: list[Sequence]) -> None:
         """Token masks of the constrained sequences the next step samples (each matcher is current: every
-        token before this step was delivered to it); every other slot samples freely."""
+        token before this step was delivered to it); every other slot samples freely. Runs while the GPU
+        computes this step's forward (ModelRunner.run's before_sample)."""
         if seqs:
             rows = self.runner.mask_buffer(len(seqs))        # (n, ceil(V / 32)) int32, host
-            for i, s in enumerate(seqs):
-                s.matcher.fill_bitmask(rows[i])
+            from ..structured import Matcher, fill_bitmasks
+            ms = [s.matcher for s in seqs]
+            if all(isinstance(m, Matcher) for m in ms):
+                fill_bitmasks(ms, rows)                      # on llguidance's threads, GIL released
+            else:                                            # other matchers (tests): one by one
+                for i, m in enumerate(ms):
+                    m.fill_bitmask(rows[i])
         self.runner.set_token_masks([s.slot for s in seqs])
 
     def _finish_released(self, released: list[Sequence]) -> None:
