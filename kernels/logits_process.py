@@ -52,29 +52,47 @@ def _logits_process_kernel(logits_ptr, out_ptr, slots_ptr, ctl_ptr, step_ptr, mi
     slot = tl.load(slots_ptr + row).to(tl.int64)
     rep, freq, pres = tl.load(rep_ptr + row), tl.load(freq_ptr + row), tl.load(pres_ptr + row)
     blk = tl.program_id(1)
+    # each branch in a function of its own: Triton types a name assigned in both branches of an `if` as one
+    # value, and the dense block (BLOCK,) and the sparse lanes (LANES,) have different shapes
     if blk < tl.num_programs(1) - 1:                 # a dense block of the row
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        inb = offs < V
-        x = tl.load(logits_ptr + row * stride_l + offs, mask=inb, other=0.0)
-        cnt = tl.load(counts_ptr + slot * stride_c + offs, mask=inb, other=0)
-        pw = tl.load(prompt_bits_ptr + slot * stride_w + (offs >> 5), mask=inb, other=0)
-        sw = tl.load(sparse_bits_ptr + slot * stride_w + (offs >> 5), mask=inb, other=0)
-        seen = (((pw >> (offs & 31)) & 1) != 0) | (cnt > 0)
-        y = _penalise(x, cnt, seen, rep, freq, pres)
-        tl.store(out_ptr + row * stride_o + offs, y, mask=inb & (((sw >> (offs & 31)) & 1) == 0))
+        _dense_block(logits_ptr, out_ptr, counts_ptr, prompt_bits_ptr, sparse_bits_ptr, row, slot, blk, V,
+                     stride_l, stride_o, stride_c, stride_w, rep, freq, pres, BLOCK)
     else:                                            # the row's sparse ids: bias and the min_tokens ban
-        k = tl.arange(0, LANES)
-        used = k < tl.load(n_sparse_ptr + row)
-        ids = tl.load(sparse_ids_ptr + slot * stride_k + k, mask=used, other=0).to(tl.int64)
-        x = tl.load(logits_ptr + row * stride_l + ids, mask=used, other=0.0)
-        x += tl.load(sparse_bias_ptr + slot * stride_k + k, mask=used, other=0.0)
-        cnt = tl.load(counts_ptr + slot * stride_c + ids, mask=used, other=0)
-        pw = tl.load(prompt_bits_ptr + slot * stride_w + (ids >> 5), mask=used, other=0)
-        seen = (((pw >> (ids & 31)) & 1) != 0) | (cnt > 0)
-        y = _penalise(x, cnt, seen, rep, freq, pres)
-        banned = tl.load(sparse_ban_ptr + slot * stride_k + k, mask=used, other=0) != 0
-        banned = banned & (tl.load(step_ptr + row) < tl.load(min_tokens_ptr + row))
-        tl.store(out_ptr + row * stride_o + ids, tl.where(banned, float("-inf"), y), mask=used)
+        _sparse_lanes(logits_ptr, out_ptr, step_ptr, min_tokens_ptr, n_sparse_ptr, counts_ptr, prompt_bits_ptr,
+                      sparse_ids_ptr, sparse_bias_ptr, sparse_ban_ptr, row, slot, stride_l, stride_o, stride_c,
+                      stride_w, stride_k, rep, freq, pres, LANES)
+
+
+@triton.jit
+def _dense_block(logits_ptr, out_ptr, counts_ptr, prompt_bits_ptr, sparse_bits_ptr, row, slot, blk, V,
+                 stride_l, stride_o, stride_c, stride_w, rep, freq, pres, BLOCK: tl.constexpr):
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < V
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=inb, other=0.0)
+    cnt = tl.load(counts_ptr + slot * stride_c + offs, mask=inb, other=0)
+    pw = tl.load(prompt_bits_ptr + slot * stride_w + (offs >> 5), mask=inb, other=0)
+    sw = tl.load(sparse_bits_ptr + slot * stride_w + (offs >> 5), mask=inb, other=0)
+    seen = (((pw >> (offs & 31)) & 1) != 0) | (cnt > 0)
+    y = _penalise(x, cnt, seen, rep, freq, pres)
+    tl.store(out_ptr + row * stride_o + offs, y, mask=inb & (((sw >> (offs & 31)) & 1) == 0))
+
+
+@triton.jit
+def _sparse_lanes(logits_ptr, out_ptr, step_ptr, min_tokens_ptr, n_sparse_ptr, counts_ptr, prompt_bits_ptr,
+                  sparse_ids_ptr, sparse_bias_ptr, sparse_ban_ptr, row, slot, stride_l, stride_o, stride_c,
+                  stride_w, stride_k, rep, freq, pres, LANES: tl.constexpr):
+    k = tl.arange(0, LANES)
+    used = k < tl.load(n_sparse_ptr + row)
+    ids = tl.load(sparse_ids_ptr + slot * stride_k + k, mask=used, other=0).to(tl.int64)
+    x = tl.load(logits_ptr + row * stride_l + ids, mask=used, other=0.0)
+    x += tl.load(sparse_bias_ptr + slot * stride_k + k, mask=used, other=0.0)
+    cnt = tl.load(counts_ptr + slot * stride_c + ids, mask=used, other=0)
+    pw = tl.load(prompt_bits_ptr + slot * stride_w + (ids >> 5), mask=used, other=0)
+    seen = (((pw >> (ids & 31)) & 1) != 0) | (cnt > 0)
+    y = _penalise(x, cnt, seen, rep, freq, pres)
+    banned = tl.load(sparse_ban_ptr + slot * stride_k + k, mask=used, other=0) != 0
+    banned = banned & (tl.load(step_ptr + row) < tl.load(min_tokens_ptr + row))
+    tl.store(out_ptr + row * stride_o + ids, tl.where(banned, float("-inf"), y), mask=used)
 
 
 _ROW = {"slots": torch.int32, "ctl": torch.int32, "step": torch.int64, "min_tokens": torch.int64,
