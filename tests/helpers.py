@@ -95,3 +95,24 @@ def small_image_messages(n_images: int, seed: int) -> list[dict]:
     sizes = [(40, 56), (17, 90), (64, 33)][:n_images]
     content = [{"type": "image", "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)} for h, w in sizes]
     return [{"role": "user", "content": content + [{"type": "text", "text": "Describe these, briefly."}]}]
+
+
+def generate_concurrently(eng, reqs, overlap: bool | None = None):
+    """eng.generate(*req) for every req at once (a thread each) -> (results in order, preemptions meanwhile).
+    overlap: set the engine's delivery order for the run (True: one step late, as on a GPU), then restore it."""
+    old = eng._overlap
+    if overlap is not None:
+        eng._overlap = overlap
+    try:
+        p0 = eng.metrics()["preemptions_total"]
+        got = [None] * len(reqs)
+
+        def run(i):
+            got[i] = eng.generate(*reqs[i])
+
+        ths = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+        [t.start() for t in ths]
+        [t.join(300) for t in ths]
+        return got, eng.metrics()["preemptions_total"] - p0
+    finally:
+        eng._overlap = old

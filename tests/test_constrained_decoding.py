@@ -10,14 +10,13 @@ mask of step i reached exactly step i; free requests beside constrained ones kee
 preempted constrained request resumes with its grammar where its delivered tokens left it."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 
 from pixtral_rt.sampling import SamplingParams
 from pixtral_rt.serving.llm_engine import LLMEngine
+from tests.helpers import generate_concurrently
 
 
 def _pack(allowed: np.ndarray) -> np.ndarray:
@@ -118,20 +117,7 @@ def test_mixed_batch_with_preemption_keeps_every_request_as_alone(eng, overlap):
         c = FakeConstraint(key=20 + i, n=30 + 5 * i) if i % 2 == 0 else None
         reqs.append((_msgs(i), SamplingParams(max_tokens=40 + 5 * i, constraint=c)))
     alone = [eng.generate(m, p) for m, p in reqs]
-    eng._overlap = overlap
-    try:
-        p0 = eng.metrics()["preemptions_total"]
-        got = [None] * len(reqs)
-
-        def run(i):
-            got[i] = eng.generate(*reqs[i])
-
-        ths = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-        [t.start() for t in ths]
-        [t.join(300) for t in ths]
-        preempted = eng.metrics()["preemptions_total"] - p0
-    finally:
-        eng._overlap = False
+    got, preempted = generate_concurrently(eng, reqs, overlap)
     assert preempted > 0, "the pool should have forced a preemption"
     for (m, p), a, g in zip(reqs, alone, got):
         assert g.token_ids == a.token_ids and g.finish_reason == a.finish_reason

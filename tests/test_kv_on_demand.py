@@ -21,6 +21,7 @@ from pixtral_rt.sampling import SamplingParams
 from pixtral_rt.serving.kv_pages import PagePool
 from pixtral_rt.serving.scheduler import Scheduler
 from pixtral_rt.serving.sequence import Sequence, Status
+from tests.helpers import generate_concurrently
 
 P = 16
 EOS = 0
@@ -250,16 +251,7 @@ def _requests():
 
 
 def _concurrent(eng, reqs):
-    import threading
-    got = [None] * len(reqs)
-
-    def run(i):
-        got[i] = eng.generate(*reqs[i])
-
-    ths = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-    [t.start() for t in ths]
-    [t.join(300) for t in ths]
-    return got
+    return generate_concurrently(eng, reqs)[0]
 
 
 def _wait_idle(eng, timeout=10.0):

@@ -6,14 +6,13 @@ reference sampler of tests/test_logits_process.py (written from the formula): so
 the right counts (this request's output so far, after a resume too) and prompt reached the sampler."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 
 from pixtral_rt.sampling import SamplingParams
 from pixtral_rt.serving.llm_engine import LLMEngine
+from tests.helpers import generate_concurrently
 from tests.test_logits_process import reference_row
 
 FORCED = 1000            # a token the tiny tokenizer decodes to text, not a control token
@@ -106,20 +105,7 @@ def test_stop_token_ids_end_the_answer_and_are_not_emitted(eng):
 
 
 def _concurrently(eng, reqs, overlap: bool):
-    eng._overlap = overlap           # deliver one step late, as on a GPU (the next step launched first)
-    try:
-        p0 = eng.metrics()["preemptions_total"]
-        got = [None] * len(reqs)
-
-        def run(i):
-            got[i] = eng.generate(*reqs[i])
-
-        ths = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-        [t.start() for t in ths]
-        [t.join(300) for t in ths]
-        return got, eng.metrics()["preemptions_total"] - p0
-    finally:
-        eng._overlap = False
+    return generate_concurrently(eng, reqs, overlap)     # deliver one step late when overlap, as on a GPU
 
 
 CONTROLLED = [dict(frequency_penalty=1.2), dict(repetition_penalty=1.5, presence_penalty=0.4),
