@@ -531,9 +531,10 @@ def _checked_tokens(tokenizer, msgs, images, v, max_tokens: int, context: int, i
 
 
 def chat_prompt_tokens(messages, tokenizer, args: PixtralArgs, *, max_images: int = 12,
-                       image_limits: ImageLimits = DEFAULT_LIMITS, workers: int | None = None) -> list[int]:
-    """The prompt token ids `encode_request` would give these messages (the same chat format, image tokens
-    included), for counting (POST /tokenize): images are opened (headers read, URLs fetched) and planned,
+                       image_limits: ImageLimits = DEFAULT_LIMITS, workers: int | None = None,
+                       tools: list[dict] | None = None) -> list[int]:
+    """The prompt token ids `encode_request` would give these messages (and tools: the same chat format, image
+    tokens and [AVAILABLE_TOOLS] included), for counting (POST /tokenize): images are opened (headers read, URLs fetched) and planned,
     never decoded, and no context check is made (the caller compares the count with the context). Raises
     the input errors encode_request raises for the same messages, but ContextLengthError."""
     msgs, images = _parse_messages(messages)
@@ -550,5 +551,5 @@ def chat_prompt_tokens(messages, tokenizer, args: PixtralArgs, *, max_images: in
     n_urls = sum(isinstance(im.source, str) and im.source.startswith(("http://", "https://")) for im in images)
     _each(plan_one, images, workers, worth_it=n_urls >= 2)
     image_tokens = sum(im.plan.n_tokens for im in images)
-    tokens, _, _ = _checked_tokens(tokenizer, msgs, images, args.vision, 0, 1 << 62, image_tokens)
+    tokens, _, _ = _checked_tokens(tokenizer, msgs, images, args.vision, 0, 1 << 62, image_tokens, tools)
     return tokens

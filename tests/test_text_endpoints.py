@@ -243,8 +243,23 @@ def test_tokenize_messages_counts_what_the_chat_route_reports(eng, http, monkeyp
     assert text_only["count"] < r["count"] - r["tokens"].count(10)
 
 
+def test_tokenize_messages_with_tools_counts_what_the_chat_route_reports(http):
+    """[AVAILABLE_TOOLS] and the tools' JSON are part of the prompt the chat route builds: counted too."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather at a place",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    chat = _post(http, "/v1/chat/completions", {"messages": messages, "tools": tools, "tool_choice": "none",
+                                                "max_tokens": 1})
+    with_tools = _post(http, "/tokenize", {"messages": messages, "tools": tools})
+    without = _post(http, "/tokenize", {"messages": messages})
+    assert with_tools["count"] == chat["usage"]["prompt_tokens"] > without["count"]
+
+
 # ----------------------------------------------------------------------------- errors
 BAD = [
+    ("/tokenize", {"prompt": "a", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, None,
+     "invalid_value"),
     ("/v1/completions", {"prompt": [1, -1]}, 400, "prompt[1]", "invalid_request"),
     ("/v1/completions", {"prompt": [1, 131072]}, 400, "prompt[1]", "invalid_request"),
     ("/v1/completions", {"prompt": [[1, 2], [1, 10, 4]]}, 400, "prompt[1][1]", "invalid_request"),   # [IMG]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
-from .protocol import ANY, UNSUPPORTED, ChatMessage, StreamOptions, Usage, _Checked
+from .protocol import ANY, UNSUPPORTED, ChatMessage, ChatTool, StreamOptions, Usage, _Checked
 from .sampling_protocol import SamplingControls
 
 MAX_PROMPTS = 64           # prompts in one /v1/completions request
@@ -43,7 +43,7 @@ COMPLETION_NOT_HONOURED: dict[str, tuple | str] = {
 # /tokenize (vLLM's): the Mistral chat format always ends with the generation prompt ([/INST])
 TOKENIZE_NOT_HONOURED: dict[str, tuple | str] = {
     "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": UNSUPPORTED,
-    "chat_template_kwargs": ({},), "tools": ([],), "mm_processor_kwargs": UNSUPPORTED,
+    "chat_template_kwargs": ({},), "mm_processor_kwargs": UNSUPPORTED,
 }
 
 
@@ -171,6 +171,7 @@ class TokenizeRequest(_Checked):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[ChatTool] | None = None    # with messages: counted as the chat route tokenises them
     add_special_tokens: bool | None = None
     return_token_strs: bool = False
 
@@ -178,6 +179,8 @@ class TokenizeRequest(_Checked):
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of 'prompt' (text) and 'messages' (a chat)")
+        if self.tools and self.messages is None:
+            raise ValueError("tools go with 'messages' (a chat): a raw prompt has no tool list")
         if self.messages is not None and self.add_special_tokens:
             raise ValueError("add_special_tokens: a chat prompt already starts with BOS (the chat format puts "
                              "it there): leave it out or false")
@@ -185,6 +188,9 @@ class TokenizeRequest(_Checked):
 
     def image_count(self) -> int:
         return sum(p.type == "image_url" for m in self.messages or [] for p in (m.content or []))
+
+    def tool_dicts(self) -> list[dict] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class TokenizeResponse(BaseModel):

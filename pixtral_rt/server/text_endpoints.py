@@ -102,7 +102,7 @@ def add_text_endpoints(app: FastAPI, state, *, dependencies: list, max_body_byte
                                        "allowed per request", param="messages", code="too_many_images")
             param, work = "messages", functools.partial(
                 chat_prompt_tokens, [m.to_chat() for m in req.messages], engine.tokenizer, engine.args,
-                max_images=max_images, image_limits=image_limits)
+                max_images=max_images, image_limits=image_limits, tools=req.tool_dicts())
         else:
             param, work = "prompt", functools.partial(text_prompt_tokens, req.prompt, engine.tokenizer, engine.args,
                                                       add_special_tokens=req.add_special_tokens is not False)
