@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, PrivateAttr, field_validator, model_validator
 
-from .protocol import ANY, UNSUPPORTED, ChatMessage, ChatTool, StreamOptions, Usage, _Checked
+from .protocol import ANY, UNSUPPORTED, ChatMessage, ChatTool, StreamOptions, Usage, _Checked, stop_list
 from .sampling_protocol import SamplingControls
 
 MAX_PROMPTS = 64           # prompts in one /v1/completions request
@@ -104,9 +104,7 @@ class CompletionRequest(SamplingControls, _Checked):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v):
-        if v is None:
-            return []
-        return [v] if isinstance(v, str) else v
+        return stop_list(v)
 
     @field_validator("logprobs")
     @classmethod

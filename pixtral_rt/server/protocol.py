@@ -22,6 +22,13 @@ from pydantic_core import PydanticCustomError
 from .sampling_protocol import SamplingControls
 
 
+def stop_list(v):
+    """OpenAI's `stop`: absent, one string or a list -> a list (chat and completions requests)."""
+    if v is None:
+        return []
+    return [v] if isinstance(v, str) else v
+
+
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
@@ -272,9 +279,7 @@ class ChatCompletionRequest(SamplingControls, _Checked):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, v):
-        if v is None:
-            return []
-        return [v] if isinstance(v, str) else v
+        return stop_list(v)
 
     @field_validator("top_logprobs")
     @classmethod
