@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call per stage group for the serving engine (issue 9). STAGES=tests,paged (call 1) or serve (call 2);
-# STAGES=controls: the sampling controls (issue 23).
+# STAGES=controls: the sampling controls (issue 23); STAGES=structured: constrained decoding's step overhead,
+# grammar compile and tool-call round trip (bench_constrained_step, issue 23).
 # Logs and JSON lines land in $OUT; the embedded random Pixtral-12B is written once to $PIXTRAL_RT_CACHE.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -30,6 +31,11 @@ if [[ $STAGES == *controls* ]]; then  # sampling controls: the kernel tests on t
   timeout 300 python -m pytest -q -p no:cacheprovider tests/test_logits_process.py tests/test_sampling_controls.py 2>&1 \
     | tee "$OUT/controls_tests.log" | tail -3
   timeout 300 python benchmarks/bench_logits_process.py 2>&1 | tee "$OUT/logits_process.log" | grep "^\[" | tail -16
+fi
+if [[ $STAGES == *structured* ]]; then  # structured output through the engine loop (12B random weights)
+  python -c "from pixtral_rt.loading import default_random_model; import torch; default_random_model(torch.device('cuda'))" 2>&1 | tail -1
+  timeout ${STRUCTURED_TIMEOUT:-240} python benchmarks/bench_constrained_step.py ${STRUCTURED_ARGS:-} 2>&1 \
+    | tee "$OUT/constrained_step.log" | grep -v Warn | tail -16
 fi
 if [[ $STAGES == *cli* ]]; then  # the user's command on the GPU (serving backend, embedded random 12B)
   python -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0,256,(700,1100,3),dtype=n.uint8)).save('/tmp/cli.png')"

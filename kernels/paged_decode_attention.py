@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.dot_precision import dot_precision
 from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
@@ -36,7 +37,8 @@ from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supporte
 def _paged_decode_split_kernel(q_ptr, k_pages_ptr, v_pages_ptr, table_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr,
                                qk_scale, stride_qb, stride_qh, stride_pn, stride_ph, stride_ps, stride_tb,
                                NUM_SPLITS, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr):
+                               PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
+                               PRECISION: tl.constexpr):
     if USE_PDL:  # wait first, then trigger: at most one grid waits behind this one (no launch cascade)
         gdc_wait()
         gdc_launch_dependents()
@@ -68,13 +70,13 @@ def _paged_decode_split_kernel(q_ptr, k_pages_ptr, v_pages_ptr, table_ptr, lens_
                     mask=nmask[None, :], other=0.0)                                     # (D, BLOCK_N)
         v = tl.load(v_pages_ptr + tile + offs_n[:, None] * stride_ps + offs_d[None, :],
                     mask=nmask[:, None], other=0.0)                                     # (BLOCK_N, D)
-        qk = tl.dot(q, k) * qk_scale
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     # partials laid out (B, Hq, NUM_SPLITS[, D]) as _decode_reduce_kernel reads them; an empty split leaves
     # m = -inf, l = 0, acc = 0
@@ -207,7 +209,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         q, k_pages, v_pages, block_table, cache_lens, po, pm, pl, qk_scale,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
         ns, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, PAGE=P,
-        BLOCK_N=bn, USE_PDL=pdl, num_warps=num_warps, num_stages=num_stages, **extra)
+        BLOCK_N=bn, USE_PDL=pdl, PRECISION=dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **extra)
     _decode_reduce_kernel[(B, Hq)](po, pm, pl, o, o.stride(0), o.stride(1), ns,
                                    BLOCK_S=triton.next_power_of_2(ns), HEAD_DIM=D, USE_PDL=pdl, num_warps=4, **extra)
     return o

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.dot_precision import dot_precision
 from pixtral_rt.kernels.paged_decode_attention import _check_int32, _check_pages, _check_table, _tile_n
 from pixtral_rt.kernels.prefill_attention import _attn_tile, _default_config
 
@@ -42,7 +43,7 @@ def _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE: tl.constex
 def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr, cu_q_ptr, start_pos_ptr, qk_scale,
                                stride_qt, stride_qh, stride_ot, stride_oh, stride_pn, stride_ph, stride_ps, stride_tb,
                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(0)                              # q head (fastest: heads of a kv group share L2)
     s = tl.program_id(1)
     start_m = tl.num_programs(2) - 1 - tl.program_id(2)   # last (longest) q blocks of every sequence first
@@ -68,11 +69,11 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     for n0 in range(0, full_end, BLOCK_N):
         base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
-                                   stride_ps, qk_scale, False, BLOCK_N, HEAD_DIM)
+                                   stride_ps, qk_scale, False, BLOCK_N, HEAD_DIM, PRECISION)
     for n0 in range(full_end, kv_end, BLOCK_N):
         base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
-                                   stride_ps, qk_scale, True, BLOCK_N, HEAD_DIM)
+                                   stride_ps, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION)
     acc = acc / l_i[:, None]   # every valid row sees at least its own key: l_i > 0
     o_ptrs = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -117,5 +118,6 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         q, k_pages, v_pages, o, block_table, cu_q, start_pos, qk_scale,
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
-        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=P, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+        GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=P, BLOCK_M=bm, BLOCK_N=bn, PRECISION=dot_precision(q.dtype),
+        num_warps=nw, num_stages=ns)
     return o

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pixtral_rt.kernels.dot_precision import dot_precision
 from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 from pixtral_rt.reference.rope import text_rope_angles
@@ -139,7 +140,7 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tenso
 # ----------------------------------------------------------------------------- attention
 @triton.jit
 def _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, qk_scale,
-               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_cs + offs_d[:, None]   # (D, BLOCK_N)
@@ -151,7 +152,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, q
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, k) * qk_scale
+    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     if MASKED:
         qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < kv_end), qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -159,7 +160,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, q
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -167,7 +168,7 @@ def _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, q
 def _prefill_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, slot, start_pos, T, qk_scale,
                          stride_qt, stride_ot, stride_oh, stride_cb, stride_ch, stride_cs,
                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     h = tl.program_id(0)                              # q head (fastest: heads of a kv group share L2)
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)   # longest (last) q blocks first
     kvh = h // GROUP
@@ -186,10 +187,10 @@ def _prefill_attn_kernel(q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, slot, start_pos
     kv_end = start_pos + tl.minimum(T, (start_m + 1) * BLOCK_M)
     for n0 in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, qk_scale,
-                                   False, BLOCK_N, HEAD_DIM)
+                                   False, BLOCK_N, HEAD_DIM, PRECISION)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_base, v_base, n0, q_pos, kv_end, stride_cs, qk_scale,
-                                   True, BLOCK_N, HEAD_DIM)
+                                   True, BLOCK_N, HEAD_DIM, PRECISION)
     acc = acc / l_i[:, None]
     o_ptrs = o_ptr + offs_m[:, None].to(tl.int64) * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
@@ -230,7 +231,8 @@ def prefill_attention_cached(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     _prefill_attn_kernel[grid](q, k_cache, v_cache, o, slot, start_pos, T, qk_scale,
                                q.stride(0), o.stride(0), o.stride(1),
                                k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                               GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+                               GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn,
+                               PRECISION=dot_precision(q.dtype), num_warps=nw, num_stages=ns)
     return o
 
 
