@@ -7,7 +7,10 @@ random pixels, data: URL); output lengths 32-256 tokens; greedy; ignore EOS is n
 random weights rarely emit it (the token counts used are the ones reported in `usage`).
 Per level: output tok/s, requests/s, TTFT and inter-token latency p50 / p99 (client side, per streamed
 chunk), GPU memory used. Floors: the decode-step HBM roofline at the level's concurrency (weights once per
-step + every sequence's KV) -> tok/s; the batch-1 engine's own rate as the baseline.
+step + every sequence's KV) -> tok/s; the batch-1 engine's own rate as the baseline. Steady state too: the
+same figures without each user's first request (all users' first prompts arrive at once: a burst of 64 prompts
+is ~75k prefill tokens, seconds of compute that no schedule hides). `--chunk-tokens N`: the server's prefill
+budget per step while others decode.
 Also: batch-1 decode through the server vs the batch-1 engine (1k-token text prompt, 256 tokens), and
 turn-2 TTFT of a chat with one 1024x1024 image with the prefix cache (turn 1 first) vs without (same
 conversation with a fresh image: nothing cached).
@@ -105,11 +108,16 @@ async def run_level(port, model, reqs, users, no_max_tokens=False):
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", timeout=600, max_retries=0)
     stats = {"ttft": [], "itl": [], "tokens": 0, "requests": 0}
+    steady = {"ttft": [], "itl": [], "tokens": 0, "requests": 0}   # each user's 2nd request on
     it = iter(reqs)
 
     async def user():
-        for m, k in it:
-            await one(client, model, m, k, stats, no_max_tokens)
+        for i, (m, k) in enumerate(it):
+            part = {"ttft": [], "itl": [], "tokens": 0, "requests": 0}
+            await one(client, model, m, k, part, no_max_tokens)
+            for d in (stats, steady) if i else (stats,):
+                for key in part:
+                    d[key] += part[key]
 
     loop = asyncio.get_running_loop()
     m0 = await loop.run_in_executor(None, server_metrics, port)
@@ -125,6 +133,7 @@ async def run_level(port, model, reqs, users, no_max_tokens=False):
     t0 = time.perf_counter()
     await asyncio.gather(*[user() for _ in range(users)])
     stats["wall"] = time.perf_counter() - t0
+    stats["steady"] = steady
     done = True
     await poller
     await client.close()
@@ -171,11 +180,12 @@ async def chat_turns(port, model, rng):
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
-def start_server(model, port, max_batch, log, engine="process", kv_tokens=None):
+def start_server(model, port, max_batch, log, engine="process", kv_tokens=None, chunk_tokens=None):
     cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--max-batch", str(max_batch),
            "--engine", engine,
            "--max-context", "32768", "--log-level", "warning"] + (["--model", model] if model else [])
     cmd += ["--kv-tokens", str(kv_tokens)] if kv_tokens else []
+    cmd += ["--chunk-tokens", str(chunk_tokens)] if chunk_tokens else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
         try:
@@ -214,7 +224,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint folder (default: the embedded random Pixtral-12B)")
     ap.add_argument("--levels", default="1,4,16,64")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(8, 2 x users))")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default max(8, 3 x users))")
     ap.add_argument("--baseline-requests", type=int, default=12)
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--engine", default="process,thread",
@@ -224,10 +234,11 @@ def main():
                     help="send requests without max_tokens; the client disconnects after the workload's length")
     ap.add_argument("--kv-tokens", type=int, help="the server's KV pool in tokens (small: preemption happens)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
+    ap.add_argument("--chunk-tokens", type=int, help="the server's --chunk-tokens (default: the server's)")
     a = ap.parse_args()
     bw = copy_bandwidth_TBps() * 1e12
     levels = [int(x) for x in a.levels.split(",")]
-    reqs = workload(max(max(8, 2 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
+    reqs = workload(max(max(8, 3 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
     if a.no_baseline:
         base_rate = base_dec = float("nan")
     else:
@@ -249,15 +260,16 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
     from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
     sfx = ("" if mode == "process" else f"@{mode}") + ("@no_max_tokens" if a.no_max_tokens else "") \
-        + (f"@kv{a.kv_tokens}" if a.kv_tokens else "")
+        + (f"@kv{a.kv_tokens}" if a.kv_tokens else "") + (f"@chunk{a.chunk_tokens}" if a.chunk_tokens else "")
     nomax = a.no_max_tokens
     print(f"--- server engine: {mode}", flush=True)
 
     def record(bench, case, *rest, **kw):
-        return _record(bench, case + sfx, *rest, engine=mode, no_max_tokens=nomax, kv_tokens=a.kv_tokens, **kw)
+        return _record(bench, case + sfx, *rest, engine=mode, no_max_tokens=nomax, kv_tokens=a.kv_tokens,
+                       chunk_tokens=a.chunk_tokens, **kw)
 
     with open(a.log.replace(".log", f"_{mode}.log"), "w") as log:
-        proc = start_server(a.model, a.port, max(levels), log, mode, a.kv_tokens)
+        proc = start_server(a.model, a.port, max(levels), log, mode, a.kv_tokens, a.chunk_tokens)
         try:
             model = "default"
             from openai import OpenAI
@@ -270,25 +282,34 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
             record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)",
                    _known(base_dec), floor1, ratio_vs_baseline=_known(srv_dec / base_dec))
             for u in levels:
-                n = a.requests or max(8, 2 * u)
+                n = a.requests or max(8, 3 * u)
                 st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u, nomax))
                 tps = st["tokens"] / st["wall"]
                 ctx = 700 + 1500 / 3 + 72          # mean prompt (text ~700, images add ~1/3 x 1500) + half output
                 floor = u * bw / (wbytes + u * kvtok * ctx)
                 ttft = np.percentile(st["ttft"], [50, 99]) * 1e3
                 itl = np.percentile(st["itl"], [50, 99]) * 1e3 if st["itl"] else [0, 0]
+                # steady state: without each user's first request (all users' first prompts arrive at once)
+                sd = st["steady"]
+                ttft_s = np.percentile(sd["ttft"], [50, 99]) * 1e3 if sd["ttft"] else [float("nan")] * 2
+                itl_s = np.percentile(sd["itl"], [50, 99]) * 1e3 if sd["itl"] else [float("nan")] * 2
                 mem = torch.cuda.mem_get_info(0)
                 extra = dict(users=u, requests=st["requests"], output_tokens=st["tokens"], wall_s=st["wall"],
                              req_per_s=st["requests"] / st["wall"], ttft_p50_ms=ttft[0], ttft_p99_ms=ttft[1],
                              itl_p50_ms=itl[0], itl_p99_ms=itl[1], gpu_mem_used_GiB=(mem[1] - mem[0]) / 2**30,
                              decode_roofline_tok_s=floor, preemptions=st["preemptions"],
-                             peak_running=st["peak_running"], server_tokens=st["server_tokens"])
+                             peak_running=st["peak_running"], server_tokens=st["server_tokens"],
+                             steady_requests=sd["requests"], steady_ttft_p50_ms=_known(ttft_s[0]),
+                             steady_ttft_p99_ms=_known(ttft_s[1]), steady_itl_p50_ms=_known(itl_s[0]),
+                             steady_itl_p99_ms=_known(itl_s[1]))
                 record(BENCH, f"mixed_{u}_users", "output_tok_s", tps, "tok/s", "batch-1 engine, one request at a time",
                        _known(base_rate), floor, **extra)
                 print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
                       f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
                       f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms, {st['preemptions']:.0f} preemptions, "
                       f"peak {st['peak_running']:.0f} running", flush=True)
+                print(f"       steady state ({sd['requests']} requests, each user's first left out): TTFT p50/p99 "
+                      f"{ttft_s[0]:.0f}/{ttft_s[1]:.0f} ms, ITL p50/p99 {itl_s[0]:.1f}/{itl_s[1]:.1f} ms", flush=True)
             # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
             rng = np.random.default_rng(3)
             dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]

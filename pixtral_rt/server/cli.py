@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--kv-tokens", type=int, metavar="TOKENS",
                    help="size of the KV page pool in tokens (default: GPU memory left after the weights, less "
                         "8 GiB; on CPU 4 full contexts); a small pool preempts requests more often")
+    m.add_argument("--chunk-tokens", type=int, default=512, metavar="TOKENS",
+                   help="prompt tokens computed per step while other requests decode (default 512; vLLM's "
+                        "--max-num-batched-tokens plays this part): larger = new prompts start sooner and "
+                        "prompt-heavy loads run faster, smaller = steadier token gaps for the streams decoding")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all); "
@@ -188,7 +192,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     folder, or None."""
     for flag, value, low in (("--max-images", args.max_images, 0), ("--max-batch", args.max_batch, 1),
                              ("--max-queue", args.max_queue, 0), ("--max-context", args.max_context, 1),
-                             ("--kv-tokens", args.kv_tokens, 1), ("--image-cache-mb", args.image_cache_mb, 0)):
+                             ("--kv-tokens", args.kv_tokens, 1), ("--chunk-tokens", args.chunk_tokens, 1),
+                             ("--image-cache-mb", args.image_cache_mb, 0)):
         if value is not None and value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
     check_weight_flags(parser, args)
@@ -218,7 +223,8 @@ def _load_engine(args: argparse.Namespace):
     return load(args.model, device=args.device, dtype=args.dtype, max_context=args.max_context,
                 max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
                 quantization=args.quantization, random_weights=args.random_weights,
-                tensor_parallel=args.tensor_parallel, kv_tokens=args.kv_tokens, options=runtime_options(args))
+                tensor_parallel=args.tensor_parallel, kv_tokens=args.kv_tokens, chunk_tokens=args.chunk_tokens,
+                options=runtime_options(args))
 
 
 def _load_and_serve(args: argparse.Namespace, root: str | None, sock: socket.socket | None) -> int:
