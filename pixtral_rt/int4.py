@@ -225,3 +225,21 @@ class Int4Weight:
         dtype = parts[0].scale.dtype if len({p.scale.dtype for p in parts}) == 1 else torch.float32
         return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scale.to(dtype) for p in parts]),
                    parts[0].group_size, parts[0].plane)
+
+
+def check_kernel_weight(w: Int4Weight, K: int, who: str) -> None:
+    """The Int4Weight contract the int4 kernels rely on (shapes, dtypes, contiguity, plane width)."""
+    if not isinstance(w, Int4Weight):
+        raise ValueError(f"{who}: expected an Int4Weight, got {type(w).__name__}")
+    qw, s = w.qweight, w.scale
+    if qw.dim() != 2 or qw.dtype != torch.int32 or not qw.is_contiguous():
+        raise ValueError(f"{who}: expected a contiguous (N, K / 8) int32 qweight, got {tuple(qw.shape)} {qw.dtype}")
+    N, Kw = w.shape
+    if Kw != K:
+        raise ValueError(f"{who}: x has {K} inputs but the weight ({N}, {Kw}) has {Kw}")
+    if (s.shape != (N, K // w.group_size) or s.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or not s.is_contiguous()):
+        raise ValueError(f"{who}: scale must be contiguous ({N}, {K // w.group_size}) fp32/bf16/fp16, got "
+                         f"{tuple(s.shape)} {s.dtype}")
+    if K % (8 * w.plane) or w.group_size % w.plane or w.plane < 16 or w.plane & (w.plane - 1):
+        raise ValueError(f"{who}: plane width {w.plane} does not fit K = {K} and group size {w.group_size}")
