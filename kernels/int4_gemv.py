@@ -91,9 +91,9 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *
     """x (1, K) or (K,), w Int4Weight (N, K) -> (1, N) (or (N,)) in x's dtype (or out's). pdl / peel as in
     kernels/gemv.py (peel: the first-block structure without PDL; tests use it on the CPU)."""
     squeeze = x.dim() == 1
-    x2 = x.reshape(1, -1)
-    if x2.shape[0] != 1 or x.dim() > 2:
+    if x.dim() > 2 or (x.dim() == 2 and x.shape[0] != 1):
         raise ValueError(f"int4_gemv: one row of activations expected, got {tuple(x.shape)}; use int4_gemm")
+    x2 = x.reshape(1, -1)
     K = x2.shape[1]
     check_kernel_weight(w, K, "int4_gemv")
     if x2.dtype not in (torch.bfloat16, torch.float16, torch.float32):

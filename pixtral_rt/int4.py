@@ -118,11 +118,13 @@ def quantize_weight(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torc
     return q.view(N, K), s
 
 
-def quantize_and_pack(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_and_pack(w: torch.Tensor, group_size: int = GROUP_SIZE, chunk_rows: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """w (N, K) -> (weight_packed (N, K / 8) int32, weight_scale (N, K / G) fp32): the loader's contract.
-    Row chunks bound the fp32 transients (a 28672 x 12288 matrix would need several GB at once)."""
+    Rows are quantised chunk_rows at a time (default: ~256 MB of fp32 per chunk), which bounds the fp32
+    transients (a 28672 x 12288 matrix would need several GB at once); rows are independent."""
     N, K = w.shape
-    rows = max(1, (64 << 20) // max(1, K))                         # ~256 MB of fp32 per chunk
+    rows = chunk_rows or max(1, (64 << 20) // max(1, K))
     packed = torch.empty(N, K // PACK, dtype=torch.int32, device=w.device)
     scale = torch.empty(N, K // group_size, dtype=torch.float32, device=w.device)
     for a in range(0, N, rows):
@@ -236,7 +238,7 @@ def check_kernel_weight(w: Int4Weight, K: int, who: str) -> None:
         raise ValueError(f"{who}: expected a contiguous (N, K / 8) int32 qweight, got {tuple(qw.shape)} {qw.dtype}")
     N, Kw = w.shape
     if Kw != K:
-        raise ValueError(f"{who}: x has {K} inputs but the weight ({N}, {Kw}) has {Kw}")
+        raise ValueError(f"{who}: x has {K} inputs but the weight ({N}, {Kw}) takes {Kw}")
     if (s.shape != (N, K // w.group_size) or s.dtype not in (torch.float32, torch.bfloat16, torch.float16)
             or not s.is_contiguous()):
         raise ValueError(f"{who}: scale must be contiguous ({N}, {K // w.group_size}) fp32/bf16/fp16, got "
