@@ -211,11 +211,12 @@ def _check_groups(chk: _Checker, groups, scheme: str) -> int | None:
         chk.fail(f"{field}.output_activations", group["output_activations"],
                  "quantised outputs are not supported (must be null)")
     if scheme == "int4":
+        group_size = _check_int4_weights(chk, f"{field}.weights", group.get("weights"))
         if group.get("input_activations") is not None:
             chk.fail(f"{field}.input_activations", group["input_activations"],
                      "int4 weights run with unquantised activations here (W4A16); W4A8 / W4A4 are not supported "
                      "(must be null)")
-        return _check_int4_weights(chk, f"{field}.weights", group.get("weights"))
+        return group_size
     _check_weights(chk, f"{field}.weights", group.get("weights"))
     _check_inputs(chk, f"{field}.input_activations", group.get("input_activations"))
     return None
