@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pixtral_rt import int4
+from tests.conftest import requires_gpu
 
 
 # ---------------------------------------------------------------------------------------- plain oracles
@@ -192,3 +193,15 @@ def test_matches_compressed_tensors_package():
     q_ct = quantize(w.float(), s, torch.zeros_like(s, dtype=torch.int8), args, dtype=torch.int8)
     assert torch.equal(q_ct, q)              # their quantize with our scales gives our integers
     assert torch.equal(dequantize(q, s, None, args), int4.dequantize(int4.pack(q), s))
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_rtn_and_repack_on_gpu_equal_cpu():
+    """The GPU quantiser (--random-weights / load-time int4 on the device) writes the CPU's bytes."""
+    w = awkward_weights(3000, 5120, seed=11)
+    p_cpu, s_cpu = int4.quantize_and_pack(w)
+    p_gpu, s_gpu = int4.quantize_and_pack(w.cuda())
+    assert torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
+    kl = int4.to_kernel_layout(p_cpu, 128)
+    assert torch.equal(int4.to_kernel_layout(p_gpu, 128).cpu(), kl)
