@@ -20,6 +20,15 @@ float8_e4m3fn weights (never cast to the load dtype), float32 (N, 1) scales, q/k
 un-permuted together. `load_state_dict(..., quantization="fp8")` quantises a bf16 checkpoint's decoder
 linears the same way, one tensor at a time as it arrives.
 
+Int4 (HF format only): a `quantization_config` with format "pack-quantized" (compressed-tensors W4A16, see
+pixtral_rt.quantization_config) makes each quantised decoder linear three tensors, `<module>.weight_packed`
+I32 [out, in / 8], `<module>.weight_scale` [out, in / group] and `<module>.weight_shape` [2] (whose two values
+are read and checked while planning: 16 bytes, the only tensor data read before loading). They are loaded
+as pixtral_rt.int4's state-dict contract says: int32 `weight_packed` in the checkpoint packing and float32
+`weight_scale`, rows of both un-permuted together; no `.weight`. `quantization="int4"` quantises a bf16
+checkpoint's decoder linears by round to nearest (int4.quantize_and_pack, group 128) on the target device,
+one tensor at a time as it arrives. Tensor parallelism is not supported with int4 (refused).
+
 Tensor parallelism: `load_state_dict(..., shard=(rank, world))` reads only this rank's slice of each
 sharded decoder linear (pixtral_rt.sharding: wq/wk/wv/w1/w3 by rows, wo/w2 by columns) straight from the
 file, as byte ranges; replicated tensors are read whole.
@@ -38,6 +47,7 @@ from typing import Callable, Iterable
 import torch
 
 from . import fp8
+from . import int4
 from . import sharding
 from .config import ConfigError, PixtralArgs
 from .quantization_config import QuantizationConfig
@@ -48,8 +58,9 @@ class CheckpointError(RuntimeError):
 
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}  # unquantised tensors
-_READ_DTYPES = {**_ST_DTYPES, "F8_E4M3": fp8.FP8_DTYPE}  # what the readers turn raw bytes into
-QUANTIZATIONS = ("fp8",)  # load_state_dict(quantization=...)
+_READ_DTYPES = {**_ST_DTYPES, "F8_E4M3": fp8.FP8_DTYPE, "I32": torch.int32}  # what the readers turn raw bytes into
+QUANTIZATIONS = ("fp8", "int4")  # load_state_dict(quantization=...)
+_INT4_PARAMS = ("weight_packed", "weight_scale", "weight_shape")  # a pack-quantized linear's tensors
 _ST_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -72,14 +83,22 @@ class CheckpointPlan:
     format: str  # "mistral" or "hf"
     args: PixtralArgs
     files: list[Path]
-    sources: dict[str, TensorSource] = field(default_factory=dict)  # our key -> source (incl. weight_scale)
-    quantization: QuantizationConfig | None = None  # config.json's quantization_config (FP8), None: bf16
+    # our key -> source (incl. weight_scale; an int4 linear as weight_packed + weight_scale, no weight)
+    sources: dict[str, TensorSource] = field(default_factory=dict)
+    quantization: QuantizationConfig | None = None  # config.json's quantization_config (FP8 / int4), None: bf16
 
     def describe(self) -> str:
-        n = sum(_numel(s.shape) for k, s in self.sources.items() if not k.endswith("_scale"))
+        n = sum(_numel(s.shape) * (int4.PACK if k.endswith("_packed") else 1)
+                for k, s in self.sources.items() if not k.endswith("_scale"))
         text = (f"{self.folder}: {self.format} format ({_config_name(self.format)}), "
                 f"{len(self.files)} safetensors file(s), {len(self.sources)} tensors, {n / 1e9:.2f} B params")
-        if self.quantization is not None:
+        if self.quantization is not None and self.quantization.scheme == "int4":
+            n4 = sum(k.endswith(".weight_packed") for k in self.sources)
+            n_lin = n4 + sum(fp8.is_quantized_weight(k) for k in self.sources)
+            text += (f"; int4 (compressed-tensors pack-quantized W4A16, group {self.quantization.group_size}): "
+                     f"{n4} of {n_lin} decoder linears int4 with per-group scales, the rest (embeddings, lm_head, "
+                     f"norms, vision tower, adapter{', ignored linears' if n4 < n_lin else ''}) unquantised")
+        elif self.quantization is not None:
             linears = [s for k, s in self.sources.items() if fp8.is_quantized_weight(k)]
             n8 = sum(s.dtype == "F8_E4M3" for s in linears)
             text += (f"; FP8 (compressed-tensors float-quantized): {n8} of {len(linears)} decoder linears FP8 e4m3 "
@@ -311,24 +330,37 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
     want = expected_shapes(args)
     plan = CheckpointPlan(folder=folder, format=fmt, args=args, files=files, quantization=quant)
     unexpected = []
-    scales: list[TensorSource] = []  # checked once every file's header is read (a scale may sit in another shard)
+    # checked once every file's header is read (a scale may sit in another shard): FP8 scales, or int4's
+    # (our key, source) of weight_packed / weight_scale / weight_shape
+    scales: list[TensorSource] = []
+    int4_params: list[tuple[str, TensorSource]] = []
+    is_int4 = quant is not None and quant.scheme == "int4"
     for path in files:
         header = read_safetensors_header(path)
         data_start = header.pop("__data_start__")
         for key, meta in header.items():
-            _reject_quantization_parameter(path, key, meta)
+            last = key.rsplit(".", 1)[-1]
+            if not (is_int4 and last in _INT4_PARAMS):
+                _reject_quantization_parameter(path, key, meta, quant)
             ours = key if fmt == "mistral" else hf_to_mistral_key(key)
-            if ours is not None and ours.endswith(".weight_scale"):
-                if not fp8.is_quantized_weight(ours[:-6]):
-                    raise CheckpointError(f"{path}: tensor {key!r} is an FP8 weight scale of a layer this runtime "
-                                          f"keeps unquantised: FP8 is read only for the text decoder's linears "
+            if ours is not None and last in _INT4_PARAMS:     # weight_scale (FP8 or int4), int4's packed / shape
+                base = ours.rsplit("_", 1)[0]                  # layers.0.attention.wq.weight
+                what = {"weight_scale": "a weight scale", "weight_packed": "a packed int4 weight",
+                        "weight_shape": "the shape of a packed int4 weight"}[last]
+                if not fp8.is_quantized_weight(base):
+                    raise CheckpointError(f"{path}: tensor {key!r} is {what} of a layer this runtime keeps "
+                                          f"unquantised: FP8 and int4 are read only for the text decoder's linears "
                                           f"(embeddings, lm_head, vision tower and adapter must be BF16/F16/F32)")
                 if quant is None:
-                    raise CheckpointError(f"{path}: tensor {key!r} is an FP8 weight scale but {_config_name(fmt)} "
+                    raise CheckpointError(f"{path}: tensor {key!r} is {what} but {_config_name(fmt)} "
                                           f"has no quantization_config: {_NO_QUANT_HINT[fmt]}")
                 a, b = meta["data_offsets"]
-                scales.append(TensorSource(path, key, tuple(meta["shape"]), meta["dtype"],
-                                           rotary_heads(ours[:-6], args) if fmt == "hf" else 0, data_start + a, b - a))
+                src = TensorSource(path, key, tuple(meta["shape"]), meta["dtype"],
+                                   rotary_heads(base, args) if fmt == "hf" else 0, data_start + a, b - a)
+                if is_int4:
+                    int4_params.append((ours, src))
+                else:
+                    scales.append(src)
                 continue
             if ours is None or ours not in want:
                 unexpected.append(f"{key} ({path.name})")
@@ -343,7 +375,9 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
             a, b = meta["data_offsets"]
             plan.sources[ours] = TensorSource(path, key, shape, meta["dtype"],
                                               rotary_heads(ours, args) if fmt == "hf" else 0, data_start + a, b - a)
-    missing = [k for k in want if k not in plan.sources]
+    if is_int4:
+        _attach_int4(plan, int4_params, want)
+    missing = [k for k in want if k not in plan.sources and int4.packed_key(k) not in plan.sources]
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} tensor(s) missing from the {fmt}-format checkpoint, "
                               f"e.g. {', '.join(missing[:4])}")
@@ -351,15 +385,18 @@ def plan_checkpoint(folder: str | Path, fmt: str | None = None) -> CheckpointPla
         raise CheckpointError(f"{folder}: {len(unexpected)} unexpected tensor(s) (wrong model or format?), "
                               f"e.g. {', '.join(unexpected[:4])}")
     if quant is not None:
-        _attach_scales(plan, scales)
+        if not is_int4:
+            _attach_scales(plan, scales)
         _check_fused_groups(plan)
     return plan
 
 
 # ---------------------------------------------------------------------------------------- FP8 planning
 _NO_QUANT_HINT = {
-    "hf": "FP8 weights cannot be read without their scheme (bf16 config.json copied next to FP8 weights?)",
-    "mistral": "FP8 checkpoints are read in the HF compressed-tensors layout (config.json with quantization_config)",
+    "hf": "quantised (FP8 / int4) weights cannot be read without their scheme (bf16 config.json copied next to "
+          "quantised weights?)",
+    "mistral": "FP8 and int4 checkpoints are read in the HF compressed-tensors layout (config.json with "
+               "quantization_config)",
 }
 
 # Tensors of other quantisation schemes, by the last part of their name: what each means.
@@ -369,8 +406,10 @@ _OTHER_SCHEMES = {
     "input_zero_point": "an activation zero point: asymmetric quantisation is not supported",
     "weight_zero_point": "a weight zero point: asymmetric / integer quantisation is not supported",
     "weight_g_idx": "a GPTQ activation-order index: GPTQ checkpoints are not supported",
-    "weight_packed": "packed integer weights (compressed-tensors pack-quantized int4/int8): not supported",
-    "weight_shape": "the shape of packed integer weights (pack-quantized int4/int8): not supported",
+    "weight_packed": "packed integer weights (compressed-tensors pack-quantized int4), which need config.json's "
+                     "quantization_config with format 'pack-quantized'",
+    "weight_shape": "the shape of packed integer weights (pack-quantized int4), which need config.json's "
+                    "quantization_config with format 'pack-quantized'",
     "weight_global_scale": "an NVFP4 global scale: FP4 checkpoints are not supported",
     "input_global_scale": "an NVFP4 global scale: FP4 checkpoints are not supported",
     "weight_scale_inv": "a block-wise FP8 scale (HF/DeepSeek 'fp8' layout): block-wise weight scales are not supported",
@@ -380,8 +419,10 @@ _OTHER_SCHEMES = {
     "qscale_weight": "a Mistral-format quantisation scale: " + _NO_QUANT_HINT["mistral"],
     "qscale_act": "a Mistral-format quantisation scale: " + _NO_QUANT_HINT["mistral"],
 }
-_SUPPORTED_FP8 = ("supported are BF16/F16/F32 checkpoints, and FP8 (F8_E4M3) decoder linears with per-channel "
-                  "weight_scale in the compressed-tensors FP8-dynamic layout")
+_SUPPORTED_FP8 = ("supported are BF16/F16/F32 checkpoints, FP8 (F8_E4M3) decoder linears with per-channel "
+                  "weight_scale in the compressed-tensors FP8-dynamic layout, and int4 decoder linears "
+                  "(weight_packed + per-group weight_scale + weight_shape) in the compressed-tensors "
+                  "pack-quantized W4A16 layout")
 
 
 def _config_name(fmt: str) -> str:
@@ -407,12 +448,16 @@ def _read_quantization(folder: Path, fmt: str) -> QuantizationConfig | None:
     return None if q is None else QuantizationConfig.from_hf(q, path)
 
 
-def _reject_quantization_parameter(path: Path, key: str, meta: dict) -> None:
-    """Tensors that only other quantisation schemes have (input_scale, zero points, packed ints, ...)."""
+def _reject_quantization_parameter(path: Path, key: str, meta: dict, quant: QuantizationConfig | None = None
+                                   ) -> None:
+    """Tensors that only other quantisation schemes have (input_scale, zero points, packed ints without a
+    pack-quantized config, ...)."""
     last = key.rsplit(".", 1)[-1]
     if last in _OTHER_SCHEMES:
-        raise CheckpointError(f"{path}: tensor {key!r} ({meta['dtype']} {meta['shape']}) is {_OTHER_SCHEMES[last]}; "
-                              f"{_SUPPORTED_FP8}")
+        why = _OTHER_SCHEMES[last]
+        if last == "weight_zero_point" and quant is not None and quant.scheme == "int4":
+            why = "a weight zero point: asymmetric int4 is not supported (only symmetric W4A16)"
+        raise CheckpointError(f"{path}: tensor {key!r} ({meta['dtype']} {meta['shape']}) is {why}; {_SUPPORTED_FP8}")
 
 
 def _hf_module_names(ours: str) -> set[str]:
@@ -429,7 +474,14 @@ def is_ignored(quant: QuantizationConfig, ours: str) -> bool:
 def _check_dtype(path: Path, key: str, ours: str, dtype: str, fmt: str, quant: QuantizationConfig | None) -> None:
     """Decoder linears: F8_E4M3 exactly when the quantization_config quantises them. Everything else
     (and every tensor of an unquantised checkpoint): BF16/F16/F32."""
-    fp8_expected = quant is not None and fp8.is_quantized_weight(ours) and not is_ignored(quant, ours)
+    quantised = quant is not None and fp8.is_quantized_weight(ours) and not is_ignored(quant, ours)
+    if quantised and quant.scheme == "int4":
+        module = key.removesuffix(".weight")
+        raise CheckpointError(f"{path}: tensor {key!r} is a dense {dtype} weight but config.json's "
+                              f"quantization_config (pack-quantized int4) quantises this linear (its ignore list "
+                              f"does not name {module!r}): expected {module}.weight_packed, .weight_scale and "
+                              f".weight_shape")
+    fp8_expected = quantised and quant.scheme == "fp8"
     if fp8_expected:
         if dtype != "F8_E4M3":
             module = key.removesuffix(".weight")
@@ -440,6 +492,8 @@ def _check_dtype(path: Path, key: str, ours: str, dtype: str, fmt: str, quant: Q
     if dtype == "F8_E4M3":
         if quant is None:
             why = f"{_config_name(fmt)} has no quantization_config: {_NO_QUANT_HINT[fmt]}"
+        elif quant.scheme == "int4":
+            why = "config.json's quantization_config is int4 (pack-quantized), not FP8"
         elif fp8.is_quantized_weight(ours):
             why = "config.json's quantization_config ignores this linear, so it must be unquantised"
         else:
@@ -480,17 +534,87 @@ _FUSED = (("attention", ("wq", "wk", "wv")), ("feed_forward", ("w1", "w3")))
 
 
 def _check_fused_groups(plan: CheckpointPlan) -> None:
-    """q/k/v and gate/up of one layer are fused into one matrix by the fast decoder: all FP8 or all not
-    (vLLM refuses the same mix)."""
+    """q/k/v and gate/up of one layer are fused into one matrix by the fast decoder: all quantised (FP8 or
+    int4) or all not (vLLM refuses the same mix)."""
+    scheme = plan.quantization.scheme.upper() if plan.quantization is not None else "FP8"
     for i in range(plan.args.text.n_layers):
         for block, names in _FUSED:
-            srcs = [plan.sources[f"layers.{i}.{block}.{n}.weight"] for n in names]
-            kinds = {s.dtype == "F8_E4M3" for s in srcs}
+            srcs = [plan.sources.get(f"layers.{i}.{block}.{n}.weight") or
+                    plan.sources[f"layers.{i}.{block}.{n}.weight_packed"] for n in names]
+            kinds = {s.dtype in ("F8_E4M3", "I32") for s in srcs}
             if len(kinds) > 1:
                 desc = ", ".join(f"{s.key} {s.dtype}" for s in srcs)
-                raise CheckpointError(f"{plan.folder}: layer {i} mixes FP8 and unquantised linears that are fused "
-                                      f"into one matrix ({desc}): the ignore list of config.json must name all "
-                                      f"of them or none")
+                raise CheckpointError(f"{plan.folder}: layer {i} mixes {scheme} and unquantised linears that are "
+                                      f"fused into one matrix ({desc}): the ignore list of config.json must name "
+                                      f"all of them or none")
+
+
+def _read_weight_shape(src: TensorSource) -> list[int]:
+    """The two values of an int4 linear's weight_shape tensor (I32 / I64 [2]): one small positioned read."""
+    with open(src.file, "rb") as f:
+        f.seek(src.offset)
+        raw = f.read(src.nbytes)
+    if len(raw) != src.nbytes:
+        raise CheckpointError(f"{src.file}: unexpected end of file in tensor {src.key!r}")
+    return list(struct.unpack("<2q" if src.dtype == "I64" else "<2i", raw))
+
+
+def _attach_int4(plan: CheckpointPlan, params: list[tuple[str, TensorSource]], want: dict) -> None:
+    """Every quantised decoder linear of a pack-quantized checkpoint: weight_packed I32 [N, K / 8], weight_scale
+    float [N, K / G], weight_shape I32/I64 [2] holding [N, K], all three, nothing else; sources get the first
+    two (weight_shape is consumed here)."""
+    quant = plan.quantization
+    G = quant.group_size
+    by_base: dict[str, dict[str, TensorSource]] = {}
+    for ours, s in params:
+        base, _, kind = ours.rpartition("_")            # layers.0.attention.wq.weight, packed|scale|shape
+        parts = by_base.setdefault(base, {})
+        if kind in parts:
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} also appears in {parts[kind].file.name}")
+        if is_ignored(quant, base):
+            raise CheckpointError(f"{s.file}: tensor {s.key!r} is an int4 parameter but config.json's "
+                                  f"quantization_config ignores this linear, so it must be unquantised "
+                                  f"({s.key.rsplit('.', 1)[0]}.weight)")
+        parts[kind] = s
+    for base, parts in by_base.items():
+        N, K = want[base]
+        any_src = next(iter(parts.values()))
+        module = any_src.key.rsplit(".", 1)[0]
+        if "packed" not in parts:
+            raise CheckpointError(f"{any_src.file}: tensor {any_src.key!r} belongs to an int4 linear but "
+                                  f"{module}.weight_packed is missing")
+        p = parts["packed"]
+        if p.dtype != "I32":
+            raise CheckpointError(f"{p.file}: tensor {p.key!r} has dtype {p.dtype}; expected I32 (eight 4-bit "
+                                  f"values per int32, compressed-tensors pack-quantized)")
+        if p.shape != (N, K // int4.PACK) or K % int4.PACK:
+            raise CheckpointError(f"{p.file}: tensor {p.key!r} has shape {list(p.shape)}; expected "
+                                  f"[{N}, {K // int4.PACK}] (eight 4-bit values per int32 along the {K} inputs of "
+                                  f"this [{N}, {K}] linear)")
+        if K % G:
+            raise CheckpointError(f"{p.file}: {module} has {K} inputs, which do not split into groups of {G} "
+                                  f"(config.json's quantization_config group_size)")
+        for kind in ("scale", "shape"):
+            if kind not in parts:
+                raise CheckpointError(f"missing weight_{kind} for {p.key} in {p.file}: an int4 weight needs its "
+                                      f"per-group scale and its shape ({module}.weight_{kind})")
+        sc = parts["scale"]
+        if sc.dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{sc.file}: tensor {sc.key!r} has dtype {sc.dtype}; expected BF16, F16 or F32")
+        if sc.shape != (N, K // G):
+            raise CheckpointError(f"{sc.file}: tensor {sc.key!r} has shape {list(sc.shape)}; expected "
+                                  f"[{N}, {K // G}] (one scale per output row and group of {G} inputs, strategy "
+                                  f"'group')")
+        sh = parts["shape"]
+        if sh.dtype not in ("I32", "I64") or sh.shape != (2,):
+            raise CheckpointError(f"{sh.file}: tensor {sh.key!r} is {sh.dtype} {list(sh.shape)}; expected an "
+                                  f"I64 (or I32) [2] holding the unpacked weight's shape")
+        values = _read_weight_shape(sh)
+        if values != [N, K]:
+            raise CheckpointError(f"{sh.file}: tensor {sh.key!r} holds {values}; expected [{N}, {K}] (the "
+                                  f"unpacked shape of {module} for this config)")
+        plan.sources[int4.packed_key(base)] = p
+        plan.sources[int4.scale_key(base)] = sc
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -506,8 +630,13 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
     float8_e4m3fn (N, K) (never cast to `dtype`) and its `...weight_scale` is float32 (N, 1); HF's q/k
     row permutation is undone on both. `quantization="fp8"` quantises an unquantised checkpoint's decoder
     linears with fp8.quantize_weight on `device`, one tensor as it arrives (never the whole bf16 model);
-    on an FP8 checkpoint it changes nothing. `keys` selects tensors; the scale of a selected FP8 weight
-    comes with it. `transform(key, tensor)` sees each output tensor (an FP8 weight and its scale apart).
+    on an FP8 checkpoint it changes nothing. Int4 (pixtral_rt.int4's contract): a decoder linear of a
+    pack-quantized checkpoint comes as int32 `...weight_packed` (N, K / 8) + float32 `...weight_scale`
+    (N, K / G) and no `...weight`; `quantization="int4"` makes the same from an unquantised checkpoint by
+    int4.quantize_and_pack on `device`, one tensor as it arrives; on an int4 checkpoint it changes nothing.
+    Asking for the other scheme than a quantised checkpoint's own is a ValueError. `keys` selects tensors
+    (an int4 linear's `...weight` selects its packed weight); the scale of a selected quantised weight comes
+    with it. `transform(key, tensor)` sees each output tensor (a quantised weight and its scale apart).
 
     To a GPU (staged, the default there) each file is read with plain reads into two reusable pinned
     buffers and copied to the device chunk by chunk, so host memory stays at the staging buffers (no
@@ -531,8 +660,17 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}: expected None or one of {', '.join(QUANTIZATIONS)}")
+    own = plan.quantization.scheme if plan.quantization is not None else None
+    if quantization is not None and own is not None and quantization != own:
+        raise ValueError(f"{plan.folder} holds {own} weights already (config.json's quantization_config): "
+                         f"quantization={quantization!r} cannot convert them; pass None or {own!r}")
     rank, world = _check_shard(plan, shard, lm_head)
-    quantize = quantization == "fp8" and plan.quantization is None  # an FP8 checkpoint is FP8 already
+    if world > 1 and quantization == "int4":
+        raise ValueError("tensor parallelism (shard=) with int4 weights is not supported yet: load int4 "
+                         "unsharded, or shard bf16 / fp8")
+    to_fp8 = quantization == "fp8" and own is None        # a quantised checkpoint is quantised already
+    to_int4 = quantization == "int4" and own is None
+    quantize = to_fp8 or to_int4
     dev = torch.device(device)
     staged = dev.type == "cuda" if staged is None else staged
     wanted = _wanted_keys(plan, keys, quantize)
@@ -550,17 +688,21 @@ def load_state_dict(plan: CheckpointPlan, device="cpu", dtype: torch.dtype = tor
 
     def finish(k: str, t: torch.Tensor) -> None:
         heads = reads[k][2]
-        to_fp8 = quantize and fp8.is_quantized_weight(k)
+        now = quantize and fp8.is_quantized_weight(k)        # quantised here, as it arrives
         if k.endswith(".weight_scale"):
-            t = t.float()  # (N, 1) fp32, whatever the file holds
-        elif t.dtype != fp8.FP8_DTYPE and not to_fp8:
-            t = t.to(dtype)  # to_fp8: quantised from the file's own values, not from a `dtype` rounding
-        if heads:  # rows of an FP8 weight and of its scale move together
+            t = t.float()  # FP8 (N, 1) / int4 (N, K / G) fp32, whatever the file holds
+        elif t.dtype not in (fp8.FP8_DTYPE, torch.int32) and not now:
+            t = t.to(dtype)  # now: quantised from the file's own values, not from a `dtype` rounding
+        if heads:  # rows of a quantised weight (FP8, or int4's packed rows) and of its scale move together
             t = unpermute_from_hf(t, heads).contiguous()
-        if to_fp8:
+        if now and to_fp8:
             w8, scale = fp8.quantize_weight(t)  # (N, K) e4m3, (N, 1) fp32
             emit(k, w8)
             emit(fp8.scale_key(k), scale)
+        elif now:
+            packed, scale = int4.quantize_and_pack(t)  # (N, K / 8) int32, (N, K / 128) fp32
+            emit(int4.packed_key(k), packed)
+            emit(int4.scale_key(k), scale)
         else:
             emit(k, t)
 
@@ -624,6 +766,9 @@ def _check_shard(plan: CheckpointPlan, shard: tuple[int, int] | None, lm_head: s
         rank, world = shard
     except (TypeError, ValueError):
         raise ValueError(f"shard must be (rank, world), got {shard!r}") from None
+    if world > 1 and plan.quantization is not None and plan.quantization.scheme == "int4":
+        raise ValueError(f"{plan.folder}: tensor parallelism (shard=) with int4 weights is not supported yet: load "
+                         f"this int4 checkpoint unsharded")
     sharding.check_divisible(plan.args, world, lm_head)
     if not isinstance(rank, int) or not 0 <= rank < world:
         raise ValueError(f"shard=({rank!r}, {world}): rank must be an integer in [0, {world})")
@@ -678,19 +823,23 @@ def _read_ranges_host(f, path: Path, ranges: list[tuple[int, int]]) -> torch.Ten
 
 
 def _wanted_keys(plan: CheckpointPlan, keys: Iterable[str] | None, quantize: bool) -> list[str]:
-    """The sources to read: all, or `keys` plus the weight_scale of each selected FP8 weight. A scale key
-    asked for while quantising on the fly is made from its weight, so the weight is read instead."""
+    """The sources to read: all, or `keys` plus the weight_scale of each selected quantised weight. An int4
+    checkpoint's `...weight` is read as its `...weight_packed`. A scale (or packed) key asked for while
+    quantising on the fly is made from its weight, so the weight is read instead."""
     if keys is None:
         return list(plan.sources)
     wanted: dict[str, None] = {}
     for k in keys:
-        if quantize and k.endswith(".weight_scale") and fp8.is_quantized_weight(k[:-6]):
-            k = k[:-6]
+        base = k.rsplit("_", 1)[0] if k.endswith((".weight_scale", ".weight_packed")) else k
+        if quantize and base != k and fp8.is_quantized_weight(base):
+            k = base
+        if k not in plan.sources and int4.packed_key(k) in plan.sources:
+            k, base = int4.packed_key(k), k
         if k not in plan.sources:
             raise KeyError(f"{k!r} is not a tensor of the checkpoint in {plan.folder}")
         wanted[k] = None
-        if fp8.scale_key(k) in plan.sources:
-            wanted[fp8.scale_key(k)] = None
+        if fp8.scale_key(base) in plan.sources:
+            wanted[fp8.scale_key(base)] = None
     return list(wanted)
 
 
@@ -758,7 +907,8 @@ class _StagedReader:
 def load_reference_model(folder: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
                          fmt: str | None = None, progress: bool = False, quantization: str | None = None):
     """Plan, validate, and load a checkpoint into the reference PixtralModel (built on meta, weights assigned).
-    FP8 decoder linears (an FP8 checkpoint, or quantization="fp8") become reference Fp8Linear modules."""
+    FP8 decoder linears (an FP8 checkpoint, or quantization="fp8") become reference Fp8Linear modules, int4
+    ones (an int4 checkpoint, or quantization="int4") Int4Linear modules."""
     from .reference.model import PixtralModel
     plan = plan_checkpoint(folder, fmt)
     sd = load_state_dict(plan, device=device, dtype=dtype, progress=progress, quantization=quantization)

@@ -7,11 +7,14 @@ import argparse
 
 def add_weight_flags(group) -> None:
     """--quantization, --tensor-parallel, --random-weights on an argparse group."""
-    group.add_argument("--quantization", choices=["fp8"],
+    group.add_argument("--quantization", choices=["fp8", "int4"],
                        help="fp8: run the text decoder's linears in FP8 e4m3 (per-channel weight scales, per-token "
-                            "activation scales in prefill), quantised at load from a bf16 checkpoint of either "
-                            "format; the vision encoder, adapter, embeddings and lm_head stay bf16. An FP8 "
-                            "checkpoint (compressed-tensors, e.g. pixtral-12b-FP8-dynamic) is FP8 without this flag")
+                            "activation scales in prefill); int4: 4-bit weights, W4A16 (round to nearest, "
+                            "symmetric, one scale per 128 inputs; activations stay bf16). Quantised at load from a "
+                            "bf16 checkpoint of either format; the vision encoder, adapter, embeddings and lm_head "
+                            "stay bf16. A quantised compressed-tensors checkpoint (FP8 float-quantized, e.g. "
+                            "pixtral-12b-FP8-dynamic, or int4 pack-quantized W4A16) runs in its own scheme "
+                            "without this flag")
     group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="shard the text decoder over N processes (one per GPU; torch.distributed: NCCL on "
                             "GPUs, gloo with --device cpu). The command starts the workers itself; under torchrun "
@@ -49,6 +52,8 @@ def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     GPU is reported in one line with exit 2, not after a load (or from the server's engine process)."""
     if args.tensor_parallel < 1:
         parser.error(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    if args.tensor_parallel > 1 and args.quantization == "int4":
+        parser.error("--quantization int4 with --tensor-parallel is not supported yet: run int4 on one GPU")
     check_device_flag(parser, getattr(args, "device", None))
 
 

@@ -21,6 +21,10 @@ paged_prefill_attention | paged_decode_attention -> wo GEMM -> rms_norm(+residua
 w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", the default on CUDA:
 +7% decode tok/s on an H200; gemv_backend="cublas" to turn it off).
 
+Quantised decoder linears: FP8 (pixtral_rt/fp8.py; kernels/fp8_gemv.py, fp8_quant.py + fp8_gemm.py) or int4 W4A16
+(pixtral_rt/int4.py; kernels/int4_gemv.py for 1 row, kernels/int4_gemm.py for 2..64 rows and prefill), chosen by
+the weights the state dict holds, at the same dispatch points (_linear, and the decode chain's lin).
+
 decode_fusion (batch 1, Triton GEMV): "none" (the kernels above) or "none+pdl" (the default; `_decode_chain`):
 the same kernels, every launch a programmatic dependent launch (sm90+). Each kernel waits on its producer
 (griddepcontrol.wait) and only THEN lets its consumer launch, so at most one grid waits behind a running
@@ -38,12 +42,15 @@ import torch.nn.functional as F
 
 from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
+from .int4 import Int4Weight, packed_key
 from .collectives import gather_vocab
 from .options import ALLREDUCE_IMPLS
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
 from pixtral_rt.kernels.gemv import gemv
+from pixtral_rt.kernels.int4_gemm import int4_gemm
+from pixtral_rt.kernels.int4_gemv import int4_gemv
 from pixtral_rt.kernels.pdl import pdl_supported
 from pixtral_rt.kernels.paged_decode_attention import default_num_splits, paged_decode_attention
 from pixtral_rt.kernels.paged_prefill_attention import paged_prefill_attention
@@ -102,8 +109,21 @@ FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
+# int4 decoder (pixtral_rt/int4.py; W4A16): NOT MEASURED YET, the defaults below are guesses until
+# benchmarks/bench_int4.py has run on the GPU (it times every alternative on the decoder's shapes).
+#   1 row        INT4_M1_BACKEND "gemv" (kernels/int4_gemv.py, CUDA cores) or "gemm" (kernels/int4_gemm.py's
+#                tensor-core kernel with the row padded to 16); INT4_GEMV_CONFIGS tiles per (N, K)
+#   2..64 rows   kernels/int4_gemm.py (skinny tiles); INT4_SKINNY_CONFIGS per (N, K) and block_m
+#   prefill      INT4_PREFILL_BACKEND "triton" (per-tile dequantisation in the GEMM) or "dequant" (W dequantised
+#                to bf16, then cuBLAS); INT4_PREFILL_CONFIGS tiles per (N, K) for "triton"
+INT4_M1_BACKEND = "gemv"
+INT4_PREFILL_BACKEND = "triton"
+INT4_GEMV_CONFIGS: dict[tuple[int, int], dict] = {}
+INT4_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {}
+INT4_PREFILL_CONFIGS: dict[tuple[int, int], dict] = {}
 
-Linear = torch.Tensor | Fp8Weight    # a bf16 (N, K) weight, or FP8 weight + per-channel scale
+
+Linear = torch.Tensor | Fp8Weight | Int4Weight    # bf16 (N, K), FP8 + per-channel scale, or int4 + group scales
 
 
 @dataclass
@@ -130,6 +150,10 @@ class FastDecoder:
         contract of pixtral_rt/fp8.py) is kept in FP8: decode runs kernels/fp8_gemv.py on bf16 activations,
         prefill quantises activations per token (kernels/fp8_quant.py) and runs the FP8 GEMM
         (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or "triton").
+        Int4: a decoder linear given as int32 `<name>.weight_packed` (N, K / 8) + fp32 `<name>.weight_scale`
+        (N, K / G) (the contract of pixtral_rt/int4.py; no `<name>.weight`) becomes an Int4Weight, repacked
+        once here into the kernels' layout (scales kept in bf16 on CUDA when bf16 holds them exactly): 1 row
+        runs kernels/int4_gemv.py, 2..64 rows and prefill kernels/int4_gemm.py (see INT4_* above).
         tp_group (a torch.distributed group, or "world"): tensor parallel. `args` and `weights` are this rank's
         shard (pixtral_rt/sharding.py: heads, KV heads and the FFN width divided by the world size); the
         partial outputs of wo and w2 are summed across ranks by one all-reduce each, before the residual add.
@@ -160,7 +184,20 @@ class FastDecoder:
         self.attn_workspace: dict = {}     # decode attention partials, allocated once per shape
         D, Hq, Hkv = args.head_dim, args.n_heads, args.n_kv_heads
 
+        scale_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+
         def get(name, shape):
+            if name not in weights and packed_key(name) in weights:       # int4 (pixtral_rt/int4.py)
+                packed = weights.pop(packed_key(name)) if consume else weights[packed_key(name)]
+                s = weights.pop(scale_key(name), None) if consume else weights.get(scale_key(name))
+                if not is_quantized_weight(name) or s is None:
+                    raise ValueError(f"FastDecoder: {packed_key(name)} is int4 but "
+                                     + ("only decoder linears may be int4" if not is_quantized_weight(name) else
+                                        f"its {scale_key(name)} is missing"))
+                if tuple(packed.shape) != (shape[0], shape[1] // 8) or s.dim() != 2 or s.shape[0] != shape[0]:
+                    raise ValueError(f"FastDecoder: {name} int4 weight_packed {tuple(packed.shape)} / weight_scale "
+                                     f"{tuple(s.shape)} do not fit the config's {tuple(shape)}")
+                return Int4Weight.from_checkpoint(packed, s, self.device, scale_dtype)
             if name not in weights:
                 raise KeyError(f"FastDecoder: weight {name!r} missing from the state dict")
             w = weights.pop(name) if consume else weights[name]
@@ -176,11 +213,12 @@ class FastDecoder:
             return w.to(device=self.device, dtype=self.dtype)
 
         def cat(name, parts):
-            if all(isinstance(p, Fp8Weight) for p in parts):
-                return Fp8Weight.cat(parts)
-            if any(isinstance(p, Fp8Weight) for p in parts):
-                raise ValueError(f"FastDecoder: {name} mixes FP8 and unquantised weights; the fused GEMM needs "
-                                 f"one precision (quantise all of them or none)")
+            for kind, label in ((Fp8Weight, "FP8"), (Int4Weight, "int4")):
+                if all(isinstance(p, kind) for p in parts):
+                    return kind.cat(parts)
+                if any(isinstance(p, kind) for p in parts):
+                    raise ValueError(f"FastDecoder: {name} mixes {label} and other weights; the fused GEMM needs "
+                                     f"one precision (quantise all of them or none)")
             return torch.cat(parts)
 
         self.tok_embeddings = get("tok_embeddings.weight", (args.vocab_size, args.dim))
@@ -217,9 +255,15 @@ class FastDecoder:
             raise ValueError(f"FastDecoder: vocab {args.vocab_size} does not split over {tp_world} ranks")
         self.norm = get("norm.weight", (args.dim,))
         self.output = get("output.weight", (args.vocab_size // tp_world, args.dim))
-        if isinstance(self.output, Fp8Weight) or isinstance(self.tok_embeddings, Fp8Weight):
+        if isinstance(self.output, (Fp8Weight, Int4Weight)) or isinstance(self.tok_embeddings, (Fp8Weight, Int4Weight)):
             raise ValueError("FastDecoder: lm_head and the embedding table stay bf16")
         self.fp8 = any(isinstance(w, Fp8Weight) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2))
+        self.int4 = any(isinstance(w, Int4Weight) for L in self.layers for w in (L.wqkv, L.wo, L.w13, L.w2))
+        self.int4_m1_backend = INT4_M1_BACKEND
+        self.int4_prefill_backend = INT4_PREFILL_BACKEND
+        self.int4_gemv_configs = dict(INT4_GEMV_CONFIGS)
+        self.int4_skinny_configs = dict(INT4_SKINNY_CONFIGS)
+        self.int4_prefill_configs = dict(INT4_PREFILL_CONFIGS)
         self.fp8_gemm_backend = fp8_gemm_backend or (
             DEFAULT_FP8_GEMM_BACKEND if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)
             >= (8, 9) else "triton")
@@ -238,7 +282,7 @@ class FastDecoder:
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights a batch-1 decode step must read (all but the embedding table)."""
         def nbytes(t):
-            return t.nbytes() if isinstance(t, Fp8Weight) else t.numel() * t.element_size()
+            return t.nbytes() if isinstance(t, (Fp8Weight, Int4Weight)) else t.numel() * t.element_size()
 
         n = nbytes(self.output) + nbytes(self.norm)
         for L in self.layers:
@@ -250,9 +294,24 @@ class FastDecoder:
         """tokens (T,) int -> (T, dim) in the model dtype."""
         return F.embedding(tokens, self.tok_embeddings)
 
+    def _int4_linear(self, x: torch.Tensor, w: Int4Weight, pdl: bool = False) -> torch.Tensor:
+        """x (T, K) @ W.T for an int4 weight: 1 row the GEMV (or the tensor-core kernel, INT4_M1_BACKEND),
+        2..64 rows the skinny GEMM, more (prefill) INT4_PREFILL_BACKEND. W4A16: x is never quantised."""
+        M, key = x.shape[0], tuple(w.shape)
+        if M == 1 and self.int4_m1_backend == "gemv":
+            return int4_gemv(x, w, pdl=pdl, **self.int4_gemv_configs.get(key, {}))
+        if M <= 64:
+            bm = min(64, max(16, 1 << (M - 1).bit_length()))
+            return int4_gemm(x, w, **self.int4_skinny_configs.get(key, {}).get(bm, {}))
+        if self.int4_prefill_backend == "dequant":
+            return int4_gemm(x, w, backend="dequant")
+        return int4_gemm(x, w, **self.int4_prefill_configs.get(key, {}))
+
     def _linear(self, x: torch.Tensor, w: Linear, act_quant: bool = False) -> torch.Tensor:
         """x (T, K) @ w.T. FP8 w: act_quant (prefill) quantises x per token and runs the FP8 GEMM; otherwise
-        (decode) the FP8-weight GEMV / skinny GEMM on x as it is."""
+        (decode) the FP8-weight GEMV / skinny GEMM on x as it is. Int4 w: _int4_linear (act_quant unused)."""
+        if isinstance(w, Int4Weight):
+            return self._int4_linear(x, w)
         if isinstance(w, Fp8Weight):
             if act_quant:
                 x8, sx = fp8_quant(x)
@@ -380,6 +439,8 @@ class FastDecoder:
         def lin(h, w, **kw):
             if isinstance(w, Fp8Weight):      # FP8 decode
                 return fp8_gemv(h, w.weight, w.scale, pdl=pdl, **self.fp8_gemv_configs.get(tuple(w.shape), {}))
+            if isinstance(w, Int4Weight):     # int4 decode (the tensor-core backend takes no PDL)
+                return self._int4_linear(h, w, pdl=pdl)
             return gemv(h, w, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))
 
         res, y = x, None

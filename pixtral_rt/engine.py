@@ -38,7 +38,7 @@ class Engine:
              tensor_parallel: int | None = None, options: RuntimeOptions | None = None, max_batch: int = 1,
              **llm_kw) -> "Engine":
         """As LLMEngine.load (model folder, None for the embedded random default, or a ModelSource;
-        quantization "fp8"; random_weights PRESET; tensor_parallel N; options), with max_batch 1."""
+        quantization "fp8" or "int4"; random_weights PRESET; tensor_parallel N; options), with max_batch 1."""
         from .serving.llm_engine import LLMEngine
         return cls(LLMEngine.load(model, device=device, dtype=dtype, max_context=max_context, max_images=max_images,
                                   max_batch=max_batch, fmt=fmt, progress=progress, use_graphs=use_graphs,

@@ -63,7 +63,7 @@ def kv_bytes_per_token(args: PixtralArgs, dtype_bytes: int = 2) -> int:
     return 2 * t.n_layers * t.n_kv_heads * t.head_dim * dtype_bytes
 
 
-QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8", "int4")
 
 
 @dataclass
@@ -78,7 +78,7 @@ class ModelSource:
     random_default: bool       # no real weights (the embedded default or random_preset): text is meaningless
     t0: float
     name: str                  # for messages: the folder, or "random <preset>"
-    quantization: str | None = None   # "fp8": decoder linears in FP8 (pixtral_rt/fp8.py)
+    quantization: str | None = None   # "fp8" / "int4": decoder linears in FP8 (pixtral_rt/fp8.py) / int4 (int4.py)
     random_preset: str | None = None  # --random-weights PRESET: seeded weights generated on the device
 
     @property
@@ -87,7 +87,8 @@ class ModelSource:
 
     def load_weights(self, progress: bool = True, shard: tuple[int, int] | None = None,
                      text_only: bool = False, lm_head: str | None = None) -> dict[str, torch.Tensor]:
-        """The weight dictionary the loader produces (our key names; FP8 linears as weight + weight_scale):
+        """The weight dictionary the loader produces (our key names; FP8 linears as weight + weight_scale, int4
+        ones as weight_packed + weight_scale):
         from the checkpoint, or drawn on the device for random_preset (same per-name seeding as the writer).
         shard=(rank, world): this rank's slices only (pixtral_rt/sharding.py; lm_head "vocab": the lm_head's
         rows split too, "replicated": whole); text_only: the text decoder's tensors only (tensor-parallel
@@ -105,6 +106,10 @@ class ModelSource:
     def precision(self) -> str:
         """For the load message and --json: which weights are in which precision."""
         dt = str(self.dtype).replace("torch.", "")
+        if self.quantization == "int4":
+            g = getattr(getattr(self.plan, "quantization", None), "group_size", None) or 128
+            return (f"int4 decoder linears (wq wk wv wo w1 w2 w3: symmetric 4-bit weights, one scale per {g} "
+                    f"inputs, W4A16: activations {dt}); embeddings, lm_head, vision encoder, adapter {dt}")
         if self.quantization != "fp8":
             return dt
         return (f"fp8 e4m3 decoder linears (wq wk wv wo w1 w2 w3: per-channel weight scales, per-token "
@@ -141,7 +146,8 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
                   with_tokenizer: bool = True) -> ModelSource:
     """Device and dtype (CUDA + bf16 when a GPU is visible, else CPU + fp32), the checkpoint plan (format
     detected and printed; the embedded random default when model is None) and the tokenizer.
-    quantization "fp8": quantise the decoder linears at load (an FP8 checkpoint is FP8 without asking).
+    quantization "fp8" / "int4": quantise the decoder linears at load (an FP8 / int4 checkpoint is quantised
+    without asking; asking for the other scheme of a quantised checkpoint is a ValueError).
     random_weights PRESET: no checkpoint; seeded random weights of that preset generated on the device at
     load (a benchmark / testing aid for models whose checkpoint does not fit the disk)."""
     from .checkpoint import plan_checkpoint
@@ -175,7 +181,11 @@ def resolve_model(model: str | Path | None, device: str | None, dtype: str | Non
         folder = Path(model)
     plan = plan_checkpoint(folder, fmt)
     if getattr(plan, "quantization", None) is not None:
-        quantization = "fp8"             # the checkpoint's own scheme (checkpoint.py validated it)
+        own = plan.quantization.scheme   # the checkpoint's own scheme (checkpoint.py validated it)
+        if quantization is not None and quantization != own:
+            raise ValueError(f"{folder} is an {own} checkpoint (config.json's quantization_config): "
+                             f"--quantization {quantization} cannot convert it; drop the flag")
+        quantization = own
     if not quiet:
         print(f"pixtral_rt: {plan.describe()}" + (" [random weights: the text will be meaningless]"
                                                    if random_default else ""), file=sys.stderr)

@@ -11,11 +11,18 @@ pixtral_rt.fp8.quantize_weight from the same seeded tensors: the FP8 checkpoint 
 checkpoint of that seed quantised. `random_state_dict_on_device` makes the same model straight on a GPU,
 without a checkpoint (the `--random-weights` benchmark aid).
 
+Int4 (`quantization="int4"`, HF format only): the decoder linears in the compressed-tensors "pack-quantized"
+W4A16 layout, `weight_packed` I32 [out, in / 8] + BF16 `weight_scale` [out, in / 128] + I64 `weight_shape`
+[2], quantised with pixtral_rt.int4.quantize_and_pack (round to nearest, group 128) from the same seeded
+tensors (the scales are bf16 values by construction, so BF16 holds them exactly): the int4 checkpoint of a
+seed is the bf16 checkpoint of that seed quantised, as `quantization="int4"` at load would.
+
 Random numbers depend on the device that draws them (a CUDA generator is not the CPU one): a checkpoint
 written with device="cuda" equals random_state_dict_on_device(device="cuda"), not the CPU-drawn one.
 
     python -m pixtral_rt.random_weights OUT_DIR --preset Pixtral-12B-2409 --format mistral
     python -m pixtral_rt.random_weights OUT_DIR --preset Pixtral-12B-2409 --format hf --quantization fp8
+    python -m pixtral_rt.random_weights OUT_DIR --preset Pixtral-12B-2409 --format hf --quantization int4
 """
 from __future__ import annotations
 
@@ -29,11 +36,12 @@ from pathlib import Path
 import torch
 
 from . import fp8
+from . import int4
 from .checkpoint import expected_shapes, mistral_to_hf_key, permute_for_hf, rotary_heads
 from .config import PRESETS, PixtralArgs, preset
 from .quantization_config import QuantizationConfig
 
-QUANTIZATIONS = ("fp8",)
+QUANTIZATIONS = ("fp8", "int4")
 
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, std: float = 0.02, device="cpu",
@@ -57,17 +65,29 @@ def _check_quantization(quantization: str | None, fmt: str | None = None) -> Non
     if quantization == "fp8" and fmt == "mistral":
         raise ValueError("FP8 checkpoints are written in the HF compressed-tensors layout (the one of "
                          "pixtral-12b-FP8-dynamic): use fmt='hf' (--format hf)")
+    if quantization == "int4" and fmt == "mistral":
+        raise ValueError("int4 checkpoints are written in the HF compressed-tensors pack-quantized layout "
+                         "(W4A16, as llm-compressor writes it): use fmt='hf' (--format hf)")
+
+
+def _quantized(k: str, t: torch.Tensor, quantization: str | None) -> dict[str, torch.Tensor]:
+    """One drawn tensor as the loader's contract holds it: {k: t}, or a decoder linear quantised: FP8
+    {weight: (N, K) e4m3, weight_scale: (N, 1) fp32}, int4 {weight_packed: (N, K / 8) int32, weight_scale:
+    (N, K / 128) fp32}."""
+    if quantization == "fp8" and fp8.is_quantized_weight(k):
+        w8, scale = fp8.quantize_weight(t)
+        return {k: w8, fp8.scale_key(k): scale}
+    if quantization == "int4" and int4.is_quantized_weight(k):
+        packed, scale = int4.quantize_and_pack(t)
+        return {int4.packed_key(k): packed, int4.scale_key(k): scale}
+    return {k: t}
 
 
 def _random_entries(k: str, shape: tuple[int, ...], seed: int, std: float, device, dtype: torch.dtype,
                     quantization: str | None) -> dict[str, torch.Tensor]:
-    """One model tensor (our key), or an FP8 decoder linear as {weight: (N, K) e4m3, weight_scale: (N, 1) fp32}.
-    FP8 is quantised from the tensor as drawn in `dtype` (the checkpoint's dtype)."""
-    t = random_tensor(k, shape, seed, std, device, dtype)
-    if quantization == "fp8" and fp8.is_quantized_weight(k):
-        w8, scale = fp8.quantize_weight(t)
-        return {k: w8, fp8.scale_key(k): scale}
-    return {k: t}
+    """One model tensor (our key), or a quantised decoder linear (_quantized), quantised from the tensor as
+    drawn in `dtype` (the checkpoint's dtype)."""
+    return _quantized(k, random_tensor(k, shape, seed, std, device, dtype), quantization)
 
 
 def _nbytes(k: str, shape: tuple[int, ...], esize: int, quantization: str | None) -> int:
@@ -76,6 +96,8 @@ def _nbytes(k: str, shape: tuple[int, ...], esize: int, quantization: str | None
         n *= d
     if quantization == "fp8" and fp8.is_quantized_weight(k):
         return n + shape[0] * 4  # e4m3 bytes + fp32 scales
+    if quantization == "int4" and int4.is_quantized_weight(k):
+        return n // 2 + n // int4.GROUP_SIZE * 4  # packed nibbles + fp32 scales (bf16 in a written file)
     return n * esize
 
 
@@ -86,7 +108,9 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
     """Write params.json/config.json + safetensors shards (+ index) + tekken.json into `folder`.
     Files are written under temporary names and renamed at the end: a crash leaves no half checkpoint.
     quantization="fp8" (fmt="hf" only): decoder linears as FP8 + weight_scale, config.json with the
-    compressed-tensors quantization_config whose ignore list names lm_head, projector and vision tower."""
+    compressed-tensors quantization_config whose ignore list names lm_head, projector and vision tower.
+    quantization="int4" (fmt="hf" only): decoder linears as weight_packed + BF16 weight_scale + weight_shape,
+    config.json with the pack-quantized W4A16 quantization_config (same ignore list)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -113,9 +137,13 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
         tensors = {}
         for k in keys:
             heads = rotary_heads(k, args) if fmt == "hf" else 0
-            for key, t in _random_entries(k, shapes[k], seed, std, device, dtype, quantization).items():
+            entries = _random_entries(k, shapes[k], seed, std, device, dtype, quantization)
+            if int4.packed_key(k) in entries:     # as compressed-tensors writes it: bf16 scales, an int64 shape
+                entries[int4.scale_key(k)] = entries[int4.scale_key(k)].to(int4.SCALE_DTYPE)  # exact
+                entries[int4.shape_key(k)] = torch.tensor(shapes[k], dtype=torch.int64)
+            for key, t in entries.items():
                 if fmt == "hf":
-                    if heads:  # q/k rows, and the scale of each row with it (quantisation is per row)
+                    if heads and t.dim() == 2:  # q/k rows, and the scales of each row with it (per row)
                         t = permute_for_hf(t, heads)
                     key = mistral_to_hf_key(key, legacy=legacy_hf_keys)
                 tensors[key] = t.contiguous().cpu()
@@ -133,8 +161,8 @@ def write_random_checkpoint(folder: str | Path, args: PixtralArgs, fmt: str = "m
         (folder / "params.json").write_text(json.dumps(args.to_params_json(), indent=1))
     else:
         cfg = args.to_hf_config()
-        if quantization == "fp8":
-            cfg["quantization_config"] = QuantizationConfig.pixtral(legacy_hf_keys).to_hf()
+        if quantization is not None:
+            cfg["quantization_config"] = QuantizationConfig.pixtral(legacy_hf_keys, quantization).to_hf()
         (folder / "config.json").write_text(json.dumps(cfg, indent=1))
     _copy_tokenizer(folder, args)
     return folder
@@ -148,9 +176,10 @@ def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0
     """Exactly what load_state_dict(plan, device, dtype) returns for write_random_checkpoint(seed, std,
     dtype=weights_dtype, device=device, quantization=...), made on `device` without a checkpoint: same keys,
     dtypes and shapes, our un-permuted layout, FP8 decoder linears (float8_e4m3fn + fp32 (N, 1) scale) when
-    quantization="fp8". Tensors are drawn one at a time in `weights_dtype` (the checkpoint's rounding) and each
-    decoder linear is quantised as it is made, so only the final model is ever held (Pixtral-Large, 123 B
-    params, fits one GPU only in FP8).
+    quantization="fp8", int4 ones (int32 (N, K / 8) weight_packed + fp32 (N, K / 128) weight_scale) when
+    quantization="int4". Tensors are drawn one at a time in `weights_dtype` (the checkpoint's rounding) and
+    each decoder linear is quantised as it is made, so only the final model is ever held (Pixtral-Large, 123 B
+    params, fits one GPU only quantised). int4 is not sharded (shard= with int4 is refused).
     shard=(rank, world): this rank's slice of each tensor (pixtral_rt/sharding.py), cut right after the tensor
     is drawn (before FP8 quantisation, like the sharded loader: a row-parallel slice gets its own per-channel
     scales), so a rank holds only its shard; keys: only these tensors (e.g. the text decoder's)."""
@@ -159,6 +188,8 @@ def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0
     from .sharding import shard_tensor
 
     _check_quantization(quantization)
+    if quantization == "int4" and shard is not None and shard[1] > 1:
+        raise ValueError("tensor parallelism (shard=) with int4 weights is not supported yet")
     shapes = expected_shapes(args)
     if keys is not None:
         keys = set(keys)
@@ -173,12 +204,12 @@ def random_state_dict_on_device(args: PixtralArgs, seed: int = 0, std: float = 0
                 entries = _random_entries(k, s, seed, std, device, weights_dtype, quantization)
             else:
                 t = shard_tensor(random_tensor(k, s, seed, std, device, weights_dtype), k, *shard, lm_head=lm_head)
-                entries = ({k: t} if not (quantization == "fp8" and fp8.is_quantized_weight(k)) else
-                           dict(zip((k, fp8.scale_key(k)), fp8.quantize_weight(t))))
+                entries = _quantized(k, t, quantization)
                 del t
             for key, t in entries.items():
-                # the loader's casts: FP8 stays e4m3, scales fp32, everything else `dtype`
-                out[key] = t if key.endswith(".weight_scale") or t.dtype == fp8.FP8_DTYPE else t.to(dtype)
+                # the loader's casts: FP8 stays e4m3, int4 stays packed int32, scales fp32, everything else `dtype`
+                out[key] = (t if key.endswith(".weight_scale") or t.dtype in (fp8.FP8_DTYPE, torch.int32)
+                            else t.to(dtype))
             bar.update(_nbytes(k, s, esize, quantization))
     return out
 
@@ -207,9 +238,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where to draw the numbers (cuda is much faster)")
     p.add_argument("--quantization", choices=list(QUANTIZATIONS), default=None,
                    help="fp8: write the text decoder's linears as FP8 e4m3 with one fp32 scale per output channel, "
-                        "in the HF compressed-tensors layout of pixtral-12b-FP8-dynamic (needs --format hf); "
-                        "embeddings, lm_head, vision tower and adapter stay in --dtype. Same model as the "
-                        "unquantised checkpoint of the same seed, quantised")
+                        "in the HF compressed-tensors layout of pixtral-12b-FP8-dynamic; int4: as 4-bit integers "
+                        "(round to nearest, symmetric, one bf16 scale per 128 inputs) in the compressed-tensors "
+                        "pack-quantized W4A16 layout (weight_packed / weight_scale / weight_shape). Both need "
+                        "--format hf; embeddings, lm_head, vision tower and adapter stay in --dtype. Same model as "
+                        "the unquantised checkpoint of the same seed, quantised")
     a = p.parse_args(argv)
     try:
         args = preset(a.preset)

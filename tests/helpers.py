@@ -116,3 +116,18 @@ def generate_concurrently(eng, reqs, overlap: bool | None = None):
         return got, eng.metrics()["preemptions_total"] - p0
     finally:
         eng._overlap = old
+
+
+def int4_weights(N, K, device, seed, group_size=128, scale_dtype=None):
+    """Random (N, K) weights quantised by RTN in groups -> (Int4Weight in the kernel layout on `device`, the
+    exact dequantised W (N, K) fp32 on `device`); row 0 has a 40x larger range, so each row's scales matter.
+    scale_dtype: narrow the scales to it (kept fp32 where it does not hold them exactly)."""
+    import torch
+
+    from pixtral_rt import int4
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w[0] *= 40
+    packed, scale = int4.quantize_and_pack(w.bfloat16(), group_size)
+    W = int4.dequantize(packed, scale, group_size)
+    return int4.Int4Weight.from_checkpoint(packed, scale, device, scale_dtype), W.to(device)

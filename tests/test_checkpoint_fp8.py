@@ -271,12 +271,12 @@ def test_fp8_tensor_in_unquantised_checkpoints(tmp_path, good, no_weight_reads):
                                               r"quantization_config"):
         plan_checkpoint(d)
     rewrite(d / "model.safetensors", set_(f"{Q0}.weight_scale", torch.ones(OUT_Q, 1)))
-    with pytest.raises(CheckpointError, match=r"weight_scale' is an FP8 weight scale but config\.json has no"):
+    with pytest.raises(CheckpointError, match=r"weight_scale' is a weight scale but config\.json has no"):
         plan_checkpoint(d)
     m = copy(good["bf16-mistral"], tmp_path / "m")
     rewrite(m / "consolidated.safetensors", set_("layers.0.attention.wq.weight", F8))
-    with pytest.raises(CheckpointError, match=r"params\.json has no quantization_config: FP8 checkpoints are "
-                                              r"read in the HF compressed-tensors layout"):
+    with pytest.raises(CheckpointError, match=r"params\.json has no quantization_config: FP8 and int4 checkpoints "
+                                              r"are read in the HF compressed-tensors layout"):
         plan_checkpoint(m)
 
 
@@ -285,8 +285,8 @@ def test_mistral_params_with_quantization_block(tmp_path, good, no_weight_reads)
     p = json.loads((d / "params.json").read_text())
     p["quantization"] = {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"}
     (d / "params.json").write_text(json.dumps(p))
-    with pytest.raises(CheckpointError, match=r"params\.json: has a 'quantization' block.*FP8 checkpoints are "
-                                              r"read in the HF compressed-tensors layout"):
+    with pytest.raises(CheckpointError, match=r"params\.json: has a 'quantization' block.*FP8 and int4 "
+                                              r"checkpoints are read in the HF compressed-tensors layout"):
         plan_checkpoint(d)
 
 
@@ -333,7 +333,9 @@ CONFIG_EDITS = {
     "awq": (lambda q: q.update(quant_method="awq"), r"quant_method is 'awq'"),
     "bitsandbytes": (lambda q: q.update(quant_method="bitsandbytes"), r"quant_method is 'bitsandbytes'"),
     "int-quantized": (lambda q: q.update(format="int-quantized"), r"format is 'int-quantized': int8"),
-    "pack-quantized": (lambda q: q.update(format="pack-quantized"), r"format is 'pack-quantized': packed"),
+    # pack-quantized is int4's format: the FP8 group's float weights are then refused by the int4 checks
+    "pack-quantized": (lambda q: q.update(format="pack-quantized"),
+                       r"weights\.type is 'float': format 'pack-quantized' holds integer weights"),
     "naive-quantized": (lambda q: q.update(format="naive-quantized"), r"format is 'naive-quantized'"),
     "not-compressed": (lambda q: q.update(quantization_status="frozen"), r"quantization_status is 'frozen'"),
     "block": (lambda q: _group(q)["weights"].update(strategy="block", block_structure=[128, 128]),
@@ -375,7 +377,7 @@ def test_unsupported_quantization_config(tmp_path, good, case, no_weight_reads):
     prefix = r"config\.json: quantization_config\.(config_groups\.group_0\.)?"  # file, then the field
     with pytest.raises(CheckpointError, match=prefix + pattern) as e:
         plan_checkpoint(d)
-    assert "supported is only the FP8-dynamic scheme" in str(e.value)
+    assert "supported are two compressed-tensors schemes" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------- the config itself

@@ -74,9 +74,9 @@ def test_cli_json_says_fp8(ckpts):
 
 
 def test_cli_refuses_unknown_quantization_and_random_with_model(ckpts):
-    out = subprocess.run([sys.executable, "-m", "pixtral_rt.generate", "--quantization", "int4", "--prompt", "x"],
+    out = subprocess.run([sys.executable, "-m", "pixtral_rt.generate", "--quantization", "nf4", "--prompt", "x"],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "int4" in out.stderr
+    assert out.returncode == 2 and "nf4" in out.stderr
     out = subprocess.run([sys.executable, "-m", "pixtral_rt.generate", "--model", str(ckpts / "bf16"),
                           "--random-weights", "tiny", "--device", "cpu", "--prompt", "x"],
                          capture_output=True, text=True, timeout=120)

@@ -3,7 +3,7 @@
     module-level AND function-level imports both counted (a function-level import defers a cycle to run
     time, it does not remove it), `from pkg import name` counted as an import of pkg.name when that is a
     module; with a negative control (the checker finds the cycle of a synthetic graph);
-  - kernels/ imports nothing of the runtime above it, only the shared numerics (fp8, reference.rope) and the
+  - kernels/ imports nothing of the runtime above it, only the shared numerics (fp8, int4, reference.rope) and the
     compile counters;
   - every module imports alone in a fresh interpreter state (sys.modules emptied of pixtral_rt before each;
     one subprocess for all of them, torch kept loaded); modules whose optional dependency (the serve extra)
@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS_MAY_IMPORT = {"pixtral_rt", "pixtral_rt.fp8", "pixtral_rt.reference", "pixtral_rt.reference.rope",
-                      "pixtral_rt.compile_events"}
+KERNELS_MAY_IMPORT = {"pixtral_rt", "pixtral_rt.fp8", "pixtral_rt.int4", "pixtral_rt.reference",
+                      "pixtral_rt.reference.rope", "pixtral_rt.compile_events"}
 OPTIONAL = {"fastapi", "uvicorn", "prometheus_client", "starlette"}
 
 

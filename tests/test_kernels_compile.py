@@ -26,7 +26,7 @@ assert ".entry" in k.asm["ptx"], "no PTX entry"
 print("ok")
 """
 
-F32, I32, I64 = "*fp32", "*i32", "*i64"
+F32, I32, I64, BF16 = "*fp32", "*i32", "*i64", "*bf16"
 CASES = {
     "logits_process": ("pixtral_rt.kernels.logits_process", "_logits_process_kernel",
                        {"logits_ptr": F32, "out_ptr": F32, "slots_ptr": I32, "ctl_ptr": I32, "step_ptr": I64,
@@ -36,6 +36,20 @@ CASES = {
                        {"BLOCK": "BLOCK", "LANES": "SPARSE_LANES"}),
     "token_bitmask": ("pixtral_rt.kernels.token_bitmask", "_token_bitmask_kernel",
                       {"logits_ptr": F32, "mask_ptr": I32, "flag_ptr": I32}, {"BLOCK": "BLOCK"}),
+    # int4 (W4A16) kernels, bf16 as on the GPU (the interpreter cannot run bf16), the 12B's plane / group
+    "int4_gemv": ("pixtral_rt.kernels.int4_gemv", "_int4_gemv_kernel",
+                  {"x_ptr": BF16, "w_ptr": I32, "s_ptr": BF16, "y_ptr": BF16},
+                  {"BLOCK_N": 16, "PLANE": 128, "GROUP": 128, "PEEL": True, "USE_PDL": True}),
+    "int4_gemm_skinny": ("pixtral_rt.kernels.int4_gemm", "_int4_gemm_kernel",
+                         {"x_ptr": BF16, "w_ptr": I32, "s_ptr": BF16, "y_ptr": BF16},
+                         {"BLOCK_M": 16, "BLOCK_N": 64, "PLANE": 128, "GROUP": 128, "GROUP_M": 1,
+                          "PRECISION": "HALF_PRECISION"}),
+    "int4_gemm_prefill": ("pixtral_rt.kernels.int4_gemm", "_int4_gemm_kernel",
+                          {"x_ptr": BF16, "w_ptr": I32, "s_ptr": F32, "y_ptr": BF16},
+                          {"BLOCK_M": 128, "BLOCK_N": 64, "PLANE": 128, "GROUP": 128, "GROUP_M": 8,
+                           "PRECISION": "HALF_PRECISION"}),
+    "int4_dequant": ("pixtral_rt.kernels.int4_dequant", "_int4_dequant_kernel",
+                     {"w_ptr": I32, "s_ptr": BF16, "out_ptr": BF16}, {"BLOCK_N": 32, "PLANE": 128, "GROUP": 128}),
 }
 
 

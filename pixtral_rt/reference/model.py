@@ -29,11 +29,14 @@ class PixtralModel(Transformer):
 
     @classmethod
     def from_state_dict(cls, args: PixtralArgs, sd: dict[str, torch.Tensor]) -> "PixtralModel":
-        """Built on meta, the tensors assigned (no copy); FP8 decoder linears in `sd` become Fp8Linear."""
+        """Built on meta, the tensors assigned (no copy); FP8 decoder linears in `sd` become Fp8Linear, int4
+        ones (`weight_packed`) Int4Linear."""
         from .fp8_linear import install_fp8_linears
+        from .int4_linear import install_int4_linears
         with torch.device("meta"):
             model = cls(args)
         install_fp8_linears(model, sd)
+        install_int4_linears(model, sd)
         model.load_state_dict(sd, assign=True, strict=True)
         return model.eval()
 

@@ -127,8 +127,8 @@ class LLMEngine:
              options: RuntimeOptions | None = None) -> "LLMEngine":
         """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
         kv_tokens: size of the KV page pool in tokens (default: GPU memory left after weights minus
-        reserve_bytes; on CPU 4 full contexts). quantization "fp8": FP8 decoder linears; random_weights
-        PRESET: seeded random weights generated on the device (loading.resolve_model). tensor_parallel N: the
+        reserve_bytes; on CPU 4 full contexts). quantization "fp8" / "int4": FP8 / int4 decoder linears;
+        random_weights PRESET: seeded random weights generated on the device (loading.resolve_model). tensor_parallel N: the
         decoder sharded over N processes, this one rank 0 (pixtral_rt/tensor_parallel.py); under torchrun the
         world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops. options: the
         measured alternatives (pixtral_rt/options.py), carried to every rank. Building the model and sizing

@@ -1,0 +1,117 @@
+"""Int4-weight GEMM (W4A16) on tensor cores: skinny decode batches (2..64 rows) and prefill.
+
+    y[m, n] = sum_k x[m, k] * q[n, k] * s[n, k // G]                 (pixtral_rt/int4.py)
+
+x (M, K) bf16 / fp16 / fp32, unit last stride; w an Int4Weight: qweight (N, K / 8) int32 in the KERNEL layout
+(pixtral_rt/int4.py), scale (N, K / G) fp32 or bf16; y (M, N) in x's dtype (or out's). FLOPs 2 M N K; bytes
+N K / 2 + scales + 2 M K + 2 M N.
+
+backend "triton": _int4_gemm_kernel below, the weight dequantised per tile in registers, swap-AB (the
+  weight is the MMA's first operand, so a decode batch of 2..64 rows is the MMA's N dimension, padded to
+  BLOCK_M >= 16, not 64 wasted rows):
+      program (n-tile, m-tile), acc (BLOCK_N, BLOCK_M) fp32; per block of 8P inputs it loads the
+      (BLOCK_N, P) words once, then for each nibble i (unrolled):
+          q_i (BLOCK_N, P) = nibble i, converted to x's dtype (exact: integers -8..7)
+          acc += tl.dot(q_i, x[m, k0 + i P : k0 + (i + 1) P]^T) * s[n, (k0 + i P) // G]
+      i.e. each plane's partial sum (fp32) is scaled by its one scale per row and added: the same math as
+      the fp32 reference up to summation order, in any activation dtype (no bf16 rounding of q * s).
+  Grouped launch order (GROUP_M m-tiles sweep the same weight tiles while they sit in L2) for prefill.
+backend "dequant": kernels/int4_dequant.py writes W = q * s as an (N, K) tensor in x's dtype, then cuBLAS
+  (F.linear). For long prefills, where the GEMM is compute-bound and the extra N K write + read is small.
+benchmarks/bench_int4.py times both (and the GEMV) on the decoder's shapes; pixtral_rt/decoder.py picks.
+No autotuning: fixed tiles, so nothing is tuned on the request path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from pixtral_rt.int4 import Int4Weight, check_kernel_weight
+from pixtral_rt.kernels.int4_dequant import int4_dequantize
+from pixtral_rt.kernels.int4_gemv import _nibble_f32
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_s, stride_ym,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr,
+                      GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    # grouped order: GROUP_M m-tiles sweep the same W n-tiles while they sit in L2
+    pid = tl.program_id(0)
+    n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, PLANE)
+    mmask, nmask = offs_m < M, offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_j[None, :]       # (BLOCK_N, P) words
+    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_j[:, None]     # (P, BLOCK_M) = x^T
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_s                                   # (BLOCK_N,)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for b in range(0, K // (8 * PLANE)):
+        words = tl.load(w_ptrs + b * PLANE, mask=nmask[:, None], other=0)
+        k0 = b * 8 * PLANE
+        for i in tl.static_range(8):
+            xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)    # (P, BLOCK_M)
+            q = _nibble_f32(words, i).to(xt.dtype)                                    # (BLOCK_N, P), exact
+            s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+            acc += tl.dot(q, xt, input_precision=PRECISION) * s[:, None]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]       # (BLOCK_N, BLOCK_M) = y^T
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
+# tiles: not measured yet (benchmarks/bench_int4.py prints the sweep; pixtral_rt/decoder.py keeps the winners)
+SKINNY_DEFAULT = dict(block_n=64, group_m=1, num_warps=4, num_stages=3)
+PREFILL_DEFAULT = dict(block_m=128, block_n=64, group_m=8, num_warps=8, num_stages=3)
+PREFILL_ROWS = 64          # more rows than this: the prefill tiles
+FP32_PRECISION = "ieee"    # tl.dot input_precision for fp32 activations (exact products, as the reference)
+HALF_PRECISION = "tf32"    # for bf16 / fp16 operands the MMA ignores it; Triton's default
+BACKENDS = ("triton", "dequant")
+
+
+def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *, backend: str = "triton",
+              block_m: int | None = None, block_n: int | None = None, group_m: int | None = None,
+              num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """x (M, K), w Int4Weight (N, K) -> (M, N) in x's dtype (or out's). backend "triton" (tiles left None:
+    SKINNY_DEFAULT for M <= 64 with block_m = max(16, next power of two of M), else PREFILL_DEFAULT) or
+    "dequant" (dequantise W, then F.linear)."""
+    if x.dim() != 2:
+        raise ValueError(f"int4_gemm: x must be (M, K), got {tuple(x.shape)}")
+    M, K = x.shape
+    check_kernel_weight(w, K, "int4_gemm")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"int4_gemm: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    N = w.shape[0]
+    if backend == "dequant":
+        y = F.linear(x, int4_dequantize(w, x.dtype))
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+    if backend != "triton":
+        raise ValueError(f"int4_gemm: backend must be one of {BACKENDS}, got {backend!r}")
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    if y.shape != (M, N) or y.stride(1) != 1:
+        raise ValueError(f"int4_gemm: out must be ({M}, {N}) with a unit last stride, got {tuple(y.shape)}")
+    if M == 0:
+        return y
+    t = dict(SKINNY_DEFAULT if M <= PREFILL_ROWS else PREFILL_DEFAULT)
+    if M <= PREFILL_ROWS:
+        t["block_m"] = min(64, max(16, triton.next_power_of_2(M)))
+    t.update({k: v for k, v in dict(block_m=block_m, block_n=block_n, group_m=group_m, num_warps=num_warps,
+                                    num_stages=num_stages).items() if v is not None})
+    bm, bn = t["block_m"], t["block_n"]
+    prec = FP32_PRECISION if x.dtype == torch.float32 else HALF_PRECISION
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _int4_gemm_kernel[grid](x, w.qweight, w.scale, y, M, N, K, x.stride(0), w.qweight.stride(0), w.scale.stride(0),
+                            y.stride(0), BLOCK_M=bm, BLOCK_N=bn, PLANE=w.plane, GROUP=w.group_size,
+                            GROUP_M=t["group_m"], PRECISION=prec, num_warps=t["num_warps"],
+                            num_stages=t["num_stages"])
+    return y
