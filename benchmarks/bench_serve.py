@@ -160,14 +160,13 @@ async def chat_turns(port, model, rng):
         return m
 
     async def ttft(messages):
-        """(ms to the first text, ms to the first chunk (the role: the request accepted), pieces generated
-        before the first text (a random model's first tokens may decode to nothing), prompt / cached
+        """(ms to the first text, ms to the first chunk (the role: the request accepted), prompt / cached
         tokens from the usage chunk, the answer)."""
         t0 = time.perf_counter()
         s = await client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0.0,
                                                  stream=True, stream_options={"include_usage": True})
         first = chunk0 = usage = None
-        text, empty = "", 0
+        text = ""
         async for c in s:
             chunk0 = chunk0 or time.perf_counter()
             if c.usage is not None:
@@ -175,11 +174,9 @@ async def chat_turns(port, model, rng):
             if c.choices and c.choices[0].delta.content:
                 first = first or time.perf_counter()
                 text += c.choices[0].delta.content
-            elif c.choices and first is None and c.choices[0].delta.role is None:
-                empty += 1
         details = getattr(usage, "prompt_tokens_details", None)
         first = first or time.perf_counter()         # no text in 16 tokens: the whole answer's time
-        return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3, "empty_before_text": empty,
+        return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3,
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "cached_tokens": getattr(details, "cached_tokens", None)}, text
 
@@ -348,7 +345,7 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
             for k in ("warm", "cold"):
                 for r in t["runs"][k]:
                     print(f"  turn 2 {k}: TTFT {r['ttft']:.1f} ms, accepted after {r['accepted']:.1f} ms, "
-                          f"{r['empty_before_text']} empty pieces first, {r['cached_tokens']} of "
+                          f"{r['cached_tokens']} of "
                           f"{r['prompt_tokens']} prompt tokens cached", flush=True)
         finally:
             proc.terminate()
