@@ -54,16 +54,21 @@ def bench_step(eng, batches, fractions, n_tokens: int) -> None:
                 out[i] = eng.generate(_msgs(i), p)
 
             for rep in range(2):                        # the first pass warms the grammar / caches
+                h0, n0 = dict(eng.counters.host_s), eng.counters.steps
                 ths = [threading.Thread(target=run, args=(i,)) for i in range(B)]
                 [t.start() for t in ths]
                 [t.join() for t in ths]
+            steps = max(1, eng.counters.steps - n0)       # of the measured pass: where the step loop's host time went
+            host = {k: round((v - h0[k]) * 1e3 / steps, 4) for k, v in eng.counters.host_s.items()}
+            print(f"  B={B} constrained={n_con}: {steps} steps, host ms/step " +
+                  " ".join(f"{k} {v:.3f}" for k, v in host.items()))
             assert all(len(r.token_ids) == n_tokens for r in out), [len(r.token_ids) for r in out]
             ms = 1e3 / float(np.median([r.timings["decode_tok_s"] for r in out]))
             if f == 0:
                 base = ms
             record("constrained", f"decode step B={B} constrained={n_con}", "step_ms", ms, "ms",
                    "same batch, no sequence constrained", base, None, overhead=round(ms / base - 1, 4),
-                   tokens=n_tokens)
+                   tokens=n_tokens, host_ms_per_step=host, steps=steps)
 
 
 def bench_compile(eng) -> None:

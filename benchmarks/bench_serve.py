@@ -102,6 +102,16 @@ def server_metrics(port) -> dict[str, float]:
     return out
 
 
+def prepare_ms(port) -> dict[str, float]:
+    """The server's summed host time per stage before its engine (pixtral_rt_request_prepare_seconds), in ms."""
+    out = {}
+    for line in urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines():
+        if line.startswith("pixtral_rt_request_prepare_seconds_sum{"):
+            name, value = line.rsplit(" ", 1)
+            out[name.split('stage="', 1)[1].split('"', 1)[0]] = float(value) * 1e3
+    return out
+
+
 async def run_level(port, model, reqs, users, no_max_tokens=False):
     """Stats of the level; with the server's generated tokens and preemptions over it (deltas of /metrics),
     and the peak of running requests seen by a 10 Hz poll."""
@@ -162,6 +172,7 @@ async def chat_turns(port, model, rng):
     async def ttft(messages):
         """(ms to the first text, ms to the first chunk (the role: the request accepted), prompt / cached
         tokens from the usage chunk, the answer)."""
+        p0 = prepare_ms(port)
         t0 = time.perf_counter()
         s = await client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0.0,
                                                  stream=True, stream_options={"include_usage": True})
@@ -176,7 +187,9 @@ async def chat_turns(port, model, rng):
                 text += c.choices[0].delta.content
         details = getattr(usage, "prompt_tokens_details", None)
         first = first or time.perf_counter()         # no text in 16 tokens: the whole answer's time
+        p1 = prepare_ms(port)
         return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3,
+                "server_prepare_ms": {k: round(v - p0.get(k, 0.0), 3) for k, v in p1.items()},
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "cached_tokens": getattr(details, "cached_tokens", None)}, text
 
@@ -344,8 +357,9 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
                    t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"], runs=t["runs"])
             for k in ("warm", "cold"):
                 for r in t["runs"][k]:
-                    print(f"  turn 2 {k}: TTFT {r['ttft']:.1f} ms, accepted after {r['accepted']:.1f} ms, "
-                          f"{r['cached_tokens']} of "
+                    prep = " ".join(f"{st} {v:.1f}" for st, v in r["server_prepare_ms"].items())
+                    print(f"  turn 2 {k}: TTFT {r['ttft']:.1f} ms, accepted after {r['accepted']:.1f} ms "
+                          f"(server before the engine, ms: {prep}), {r['cached_tokens']} of "
                           f"{r['prompt_tokens']} prompt tokens cached", flush=True)
         finally:
             proc.terminate()

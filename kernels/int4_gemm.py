@@ -69,6 +69,21 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, 
 SKINNY_DEFAULT = dict(block_n=64, group_m=1, num_warps=4, num_stages=3)
 PREFILL_DEFAULT = dict(block_m=128, block_n=64, group_m=8, num_warps=8, num_stages=3)
 PREFILL_ROWS = 64          # more rows than this: the prefill tiles
+# Shared memory: each pipelined stage holds one block of 8 P inputs: the (BLOCK_N, P) int32 words and eight
+# (P, BLOCK_M) x tiles, so with the decoder's P = 128 a 64 x 64 tile needs 160 KB a stage. Default tiles get as
+# many stages as fit this budget (Hopper: 227 KB a block, minus room for the MMA operands); tiles given
+# explicitly (the benchmark's sweep) keep their num_stages and may not compile.
+SMEM_BUDGET = 180 * 1024
+
+
+def stage_bytes(block_m: int, block_n: int, plane: int, x_bytes: int) -> int:
+    """Shared memory of one pipelined stage of _int4_gemm_kernel (see SMEM_BUDGET)."""
+    return block_n * plane * 4 + 8 * plane * block_m * x_bytes
+
+
+def fit_stages(num_stages: int, block_m: int, block_n: int, plane: int, x_bytes: int) -> int:
+    """num_stages, lowered until the stages fit SMEM_BUDGET (at least 1: no pipelining)."""
+    return max(1, min(num_stages, SMEM_BUDGET // stage_bytes(block_m, block_n, plane, x_bytes)))
 FP32_PRECISION = "ieee"    # tl.dot input_precision for fp32 activations (exact products, as the reference)
 HALF_PRECISION = "tf32"    # for bf16 / fp16 operands the MMA ignores it; Triton's default
 BACKENDS = ("triton", "dequant")
@@ -108,6 +123,8 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *
     t.update({k: v for k, v in dict(block_m=block_m, block_n=block_n, group_m=group_m, num_warps=num_warps,
                                     num_stages=num_stages).items() if v is not None})
     bm, bn = t["block_m"], t["block_n"]
+    if num_stages is None:
+        t["num_stages"] = fit_stages(t["num_stages"], bm, bn, w.plane, x.element_size())
     prec = FP32_PRECISION if x.dtype == torch.float32 else HALF_PRECISION
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _int4_gemm_kernel[grid](x, w.qweight, w.scale, y, M, N, K, x.stride(0), w.qweight.stride(0), w.scale.stride(0),

@@ -131,3 +131,11 @@ def int4_weights(N, K, device, seed, group_size=128, scale_dtype=None):
     packed, scale = int4.quantize_and_pack(w.bfloat16(), group_size)
     W = int4.dequantize(packed, scale, group_size)
     return int4.Int4Weight.from_checkpoint(packed, scale, device, scale_dtype), W.to(device)
+
+
+def ctrl_c_default() -> None:
+    """Popen preexec_fn for a child that a test sends SIGINT as a terminal's Ctrl-C would: SIGINT back to its
+    default, so Python installs KeyboardInterrupt. A shell runs background jobs (`cmd &`, nohup) with SIGINT
+    ignored and children inherit that; such a child would never see the test's Ctrl-C."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import ctrl_c_default
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -146,7 +148,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_output(env):
     import time
     p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--device", "cpu", "--max-tokens", "6000",
                           "--max-context", "8192", "--prompt", "Tell me a long story"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=ctrl_c_default)
     # wait until tokens stream, then interrupt
     first = p.stdout.read(1)
     assert first, "no output before the interrupt"
@@ -241,7 +244,7 @@ def test_chat_ctrl_c_stops_the_answer_keeps_the_conversation_then_quits(env):
     before (no sleeps); the answers are long enough (4000 tokens) that an interrupt always lands mid-answer."""
     p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--device", "cpu", "--chat", "--max-tokens",
                           "4000", "--max-context", "8192"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env)
+                         stderr=subprocess.PIPE, env=env, preexec_fn=ctrl_c_default)
     out, err = _Reader(p.stdout), _Reader(p.stderr)
     summary = rb"\[[^\n]*\| (\d+) prompt tokens,[^\n]* (\d+) tokens, interrupted\]"
     try:

@@ -16,6 +16,7 @@ from pixtral_rt.config import tiny
 from pixtral_rt.engine import Engine
 from pixtral_rt.random_weights import write_random_checkpoint
 from pixtral_rt.sampling import SamplingParams
+from tests.helpers import ctrl_c_default
 from tests.helpers import small_image_messages as messages
 
 
@@ -277,7 +278,8 @@ def test_signal_stops_every_rank(ckpt, sig):
     env = dict(os.environ, PIXTRAL_RT_TEST_MARK=mark)
     p = subprocess.Popen([sys.executable, "-m", "pixtral_rt.generate", "--model", str(ckpt / "m"), "--device", "cpu",
                           "--prompt", "Tell a very long story.", "--max-tokens", "3000", "--tensor-parallel", "2",
-                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                          "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=ctrl_c_default)
     p.stdout.read(1)                                   # generation has started
     assert len(_alive_with_mark(mark)) >= 2            # rank 0 and its worker
     p.send_signal(getattr(signal, sig))

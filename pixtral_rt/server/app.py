@@ -198,7 +198,11 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
     async def chat_completions(request: Request):
         arrived = time.monotonic()
         state.check_accepting()
-        chat = parse_chat_request(_json(await _read_body(request, max_body_bytes)))
+        body = await _read_body(request, max_body_bytes)
+        t_body = time.monotonic()
+        chat = parse_chat_request(_json(body))
+        del body
+        t_parse = time.monotonic()
         if chat.model is not None and chat.model != state.name:
             raise unknown_model(chat.model)
         if chat.image_count() > max_images:  # counted before any image is fetched
@@ -214,6 +218,11 @@ def build_app(engine, served_model_name: str, api_key: str | None = None, max_im
             state.pool, functools.partial(engine.encode, chat.chat_messages(), asked or 1, image_limits=image_limits,
                                           tools=chat.tool_dicts()))
         max_tokens = asked or engine.max_context - req.prompt_tokens
+        t_encode = time.monotonic()
+        prep = state.metrics.prepare
+        prep.labels("body").observe(t_body - arrived)
+        prep.labels("parse").observe(t_parse - t_body)
+        prep.labels("encode").observe(t_encode - t_parse)   # with the schema check of a constrained request
         state.check_accepting()  # shutdown may have begun during a slow image download
         # may refuse (min_tokens over max_tokens): before the run exists
         params = _sampling(chat, max_tokens, constraint=constraint)

@@ -51,5 +51,12 @@ class ServerMetrics:
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
                              registry=self.registry)
 
+        self.prepare = Histogram("pixtral_rt_request_prepare_seconds",
+                                 "host work before a request reaches the engine, by stage: body (receiving it, from "
+                                 "its headers), parse (JSON and validation), encode (images and tokens)",
+                                 labelnames=("stage",),
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+                                 registry=self.registry)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

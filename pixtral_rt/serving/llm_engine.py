@@ -89,6 +89,10 @@ class _Counters:
     requests_finished: int = 0
     steps: int = 0
     extra: dict = field(default_factory=dict)
+    # host seconds of the step loop by part (benchmarks): run (launch, with before_sample inside), take +
+    # masks (before_sample: a constrained step's previous tokens, its masks), wait (for the previous step's
+    # tokens), deliver (tokens into sequences and out to their consumers)
+    host_s: dict = field(default_factory=lambda: dict.fromkeys(("run", "take", "masks", "wait", "deliver"), 0.0))
 
 
 class LLMEngine:
@@ -388,18 +392,26 @@ class LLMEngine:
             # step's tokens: the runner launches the decode forward, then calls before_sample, which
             # delivers the previous step (its tokens are ready once the GPU reaches this forward) and
             # uploads the masks while the forward runs; free batches skip this
+            # (the grammars take the tokens there; their consumers are told once the sampling is launched, so
+            # waking them does not stand between the masks and the GPU)
             cons = [s for s in plan.decode + [c.seq for c in plan.prefill if c.last] if s.matcher is not None]
-            before_sample, held = None, None
+            before_sample, held, pending = None, None, []
             if cons:
-                held, prev = [prev], None            # delivered by before_sample (or below if it never ran)
+                held, prev = [prev], None            # taken by before_sample (or delivered below if it never ran)
 
                 def before_sample():
+                    t0 = time.perf_counter()
                     if held[0] is not None:
                         p, held[0] = held[0], None
-                        self._deliver(p)
+                        pending.append(self._take(p))
+                    t1 = time.perf_counter()
                     self._set_masks([s for s in cons if s.finish_reason is None and not s.cancelled])
+                    hs = self.counters.host_s
+                    hs["take"] += t1 - t0
+                    hs["masks"] += time.perf_counter() - t1
             else:
                 self.runner.set_token_masks([])       # clears the masks of sequences constrained before
+            t0 = time.perf_counter()
             try:
                 out = self.runner.run(plan, before_sample)
                 for c in plan.prefill:
@@ -411,6 +423,12 @@ class LLMEngine:
                     self._deliver(held[0])
                 self._fail(plan, exc)
                 out = None
+            t1 = time.perf_counter()
+            for events in pending:
+                self._emit_all(*events)
+            hs = self.counters.host_s
+            hs["run"] += t1 - t0
+            hs["deliver"] += time.perf_counter() - t1
             if prev is not None:
                 self._deliver(prev)
             prev = out if out is not None and (out.reports or out.stages) else None
@@ -449,7 +467,19 @@ class LLMEngine:
                 self._emit(s, TokenEvent(finish_reason="error", error=msg, prompt_tokens=s.prompt_len))
 
     def _deliver(self, out: StepOutput) -> None:
+        t0 = time.perf_counter()
         out.wait()
+        t1 = time.perf_counter()
+        self._emit_all(*self._take(out, waited=True))
+        hs = self.counters.host_s
+        hs["wait"] += t1 - t0
+        hs["deliver"] += time.perf_counter() - t1
+
+    def _take(self, out: StepOutput, waited: bool = False) -> tuple[list, list]:
+        """A finished step's tokens into their sequences (output, grammar, finish reason): the events to emit
+        and the first-token acknowledgements to wait for (_emit_all)."""
+        if not waited:
+            out.wait()
         for seq, kind, ms in out.stage_ms():
             if kind == "vision":
                 seq.vision_ms += ms
@@ -459,7 +489,7 @@ class LLMEngine:
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         now = time.perf_counter()
         c = self.counters
-        acks = []                                       # first tokens out: hand their consumers the GIL
+        acks, events = [], []                           # acks: first tokens out: hand their consumers the GIL
         for seq, slot in out.reports:
             if seq.finish_reason is not None or seq.cancelled:
                 continue                                # ended earlier: this token was computed past its end
@@ -493,6 +523,11 @@ class LLMEngine:
                 seq.status = Status.FINISHED
                 c.requests_finished += 1
                 ev.finish_reason = seq.finish_reason
+            events.append((seq, ev))
+        return events, acks
+
+    def _emit_all(self, events: list, acks: list) -> None:
+        for seq, ev in events:
             self._emit(seq, ev)
         for a in acks:       # Event.wait releases the GIL; the consumer sets it once the token is in hand
             a.wait(0.002)
