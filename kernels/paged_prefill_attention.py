@@ -79,6 +79,16 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
+def _paged_default_config(max_q_len: int, head_dim: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Chunks over 64 tokens: 64 x 64, 4 warps, 3 stages, the best
+    of benchmarks/bench_paged_attention.py's sweep on an H100 (benchmarks/results/logs/2026-12-07_h100_call1,
+    2026-12-07: 361 / 389 / 394 TFLOP/s for 4 x 1024 new over 3072 cached, 1 x 4096, 1 x 7616, against
+    320 / 360 / 364 with prefill_attention's 128 x 64 x 8 x 3); up to 64 tokens prefill_attention's own."""
+    if max_q_len <= 64:
+        return _default_config(max_q_len, head_dim)
+    return 64, 64, 4, 3
+
+
 def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                             block_table: torch.Tensor, cu_q: torch.Tensor, start_pos: torch.Tensor, max_q_len: int,
                             out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
@@ -106,7 +116,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     if o.shape != (T, Hq, D) or o.stride(2) != 1 or o.dtype != q.dtype:
         raise ValueError(f"out must be ({T}, {Hq}, {D}) {q.dtype} with a contiguous last dim, "
                          f"got {tuple(o.shape)} {o.dtype}")
-    bm, bn, nw, ns = _default_config(max_q_len, D)
+    bm, bn, nw, ns = _paged_default_config(max_q_len, D)
     bm, nw, ns = block_m or bm, num_warps or nw, num_stages or ns
     bn = _tile_n(block_n or bn, P)
     if bm < 16 or bm & (bm - 1):
