@@ -40,10 +40,25 @@ def _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE: tl.constex
 
 
 @triton.jit
+def _next_base(table_row, n0, kv_end, base, head_off, stride_pn, stride_ps, PAGE: tl.constexpr,
+               BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
+    # (base of this tile, base of the next). PREFETCH: the next tile's page id is loaded one iteration ahead
+    # (a loop-carried value), so no K/V load waits on the table load of its own iteration; the entry past
+    # the last tile is not read (the table row may end there).
+    if PREFETCH:
+        n1 = n0 + BLOCK_N
+        page = tl.load(table_row + n1 // PAGE, mask=n1 < kv_end, other=0).to(tl.int64)
+        return base, page * stride_pn + head_off - (n1 // PAGE * PAGE) * stride_ps
+    else:
+        return _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE), base
+
+
+@triton.jit
 def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr, cu_q_ptr, start_pos_ptr, qk_scale,
                                stride_qt, stride_qh, stride_ot, stride_oh, stride_pn, stride_ph, stride_ps, stride_tb,
                                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                               PREFETCH: tl.constexpr):
     h = tl.program_id(0)                              # q head (fastest: heads of a kv group share L2)
     s = tl.program_id(1)
     start_m = tl.num_programs(2) - 1 - tl.program_id(2)   # last (longest) q blocks of every sequence first
@@ -66,17 +81,22 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_end = ((start_pos + start_m * BLOCK_M) // BLOCK_N) * BLOCK_N   # keys every row of the block sees
     kv_end = start_pos + tl.minimum(T, (start_m + 1) * BLOCK_M)
+    nxt = _page_rebase(table_row, 0, head_off, stride_pn, stride_ps, PAGE)   # the first tile's (PREFETCH)
     for n0 in range(0, full_end, BLOCK_N):
-        base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
+        base, nxt = _next_base(table_row, n0, kv_end, nxt, head_off, stride_pn, stride_ps, PAGE, BLOCK_N, PREFETCH)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
                                    stride_ps, qk_scale, False, BLOCK_N, HEAD_DIM, PRECISION)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        base = _page_rebase(table_row, n0, head_off, stride_pn, stride_ps, PAGE)
+        base, nxt = _next_base(table_row, n0, kv_end, nxt, head_off, stride_pn, stride_ps, PAGE, BLOCK_N, PREFETCH)
         acc, l_i, m_i = _attn_tile(acc, l_i, m_i, q, k_pages_ptr + base, v_pages_ptr + base, n0, q_pos, kv_end,
                                    stride_ps, qk_scale, True, BLOCK_N, HEAD_DIM, PRECISION)
     acc = acc / l_i[:, None]   # every valid row sees at least its own key: l_i > 0
     o_ptrs = o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
+
+
+# load each K/V tile's page id one iteration ahead (_next_base); off until the GPU sweep measures it
+PREFETCH_TABLE = False
 
 
 def _paged_default_config(max_q_len: int, head_dim: int):
@@ -92,7 +112,8 @@ def _paged_default_config(max_q_len: int, head_dim: int):
 def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                             block_table: torch.Tensor, cu_q: torch.Tensor, start_pos: torch.Tensor, max_q_len: int,
                             out: torch.Tensor | None = None, block_m: int | None = None, block_n: int | None = None,
-                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                            num_warps: int | None = None, num_stages: int | None = None,
+                            prefetch_table: bool | None = None) -> torch.Tensor:
     """Attention only (K/V already in the pages, q already rotated). q (T, Hq, D), k_pages/v_pages
     (n_pages, Hkv, P, D), block_table (>= S, max_pages), cu_q (S+1,), start_pos (S,) int32 device tensors;
     max_q_len: host int >= every cu_q[s+1] - cu_q[s] (sets the grid only; rows past it are not computed).
@@ -129,5 +150,5 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=P, BLOCK_M=bm, BLOCK_N=bn, PRECISION=dot_precision(q.dtype),
-        num_warps=nw, num_stages=ns)
+        PREFETCH=PREFETCH_TABLE if prefetch_table is None else bool(prefetch_table), num_warps=nw, num_stages=ns)
     return o

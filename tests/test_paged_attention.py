@@ -157,10 +157,10 @@ def run_prefill(device, dtype, chunks, starts, P, hq, hkv, config=None):
         cu.append(cu[-1] + t)
     q = torch.randn(T, (hq + 2 * hkv) * D, device=device, dtype=dtype)[:, :hq * D].view(T, hq, D)  # qkv view
     out = torch.full((T, hq, D), NAN, device=device, dtype=dtype)
-    bm, bn, nw, ns = config or (None,) * 4
+    bm, bn, nw, ns, pf = (tuple(config) + (None,))[:5] if config else (None,) * 5
     paged_prefill_attention(q, kp, vp, table, torch.tensor(cu, device=device, dtype=torch.int32),
                             torch.tensor(starts, device=device, dtype=torch.int32), max(chunks), out=out,
-                            block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+                            block_m=bm, block_n=bn, num_warps=nw, num_stages=ns, prefetch_table=pf)
     assert not torch.isnan(out).any()
     for s, (t, start) in enumerate(zip(chunks, starts)):
         if t:
@@ -172,14 +172,16 @@ def prefill_cases(P):
     return [([37, 1, 20], [0, P // 2 + 3, P]), ([1, 20, 37], [P, 0, P // 2 + 3])]
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("case", [0, 1])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (8, 1)])
 @pytest.mark.parametrize("P", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_paged_prefill(device, dtype, P, hq, hkv, case):
-    # 16x16 tiles: several q blocks, unmasked + diagonal loops, several key tiles per 64-row page
+def test_paged_prefill(device, dtype, P, hq, hkv, case, prefetch):
+    # 16x16 tiles: several q blocks, unmasked + diagonal loops, several key tiles per 64-row page; page ids
+    # loaded in their own iteration or one ahead (prefetch_table)
     chunks, starts = prefill_cases(P)[case]
-    run_prefill(device, dtype, chunks, starts, P, hq, hkv, config=(16, 16, 4, 1))
+    run_prefill(device, dtype, chunks, starts, P, hq, hkv, config=(16, 16, 4, 1, prefetch))
 
 
 @pytest.mark.parametrize("P", [16, 64])
@@ -188,8 +190,9 @@ def test_paged_prefill_default_tiles(device, P):
     run_prefill(device, torch.float16, [70, 3, 1], [P + 1, 0, 2 * P], P, 4, 2)
 
 
-def test_paged_prefill_empty_sequences(device):
-    run_prefill(device, torch.float16, [5, 0, 33, 0], [17, 7, 0, 0], 16, 4, 2, config=(16, 16, 4, 1))
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_paged_prefill_empty_sequences(device, prefetch):
+    run_prefill(device, torch.float16, [5, 0, 33, 0], [17, 7, 0, 0], 16, 4, 2, config=(16, 16, 4, 1, prefetch))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -353,7 +356,8 @@ def test_paged_prefill_bf16(chunks, starts):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3)])
+@pytest.mark.parametrize("config", [(64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3),
+                                    (64, 64, 4, 3, True), (128, 64, 8, 5, True)])
 def test_paged_prefill_bf16_configs(config):
     # (64, 128, ...): block_n capped at P = 64
     run_prefill("cuda", torch.bfloat16, [777, 33], [130, 4000], 64, 32, 8, config=config)
