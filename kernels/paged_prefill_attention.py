@@ -16,7 +16,8 @@
 One launch, _paged_prefill_attn_kernel, grid (Hq, S, cdiv(max_q_len, BLOCK_M)): program (h, s, m) takes q block m
 of sequence s (it returns at once if the sequence has fewer rows) and runs prefill_attention.py's flash loop
 (online softmax in exp2; key blocks fully below the diagonal unmasked, the diagonal band masked), reusing
-its _attn_tile. BLOCK_N divides P, so a key tile lies inside one page: one table entry per tile.
+its _attn_tile. BLOCK_N divides P, so a key tile lies inside one page: one table entry per tile (loaded one
+tile ahead with prefetch_table, the default for chunks over 64 tokens).
 CUDA-graph capturable for a fixed (T, S, max_q_len): offsets, positions and the table come from device memory.
 """
 from __future__ import annotations
@@ -95,18 +96,15 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
-# load each K/V tile's page id one iteration ahead (_next_base); off until the GPU sweep measures it
-PREFETCH_TABLE = False
-
-
 def _paged_default_config(max_q_len: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Chunks over 64 tokens: 64 x 64, 4 warps, 3 stages, the best
-    of benchmarks/bench_paged_attention.py's sweep on an H100 (benchmarks/results/logs/2026-12-07_h100_call1,
-    2026-12-07: 361 / 389 / 394 TFLOP/s for 4 x 1024 new over 3072 cached, 1 x 4096, 1 x 7616, against
-    320 / 360 / 364 with prefill_attention's 128 x 64 x 8 x 3); up to 64 tokens prefill_attention's own."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, prefetch_table). Chunks over 64 tokens: 128 x 64, 8 warps,
+    5 stages with the page ids loaded one tile ahead (_next_base), the best overall of benchmarks/bench_paged_attention.py's sweep on an H100
+    (benchmarks/results/paged_attention.jsonl, commit d5a90ca: 395 / 380 / 413 TFLOP/s for 4 x 1024 new over
+    3072 cached, 1 x 4096, 1 x 7616, against 366 / 388 / 403 with 64 x 64 x 4 x 3 and 320 / 361 / 365 with
+    prefill_attention's 128 x 64 x 8 x 3); up to 64 tokens prefill_attention's own tiles."""
     if max_q_len <= 64:
-        return _default_config(max_q_len, head_dim)
-    return 64, 64, 4, 3
+        return (*_default_config(max_q_len, head_dim), False)
+    return 128, 64, 8, 5, True
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -137,7 +135,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     if o.shape != (T, Hq, D) or o.stride(2) != 1 or o.dtype != q.dtype:
         raise ValueError(f"out must be ({T}, {Hq}, {D}) {q.dtype} with a contiguous last dim, "
                          f"got {tuple(o.shape)} {o.dtype}")
-    bm, bn, nw, ns = _paged_default_config(max_q_len, D)
+    bm, bn, nw, ns, pf = _paged_default_config(max_q_len, D)
     bm, nw, ns = block_m or bm, num_warps or nw, num_stages or ns
     bn = _tile_n(block_n or bn, P)
     if bm < 16 or bm & (bm - 1):
@@ -150,5 +148,5 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
         q.stride(0), q.stride(1), o.stride(0), o.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), block_table.stride(0),
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE=P, BLOCK_M=bm, BLOCK_N=bn, PRECISION=dot_precision(q.dtype),
-        PREFETCH=PREFETCH_TABLE if prefetch_table is None else bool(prefetch_table), num_warps=nw, num_stages=ns)
+        PREFETCH=pf if prefetch_table is None else bool(prefetch_table), num_warps=nw, num_stages=ns)
     return o
