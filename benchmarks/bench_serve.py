@@ -160,24 +160,36 @@ async def chat_turns(port, model, rng):
         return m
 
     async def ttft(messages):
+        """(ms to the first text, ms to the first chunk (the role: the request accepted), prompt / cached
+        tokens from the usage chunk, the answer)."""
         t0 = time.perf_counter()
         s = await client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0.0,
-                                                 stream=True)
-        first, text = None, ""
+                                                 stream=True, stream_options={"include_usage": True})
+        first = chunk0 = usage = None
+        text = ""
         async for c in s:
+            chunk0 = chunk0 or time.perf_counter()
+            if c.usage is not None:
+                usage = c.usage
             if c.choices and c.choices[0].delta.content:
                 first = first or time.perf_counter()
                 text += c.choices[0].delta.content
-        return (first - t0) * 1e3, text
+        details = getattr(usage, "prompt_tokens_details", None)
+        first = first or time.perf_counter()         # no text in 16 tokens: the whole answer's time
+        return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3,
+                "prompt_tokens": usage.prompt_tokens if usage else None,
+                "cached_tokens": getattr(details, "cached_tokens", None)}, text
 
-    out = {"warm": [], "cold": []}
+    runs = {"warm": [], "cold": []}
     for _ in range(3):
         url = png_data_url(rng, 1024, 1024)
         _, answer = await ttft(conv(url))
-        out["warm"].append((await ttft(conv(url, answer)))[0])
-        out["cold"].append((await ttft(conv(png_data_url(rng, 1024, 1024), answer)))[0])
+        runs["warm"].append((await ttft(conv(url, answer)))[0])
+        runs["cold"].append((await ttft(conv(png_data_url(rng, 1024, 1024), answer)))[0])
+    out = {k: float(np.median([r["ttft"] for r in v])) for k, v in runs.items()}
+    out["runs"] = runs       # every turn's parts: where the time goes (accepted = host side before the engine)
     await client.close()
-    return {k: float(np.median(v)) for k, v in out.items()}
+    return out
 
 
 def start_server(model, port, max_batch, log, engine="process", kv_tokens=None, chunk_tokens=None):
@@ -235,8 +247,11 @@ def main():
     ap.add_argument("--kv-tokens", type=int, help="the server's KV pool in tokens (small: preemption happens)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
     ap.add_argument("--chunk-tokens", type=int, help="the server's --chunk-tokens (default: the server's)")
+    ap.add_argument("--chat-only", action="store_true",
+                    help="only the turn-2 chat TTFT (cached prefix vs not), with its parts; implies --no-baseline")
     a = ap.parse_args()
-    bw = copy_bandwidth_TBps() * 1e12
+    a.no_baseline = a.no_baseline or a.chat_only
+    bw = copy_bandwidth_TBps() * 1e12 if not a.chat_only else float("nan")   # --chat-only runs on CPU too
     levels = [int(x) for x in a.levels.split(",")]
     reqs = workload(max(max(8, 3 * u) if not a.requests else a.requests for u in levels) + a.baseline_requests)
     if a.no_baseline:
@@ -274,58 +289,64 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
             model = "default"
             from openai import OpenAI
             model = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="x").models.list().data[0].id
-            # batch-1 decode through the server: 1k prompt, 256 tokens, one user
-            text = " ".join(np.random.default_rng(1).choice(WORDS, 800))
-            st = asyncio.run(run_level(a.port, model, [([{"role": "user", "content": text}], 256)], 1, nomax))
-            srv_dec = 1.0 / float(np.mean(st["itl"]))
-            floor1 = bw / (wbytes + kvtok * 1100)
-            record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)",
-                   _known(base_dec), floor1, ratio_vs_baseline=_known(srv_dec / base_dec))
-            for u in levels:
-                n = a.requests or max(8, 3 * u)
-                st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u, nomax))
-                tps = st["tokens"] / st["wall"]
-                ctx = 700 + 1500 / 3 + 72          # mean prompt (text ~700, images add ~1/3 x 1500) + half output
-                floor = u * bw / (wbytes + u * kvtok * ctx)
-                ttft = np.percentile(st["ttft"], [50, 99]) * 1e3
-                itl = np.percentile(st["itl"], [50, 99]) * 1e3 if st["itl"] else [0, 0]
-                # steady state: without each user's first request (all users' first prompts arrive at once)
-                sd = st["steady"]
-                ttft_s = np.percentile(sd["ttft"], [50, 99]) * 1e3 if sd["ttft"] else [float("nan")] * 2
-                itl_s = np.percentile(sd["itl"], [50, 99]) * 1e3 if sd["itl"] else [float("nan")] * 2
-                mem = torch.cuda.mem_get_info(0)
-                extra = dict(users=u, requests=st["requests"], output_tokens=st["tokens"], wall_s=st["wall"],
-                             req_per_s=st["requests"] / st["wall"], ttft_p50_ms=ttft[0], ttft_p99_ms=ttft[1],
-                             itl_p50_ms=itl[0], itl_p99_ms=itl[1], gpu_mem_used_GiB=(mem[1] - mem[0]) / 2**30,
-                             decode_roofline_tok_s=floor, preemptions=st["preemptions"],
-                             peak_running=st["peak_running"], server_tokens=st["server_tokens"],
-                             steady_requests=sd["requests"], steady_ttft_p50_ms=_known(ttft_s[0]),
-                             steady_ttft_p99_ms=_known(ttft_s[1]), steady_itl_p50_ms=_known(itl_s[0]),
-                             steady_itl_p99_ms=_known(itl_s[1]))
-                record(BENCH, f"mixed_{u}_users", "output_tok_s", tps, "tok/s", "batch-1 engine, one request at a time",
-                       _known(base_rate), floor, **extra)
-                print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
-                      f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
-                      f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms, {st['preemptions']:.0f} preemptions, "
-                      f"peak {st['peak_running']:.0f} running", flush=True)
-                print(f"       steady state ({sd['requests']} requests, each user's first left out): TTFT p50/p99 "
-                      f"{ttft_s[0]:.0f}/{ttft_s[1]:.0f} ms, ITL p50/p99 {itl_s[0]:.1f}/{itl_s[1]:.1f} ms", flush=True)
-            # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
-            rng = np.random.default_rng(3)
-            dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]
-            st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels), nomax))
-            u = max(levels)
-            floor = u * bw / (wbytes + u * kvtok * (150 + 128))
-            itl = np.percentile(st["itl"], [50, 99]) * 1e3
-            record(BENCH, f"decode_{u}_users", "output_tok_s", st["tokens"] / st["wall"], "tok/s",
-                   "decode-step HBM roofline", floor, floor, users=u, itl_p50_ms=itl[0], itl_p99_ms=itl[1],
-                   wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor,
-                   preemptions=st["preemptions"], peak_running=st["peak_running"])
-            print(f"  decode, {u} users at once: {st['tokens'] / st['wall']:.1f} tok/s, {st['preemptions']:.0f} "
-                  f"preemptions, peak {st['peak_running']:.0f} running", flush=True)
+            if not a.chat_only:
+                # batch-1 decode through the server: 1k prompt, 256 tokens, one user
+                text = " ".join(np.random.default_rng(1).choice(WORDS, 800))
+                st = asyncio.run(run_level(a.port, model, [([{"role": "user", "content": text}], 256)], 1, nomax))
+                srv_dec = 1.0 / float(np.mean(st["itl"]))
+                floor1 = bw / (wbytes + kvtok * 1100)
+                record(BENCH, "batch1_decode_1k", "decode_tok_s", srv_dec, "tok/s", "batch-1 engine (same run)",
+                       _known(base_dec), floor1, ratio_vs_baseline=_known(srv_dec / base_dec))
+                for u in levels:
+                    n = a.requests or max(8, 3 * u)
+                    st = asyncio.run(run_level(a.port, model, reqs[a.baseline_requests:a.baseline_requests + n], u, nomax))
+                    tps = st["tokens"] / st["wall"]
+                    ctx = 700 + 1500 / 3 + 72          # mean prompt (text ~700, images add ~1/3 x 1500) + half output
+                    floor = u * bw / (wbytes + u * kvtok * ctx)
+                    ttft = np.percentile(st["ttft"], [50, 99]) * 1e3
+                    itl = np.percentile(st["itl"], [50, 99]) * 1e3 if st["itl"] else [0, 0]
+                    # steady state: without each user's first request (all users' first prompts arrive at once)
+                    sd = st["steady"]
+                    ttft_s = np.percentile(sd["ttft"], [50, 99]) * 1e3 if sd["ttft"] else [float("nan")] * 2
+                    itl_s = np.percentile(sd["itl"], [50, 99]) * 1e3 if sd["itl"] else [float("nan")] * 2
+                    mem = torch.cuda.mem_get_info(0)
+                    extra = dict(users=u, requests=st["requests"], output_tokens=st["tokens"], wall_s=st["wall"],
+                                 req_per_s=st["requests"] / st["wall"], ttft_p50_ms=ttft[0], ttft_p99_ms=ttft[1],
+                                 itl_p50_ms=itl[0], itl_p99_ms=itl[1], gpu_mem_used_GiB=(mem[1] - mem[0]) / 2**30,
+                                 decode_roofline_tok_s=floor, preemptions=st["preemptions"],
+                                 peak_running=st["peak_running"], server_tokens=st["server_tokens"],
+                                 steady_requests=sd["requests"], steady_ttft_p50_ms=_known(ttft_s[0]),
+                                 steady_ttft_p99_ms=_known(ttft_s[1]), steady_itl_p50_ms=_known(itl_s[0]),
+                                 steady_itl_p99_ms=_known(itl_s[1]))
+                    record(BENCH, f"mixed_{u}_users", "output_tok_s", tps, "tok/s", "batch-1 engine, one request at a time",
+                           _known(base_rate), floor, **extra)
+                    print(f"  {u:3d} users: {tps:8.1f} tok/s ({tps / base_rate:.2f}x batch-1 engine, {tps / floor:.0%} of "
+                          f"the decode roofline {floor:.0f}), TTFT p50/p99 {ttft[0]:.0f}/{ttft[1]:.0f} ms, "
+                          f"ITL p50/p99 {itl[0]:.1f}/{itl[1]:.1f} ms, {st['preemptions']:.0f} preemptions, "
+                          f"peak {st['peak_running']:.0f} running", flush=True)
+                    print(f"       steady state ({sd['requests']} requests, each user's first left out): TTFT p50/p99 "
+                          f"{ttft_s[0]:.0f}/{ttft_s[1]:.0f} ms, ITL p50/p99 {itl_s[0]:.1f}/{itl_s[1]:.1f} ms", flush=True)
+                # aggregate decode: 64 short text prompts (~150 tokens), 256 output tokens each, all at once
+                rng = np.random.default_rng(3)
+                dec_reqs = [([{"role": "user", "content": " ".join(rng.choice(WORDS, 120))}], 256) for _ in range(max(levels))]
+                st = asyncio.run(run_level(a.port, model, dec_reqs, max(levels), nomax))
+                u = max(levels)
+                floor = u * bw / (wbytes + u * kvtok * (150 + 128))
+                itl = np.percentile(st["itl"], [50, 99]) * 1e3
+                record(BENCH, f"decode_{u}_users", "output_tok_s", st["tokens"] / st["wall"], "tok/s",
+                       "decode-step HBM roofline", floor, floor, users=u, itl_p50_ms=itl[0], itl_p99_ms=itl[1],
+                       wall_s=st["wall"], output_tokens=st["tokens"], fraction_of_roofline=st["tokens"] / st["wall"] / floor,
+                       preemptions=st["preemptions"], peak_running=st["peak_running"])
+                print(f"  decode, {u} users at once: {st['tokens'] / st['wall']:.1f} tok/s, {st['preemptions']:.0f} "
+                      f"preemptions, peak {st['peak_running']:.0f} running", flush=True)
             t = asyncio.run(chat_turns(a.port, model, np.random.default_rng(7)))
             record(BENCH, "chat_turn2_1024_image", "ttft_ms", t["warm"], "ms", "same turn 2 without cached prefix",
-                   t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"])
+                   t["cold"], None, ratio_vs_baseline=t["warm"] / t["cold"], runs=t["runs"])
+            for k in ("warm", "cold"):
+                for r in t["runs"][k]:
+                    print(f"  turn 2 {k}: TTFT {r['ttft']:.1f} ms, accepted after {r['accepted']:.1f} ms, "
+                          f"{r['cached_tokens']} of "
+                          f"{r['prompt_tokens']} prompt tokens cached", flush=True)
         finally:
             proc.terminate()
             try:

@@ -139,6 +139,35 @@ def test_the_listening_socket_holds_the_port():
         sock.close()
 
 
+def test_accepted_connections_turn_nagle_off():
+    """uvicorn serves the socket through asyncio, which sets TCP_NODELAY on an accepted connection only when
+    the listening socket's proto is IPPROTO_TCP (asyncio.base_events._set_nodelay). With Nagle on, a streamed
+    chunk behind an unacknowledged one waits for the client's delayed ACK (~40 ms before the first token on a
+    kept-alive connection). Both the accepted socket's option and the asyncio path are checked."""
+    import asyncio
+    sock = serve.listen_socket("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    seen = []
+
+    async def main():
+        async def handle(reader, writer):
+            s = writer.get_extra_info("socket")
+            seen.append(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        async with server:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            await reader.read()              # the handler has run and closed the connection
+            writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sock.close()
+    assert seen and seen[0] != 0, "Nagle is on for accepted connections: streamed chunks wait for delayed ACKs"
+
+
 @pytest.mark.parametrize("env", [{}, {"RANK": "0", "WORLD_SIZE": "2"}, {"RANK": "1", "WORLD_SIZE": "2"},
                                  {"RANK": "1", "WORLD_SIZE": "1"}, {"RANK": "3"}])
 def test_torchrun_followers_do_not_take_the_port(env, monkeypatch):
