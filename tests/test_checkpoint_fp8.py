@@ -1,70 +1,32 @@
-"""FP8 checkpoints in the compressed-tensors layout (pixtral-12b-FP8-dynamic): writer -> loader round trip,
-load-time quantisation, the on-device random model, and one named error per malformed variant, raised while
-planning, before a byte of weight data is read."""
+"""FP8 checkpoints in the compressed-tensors layout (pixtral-12b-FP8-dynamic): writer -> loader round trip, the
+file layout, and one named error per malformed variant, raised while planning, before a byte of weight data is
+read. What int4 shares (load-time quantisation, key subsets, the on-device random model, the writer, fused groups):
+test_checkpoint_quantized.py."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pixtral_rt import checkpoint as ckpt
 from pixtral_rt import fp8
 from pixtral_rt.checkpoint import (CheckpointError, hf_to_mistral_key, load_state_dict, mistral_to_hf_key,
                                    plan_checkpoint, read_safetensors_header)
-from pixtral_rt.config import ConfigError, tiny
+from pixtral_rt.config import ConfigError
 from pixtral_rt.quantization_config import QuantizationConfig
-from pixtral_rt.random_weights import (main as random_weights_main, random_state_dict, random_state_dict_on_device,
-                                       write_random_checkpoint)
-
-ARGS = tiny(vocab_size=512)
-SEED = 1
-Q0 = "model.language_model.layers.0.self_attn.q_proj"  # an HF module of the new key layout
-OUT_Q = ARGS.text.n_heads * ARGS.text.head_dim
+from pixtral_rt.random_weights import random_state_dict
+from tests.quantized_helpers import (ARGS, OUT_Q, Q0, SEED, assert_ignores_as_package, assert_planning_refuses,
+                                     assert_same_dict, as_bits, copy, dense_layer1_mlp, edit_config,
+                                     expected_state_dict, rewrite, set_, write_good_checkpoints)
+from tests.quantized_helpers import no_weight_reads  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
-    return {
-        "fp8": write_random_checkpoint(root / "fp8", ARGS, "hf", seed=SEED, quantization="fp8"),
-        "fp8-legacy-sharded": write_random_checkpoint(root / "fp8l", ARGS, "hf", seed=SEED, quantization="fp8",
-                                                      legacy_hf_keys=True, shard_bytes=1 << 20),
-        "bf16-hf": write_random_checkpoint(root / "hf", ARGS, "hf", seed=SEED),
-        "bf16-mistral": write_random_checkpoint(root / "mistral", ARGS, "mistral", seed=SEED),
-    }
-
-
-def copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    """float8 has no torch.equal on CPU: compare its bytes."""
-    return t.view(torch.uint8) if t.dtype == fp8.FP8_DTYPE else t
-
-
-def assert_same_dict(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(as_bits(a[k]), as_bits(b[k])), k
-
-
-def expected_fp8(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What the FP8 checkpoint of SEED must load as: the bf16 random model, decoder linears quantised."""
-    out = {}
-    for k, t in random_state_dict(ARGS, seed=SEED).items():  # bf16, as the writer draws them
-        if fp8.is_quantized_weight(k):
-            out[k], out[fp8.scale_key(k)] = fp8.quantize_weight(t)
-        else:
-            out[k] = t.to(dtype)
-    return out
+    """fp8, fp8-legacy-sharded, bf16-hf, bf16-mistral: the random model of SEED["fp8"]."""
+    return write_good_checkpoints(tmp_path_factory.mktemp("fp8"), "fp8")
 
 
 # ---------------------------------------------------------------------------------------- round trips
@@ -76,7 +38,7 @@ def test_fp8_checkpoint_loads_as_quantised_bf16_model(good, name, staged):
     if "sharded" in name:
         assert len(plan.files) > 1
     sd = load_state_dict(plan, dtype=torch.float32, progress=False, staged=staged)
-    assert_same_dict(sd, expected_fp8(torch.float32))
+    assert_same_dict(sd, expected_state_dict("fp8", torch.float32))
     n_linears = 7 * ARGS.text.n_layers
     assert sum(t.dtype == fp8.FP8_DTYPE for t in sd.values()) == n_linears
     assert sd["layers.0.attention.wq.weight_scale"].shape == (OUT_Q, 1)
@@ -93,7 +55,7 @@ def test_written_fp8_file_layout(good):
     assert header["lm_head.weight"]["dtype"] == "BF16"
     assert header["model.vision_tower.transformer.layers.0.attention.q_proj.weight"]["dtype"] == "BF16"
     raw = load_file(str(good["fp8"] / "model.safetensors"))
-    w8, s = fp8.quantize_weight(random_state_dict(ARGS, seed=SEED)["layers.0.attention.wq.weight"])
+    w8, s = fp8.quantize_weight(random_state_dict(ARGS, seed=SEED["fp8"])["layers.0.attention.wq.weight"])
     assert torch.equal(as_bits(raw[f"{Q0}.weight"]), as_bits(ckpt.permute_for_hf(w8, ARGS.text.n_heads)))
     assert torch.equal(raw[f"{Q0}.weight_scale"], ckpt.permute_for_hf(s, ARGS.text.n_heads))
     legacy = json.loads((good["fp8-legacy-sharded"] / "config.json").read_text())["quantization_config"]
@@ -102,47 +64,11 @@ def test_written_fp8_file_layout(good):
     assert new["ignore"] == ["lm_head", "re:model.multi_modal_projector.*", "re:model.vision_tower.*"]
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["mmap", "staged-reads"])
-@pytest.mark.parametrize("src", ["bf16-hf", "bf16-mistral"])
-def test_load_time_quantisation_equals_fp8_checkpoint(good, src, staged):
-    want = load_state_dict(plan_checkpoint(good["fp8"]), dtype=torch.bfloat16, progress=False)
-    got = load_state_dict(plan_checkpoint(good[src]), dtype=torch.bfloat16, progress=False, staged=staged,
-                          quantization="fp8")
-    assert_same_dict(got, want)
-
-
 def test_quantization_argument(good):
     plan = plan_checkpoint(good["fp8"])
     assert_same_dict(load_state_dict(plan, progress=False, quantization="fp8"), load_state_dict(plan, progress=False))
     with pytest.raises(ValueError, match=r"unknown quantization 'int8'.*fp8"):
         load_state_dict(plan, progress=False, quantization="int8")
-
-
-@pytest.mark.parametrize("src,quantization", [("fp8", None), ("bf16-hf", "fp8")])
-def test_keys_subset_brings_scales_and_transform_sees_them(good, src, quantization):
-    seen = []
-
-    def transform(k, t):
-        seen.append((k, t.dtype))
-        return t
-
-    keys = ["layers.1.attention.wk.weight", "norm.weight"]
-    sd = load_state_dict(plan_checkpoint(good[src]), keys=keys, progress=False, transform=transform,
-                         quantization=quantization)
-    assert set(sd) == {*keys, "layers.1.attention.wk.weight_scale"}
-    assert dict(seen) == {"layers.1.attention.wk.weight": fp8.FP8_DTYPE, "norm.weight": torch.bfloat16,
-                          "layers.1.attention.wk.weight_scale": torch.float32}
-    want = expected_fp8(torch.bfloat16)
-    assert torch.equal(as_bits(sd[keys[0]]), as_bits(want[keys[0]]))
-
-
-@pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_random_state_dict_on_device_equals_written_checkpoint(good, quantization):
-    name = "fp8" if quantization else "bf16-hf"
-    want = load_state_dict(plan_checkpoint(good[name]), dtype=torch.float32, progress=False)
-    got = random_state_dict_on_device(ARGS, seed=SEED, device="cpu", dtype=torch.float32,
-                                      quantization=quantization, progress=False)
-    assert_same_dict(got, want)
 
 
 def test_weight_scale_key_maps():
@@ -154,79 +80,7 @@ def test_weight_scale_key_maps():
         "layers.3.feed_forward.w3.weight_scale"
 
 
-# ---------------------------------------------------------------------------------------- writer refusals
-def test_writer_refuses_fp8_in_mistral_format(tmp_path):
-    with pytest.raises(ValueError, match=r"HF compressed-tensors layout.*fmt='hf'"):
-        write_random_checkpoint(tmp_path / "m", ARGS, "mistral", quantization="fp8")
-    with pytest.raises(ValueError, match=r"unknown quantization 'fp4'"):
-        write_random_checkpoint(tmp_path / "m", ARGS, "hf", quantization="fp4")
-    assert not any((tmp_path / "m").glob("*"))  # refused before writing anything
-    with pytest.raises(SystemExit):
-        random_weights_main([str(tmp_path / "cli"), "--format", "mistral", "--quantization", "fp8"])
-
-
-def test_cli_writes_fp8(tmp_path, capsys):
-    assert random_weights_main([str(tmp_path / "c"), "--format", "hf", "--quantization", "fp8"]) == 0
-    assert "FP8" in capsys.readouterr().out
-    plan = plan_checkpoint(tmp_path / "c")
-    assert plan.quantization is not None and not list((tmp_path / "c").glob("*.tmp"))
-
-
 # ---------------------------------------------------------------------------------------- malformed
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Fail if any tensor reader runs, and check afterwards that no file was read past its header."""
-    import safetensors
-
-    def boom(*a, **k):
-        raise AssertionError("a tensor was read while planning")
-
-    monkeypatch.setattr(safetensors, "safe_open", boom)
-    monkeypatch.setattr(ckpt._StagedReader, "read", boom)
-    reached: dict[str, int] = {}
-
-    class Tracked:
-        def __init__(self, path, mode="r", *a, **k):
-            self.f, self.path = open(path, mode, *a, **k), str(path)
-
-        def read(self, *a):
-            data = self.f.read(*a)
-            reached[self.path] = max(reached.get(self.path, 0), self.f.tell())
-            return data
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(ckpt, "open", Tracked, raising=False)
-    yield
-    monkeypatch.undo()
-    for path, pos in reached.items():
-        if path.endswith(".safetensors"):
-            with open(path, "rb") as f:
-                data_start = 8 + int.from_bytes(f.read(8), "little")
-            assert pos <= data_start, f"{path}: read up to byte {pos}, weights start at {data_start}"
-
-
-def rewrite(path: Path, edit) -> None:
-    sd = load_file(str(path))
-    edit(sd)
-    save_file(sd, str(path))
-
-
-def edit_config(folder: Path, edit) -> None:
-    p = folder / "config.json"
-    cfg = json.loads(p.read_text())
-    edit(cfg["quantization_config"] if "quantization_config" in cfg else cfg)
-    p.write_text(json.dumps(cfg))
-
-
-def set_(key, value):
-    return lambda sd: sd.__setitem__(key, value)
-
-
 F8 = torch.zeros(OUT_Q, ARGS.text.dim).to(fp8.FP8_DTYPE)
 TENSOR_EDITS = {
     "missing-scale": (lambda sd: sd.pop(f"{Q0}.weight_scale"),
@@ -258,10 +112,7 @@ TENSOR_EDITS = {
 @pytest.mark.parametrize("case", list(TENSOR_EDITS))
 def test_malformed_fp8_tensors(tmp_path, good, case, no_weight_reads):
     edit, pattern = TENSOR_EDITS[case]
-    d = copy(good["fp8"], tmp_path)
-    rewrite(d / "model.safetensors", edit)
-    with pytest.raises(CheckpointError, match=pattern):
-        plan_checkpoint(d)
+    assert_planning_refuses(good["fp8"], tmp_path, pattern, tensors=edit)
 
 
 def test_fp8_tensor_in_unquantised_checkpoints(tmp_path, good, no_weight_reads):
@@ -290,19 +141,10 @@ def test_mistral_params_with_quantization_block(tmp_path, good, no_weight_reads)
         plan_checkpoint(d)
 
 
-def _bf16_layer1_mlp(names):
-    """Make layer 1's given mlp projections bf16 (dropping their scales), as an ignore list would leave them."""
-    def edit(sd):
-        for n in names:
-            k = f"model.language_model.layers.1.mlp.{n}"
-            sd[f"{k}.weight"] = fp8.dequantize_weight(sd[f"{k}.weight"], sd.pop(f"{k}.weight_scale")).bfloat16()
-    return edit
-
-
 def test_ignored_linears_load_unquantised(tmp_path, good):
     d = copy(good["fp8"], tmp_path)
     edit_config(d, lambda q: q["ignore"].append(r"re:.*layers\.1\.mlp\."))
-    rewrite(d / "model.safetensors", _bf16_layer1_mlp(["gate_proj", "up_proj", "down_proj"]))
+    rewrite(d / "model.safetensors", dense_layer1_mlp(["gate_proj", "up_proj", "down_proj"], "fp8"))
     plan = plan_checkpoint(d)
     assert "11 of 14 decoder linears FP8" in plan.describe()
     sd = load_state_dict(plan, dtype=torch.float32, progress=False)
@@ -312,14 +154,6 @@ def test_ignored_linears_load_unquantised(tmp_path, good):
     # the ignore list names a linear that is F8 in the file
     edit_config(d, lambda q: q["ignore"].append("re:.*layers\\.0\\.self_attn\\.q_proj"))
     with pytest.raises(CheckpointError, match=rf"'{Q0}\.weight' has dtype F8_E4M3 but .*ignores this linear"):
-        plan_checkpoint(d)
-
-
-def test_fused_group_must_not_mix_fp8_and_bf16(tmp_path, good, no_weight_reads):
-    d = copy(good["fp8"], tmp_path)
-    edit_config(d, lambda q: q["ignore"].append("re:.*layers\\.1\\.mlp\\.gate_proj"))
-    rewrite(d / "model.safetensors", _bf16_layer1_mlp(["gate_proj"]))
-    with pytest.raises(CheckpointError, match=r"layer 1 mixes FP8 and unquantised linears that are fused"):
         plan_checkpoint(d)
 
 
@@ -372,12 +206,9 @@ CONFIG_EDITS = {
 @pytest.mark.parametrize("case", list(CONFIG_EDITS))
 def test_unsupported_quantization_config(tmp_path, good, case, no_weight_reads):
     edit, pattern = CONFIG_EDITS[case]
-    d = copy(good["fp8"], tmp_path)
-    edit_config(d, edit)
     prefix = r"config\.json: quantization_config\.(config_groups\.group_0\.)?"  # file, then the field
-    with pytest.raises(CheckpointError, match=prefix + pattern) as e:
-        plan_checkpoint(d)
-    assert "supported are two compressed-tensors schemes" in str(e.value)
+    e = assert_planning_refuses(good["fp8"], tmp_path, prefix + pattern, config=edit)
+    assert "supported are two compressed-tensors schemes" in str(e)
 
 
 # ---------------------------------------------------------------------------------------- the config itself
@@ -412,8 +243,6 @@ def test_ignore_matching_rules():
 def test_matches_compressed_tensors_package(good):
     ct = pytest.importorskip("compressed_tensors", reason="package compressed-tensors is not installed "
                                                           "(pip install compressed-tensors, in the test extra)")
-    from compressed_tensors.utils.match import match_name
-
     for name in ("fp8", "fp8-legacy-sharded"):
         raw = json.loads((good[name] / "config.json").read_text())["quantization_config"]
         cfg = ct.QuantizationConfig.model_validate(raw)
@@ -424,10 +253,5 @@ def test_matches_compressed_tensors_package(good):
         assert scheme.targets == ["Linear"] and scheme.output_activations is None
         assert (w.type, w.num_bits, w.strategy, w.symmetric, w.dynamic) == ("float", 8, "channel", True, False)
         assert (x.type, x.num_bits, x.strategy, x.symmetric, x.dynamic) == ("float", 8, "token", True, True)
-        # our ignore matching == the package's, over every module of the checkpoint
-        ours = QuantizationConfig.from_hf(raw, "config.json")
-        modules = {k.rsplit(".", 1)[0] for f in good[name].glob("model*.safetensors")
-                   for k in read_safetensors_header(f) if "." in k}
-        for m in modules:
-            assert ours.ignores(m) == any(match_name(m, t) for t in cfg.ignore), m
+        ours = assert_ignores_as_package(good[name], raw, cfg)  # our ignore matching == the package's
         assert ours.ignores("lm_head" if name == "fp8" else "language_model.lm_head")

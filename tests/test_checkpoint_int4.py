@@ -1,68 +1,35 @@
-"""Int4 (W4A16) checkpoints in the compressed-tensors "pack-quantized" layout: writer -> loader round trip,
-load-time quantisation, the on-device random model, the compressed-tensors package's own config model, and
-one named error per malformed variant, raised while planning, before a byte of weight data is read (the only
-tensor data planning reads is the 16 bytes of each weight_shape, checked against the config)."""
+"""Int4 (W4A16) checkpoints in the compressed-tensors "pack-quantized" layout: writer -> loader round trip, the
+file layout, the reference model, the compressed-tensors package's own config model and decompressor, and one
+named error per malformed variant, raised while planning, before a byte of weight data is read (the only tensor
+data planning reads is the 16 bytes of each weight_shape, checked against the config). What FP8 shares (load-time
+quantisation, key subsets, the on-device random model, the writer, fused groups): test_checkpoint_quantized.py."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from pixtral_rt import checkpoint as ckpt
 from pixtral_rt import int4
 from pixtral_rt.checkpoint import CheckpointError, load_state_dict, plan_checkpoint, read_safetensors_header
-from pixtral_rt.config import ConfigError, tiny
+from pixtral_rt.config import ConfigError
 from pixtral_rt.quantization_config import QuantizationConfig
-from pixtral_rt.random_weights import (main as random_weights_main, random_state_dict, random_state_dict_on_device,
-                                       write_random_checkpoint)
+from pixtral_rt.random_weights import random_state_dict, random_state_dict_on_device
+from tests.quantized_helpers import (ARGS, OUT_Q, Q0, SEED, assert_ignores_as_package, assert_planning_refuses,
+                                     assert_same_dict, copy, dense_layer1_mlp, edit_config, expected_state_dict,
+                                     rewrite, set_, write_good_checkpoints)
+from tests.quantized_helpers import no_weight_reads  # noqa: F401 (a fixture)
 
-ARGS = tiny(vocab_size=512)
-SEED = 2
-Q0 = "model.language_model.layers.0.self_attn.q_proj"  # an HF module of the new key layout
-OUT_Q = ARGS.text.n_heads * ARGS.text.head_dim          # 512
 DIM = ARGS.text.dim                                     # 256: 32 words, 2 groups of 128
 N_LIN = 7 * ARGS.text.n_layers
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int4")
-    return {
-        "int4": write_random_checkpoint(root / "int4", ARGS, "hf", seed=SEED, quantization="int4"),
-        "int4-legacy-sharded": write_random_checkpoint(root / "int4l", ARGS, "hf", seed=SEED, quantization="int4",
-                                                       legacy_hf_keys=True, shard_bytes=1 << 20),
-        "bf16-hf": write_random_checkpoint(root / "hf", ARGS, "hf", seed=SEED),
-        "bf16-mistral": write_random_checkpoint(root / "mistral", ARGS, "mistral", seed=SEED),
-        "fp8": write_random_checkpoint(root / "fp8", ARGS, "hf", seed=SEED, quantization="fp8"),
-    }
-
-
-def copy(src: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
-
-
-def assert_same_dict(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k], b[k]), k
-
-
-def expected_int4(dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """What the int4 checkpoint of SEED must load as: the bf16 random model, decoder linears quantised by RTN."""
-    out = {}
-    for k, t in random_state_dict(ARGS, seed=SEED).items():  # bf16, as the writer draws them
-        if int4.is_quantized_weight(k):
-            out[int4.packed_key(k)], out[int4.scale_key(k)] = int4.quantize_and_pack(t)
-        else:
-            out[k] = t.to(dtype)
-    return out
+    """int4, int4-legacy-sharded, bf16-hf, bf16-mistral, fp8: the random model of SEED["int4"]."""
+    return write_good_checkpoints(tmp_path_factory.mktemp("int4"), "int4", also=("fp8",))
 
 
 # ---------------------------------------------------------------------------------------- round trips
@@ -74,7 +41,7 @@ def test_int4_checkpoint_loads_as_quantised_bf16_model(good, name, staged):
     if "sharded" in name:
         assert len(plan.files) > 1
     sd = load_state_dict(plan, dtype=torch.float32, progress=False, staged=staged)
-    assert_same_dict(sd, expected_int4(torch.float32))
+    assert_same_dict(sd, expected_state_dict("int4", torch.float32))
     assert sum(k.endswith(".weight_packed") for k in sd) == N_LIN
     assert "layers.0.attention.wq.weight" not in sd and "layers.0.attention.wq.weight_shape" not in sd
     assert sd["layers.0.attention.wq.weight_packed"].shape == (OUT_Q, DIM // 8)
@@ -95,7 +62,7 @@ def test_written_int4_file_layout(good):
     assert header[f"{Q0}.weight_scale"]["shape"] == [OUT_Q, DIM // 128]
     assert header["lm_head.weight"]["dtype"] == "BF16"
     raw = load_file(str(good["int4"] / "model.safetensors"))
-    packed, s = int4.quantize_and_pack(random_state_dict(ARGS, seed=SEED)["layers.0.attention.wq.weight"])
+    packed, s = int4.quantize_and_pack(random_state_dict(ARGS, seed=SEED["int4"])["layers.0.attention.wq.weight"])
     assert torch.equal(raw[f"{Q0}.weight_packed"], ckpt.permute_for_hf(packed, ARGS.text.n_heads))
     assert torch.equal(raw[f"{Q0}.weight_scale"].float(), ckpt.permute_for_hf(s, ARGS.text.n_heads))
     assert raw[f"{Q0}.weight_shape"].tolist() == [OUT_Q, DIM]
@@ -108,15 +75,6 @@ def test_written_int4_file_layout(good):
 
 def int4_params():
     return ("weight_packed", "weight_scale", "weight_shape")
-
-
-@pytest.mark.parametrize("staged", [False, True], ids=["mmap", "staged-reads"])
-@pytest.mark.parametrize("src", ["bf16-hf", "bf16-mistral"])
-def test_load_time_quantisation_equals_int4_checkpoint(good, src, staged):
-    want = load_state_dict(plan_checkpoint(good["int4"]), dtype=torch.bfloat16, progress=False)
-    got = load_state_dict(plan_checkpoint(good[src]), dtype=torch.bfloat16, progress=False, staged=staged,
-                          quantization="int4")
-    assert_same_dict(got, want)
 
 
 def test_quantization_argument(good):
@@ -132,32 +90,10 @@ def test_quantization_argument(good):
         load_state_dict(plan_checkpoint(good["bf16-hf"]), progress=False, shard=(0, 2), quantization="int4")
 
 
-@pytest.mark.parametrize("src,quantization", [("int4", None), ("bf16-hf", "int4")])
-def test_keys_subset_brings_scales_and_transform_sees_them(good, src, quantization):
-    seen = []
-
-    def transform(k, t):
-        seen.append((k, t.dtype))
-        return t
-
-    keys = ["layers.1.attention.wk.weight", "norm.weight"]
-    sd = load_state_dict(plan_checkpoint(good[src]), keys=keys, progress=False, transform=transform,
-                         quantization=quantization)
-    wk = "layers.1.attention.wk.weight"
-    assert set(sd) == {int4.packed_key(wk), int4.scale_key(wk), "norm.weight"}
-    assert dict(seen) == {int4.packed_key(wk): torch.int32, "norm.weight": torch.bfloat16,
-                          int4.scale_key(wk): torch.float32}
-    want = expected_int4(torch.bfloat16)
-    assert torch.equal(sd[int4.packed_key(wk)], want[int4.packed_key(wk)])
-
-
-def test_random_state_dict_on_device_equals_written_checkpoint(good):
-    want = load_state_dict(plan_checkpoint(good["int4"]), dtype=torch.float32, progress=False)
-    got = random_state_dict_on_device(ARGS, seed=SEED, device="cpu", dtype=torch.float32, quantization="int4",
-                                      progress=False)
-    assert_same_dict(got, want)
+def test_random_state_dict_on_device_refuses_int4_shards():
     with pytest.raises(ValueError, match="int4 weights is not supported"):
-        random_state_dict_on_device(ARGS, seed=SEED, device="cpu", quantization="int4", shard=(0, 2), progress=False)
+        random_state_dict_on_device(ARGS, seed=SEED["int4"], device="cpu", quantization="int4", shard=(0, 2),
+                                    progress=False)
 
 
 def test_reference_model_runs_the_dequantised_weights(good):
@@ -182,86 +118,7 @@ def test_reference_model_runs_the_dequantised_weights(good):
     assert a.abs().max() > 0
 
 
-# ---------------------------------------------------------------------------------------- writer
-def test_writer_refuses_int4_in_mistral_format(tmp_path):
-    with pytest.raises(ValueError, match=r"pack-quantized layout.*fmt='hf'"):
-        write_random_checkpoint(tmp_path / "m", ARGS, "mistral", quantization="int4")
-    assert not any((tmp_path / "m").glob("*"))  # refused before writing anything
-    with pytest.raises(SystemExit):
-        random_weights_main([str(tmp_path / "cli"), "--format", "mistral", "--quantization", "int4"])
-
-
-def test_cli_writes_int4(tmp_path, capsys):
-    assert random_weights_main([str(tmp_path / "c"), "--format", "hf", "--quantization", "int4"]) == 0
-    assert "INT4" in capsys.readouterr().out
-    plan = plan_checkpoint(tmp_path / "c")
-    assert plan.quantization.scheme == "int4" and not list((tmp_path / "c").glob("*.tmp"))
-
-
 # ---------------------------------------------------------------------------------------- malformed
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Fail if any tensor reader runs; afterwards check that every byte read from a .safetensors file lay in
-    its header or in a weight_shape tensor (the 16 bytes planning checks)."""
-    import safetensors
-
-    def boom(*a, **k):
-        raise AssertionError("a tensor was read while planning")
-
-    monkeypatch.setattr(safetensors, "safe_open", boom)
-    monkeypatch.setattr(ckpt._StagedReader, "read", boom)
-    reads: list[tuple[str, int, int]] = []
-
-    class Tracked:
-        def __init__(self, path, mode="r", *a, **k):
-            self.f, self.path = open(path, mode, *a, **k), str(path)
-
-        def read(self, *a):
-            start = self.f.tell()
-            data = self.f.read(*a)
-            reads.append((self.path, start, start + len(data)))
-            return data
-
-        def seek(self, *a):
-            return self.f.seek(*a)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(ckpt, "open", Tracked, raising=False)
-    yield
-    monkeypatch.undo()
-    for path, a, b in reads:
-        if not path.endswith(".safetensors"):
-            continue
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        allowed = [(0, 8 + n)] + [(8 + n + m["data_offsets"][0], 8 + n + m["data_offsets"][1])
-                                  for k, m in header.items() if k.endswith(".weight_shape")]
-        assert any(lo <= a and b <= hi for lo, hi in allowed), f"{path}: read bytes {a}..{b}, not header or shape"
-
-
-def rewrite(path: Path, edit) -> None:
-    sd = load_file(str(path))
-    edit(sd)
-    save_file(sd, str(path))
-
-
-def edit_config(folder: Path, edit) -> None:
-    p = folder / "config.json"
-    cfg = json.loads(p.read_text())
-    edit(cfg["quantization_config"])
-    p.write_text(json.dumps(cfg))
-
-
-def set_(key, value):
-    return lambda sd: sd.__setitem__(key, value)
-
-
 def dense_q0(dtype):
     def edit(sd):
         for k in int4_params():
@@ -310,10 +167,7 @@ TENSOR_EDITS = {
 @pytest.mark.parametrize("case", list(TENSOR_EDITS))
 def test_malformed_int4_tensors(tmp_path, good, case, no_weight_reads):
     edit, pattern = TENSOR_EDITS[case]
-    d = copy(good["int4"], tmp_path)
-    rewrite(d / "model.safetensors", edit)
-    with pytest.raises(CheckpointError, match=pattern):
-        plan_checkpoint(d)
+    assert_planning_refuses(good["int4"], tmp_path, pattern, tensors=edit)
 
 
 def test_packed_tensors_without_pack_quantized_config(tmp_path, good, no_weight_reads):
@@ -337,20 +191,10 @@ def test_group_size_mismatch_between_config_and_tensors(tmp_path, good, no_weigh
         plan_checkpoint(d)
 
 
-def _bf16_layer1_mlp(names):
-    """Make layer 1's given mlp projections bf16 (dropping their int4 tensors), as an ignore list would."""
-    def edit(sd):
-        for n in names:
-            k = f"model.language_model.layers.1.mlp.{n}"
-            sd[f"{k}.weight"] = int4.dequantize(sd.pop(f"{k}.weight_packed"), sd.pop(f"{k}.weight_scale")).bfloat16()
-            sd.pop(f"{k}.weight_shape")
-    return edit
-
-
 def test_ignored_linears_load_unquantised(tmp_path, good):
     d = copy(good["int4"], tmp_path)
     edit_config(d, lambda q: q["ignore"].append(r"re:.*layers\.1\.mlp\."))
-    rewrite(d / "model.safetensors", _bf16_layer1_mlp(["gate_proj", "up_proj", "down_proj"]))
+    rewrite(d / "model.safetensors", dense_layer1_mlp(["gate_proj", "up_proj", "down_proj"], "int4"))
     plan = plan_checkpoint(d)
     assert f"{N_LIN - 3} of {N_LIN} decoder linears int4" in plan.describe()
     sd = load_state_dict(plan, dtype=torch.float32, progress=False)
@@ -361,14 +205,6 @@ def test_ignored_linears_load_unquantised(tmp_path, good):
     edit_config(d, lambda q: q["ignore"].append("re:.*layers\\.0\\.self_attn\\.q_proj"))
     with pytest.raises(CheckpointError, match=rf"'{Q0}\.weight_\w+' is an int4 parameter but config\.json's "
                                               r"quantization_config ignores this linear"):
-        plan_checkpoint(d)
-
-
-def test_fused_group_must_not_mix_int4_and_bf16(tmp_path, good, no_weight_reads):
-    d = copy(good["int4"], tmp_path)
-    edit_config(d, lambda q: q["ignore"].append("re:.*layers\\.1\\.mlp\\.gate_proj"))
-    rewrite(d / "model.safetensors", _bf16_layer1_mlp(["gate_proj"]))
-    with pytest.raises(CheckpointError, match=r"layer 1 mixes INT4 and unquantised linears that are fused"):
         plan_checkpoint(d)
 
 
@@ -421,12 +257,9 @@ CONFIG_EDITS = {
 @pytest.mark.parametrize("case", list(CONFIG_EDITS))
 def test_unsupported_int4_quantization_config(tmp_path, good, case, no_weight_reads):
     edit, pattern = CONFIG_EDITS[case]
-    d = copy(good["int4"], tmp_path)
-    edit_config(d, edit)
     prefix = r"config\.json: quantization_config\.(config_groups\.(group_0|W8A16)\.)?"  # file, then the field
-    with pytest.raises(CheckpointError, match=prefix + pattern) as e:
-        plan_checkpoint(d)
-    assert "W4A16 (format 'pack-quantized'" in str(e.value)
+    e = assert_planning_refuses(good["int4"], tmp_path, prefix + pattern, config=edit)
+    assert "W4A16 (format 'pack-quantized'" in str(e)
 
 
 def test_int4_config_variants_accepted(tmp_path, good):
@@ -456,8 +289,6 @@ def test_int4_config_variants_accepted(tmp_path, good):
 def test_matches_compressed_tensors_package(good):
     ct = pytest.importorskip("compressed_tensors", reason="package compressed-tensors is not installed "
                                                           "(pip install compressed-tensors, in the test extra)")
-    from compressed_tensors.utils.match import match_name
-
     for name in ("int4", "int4-legacy-sharded"):
         raw = json.loads((good[name] / "config.json").read_text())["quantization_config"]
         cfg = ct.QuantizationConfig.model_validate(raw)        # extra="forbid": no field of ours it lacks
@@ -472,11 +303,7 @@ def test_matches_compressed_tensors_package(good):
         # the package's compressor for this scheme names exactly the tensors the writer wrote
         from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
         assert set(PackedQuantizationCompressor.compression_param_names(scheme)) == set(int4_params())
-        ours = QuantizationConfig.from_hf(raw, "config.json")
-        modules = {k.rsplit(".", 1)[0] for f in good[name].glob("model*.safetensors")
-                   for k in read_safetensors_header(f) if "." in k}
-        for m in modules:
-            assert ours.ignores(m) == any(match_name(m, t) for t in cfg.ignore), m
+        assert_ignores_as_package(good[name], raw, cfg)  # our ignore matching == the package's
 
 
 def test_compressed_tensors_decompresses_our_file_to_our_weights(good):

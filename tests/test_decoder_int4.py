@@ -7,39 +7,21 @@ Triton interpreter (int4 GEMV for batch 1 plain and in the PDL decode chain, the
 prefill GEMM on both backends). GPU: full-size Pixtral-12B decoder with random weights, bf16, decode through
 CUDA graphs; tolerance: the fast path's error vs the fp32 int4 reference <= 2x the bf16 int4 reference's own
 error (+ eps), the bf16 decoder test's rule; the int4-vs-bf16 gap is printed as a quality figure (not a
-correctness test)."""
+correctness test). The comparisons are shared with FP8 (tests/quantized_helpers.py); the cases, shapes and
+refusals are int4's."""
 import pytest
 import torch
 
 from pixtral_rt import int4
-from pixtral_rt.config import PIXTRAL_12B, tiny
+from pixtral_rt.config import tiny
 from pixtral_rt.decoder import FastDecoder
 from pixtral_rt.int4 import Int4Weight
-from pixtral_rt.reference.int4_linear import Int4Linear, install_int4_linears
+from pixtral_rt.reference.int4_linear import Int4Linear
 from pixtral_rt.reference.transformer import Transformer
 from tests.conftest import requires_gpu
-from tests.test_decoder_fast import randomize, rel, run_fast
-from tests.test_decoder_fp8 import ref_incremental
-
-
-def int4_state_dict(model) -> dict:
-    """The reference model's weights with every decoder linear quantised by RTN (the loader's contract)."""
-    sd = {}
-    for k, v in model.state_dict().items():
-        if int4.is_quantized_weight(k):
-            sd[int4.packed_key(k)], sd[int4.scale_key(k)] = int4.quantize_and_pack(v)
-        else:
-            sd[k] = v
-    return sd
-
-
-def int4_reference(args, sd, device, dtype):
-    with torch.device("meta"):
-        m = Transformer(args)
-    assert install_int4_linears(m, sd) == 7 * args.n_layers
-    m.load_state_dict({k: (v if v.dtype == torch.int32 or k.endswith("_scale") else v.to(dtype)).to(device)
-                       for k, v in sd.items()}, assign=True, strict=True)
-    return m.eval()
+from tests.quantized_helpers import (assert_fast_matches_reference, check_pixtral12b_vs_reference,
+                                     quantize_state_dict, tiny_decoder_case, with_dense_linear)
+from tests.test_decoder_fast import randomize
 
 
 def test_int4_linear_is_the_formula():
@@ -61,44 +43,28 @@ def test_decoder_int4_tiny_cpu_interpreter(device, gemv_backend, fusion, n_seqs,
     """B = 2 decode runs the skinny int4 GEMM, B = 1 the int4 GEMV (plain and in the decode chain); prompt
     chunks of 5..72 rows run the skinny and the prefill tiles ("triton") or dequantise + matmul ("dequant").
     fp32: q * s is exact, so fast and reference differ only by summation order."""
-    args = tiny(vocab_size=1000).text
-    torch.manual_seed(0)
-    model = Transformer(args).to(device)
-    randomize(model, 0)
-    sd = int4_state_dict(model)
     n_decode = 3
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (9 + n_decode, 75 + n_decode)][-n_seqs:]
+    args, model, sd, seqs = tiny_decoder_case(device, "int4", (9, 75), n_seqs, n_decode)
     splits = [[5]] * len(seqs) if len(seqs) == 2 else [[3]]      # the 78-token sequence: a 72-row chunk
     dec = FastDecoder(args, dict(sd), max_batch=2, max_seq=100, gemv_backend=gemv_backend, decode_fusion=fusion)
     dec.int4_prefill_backend = prefill
     assert dec.int4 and not dec.fp8 and isinstance(dec.layers[0].w13, Int4Weight)
     assert dec.layers[0].wqkv.shape == ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim, args.dim)
     assert dec.output.dtype == torch.float32
-    fast = run_fast(dec, seqs, splits=splits, n_decode=n_decode)
-    ref = ref_incremental(int4_reference(args, sd, device, torch.float32), seqs, splits, n_decode)
-    bf = ref_incremental(model.eval(), seqs, splits, n_decode)     # the unquantised model
-    for f, r, b in zip(fast, ref, bf):
-        assert not torch.isnan(f).any()
-        assert rel(f, r) < 1e-4, rel(f, r)
-        assert torch.equal(f.argmax(-1), r.argmax(-1))
-        assert rel(f, b) > 10 * rel(f, r)          # int4 really ran: further from the bf16 model than from its ref
+    assert_fast_matches_reference(dec, model, sd, "int4", device, seqs, splits, n_decode)
 
 
 def test_decoder_int4_weight_bytes_and_refusals(device):
     args = tiny(vocab_size=100).text
     model = Transformer(args)
     randomize(model, 1)
-    sd = int4_state_dict(model)
+    sd = quantize_state_dict(model.state_dict(), "int4")
     dec = FastDecoder(args, dict(sd), max_seq=16)
     dense = FastDecoder(args, dict(model.state_dict()), max_seq=16)
     n = sum(v.numel() for k, v in model.state_dict().items() if int4.is_quantized_weight(k))
     # fp32 on the CPU: 4 bytes a weight dense; int4 half a byte + one fp32 scale per 128
     assert dense.weight_bytes_per_token - dec.weight_bytes_per_token == n * 4 - n // 2 - n // 128 * 4
-    mixed = dict(sd)
-    wk = "layers.0.attention.wk.weight"
-    mixed[wk] = model.state_dict()[wk]
-    del mixed[int4.packed_key(wk)], mixed[int4.scale_key(wk)]
+    mixed = with_dense_linear(sd, model.state_dict(), "layers.0.attention.wk.weight", "int4")
     with pytest.raises(ValueError, match="mixes int4"):
         FastDecoder(args, mixed, max_seq=16)
     bad = dict(sd)
@@ -113,28 +79,4 @@ def test_decoder_int4_weight_bytes_and_refusals(device):
 def test_decoder_int4_pixtral12b_vs_int4_reference(batch):
     """Full-size 12B decoder, int4: prefill + 24 decode steps replayed from a CUDA graph (B = 1: the GEMV decode
     chain with PDL; B = 2: the skinny GEMM) vs the int4 reference in fp32."""
-    args = PIXTRAL_12B.text
-    with torch.device("cuda"):
-        model = Transformer(args).to(torch.bfloat16)
-    randomize(model, 0)
-    sd = int4_state_dict(model)
-    bf_sd = {k: v for k, v in model.state_dict().items()}
-    n_decode = 24
-    g = torch.Generator().manual_seed(2)
-    seqs = [torch.randint(1000, args.vocab_size, (n + n_decode,), generator=g).tolist() for n in (97, 300)][:batch]
-    splits = [[40]] * batch
-    dec = FastDecoder(args, dict(sd), max_batch=batch, max_seq=512)
-    fast = run_fast(dec, seqs, splits, n_decode, graph=True)
-    del dec
-    ref16 = ref_incremental(int4_reference(args, sd, "cuda", torch.bfloat16), seqs, splits, n_decode)
-    ref32 = ref_incremental(int4_reference(args, sd, "cuda", torch.float32), seqs, splits, n_decode)
-    del model
-    torch.cuda.empty_cache()
-    dec_bf = FastDecoder(args, bf_sd, max_batch=batch, max_seq=512)
-    bf = run_fast(dec_bf, seqs, splits, n_decode)
-    for b, (f, r16, r32, x) in enumerate(zip(fast, ref16, ref32, bf)):
-        err, err_ref = rel(f, r32), rel(r16, r32)
-        print(f"seq {b}: int4 fast vs int4 ref32 {err:.3e} (ref bf16 {err_ref:.3e}); int4 vs bf16 decoder "
-              f"{rel(f, x):.3e}, argmax agreement {(f.argmax(-1) == x.argmax(-1)).float().mean():.2f}")
-        assert not torch.isnan(f).any()
-        assert err <= 2 * err_ref + 1e-3, (b, err, err_ref)
+    check_pixtral12b_vs_reference("int4", batch)
