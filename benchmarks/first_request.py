@@ -13,6 +13,8 @@ and tokenised inside the timed call. Each case runs in its own fresh process (th
 warm-up prepared, and the compile / autotune / capture counters across the cold request.
 
     python -m benchmarks.bench_e2e --first-request [--random-weights Pixtral-12B-2409 | --model DIR]
+    python -m benchmarks.first_request --processes 5 --cases a_1img_1024,b_4imgs_mixed   # the spread across
+                                                                  # fresh processes (max / min warm TTFT)
 """
 from __future__ import annotations
 
@@ -96,8 +98,11 @@ def child(a) -> None:
     eng.shutdown()
 
 
-def run(model: str | None, random_weights: str | None, cases: list[str], reps: int, max_context: int) -> list[dict]:
-    """Each case in a fresh process; record cold and warm user-visible TTFT (cold's baseline: warm)."""
+def run(model: str | None, random_weights: str | None, cases: list[str], reps: int, max_context: int,
+        processes: int = 1) -> list[dict]:
+    """Each case in `processes` fresh processes; record cold and warm user-visible TTFT (cold's baseline: warm)
+    of each, and with several processes the spread of the warm TTFT across them (issue 21: some processes ran
+    the same request 1.6x slower than others)."""
     from benchmarks.common import record
     rate = None
     if _has_cuda():            # the bf16 matmul rate of this GPU, measured before the children start
@@ -105,7 +110,7 @@ def run(model: str | None, random_weights: str | None, cases: list[str], reps: i
         rate = matmul_TFLOPs() * 1e12
         print(f"bf16 matmul {rate / 1e12:.0f} TFLOP/s (floor = the request's matmul + attention FLOPs at it)")
     results = []
-    for case in cases:
+    for case in [c for c in cases for _ in range(processes)]:
         cmd = [sys.executable, "-m", "benchmarks.first_request", "--child", case, "--reps", str(reps),
                "--max-context", str(max_context)]
         cmd += ["--model", model] if model else []
@@ -130,6 +135,15 @@ def run(model: str | None, random_weights: str | None, cases: list[str], reps: i
         record("first_request", case, "user_ttft_warm_ms", res["warm_ms"], "ms", None, None, floor,
                target_ms=TARGET_MS.get(case), warm_all_ms=[round(x, 2) for x in res["warm_all_ms"]],
                encode_ms=round(res["warm_encode_ms"], 2), patches=res["patches"])
+    for case in cases if processes > 1 else []:
+        mine = [r for r in results if r["case"] == case]
+        warm = [r["warm_ms"] for r in mine]
+        if len(warm) > 1:
+            floor = mine[0]["ttft_flops"] / rate * 1e3 if rate else None
+            record("first_request", f"{case}@{len(warm)}_processes", "warm_ttft_max_over_min", max(warm) / min(warm),
+                   "ratio", "1.0 (the same request in every fresh process)", 1.0, None, target_ratio=1.05,
+                   warm_ms_per_process=[round(x, 2) for x in warm], min_ms=round(min(warm), 2),
+                   max_ms=round(max(warm), 2), ttft_floor_ms=floor)
     if results:
         print(f"\n{'case':<16}{'load+warmup s':>14}{'cold ms':>10}{'warm ms':>10}{'cold/warm':>10}"
               f"{'encode ms':>10}  cold request compiled/tuned/captured")
@@ -150,13 +164,15 @@ def main() -> None:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--reps", type=int, default=3, help="warm requests after the cold one")
     ap.add_argument("--max-context", type=int, default=16384)
+    ap.add_argument("--processes", type=int, default=1, help="fresh processes per case (> 1: also the spread of "
+                    "the warm TTFT across them, max / min; target <= 1.05)")
     a = ap.parse_args()
     if not a.model and not a.random_weights:
         a.random_weights = "Pixtral-12B-2409"
     if a.child:
         child(a)
     else:
-        run(a.model, a.random_weights, a.cases.split(","), a.reps, a.max_context)
+        run(a.model, a.random_weights, a.cases.split(","), a.reps, a.max_context, a.processes)
 
 
 if __name__ == "__main__":

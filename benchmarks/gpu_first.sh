@@ -4,6 +4,8 @@
 #   first    bench_e2e --first-request: cold vs warm user-visible TTFT, each case in a fresh process
 #   buckets  bench_vision_buckets: encoder time against the patch count (eager, pow2 graph, fine graph)
 #   jpeg     bench_jpeg_decode: nvJPEG vs Pillow, time and pixel differences
+#   spread   first_request --processes $SPREAD_PROCESSES (5): the same requests in fresh processes, the spread of
+#            their warm TTFT (max / min, target <= 1.05; issue 21)
 # Logs and JSON lines land in $OUT; a short table is printed last.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PIXTRAL_RT_COMMIT=${PIXTRAL_RT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -26,4 +28,6 @@ fi
 [[ $STAGES == *buckets* ]] && timeout 300 python -m benchmarks.bench_vision_buckets 2>&1 | tee "$OUT/buckets.log" \
   | grep -v Warn | tail -16
 [[ $STAGES == *jpeg* ]] && timeout 120 python -m benchmarks.bench_jpeg_decode 2>&1 | tee "$OUT/jpeg.log" | grep "^\[" | tail -8
+[[ $STAGES == *spread* ]] && timeout ${SPREAD_TIMEOUT:-400} python -m benchmarks.first_request \
+  --processes ${SPREAD_PROCESSES:-5} --cases ${SPREAD_CASES:-a_1img_1024} 2>&1 | tee "$OUT/spread.log" | grep -v Warn | tail -14
 echo done
