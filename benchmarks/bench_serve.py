@@ -10,7 +10,7 @@ chunk), GPU memory used. Floors: the decode-step HBM roofline at the level's con
 step + every sequence's KV) -> tok/s; the batch-1 engine's own rate as the baseline. Steady state too: the
 same figures without each user's first request (all users' first prompts arrive at once: a burst of 64 prompts
 is ~75k prefill tokens, seconds of compute that no schedule hides). `--chunk-tokens N`: the server's prefill
-budget per step while others decode.
+budget per step while others decode; `--prefill-schedule fifo|fair`: how it is shared among prompts.
 Also: batch-1 decode through the server vs the batch-1 engine (1k-token text prompt, 256 tokens), and
 turn-2 TTFT of a chat with one 1024x1024 image with the prefix cache (turn 1 first) vs without (same
 conversation with a fresh image: nothing cached).
@@ -233,12 +233,14 @@ async def chat_turns(port, model, rng):
     return out
 
 
-def start_server(model, port, max_batch, log, engine="process", kv_tokens=None, chunk_tokens=None):
+def start_server(model, port, max_batch, log, engine="process", kv_tokens=None, chunk_tokens=None,
+                 prefill_schedule=None):
     cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--max-batch", str(max_batch),
            "--engine", engine,
            "--max-context", "32768", "--log-level", "warning"] + (["--model", model] if model else [])
     cmd += ["--kv-tokens", str(kv_tokens)] if kv_tokens else []
     cmd += ["--chunk-tokens", str(chunk_tokens)] if chunk_tokens else []
+    cmd += ["--prefill-schedule", prefill_schedule] if prefill_schedule else []
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
         try:
@@ -288,6 +290,8 @@ def main():
     ap.add_argument("--kv-tokens", type=int, help="the server's KV pool in tokens (small: preemption happens)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the batch-1 engine baseline")
     ap.add_argument("--chunk-tokens", type=int, help="the server's --chunk-tokens (default: the server's)")
+    ap.add_argument("--prefill-schedule", choices=("fifo", "fair"),
+                    help="the server's --prefill-schedule (default: the server's)")
     ap.add_argument("--chat-only", action="store_true",
                     help="only the turn-2 chat TTFT (cached prefix vs not), with its parts; implies --no-baseline")
     a = ap.parse_args()
@@ -316,16 +320,18 @@ def serve_mode(a, mode, levels, reqs, base_rate, base_dec, bw):
     from pixtral_rt.loading import decoder_weight_bytes, kv_bytes_per_token
     wbytes, kvtok = decoder_weight_bytes(PIXTRAL_12B), kv_bytes_per_token(PIXTRAL_12B)
     sfx = ("" if mode == "process" else f"@{mode}") + ("@no_max_tokens" if a.no_max_tokens else "") \
-        + (f"@kv{a.kv_tokens}" if a.kv_tokens else "") + (f"@chunk{a.chunk_tokens}" if a.chunk_tokens else "")
+        + (f"@kv{a.kv_tokens}" if a.kv_tokens else "") + (f"@chunk{a.chunk_tokens}" if a.chunk_tokens else "") \
+        + (f"@{a.prefill_schedule}" if a.prefill_schedule else "")
     nomax = a.no_max_tokens
     print(f"--- server engine: {mode}", flush=True)
 
     def record(bench, case, *rest, **kw):
         return _record(bench, case + sfx, *rest, engine=mode, no_max_tokens=nomax, kv_tokens=a.kv_tokens,
-                       chunk_tokens=a.chunk_tokens, **kw)
+                       chunk_tokens=a.chunk_tokens, prefill_schedule=a.prefill_schedule, **kw)
 
     with open(a.log.replace(".log", f"_{mode}.log"), "w") as log:
-        proc = start_server(a.model, a.port, max(levels), log, mode, a.kv_tokens, a.chunk_tokens)
+        proc = start_server(a.model, a.port, max(levels), log, mode, a.kv_tokens, a.chunk_tokens,
+                            a.prefill_schedule)
         try:
             model = "default"
             from openai import OpenAI

@@ -19,7 +19,7 @@ import pytest
 from pixtral_rt.chat import EncodedRequest
 from pixtral_rt.sampling import SamplingParams
 from pixtral_rt.serving.kv_pages import PagePool
-from pixtral_rt.serving.scheduler import Scheduler
+from pixtral_rt.serving.scheduler import Scheduler, fair_shares
 from pixtral_rt.serving.sequence import Sequence, Status
 from tests.helpers import generate_concurrently
 
@@ -121,14 +121,15 @@ def check_pages(pool: PagePool, sch: Scheduler) -> None:
 
 
 def fuzz(seed: int, overlap: bool, n_requests: int = 300, n_pages: int = 41, max_batch: int = 8,
-         max_context: int = 1024) -> dict:
+         max_context: int = 1024, prefill_schedule: str = "fifo") -> dict:
     rng = random.Random(seed)
     pool = PagePool(n_pages, P)                # 40 usable pages = 640 tokens
-    sch = Scheduler(pool, max_batch, chunk_tokens=48, max_queue=1000, max_context=max_context)
+    sch = Scheduler(pool, max_batch, chunk_tokens=48, max_queue=1000, max_context=max_context,
+                    prefill_schedule=prefill_schedule)
     runner = FakeRunner(pool, max_batch)
     base = [rng.randrange(1, 1000) for _ in range(300)]       # shared prefixes: prefix-cache hits
     seqs, finished, prev = [], [], []
-    steps = dropped = 0
+    steps = dropped = multi = 0
     while len(seqs) < n_requests or any(s.finish_reason is None and not s.cancelled for s in seqs) \
             or sch.running or sch.waiting or prev:
         steps += 1
@@ -151,6 +152,9 @@ def fuzz(seed: int, overlap: bool, n_requests: int = 300, n_pages: int = 41, max
                 s.cancelled = True                 # a cancel, or a client that leaves after some tokens
         plan = sch.schedule()
         check_pages(pool, sch)
+        assert sum(c.end - c.start for c in plan.prefill) <= (sch.chunk_tokens if plan.decode else
+                                                              sch.solo_chunk_tokens), "over the prefill budget"
+        multi = multi + (len(plan.prefill) > 1 and bool(plan.decode))
         reports = runner.run(plan)
         for c in plan.prefill:
             sch.register_prefix(c.seq)
@@ -172,15 +176,18 @@ def fuzz(seed: int, overlap: bool, n_requests: int = 300, n_pages: int = 41, max
         else:
             assert s.finish_reason == "length" and len(s.output) == s.max_tokens
             assert s.max_tokens == min(s.params.max_tokens, 640 - s.prompt_len + 1, max_context - s.prompt_len)
-    return {"steps": steps, "dropped": dropped, "preemptions": sch.preemptions, "resumed": sum(s.preemptions > 0 for s in seqs),
+    return {"steps": steps, "dropped": dropped, "shared_steps": multi, "preemptions": sch.preemptions, "resumed": sum(s.preemptions > 0 for s in seqs),
             "finished": len(finished), "capped": sum(s.finish_reason == "length" and s.params.max_tokens == NO_LIMIT
                                                      for s in seqs)}
 
 
+@pytest.mark.parametrize("schedule", ["fifo", "fair"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["deliver-at-once", "deliver-one-step-late"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fuzz_pages_on_demand_with_preemption(seed, overlap):
-    st = fuzz(seed, overlap)
+def test_fuzz_pages_on_demand_with_preemption(seed, overlap, schedule):
+    st = fuzz(seed, overlap, prefill_schedule=schedule)
+    if schedule == "fair":                          # steps that shared the budget among several prompts
+        assert st["shared_steps"] > 100, st
     # the pool was too small: sequences were preempted and resumed, and some ran until the pool's cap
     assert st["preemptions"] > 100 and st["resumed"] > 50 and st["capped"] > 10, st
     assert st["finished"] > 100 and st["steps"] > 20000, st
@@ -200,6 +207,108 @@ def test_fuzz_detects_a_resume_that_drops_a_token(monkeypatch):
     monkeypatch.setattr(Sequence, "prefill_tokens", dropping)
     with pytest.raises(AssertionError, match="prefill feeds other tokens|prefix-cache hit"):
         fuzz(0, True, n_requests=100)
+
+
+def _plain_fair(budget: int, needs: list[int]) -> list[int]:
+    """Token-by-token round robin, oldest first: the fair split with quantum 1, by its definition."""
+    out = [0] * len(needs)
+    while budget > 0 and any(o < n for o, n in zip(out, needs)):
+        for i, n in enumerate(needs):
+            if out[i] < n and budget > 0:
+                out[i] += 1
+                budget -= 1
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fair_shares(seed):
+    rng = random.Random(seed)
+    needs = [rng.choice([0, 1, 5, 16, 17, 40, 300, 1000]) for _ in range(rng.randint(1, 9))]
+    budget = rng.choice([0, 1, 7, 16, 48, 100, 512])
+    assert fair_shares(budget, needs) == _plain_fair(budget, needs), (budget, needs)
+    for q in (16, 64):
+        got = fair_shares(budget, needs, quantum=q)
+        assert sum(got) == min(budget, sum(needs)), (budget, needs, got)      # nothing held back
+        assert all(0 <= g <= n for g, n in zip(got, needs))
+        if budget >= q * sum(n > 0 for n in needs):                          # a quantum each at least
+            assert all(g >= min(n, q) for g, n in zip(got, needs)), (budget, needs, got)
+        want = _plain_fair(budget, needs)             # within one quantum of the exact round robin
+        assert all(abs(g - w) <= q for g, w in zip(got, want)), (budget, needs, got, want)
+
+
+@pytest.mark.parametrize("schedule", ["fifo", "fair"])
+def test_a_short_prompt_behind_a_long_one(schedule):
+    """While a sequence decodes, a long prompt (1000 tokens) is admitted, then a short one (40): "fifo" computes
+    the long one first (48 a step); "fair" starts the short one in the step after its admission and
+    finishes it within three steps (shares of 16: 16 + 16 + 8), while the long one keeps its share."""
+    pool = PagePool(201, P)
+    sch = Scheduler(pool, 4, chunk_tokens=48, max_context=4096, prefill_schedule=schedule)
+
+    def seq(n):
+        req = EncodedRequest(tokens=[7 + n] * n, images=[], patch_grids=[], image_token_positions=[],
+                             cu_seqlens=[0], prompt_tokens=n)
+        s = Sequence(req, SamplingParams(max_tokens=NO_LIMIT), lambda ev: None)
+        s.plan_prefix(P)
+        sch.add(s)
+        return s
+    d = seq(10)
+    sch.schedule()                                    # d's prefill (solo budget): d decodes from now on
+    long_ = seq(1000)
+    plan = sch.schedule()
+    assert [c.seq for c in plan.prefill] == [long_] and plan.decode == [d]
+    short = seq(40)
+    steps = 0
+    while short.status == Status.PREFILL or steps == 0:
+        plan = sch.schedule()
+        steps += 1
+        assert plan.decode and d in plan.decode
+        assert sum(c.end - c.start for c in plan.prefill) <= 48
+        if schedule == "fifo":
+            assert [c.seq for c in plan.prefill] == [long_]
+            if steps > 3:
+                break
+        else:
+            assert {c.seq for c in plan.prefill} == {long_, short}
+    if schedule == "fair":
+        assert steps <= 3 and short.status == Status.DECODE and long_.status == Status.PREFILL
+    else:
+        assert short.status == Status.PREFILL and short.num_computed == 0
+
+
+def test_fair_starts_one_vision_encoding_a_step():
+    """"fair": of three image prompts admitted together while a sequence decodes, one a step starts (its chunk
+    reaches its images: the encoder runs); text prompts and image prompts past their images are not held."""
+    pool = PagePool(201, P)
+    sch = Scheduler(pool, 6, chunk_tokens=256, max_context=4096, prefill_schedule="fair")
+
+    def seq(n, img=()):
+        req = EncodedRequest(tokens=[3 + n] * n, images=[], patch_grids=[], image_token_positions=list(img),
+                             cu_seqlens=[0], prompt_tokens=n)
+        s = Sequence(req, SamplingParams(max_tokens=NO_LIMIT), lambda ev: None)
+        s.plan_prefix(P)
+        sch.add(s)
+        return s
+    d = seq(10)
+    sch.schedule()
+    imgs = [seq(100, range(5, 40)) for _ in range(3)]
+    text = seq(60)
+    started = []
+    for _ in range(3):
+        plan = sch.schedule()
+        assert plan.decode
+        new = [c.seq for c in plan.prefill if c.seq in imgs and c.start == 0]
+        assert len(new) == 1, [(c.seq.request_id, c.start, c.end) for c in plan.prefill]
+        started += new
+        assert text in [c.seq for c in plan.prefill] or text.status == Status.DECODE
+        for s in new:                    # what the runner does: features exist until the prompt is computed
+            s.features = object()
+    assert started == imgs               # oldest first
+    assert d.status == Status.DECODE
+
+
+def test_bad_prefill_schedule_is_named():
+    with pytest.raises(ValueError, match="prefill_schedule must be one of"):
+        Scheduler(PagePool(11, P), 2, prefill_schedule="lifo")
 
 
 def test_admission_takes_the_prompt_pages_and_a_watermark():
@@ -275,21 +384,23 @@ def alone(small):
     return reqs, out
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["deliver-at-once", "deliver-one-step-late"])
-def test_preempted_requests_equal_each_request_alone(small, alone, overlap):
+@pytest.mark.parametrize("overlap,schedule", [(False, "fifo"), (True, "fifo"), (True, "fair")],
+                         ids=["deliver-at-once", "deliver-one-step-late", "deliver-one-step-late-fair"])
+def test_preempted_requests_equal_each_request_alone(small, alone, overlap, schedule):
     """All at once in a pool far too small: requests are preempted and resumed, and each one's tokens
     (greedy, and seeded sampled: the sampling step continues from the delivered count) are those it gets
     alone, with the same finish_reason. deliver-one-step-late runs the GPU's order of work on CPU (the
     previous step's tokens read after the next step was launched), so a preempted sequence has a token in
-    flight that must be dropped and recomputed."""
+    flight that must be dropped and recomputed. "fair": the prefill budget shared among the prompts (several
+    chunks of different prompts in a step, image prompts among them)."""
     reqs, want = alone
-    small._overlap = overlap
+    small._overlap, small.scheduler.prefill_schedule = overlap, schedule
     try:
         p0 = small.metrics()["preemptions_total"]
         got = _concurrent(small, reqs)
         preempted = small.metrics()["preemptions_total"] - p0
     finally:
-        small._overlap = False
+        small._overlap, small.scheduler.prefill_schedule = False, "fifo"
     assert preempted > 0, "the pool was not small enough to preempt"
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert [g.finish_reason for g in got] == [w.finish_reason for w in want]

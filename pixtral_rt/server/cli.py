@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens computed per step while other requests decode (default 512; vLLM's "
                         "--max-num-batched-tokens plays this part): larger = new prompts start sooner and "
                         "prompt-heavy loads run faster, smaller = steadier token gaps for the streams decoding")
+    m.add_argument("--prefill-schedule", choices=("fifo", "fair"), default="fifo",
+                   help="how the --chunk-tokens budget of a step is shared among the prompts being computed while "
+                        "others decode: fifo (default; oldest prompt first, as vLLM) or fair (equal shares, so a "
+                        "new or short prompt starts at once instead of waiting behind a long one's whole prefill)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for all); "
@@ -228,7 +232,7 @@ def _load_engine(args: argparse.Namespace):
                 max_images=args.max_images, max_batch=args.max_batch, max_queue=args.max_queue,
                 quantization=args.quantization, random_weights=args.random_weights,
                 tensor_parallel=args.tensor_parallel, kv_tokens=args.kv_tokens, chunk_tokens=args.chunk_tokens,
-                options=runtime_options(args))
+                prefill_schedule=args.prefill_schedule, options=runtime_options(args))
 
 
 def _load_and_serve(args: argparse.Namespace, root: str | None, sock: socket.socket | None) -> int:

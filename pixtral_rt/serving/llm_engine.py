@@ -98,13 +98,14 @@ class _Counters:
 class LLMEngine:
     def __init__(self, args, tokenizer, model, info: dict, max_context: int, max_images: int, max_batch: int,
                  n_pages: int, page_size: int = 64, max_queue: int = 1024, chunk_tokens: int = 512,
-                 use_graphs: bool = True, progress: bool = True):
+                 use_graphs: bool = True, progress: bool = True, prefill_schedule: str = "fifo"):
         self.args, self.tokenizer, self.info = args, tokenizer, info
         self.max_context, self.max_images, self.max_batch = max_context, max_images, max_batch
         self.eos_id = tokenizer.instruct_tokenizer.tokenizer.eos_id
         self.raw_pixels = model.raw_pixels
         self.pool = PagePool(n_pages, page_size)
         self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue,
+                                   prefill_schedule=prefill_schedule,
                                    max_context=max_context)
         self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
                                   use_graphs=use_graphs, progress=progress, eos_id=self.eos_id)
@@ -126,7 +127,8 @@ class LLMEngine:
     def load(cls, model=None, *, device: str | None = None, dtype: str | None = None, max_context: int | None = None,
              max_images: int = 12, max_batch: int = 64, max_queue: int = 1024, page_size: int = 64,
              kv_tokens: int | None = None, fmt: str | None = None, progress: bool = True, use_graphs: bool = True,
-             chunk_tokens: int = 512, reserve_bytes: int = 8 * GIB, quantization: str | None = None,
+             chunk_tokens: int = 512, prefill_schedule: str = "fifo", reserve_bytes: int = 8 * GIB,
+             quantization: str | None = None,
              random_weights: str | None = None, tensor_parallel: int | None = None,
              options: RuntimeOptions | None = None) -> "LLMEngine":
         """model: a checkpoint folder, None (the embedded random default) or a resolved ModelSource.
@@ -135,8 +137,9 @@ class LLMEngine:
         random_weights PRESET: seeded random weights generated on the device (loading.resolve_model). tensor_parallel N: the
         decoder sharded over N processes, this one rank 0 (pixtral_rt/tensor_parallel.py); under torchrun the
         world is the launcher's, and ranks != 0 follow rank 0 here and exit when it stops. options: the
-        measured alternatives (pixtral_rt/options.py), carried to every rank. Building the model and sizing
-        the KV pool: pixtral_rt/loading.py."""
+        measured alternatives (pixtral_rt/options.py), carried to every rank. chunk_tokens / prefill_schedule:
+        the prefill token budget of a step while others decode and how it is shared among prompts
+        (serving/scheduler.py). Building the model and sizing the KV pool: pixtral_rt/loading.py."""
         from .. import compile_events
         from .. import tensor_parallel as tpm
         options = options or RuntimeOptions()
@@ -179,7 +182,7 @@ class LLMEngine:
                 "dtype": str(src.dtype).replace("torch.", ""), "backend": backend, "load_s": load_s,
                 "max_context": ctx, "kv_cache_tokens": (n_pages - 1) * page_size, "max_batch": max_batch}
         eng = cls(args, src.tokenizer, model_, info, ctx, max_images, max_batch, n_pages, page_size, max_queue,
-                  chunk_tokens, use_graphs, progress)
+                  chunk_tokens, use_graphs, progress, prefill_schedule)
         if dev.type == "cuda" and use_graphs:
             eng.runner.warmup_info["warm_request_s"] = round(eng.warm_request(), 2)
             eng.runner.warmup_info["warmup_s"] += eng.runner.warmup_info["warm_request_s"]

@@ -22,9 +22,17 @@ which is the priority order (oldest first). Per step:
      a new admission does not preempt a decoding sequence at once. The first that does not fit waits (no
      overtaking: a large request is not starved by small ones). A resumed sequence is re-prefilled from its
      prompt + delivered output: its own pages registered at preemption are normally still cached;
-  4. the step = every stepped DECODE sequence (one token each) + prefill chunks of PREFILL sequences in
-     admission order, at most `chunk_tokens` prefill tokens in all while anything decodes (a long image
-     prompt cannot freeze the other streams for its whole prefill), or `solo_chunk_tokens` when nothing does.
+  4. the step = every stepped DECODE sequence (one token each) + prefill chunks of PREFILL sequences, at most
+     `chunk_tokens` prefill tokens in all while anything decodes (a long image prompt cannot freeze the other
+     streams for its whole prefill), or `solo_chunk_tokens` when nothing does. prefill_schedule "fifo": the
+     budget goes to the PREFILL sequences in admission order (the oldest finishes first; a new prompt waits
+     behind every older prefill). "fair": while anything decodes, the budget is shared out equally among
+     the PREFILL sequences (water-filling: one that needs less than its share takes what it needs, the rest
+     is shared among the others; shares in multiples of 16 tokens, the remainder oldest first), so a new
+     prompt starts in the step after its admission and a short one is not held behind a long one's whole
+     prefill; at most one prompt a step starts its vision encoding (the others wait for their turn, so
+     several image prompts arriving together do not stall the decoding streams at once); solo steps stay
+     "fifo".
 
 In-flight tokens of a preempted sequence: the engine reads a step's tokens one step late (on a GPU the next
 step is launched first), so when a sequence is preempted in the plan of step k, the token it sampled in step
@@ -79,9 +87,47 @@ class StepPlan:
     preempted: list[Sequence] = field(default_factory=list)    # back to waiting this step (slots to clear)
 
 
+PREFILL_SCHEDULES = ("fifo", "fair")
+PREFILL_QUANTUM = 16          # "fair" shares in multiples of 16 tokens (an MMA tile's rows), but a prompt's last piece
+
+
+def fair_shares(budget: int, needs: list[int], quantum: int = 1) -> list[int]:
+    """Water-filling split of `budget` tokens among prefills needing `needs` (oldest first): each gets
+    min(need, an equal share of what is left), repeatedly, so none that needs less than the share holds
+    tokens back; shares in whole multiples of `quantum` (but a need's last piece), and what is left under a
+    quantum each goes a quantum at a time to the oldest still wanting. With quantum 1 this is token-by-token
+    round robin. sum = min(budget, sum(needs)), each share <= its need."""
+    out = [0] * len(needs)
+    left = budget
+    open_ = [i for i, n in enumerate(needs) if n > 0]
+    while left > 0 and open_:
+        share = left // len(open_)
+        share -= share % quantum
+        if share == 0:                         # fewer quanta left than prefills: a quantum each, oldest first
+            for i in open_:
+                give = min(needs[i] - out[i], quantum, left)
+                out[i] += give
+                left -= give
+            open_ = [i for i in open_ if out[i] < needs[i]]
+            continue
+        nxt = []
+        for i in open_:
+            give = min(needs[i] - out[i], share)
+            out[i] += give
+            left -= give
+            if out[i] < needs[i]:
+                nxt.append(i)
+        open_ = nxt                            # a remainder under a quantum each: the branch above
+    return out
+
+
 class Scheduler:
     def __init__(self, pool: PagePool, max_batch: int, chunk_tokens: int = 512, solo_chunk_tokens: int = 8192,
-                 max_queue: int = 1024, max_context: int | None = None, watermark: int | None = None):
+                 max_queue: int = 1024, max_context: int | None = None, watermark: int | None = None,
+                 prefill_schedule: str = "fifo"):
+        if prefill_schedule not in PREFILL_SCHEDULES:
+            raise ValueError(f"prefill_schedule must be one of {PREFILL_SCHEDULES}, got {prefill_schedule!r}")
+        self.prefill_schedule = prefill_schedule
         self.pool, self.max_batch, self.max_context = pool, max_batch, max_context
         self.chunk_tokens, self.solo_chunk_tokens, self.max_queue = chunk_tokens, solo_chunk_tokens, max_queue
         # pages an admission must leave available while something runs: room for the running sequences'
@@ -172,16 +218,28 @@ class Scheduler:
 
         # 3. the step: decodes + prefill chunks under the token budget
         budget = self.chunk_tokens if decode else self.solo_chunk_tokens
+        todo = [s for s in self.running if s.status == Status.PREFILL]
+        needs = [s.prefill_len - s.num_computed for s in todo]
+        if self.prefill_schedule == "fair" and decode:
+            # one vision encoder a step at most: a prompt whose chunk would start its images' encoding waits
+            # while an older one starts its own (an encoder call is ~12 ms a 1024^2 image, in every decoding
+            # stream's next token); counted from a prompt's first chunk, even one ending before its first [IMG]
+            starting = [i for i, s in enumerate(todo) if s.features is None and s.req.image_token_positions
+                        and s.num_computed <= s.req.image_token_positions[-1]]
+            for i in starting[1:]:
+                needs[i] = 0
+            shares = fair_shares(budget, needs, quantum=PREFILL_QUANTUM)
+        else:                                          # fifo: oldest first
+            shares = []
+            for n in needs:
+                shares.append(min(n, budget))
+                budget -= shares[-1]
         prefill = []
-        for s in self.running:
-            if budget <= 0:
-                break
-            if s.status != Status.PREFILL:
+        for s, n in zip(todo, shares):
+            if n <= 0:
                 continue
-            n = min(budget, s.prefill_len - s.num_computed)
             prefill.append(PrefillChunk(s, s.num_computed, s.num_computed + n))
             s.num_computed += n
-            budget -= n
         for c in prefill:
             if c.last:
                 c.seq.status = Status.DECODE       # its next token is sampled at the end of this step
