@@ -139,12 +139,17 @@ def test_the_listening_socket_holds_the_port():
         sock.close()
 
 
-def test_accepted_connections_turn_nagle_off():
-    """uvicorn serves the socket through asyncio, which sets TCP_NODELAY on an accepted connection only when
-    the listening socket's proto is IPPROTO_TCP (asyncio.base_events._set_nodelay). With Nagle on, a streamed
-    chunk behind an unacknowledged one waits for the client's delayed ACK (~40 ms before the first token on a
-    kept-alive connection). Both the accepted socket's option and the asyncio path are checked."""
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_accepted_connections_turn_nagle_off(loop):
+    """uvicorn serves the socket through asyncio (or uvloop, its default when installed: the serve extra
+    installs it); asyncio sets TCP_NODELAY on an accepted connection only when the listening socket's proto
+    is IPPROTO_TCP (asyncio.base_events._set_nodelay). With Nagle on, a streamed chunk behind an
+    unacknowledged one waits for the client's delayed ACK (~40 ms before the first token on a kept-alive
+    connection). Both the accepted socket's option and the event loop's path are checked."""
     import asyncio
+    new_loop = asyncio.new_event_loop
+    if loop == "uvloop":
+        new_loop = pytest.importorskip("uvloop", reason="uvloop comes with the serve extra ('.[serve]')").new_event_loop
     sock = serve.listen_socket("127.0.0.1", 0)
     assert sock.proto == socket.IPPROTO_TCP
     seen = []
@@ -161,9 +166,11 @@ def test_accepted_connections_turn_nagle_off():
             await reader.read()              # the handler has run and closed the connection
             writer.close()
 
+    ev = new_loop()
     try:
-        asyncio.run(main())
+        ev.run_until_complete(main())
     finally:
+        ev.close()
         sock.close()
     assert seen and seen[0] != 0, "Nagle is on for accepted connections: streamed chunks wait for delayed ACKs"
 
