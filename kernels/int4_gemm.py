@@ -84,6 +84,8 @@ def stage_bytes(block_m: int, block_n: int, plane: int, x_bytes: int) -> int:
 def fit_stages(num_stages: int, block_m: int, block_n: int, plane: int, x_bytes: int) -> int:
     """num_stages, lowered until the stages fit SMEM_BUDGET (at least 1: no pipelining)."""
     return max(1, min(num_stages, SMEM_BUDGET // stage_bytes(block_m, block_n, plane, x_bytes)))
+
+
 FP32_PRECISION = "ieee"    # tl.dot input_precision for fp32 activations (exact products, as the reference)
 HALF_PRECISION = "tf32"    # for bf16 / fp16 operands the MMA ignores it; Triton's default
 BACKENDS = ("triton", "dequant")

@@ -98,10 +98,11 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
 
 def _paged_default_config(max_q_len: int, head_dim: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages, prefetch_table). Chunks over 64 tokens: 128 x 64, 8 warps,
-    5 stages with the page ids loaded one tile ahead (_next_base), the best overall of benchmarks/bench_paged_attention.py's sweep on an H100
-    (benchmarks/results/paged_attention.jsonl, commit d5a90ca: 395 / 380 / 413 TFLOP/s for 4 x 1024 new over
-    3072 cached, 1 x 4096, 1 x 7616, against 366 / 388 / 403 with 64 x 64 x 4 x 3 and 320 / 361 / 365 with
-    prefill_attention's 128 x 64 x 8 x 3); up to 64 tokens prefill_attention's own tiles."""
+    5 stages with the page ids loaded one tile ahead (_next_base): the best overall of
+    benchmarks/bench_paged_attention.py's sweep on an H100 (benchmarks/results/paged_attention.jsonl, commit
+    d5a90ca: 395 / 380 / 413 TFLOP/s for 4 x 1024 new over 3072 cached, 1 x 4096, 1 x 7616, against
+    366 / 388 / 403 with 64 x 64 x 4 x 3 and 320 / 361 / 365 with prefill_attention's 128 x 64 x 8 x 3);
+    up to 64 tokens prefill_attention's own tiles."""
     if max_q_len <= 64:
         return (*_default_config(max_q_len, head_dim), False)
     return 128, 64, 8, 5, True

@@ -105,8 +105,7 @@ class LLMEngine:
         self.raw_pixels = model.raw_pixels
         self.pool = PagePool(n_pages, page_size)
         self.scheduler = Scheduler(self.pool, max_batch, chunk_tokens=chunk_tokens, max_queue=max_queue,
-                                   prefill_schedule=prefill_schedule,
-                                   max_context=max_context)
+                                   max_context=max_context, prefill_schedule=prefill_schedule)
         self.runner = ModelRunner(model, args, model.device, max_batch, n_pages, page_size, max_context,
                                   use_graphs=use_graphs, progress=progress, eos_id=self.eos_id)
         self.counters = _Counters()
