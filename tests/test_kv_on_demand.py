@@ -236,6 +236,17 @@ def test_fair_shares(seed):
         assert all(abs(g - w) <= q for g, w in zip(got, want)), (budget, needs, got, want)
 
 
+def _submit(sch: Scheduler, n: int, img=()) -> Sequence:
+    """A prompt of n tokens (the same token n + 3 throughout: prompts of other lengths share no prefix page),
+    [IMG] at positions `img`, no max_tokens, queued in `sch`."""
+    req = EncodedRequest(tokens=[3 + n] * n, images=[], patch_grids=[], image_token_positions=list(img),
+                         cu_seqlens=[0], prompt_tokens=n)
+    s = Sequence(req, SamplingParams(max_tokens=NO_LIMIT), lambda ev: None)
+    s.plan_prefix(P)
+    sch.add(s)
+    return s
+
+
 @pytest.mark.parametrize("schedule", ["fifo", "fair"])
 def test_a_short_prompt_behind_a_long_one(schedule):
     """While a sequence decodes, a long prompt (1000 tokens) is admitted, then a short one (40): "fifo" computes
@@ -245,12 +256,7 @@ def test_a_short_prompt_behind_a_long_one(schedule):
     sch = Scheduler(pool, 4, chunk_tokens=48, max_context=4096, prefill_schedule=schedule)
 
     def seq(n):
-        req = EncodedRequest(tokens=[7 + n] * n, images=[], patch_grids=[], image_token_positions=[],
-                             cu_seqlens=[0], prompt_tokens=n)
-        s = Sequence(req, SamplingParams(max_tokens=NO_LIMIT), lambda ev: None)
-        s.plan_prefix(P)
-        sch.add(s)
-        return s
+        return _submit(sch, n)
     d = seq(10)
     sch.schedule()                                    # d's prefill (solo budget): d decodes from now on
     long_ = seq(1000)
@@ -282,12 +288,7 @@ def test_fair_starts_one_vision_encoding_a_step():
     sch = Scheduler(pool, 6, chunk_tokens=256, max_context=4096, prefill_schedule="fair")
 
     def seq(n, img=()):
-        req = EncodedRequest(tokens=[3 + n] * n, images=[], patch_grids=[], image_token_positions=list(img),
-                             cu_seqlens=[0], prompt_tokens=n)
-        s = Sequence(req, SamplingParams(max_tokens=NO_LIMIT), lambda ev: None)
-        s.plan_prefix(P)
-        sch.add(s)
-        return s
+        return _submit(sch, n, img)
     d = seq(10)
     sch.schedule()
     imgs = [seq(100, range(5, 40)) for _ in range(3)]
