@@ -352,6 +352,9 @@ def serve(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
     """Serve `app` on `sock` (bound and listening: serve.py opens it before the model loads, so the port
     cannot be taken in between) until SIGTERM / Ctrl-C has drained the requests in flight."""
     host, port = sock.getsockname()[:2]
+    # uvicorn picks httptools + uvloop when installed (the serve extra installs them); the benchmark-only
+    # switch PIXTRAL_RT_BENCH_HTTP_STACK=h11 serves with h11 + asyncio instead (benchmarks/bench_http_stack.py)
+    stack = dict(http="h11", loop="asyncio") if os.environ.get("PIXTRAL_RT_BENCH_HTTP_STACK") == "h11" else {}
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S, **stack)
     _Server(config, app.state.pixtral.drain).run(sockets=[sock])
