@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csr
 # fastapi >= 0.100: pydantic v2; uvicorn >= 0.30: Server.capture_signals, which pixtral_rt.serve overrides;
 # llguidance: the grammars of response_format and tool calls (pixtral_rt/structured/); httptools + uvloop:
 # uvicorn's C HTTP parser and event loop, which it picks when installed (as vLLM's fastapi[standard]): the
-# server process spends 94 instead of 112-120 us of CPU per streamed token (64 streams, docs/NOTES.md)
+# server process spends 95 instead of 121 us of CPU per streamed token (benchmarks/bench_http_stack.py)
 SERVE_REQUIRES = ["fastapi>=0.100", "uvicorn>=0.30", "prometheus-client>=0.17", "llguidance>=1.0",
                   "httptools>=0.6", "uvloop>=0.19; sys_platform != 'win32'"]
 

@@ -113,6 +113,11 @@ def prepare_ms(port) -> dict[str, float]:
     return out
 
 
+def _prepare_delta(p0: dict, p1: dict) -> dict[str, float]:
+    """prepare_ms after a request minus before it: that request's stages."""
+    return {k: round(v - p0.get(k, 0.0), 3) for k, v in p1.items()}
+
+
 async def run_level(port, model, reqs, users, no_max_tokens=False):
     """Stats of the level; with the server's generated tokens and preemptions over it (deltas of /metrics),
     and the peak of running requests seen by a 10 Hz poll."""
@@ -190,7 +195,7 @@ async def chat_turns(port, model, rng):
         first = first or time.perf_counter()         # no text in 16 tokens: the whole answer's time
         p1 = prepare_ms(port)
         return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3,
-                "server_prepare_ms": {k: round(v - p0.get(k, 0.0), 3) for k, v in p1.items()},
+                "server_prepare_ms": _prepare_delta(p0, p1),
                 "prompt_tokens": usage.prompt_tokens if usage else None,
                 "cached_tokens": getattr(details, "cached_tokens", None)}, text
 
@@ -216,7 +221,7 @@ async def chat_turns(port, model, rng):
         first = first or time.perf_counter()
         p1 = prepare_ms(port)
         return {"ttft": (first - t0) * 1e3, "accepted": (chunk0 - t0) * 1e3,
-                "server_prepare_ms": {k: round(v - p0.get(k, 0.0), 3) for k, v in p1.items()},
+                "server_prepare_ms": _prepare_delta(p0, p1),
                 "prompt_tokens": None, "cached_tokens": None}
 
     runs = {"warm": [], "cold": [], "warm_raw": []}
