@@ -98,20 +98,25 @@ def main():
     rng = np.random.default_rng(0)
     for _ in range(3):                                      # warm-up: graphs, autotuning, allocator
         one(engine, SamplingParams, text_request(EncodedRequest, a.tokens, rng), 8)
-    ttft = []
+    ttft, stages = [], {}
     for _ in range(a.reps):                                 # as bench_e2e: each request after a short decode
         ttft.append(one(engine, SamplingParams, text_request(EncodedRequest, a.tokens, rng), 8))
-    stages = {k: round(v, 3) for k, v in engine.last.timings.items()}
+        for k, v in engine.last.timings.items():
+            stages.setdefault(k, []).append(v)
+    med = {k: round(float(np.median(v)), 3) for k, v in stages.items()}
     print(f"[{a.tag}] unprofiled TTFT, {a.tokens} tokens: median {np.median(ttft):.2f} ms "
-          f"(min {min(ttft):.2f}, max {max(ttft):.2f}); last request's timings {stages}", flush=True)
+          f"(min {min(ttft):.2f}, max {max(ttft):.2f}); median timings {med}", flush=True)
     reqs = [text_request(EncodedRequest, a.tokens, rng) for _ in range(a.profiled)]
+    timings = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i, r in enumerate(reqs):
             time.sleep(0.05)                                # the previous request's tail is over
             with record_function(f"ttft_request_{i}"):
                 one(engine, SamplingParams, r, 1)
+            timings.append({k: round(v, 3) for k, v in engine.last.timings.items() if k.endswith("_ms")})
     rows, per_name = analyse(prof, a.profiled)
-    for r in rows:
+    for r, t in zip(rows, timings):
+        r["engine_timings"] = t
         print(f"[{a.tag}] " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     top = sorted(per_name.items(), key=lambda kv: -kv[1][0])[:14]
     for name, (ms, n) in top:
@@ -119,7 +124,7 @@ def main():
     out = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out, f"profile_ttft_{a.tag}.json"), "w") as f:
         json.dump({"tag": a.tag, "tokens": a.tokens, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   "unprofiled_ttft_ms": ttft, "requests": rows,
+                   "unprofiled_ttft_ms": ttft, "unprofiled_median_timings": med, "requests": rows,
                    "kernels_ms_per_request": {k: v[0] for k, v in per_name.items()}}, f, indent=1)
     if a.trace:
         prof.export_chrome_trace(os.path.join(out, f"profile_ttft_{a.tag}.trace.json"))
