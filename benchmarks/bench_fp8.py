@@ -1,4 +1,5 @@
-"""FP8 engine vs bf16 engine, end to end on the GPU, in one run (the default serving engine, batch 1).
+"""Quantised engines (FP8, int4 W4A16) vs the bf16 engine, end to end on the GPU, in one run (the default
+serving engine, batch 1). `--runs` picks the engines (default bf16,fp8; issue 22 adds int4).
 
 Cases (performance.md, issue 10):
   decode tok/s at ~1k-token text context (256 tokens)       floor: weight bytes read per token (FP8 linears
@@ -7,12 +8,17 @@ Cases (performance.md, issue 10):
   TTFT engine-side, 1 image 1024x1024 + ~30 tokens          floor: vision + attention FLOPs at the measured
                                                             bf16 rate + decoder linear FLOPs at the measured
                                                             FP8 rate (torch._scaled_mm 8192^3)
-  quality (with --quality): FP8 vs bf16 on 3 requests (text, 1 image, 4 images): relative L2 error and top-1
+  quality (with --quality): each quantised engine vs bf16 on 3 requests (text, 1 image, 4 images): relative L2 error and top-1
   agreement of the prompt's last logits, and 64-token greedy agreement (equal-prefix length)
 
     python -m benchmarks.bench_fp8 --model BF16_DIR [--fp8-model FP8_DIR] [--quality]
     python -m benchmarks.bench_fp8 --random-weights Pixtral-Large-Instruct-2411 --fp8-only
-Without --fp8-model the FP8 engine quantises BF16_DIR at load (--quantization fp8).
+    python -m benchmarks.bench_fp8 --random-weights Pixtral-12B-2409 --runs bf16,fp8,int4
+    python -m benchmarks.bench_fp8 --random-weights Pixtral-Large-Instruct-2411 --runs int4 --max-context 131072
+Without --fp8-model the FP8 engine quantises BF16_DIR at load (--quantization fp8); int4 quantises at load
+(round to nearest, group 128) or draws its random weights in 4 bits. Each record names its engine in the
+case ("<model> <run> <case>"); the baseline is the bf16 engine of the same run where it ran. kv_cache_tokens:
+the KV pool the engine sized from free memory (8 GB kept free): the largest context that fits.
 """
 from __future__ import annotations
 
@@ -132,8 +138,12 @@ def main():
     ap.add_argument("--model", help="bf16 checkpoint folder")
     ap.add_argument("--fp8-model", help="FP8 compressed-tensors checkpoint of the same weights (else quantise --model)")
     ap.add_argument("--random-weights", metavar="PRESET", help="generate weights on the GPU instead (no checkpoint)")
-    ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (a model whose bf16 weights do not fit)")
-    ap.add_argument("--quality", action="store_true", help="FP8 vs bf16 logits and greedy agreement")
+    ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (a model whose bf16 weights do not fit); "
+                    "same as --runs fp8")
+    ap.add_argument("--runs", default="bf16,fp8", help="engines to run, in order: bf16, fp8, int4 (comma-separated)")
+    ap.add_argument("--max-context", type=int, default=16384, help="the engines' max context (the KV pool is "
+                    "sized from free memory either way)")
+    ap.add_argument("--quality", action="store_true", help="each quantised engine vs bf16: logits and greedy agreement")
     ap.add_argument("--tokens", type=int, default=256)
     a = ap.parse_args()
     bw = copy_bandwidth_TBps() * 1e12
@@ -141,15 +151,21 @@ def main():
     print(f"ceilings: copy {bw / 1e12:.2f} TB/s, bf16 matmul {bf_rate / 1e12:.0f} TFLOP/s, "
           f"fp8 matmul {f8_rate / 1e12:.0f} TFLOP/s")
     src = {"random_weights": a.random_weights} if a.random_weights else {}
+    labels = ["fp8"] if a.fp8_only else [x.strip() for x in a.runs.split(",") if x.strip()]
+    bad = [x for x in labels if x not in ("bf16", "fp8", "int4")]
+    if bad or not labels:
+        ap.error(f"--runs: unknown engine(s) {bad}; choose from bf16, fp8, int4")
     runs = {}
-    if not a.fp8_only:
-        runs["bf16"] = {"model": a.model, **src}
-    runs["fp8"] = ({"model": a.fp8_model} if a.fp8_model else {"model": a.model, "quantization": "fp8", **src})
-    if a.random_weights:
-        runs["fp8"].pop("model")
-        runs.get("bf16", {}).pop("model", None)
+    for label in labels:
+        if label == "fp8" and a.fp8_model:
+            runs[label] = {"model": a.fp8_model}
+        else:
+            runs[label] = {"model": a.model, **src, **({} if label == "bf16" else {"quantization": label})}
+        if a.random_weights:
+            runs[label].pop("model", None)
     # the requests, planned once with the model's tokenizer (no weights loaded for this)
-    enc = _Encoder(resolve_model(runs["fp8"].get("model"), None, None, None, None, a.random_weights))
+    first = next(iter(runs.values()))
+    enc = _Encoder(resolve_model(first.get("model"), None, None, None, None, a.random_weights))
     rng = np.random.default_rng(0)
     # text ids below 30000: valid in Pixtral-Large's 32768-token vocabulary too. TTFT: a new random image per
     # repetition, so neither the prefix cache nor the image-feature cache can serve it
@@ -157,7 +173,7 @@ def main():
     quality_reqs = {} if not a.quality else {"text_300": text_request(300, rng),
                                              "1img_1024": request(enc, "a_1img_1024", rng)[0],
                                              "4imgs_mixed": request(enc, "b_4imgs_mixed", rng)[0]}
-    results = {label: run_engine(label, kw, reqs, quality_reqs, a.tokens) for label, kw in runs.items()}
+    results = {label: run_engine(label, kw, reqs, quality_reqs, a.tokens, a.max_context) for label, kw in runs.items()}
     bf = results.get("bf16")
     for label, r in results.items():
         args = r["args"]
@@ -175,6 +191,7 @@ def main():
                        kv_cache_tokens=r["info"].get("kv_cache_tokens"), load_s=round(r["load_s"], 1))
             else:
                 fl, lin = ttft_flops(args, req), linear_flops(args, req.prompt_tokens)
+                # int4 (W4A16) prefill runs bf16 tensor-core math on dequantised tiles: the bf16 rate
                 floor_ms = ((fl - lin) / bf_rate + lin / (f8_rate if label == "fp8" else bf_rate)) * 1e3
                 record(BENCH, f"{model_name} {label} {c}", "ttft_ms_engine", o["ttft_ms"], "ms",
                        "bf16 engine (same run)" if bf else None,
@@ -185,18 +202,18 @@ def main():
             print(f"NOT MEASURED: {model_name} {label} {c}: {why}")
         record(BENCH, f"{model_name} {label}", "kv_cache_tokens", r["info"].get("kv_cache_tokens") or 0, "tokens",
                None, None, None, gpu_GB_after_load=round(r["gpu_GB_after_load"], 1), precision=r["info"].get("precision"))
-    if bf is not None and a.quality:
-        f8 = results["fp8"]
+    for label, q in results.items():           # each quantised engine against bf16 on the same prompts
+        if bf is None or not a.quality or label == "bf16":
+            continue
         for c in quality_reqs:
-            lb, lf = bf["logits"][c], f8["logits"][c]
+            lb, lf = bf["logits"][c], q["logits"][c]
             err = float((lf.double() - lb.double()).norm() / lb.double().norm())
-            gb, gf = bf["greedy"][c], f8["greedy"][c]
+            gb, gf = bf["greedy"][c], q["greedy"][c]
             prefix = next((i for i, (x, y) in enumerate(zip(gb, gf)) if x != y), min(len(gb), len(gf)))
             same = sum(x == y for x, y in zip(gb, gf)) / max(1, min(len(gb), len(gf)))
-            record(BENCH, f"quality {c}", "logits_rel_err_fp8_vs_bf16", err, "", None, None, None,
+            record(BENCH, f"quality {c}", f"logits_rel_err_{label}_vs_bf16", err, "", None, None, None,
                    top1_same=bool(lb.argmax() == lf.argmax()), max_abs_err=float((lf - lb).abs().max()),
                    greedy_equal_prefix=prefix, greedy_same_fraction=round(same, 3), greedy_tokens=len(gb))
-
 
 if __name__ == "__main__":
     main()
