@@ -1,17 +1,18 @@
 """FP8 linear kernels on the decoder's shapes (GPU), each beside its bf16 baseline measured in the same run.
 
-  decode M = 1          kernels/fp8_gemv.py GEMV, tile sweep        vs bf16 Triton GEMV (kernels/gemv.py, the
-                                                                       decoder's tuned tiles) and cuBLAS bf16
-  decode M = 2..64      kernels/fp8_gemv.py skinny GEMM, tile sweep vs cuBLAS bf16 (F.linear)
-                        floor: FP8 weight bytes / measured copy bandwidth
-  prefill M = 512, 4193 kernels/fp8_gemm.py: torch._scaled_mm and the Triton GEMM (per-token activation
-                        quantisation included, and alone)            vs cuBLAS bf16; TFLOP/s = 2 M N K / t
-  quant                 kernels/fp8_quant.py GB/s (read 2 B + write 1 B per element) vs copy bandwidth
+  decode M = 1..64      W8A8 (what the decoder runs): kernels/fp8_gemm.py backend "skinny", tile sweep, alone and
+                        with its kernels/fp8_quant.py launch; vs the W8A16 kernels/fp8_gemv.py (the decode path
+                        before, its tuned tiles of 2026-12-02) and bf16 (the Triton GEMV at M = 1, cuBLAS
+                        F.linear), all in the same run; floor: FP8 weight bytes / measured copy bandwidth
+  prefill M = 512, 4193 (--prefill) kernels/fp8_gemm.py: torch._scaled_mm and the Triton GEMM (per-token
+                        activation quantisation included, and alone) vs cuBLAS bf16; TFLOP/s = 2 M N K / t
+  quant                 (--prefill) kernels/fp8_quant.py GB/s (read 2 B + write 1 B per element) vs copy bandwidth
 
-Weights rotate through copies larger than L2 (a decode step never finds W in cache). Prints the best
-tiles per shape as Python dicts for pixtral_rt/decoder.py (FP8_GEMV_CONFIGS / FP8_SKINNY_CONFIGS).
+Weights rotate through copies larger than L2 (a decode step never finds W in cache); decode cases are timed as
+CUDA-graph replays. Prints the best skinny tiles per shape and padded row count as a Python dict for
+pixtral_rt/decoder.py (FP8_DECODE_CONFIGS).
 
-    python -m benchmarks.bench_fp8_linear [--model 12b|large|both] [--quick]
+    python -m benchmarks.bench_fp8_linear [--model 12b|large|both] [--full-sweep] [--prefill]
 """
 from __future__ import annotations
 
@@ -89,48 +90,63 @@ def best_of(fn_of_cfg, cfgs):
     return best
 
 
+# the W8A16 GEMV / skinny tiles the decoder used before W8A8 (tuned on an H200, 2026-12-02): the baseline
+W8A16_M1 = {(6144, 5120): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),
+            (5120, 4096): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),
+            (28672, 5120): dict(block_n=8, block_k=512, num_warps=4, num_stages=4),
+            (5120, 14336): dict(block_n=8, block_k=512, num_warps=8, num_stages=4)}
+W8A16_SKINNY = dict(block_n=32, block_k=128, num_warps=4, num_stages=4)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["12b", "large", "both"], default="12b")
-    ap.add_argument("--quick", action="store_true", help="smaller tile sweeps")
+    ap.add_argument("--full-sweep", action="store_true", help="more skinny tiles (slower)")
+    ap.add_argument("--prefill", action="store_true", help="also the prefill GEMMs and the quantiser")
+    ap.add_argument("--rows", default="1,2,16,32,64", help="decode row counts")
     a = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth_TBps() * 1e12
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     models = {"12b": [PIXTRAL_12B], "large": [PIXTRAL_LARGE], "both": [PIXTRAL_12B, PIXTRAL_LARGE]}[a.model]
     from pixtral_rt.decoder import GEMV_CONFIGS
-    gemv_cfgs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in
-                 itertools.product((8, 16) if a.quick else (4, 8, 16), (512, 1024, 2048), (4, 8), (3, 4))]
-    best_gemv, best_skinny = {}, {}
+    sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5)) if a.full_sweep else \
+        itertools.product((32, 64, 128), (128, 256), (4,), (3, 4))
+    sweep = list(sweep)
+    best_skinny = {}
     for args in models:
         for name, (N, K) in shapes(args).items():
             rot = Rotating(N, K)
             case = f"{args.name} {name} ({N}x{K})"
             fp8_bytes = N * K + 4 * N
-            # ---- M = 1
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-            ms, cfg = best_of(lambda c: fp8_gemv(x, *rot.next_fp8(), **c), gemv_cfgs)
-            ms_bf = graph_ms(lambda: gemv(x, rot.next_bf16(), **GEMV_CONFIGS.get((N, K), {})))
-            ms_cb = graph_ms(lambda: F.linear(x, rot.next_bf16()))
-            best_gemv[(N, K)] = cfg
-            record(BENCH, f"{case} M=1", "weight_read_TBps", fp8_bytes / ms / 1e9, "TB/s",
-                   "bf16 Triton GEMV (tuned), its weight-read rate", 2 * N * K / ms_bf / 1e9, bw / 1e12,
-                   time_us=ms * 1e3, bf16_gemv_us=ms_bf * 1e3, bf16_cublas_us=ms_cb * 1e3,
-                   speedup_vs_bf16_gemv=ms_bf / ms, config=cfg, timing="cuda graph")
-            record(BENCH, f"{case} M=1", "time", ms * 1e3, "us", "bf16 Triton GEMV (tuned)", ms_bf * 1e3,
-                   fp8_bytes / bw * 1e6, config=cfg, timing="cuda graph")
-            # ---- M = 2..64
-            for M in (2, 16, 32, 64):
+            for M in (int(r) for r in a.rows.split(",")):
                 bm = min(64, max(16, 1 << (M - 1).bit_length()))
-                cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bn, bk, w, s in
-                        itertools.product((32, 64, 128), (128, 256), (4,) if a.quick else (4, 8), (3, 4, 5))]
                 xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                ms, cfg = best_of(lambda c: fp8_gemv(xm, *rot.next_fp8(), **c), cfgs)
-                ms_cb = graph_ms(lambda: F.linear(xm, rot.next_bf16()))
-                if M in (16, 32, 64):           # the decoder keys skinny tiles by block_m
-                    best_skinny.setdefault((N, K), {})[M] = cfg
-                record(BENCH, f"{case} M={M}", "time", ms * 1e3, "us", "cuBLAS bf16 F.linear", ms_cb * 1e3,
-                       fp8_bytes / bw * 1e6, weight_read_TBps=fp8_bytes / ms / 1e9, config=cfg, timing="cuda graph")
+                x8, sx = fp8_quant(xm)
+                cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st) for bn, bk, w, st in sweep]
+                ms, cfg = best_of(lambda c: fp8_gemm(x8, sx, *rot.next_fp8(), backend="skinny", **c), cfgs)
+                ms_q = graph_ms(lambda: fp8_quant(xm))
+                ms_both = graph_ms(lambda: fp8_gemm(*fp8_quant(xm), *rot.next_fp8(), backend="skinny", **cfg))
+                if M == 1:
+                    ms_old = graph_ms(lambda: fp8_gemv(xm, *rot.next_fp8(), **W8A16_M1.get((N, K), {})))
+                    ms_bf = graph_ms(lambda: gemv(xm, rot.next_bf16(), **GEMV_CONFIGS.get((N, K), {})))
+                else:
+                    ms_old = graph_ms(lambda: fp8_gemv(xm, *rot.next_fp8(), block_m=bm, **W8A16_SKINNY))
+                    ms_bf = graph_ms(lambda: F.linear(xm, rot.next_bf16()))
+                if M in (1, 16, 32, 64) and bm not in best_skinny.get((N, K), {}):
+                    best_skinny.setdefault((N, K), {})[bm] = {k: v for k, v in cfg.items() if k != "block_m"}
+                record(BENCH, f"{case} M={M} w8a8", "time", ms_both * 1e3, "us", "W8A16 fp8_gemv (same run)",
+                       ms_old * 1e3, fp8_bytes / bw * 1e6, gemm_us=ms * 1e3, quant_us=ms_q * 1e3,
+                       weight_read_TBps=fp8_bytes / ms / 1e9, bf16_us=ms_bf * 1e3,
+                       bf16_kernel="Triton GEMV (tuned)" if M == 1 else "cuBLAS F.linear",
+                       speedup_vs_w8a16=ms_old / ms_both, config=cfg, timing="cuda graph")
+                print(f"{case} M={M}: W8A8 {ms * 1e3:.1f} us (+ quant {ms_q * 1e3:.1f}; together {ms_both * 1e3:.1f}), "
+                      f"{fp8_bytes / ms / 1e9:.2f} TB/s; W8A16 {ms_old * 1e3:.1f} us; bf16 {ms_bf * 1e3:.1f} us; "
+                      f"floor {fp8_bytes / bw * 1e6:.1f} us; {cfg}", flush=True)
+            if not a.prefill:
+                del rot
+                torch.cuda.empty_cache()
+                continue
             # ---- prefill
             for M in (512, 4193):
                 xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -150,19 +166,15 @@ def main():
                        bw / 1e12, time_us=ms_q * 1e3)
             del rot
             torch.cuda.empty_cache()
-    print("\nFP8_GEMV_CONFIGS = {")
-    for k, v in best_gemv.items():
-        print(f"    {k}: dict({', '.join(f'{a}={b}' for a, b in v.items())}),")
-    print("}\nFP8_SKINNY_CONFIGS = {")
+    print("\nFP8_DECODE_CONFIGS = {")
     for k, per in best_skinny.items():
-        print(f"    {k}: {{" + ", ".join(f"{bm}: dict({', '.join(f'{a}={b}' for a, b in c.items() if a != 'block_m')})"
-                                      for bm, c in per.items()) + "},")
+        print(f"    {k}: {{" + ", ".join(f"{bm}: dict({', '.join(f'{a}={b}' for a, b in c.items())})"
+                                      for bm, c in sorted(per.items())) + "},")
     print("}")
     import os
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "fp8_tiles.json"), "w") as f:
-            json.dump({"gemv": {str(k): v for k, v in best_gemv.items()},
-                       "skinny": {str(k): v for k, v in best_skinny.items()}}, f, indent=1)
+            json.dump({str(k): v for k, v in best_skinny.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

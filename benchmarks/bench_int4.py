@@ -41,7 +41,6 @@ from pixtral_rt import int4  # noqa: E402
 from pixtral_rt.config import PIXTRAL_12B  # noqa: E402
 from pixtral_rt.fp8 import quantize_weight as fp8_quantize_weight  # noqa: E402
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm  # noqa: E402
-from pixtral_rt.kernels.fp8_gemv import fp8_gemv  # noqa: E402
 from pixtral_rt.kernels.fp8_quant import fp8_quant  # noqa: E402
 from pixtral_rt.kernels.gemv import gemv  # noqa: E402
 from pixtral_rt.kernels.int4_gemm import int4_gemm  # noqa: E402
@@ -155,8 +154,9 @@ def main(argv=None):
             decode = M <= 64
             ms_dense = timed(lambda: F.linear(x, W.next_dense()), decode)
             base = "cuBLAS bf16 F.linear" if not smoke else "torch fp32 F.linear (CPU)"
-            if M <= 64:
-                ms_fp8 = timed(lambda: fp8_gemv(x, *W.next_fp8()), decode)
+            if M <= 64:         # the FP8 decode the decoder runs: per-token quantiser + skinny W8A8 GEMM
+                ms_fp8 = timed(lambda: fp8_gemm(*fp8_quant(x), *W.next_fp8(), out_dtype=x.dtype, backend="skinny"),
+                               decode)
             else:
                 ms_fp8 = timed(lambda: fp8_gemm(*fp8_quant(x), *W.next_fp8(), out_dtype=x.dtype,
                                                 backend="triton" if smoke else "scaled_mm"), decode)

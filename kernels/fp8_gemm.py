@@ -1,4 +1,4 @@
-"""FP8 x FP8 GEMM with per-row and per-column scales, for prefill (FP8 tensor cores).
+"""FP8 x FP8 GEMM with per-row and per-column scales (FP8 tensor cores): prefill, and decode's 1..64 rows.
 
     y[m, n] = round( (sum_k x8[m, k] * W8[n, k]) * s_x[m] * s_w[n] )
 
@@ -6,12 +6,20 @@ x8 (M, K) float8_e4m3fn row-major, s_x (M, 1) fp32 (kernels/fp8_quant.py: per-to
 float8_e4m3fn row-major (nn.Linear layout), s_w (N,) fp32 (per output channel); y (M, N) bf16 (or out's
 dtype). fp32 accumulation; both scales applied once in the epilogue. FLOPs: 2 M N K.
 
-Two implementations, same formula:
+Three implementations, same formula:
   backend "scaled_mm"  torch._scaled_mm with row-wise scales (cuBLASLt on sm89+; needs K, N % 16 == 0)
   backend "triton"     _fp8_gemm_kernel below: (BLOCK_M, BLOCK_N) output tiles, grouped launch order for L2
                        reuse of W, tl.dot on fp8 operands (wgmma on sm90), each K tile's partial sum added
                        to an fp32 accumulator. Runs in the interpreter (CI).
-benchmarks/bench_fp8_linear.py measures both on the decoder's shapes; pixtral_rt/decoder.py uses the winner.
+  backend "skinny"     decode, M <= 64 rows (W8A8: the activations quantised per token as in prefill):
+                       _fp8_skinny_kernel, swapped operands: each program computes y^T for BLOCK_N weight rows
+                       x all M rows (padded to BLOCK_M >= 16), acc (BLOCK_N, BLOCK_M) += W8 tile (BLOCK_N,
+                       BLOCK_K) @ x8^T tile (BLOCK_K, BLOCK_M) on the FP8 tensor cores. W is read once per
+                       step and never converted (the fp8 -> fp32 conversions of a CUDA-core GEMV bound
+                       kernels/fp8_gemv.py below the copy bandwidth), so the kernel streams W at HBM speed.
+                       pdl=True (sm90+): the first W tile is loaded before the wait on the producer of x8
+                       (programmatic dependent launch, the decode chain's protocol: kernels/pdl.py).
+benchmarks/bench_fp8_linear.py measures them on the decoder's shapes; pixtral_rt/decoder.py uses the winners.
 No autotuning: fixed tiles, so nothing is tuned on the request path.
 """
 from __future__ import annotations
@@ -21,6 +29,7 @@ import triton
 import triton.language as tl
 
 from pixtral_rt.fp8 import FP8_DTYPE
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit
@@ -59,8 +68,50 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, st
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                       USE_PDL: tl.constexpr = False):
+    # one program: BLOCK_N rows of W against every row of x (BLOCK_M >= M); the output tile is y^T
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mmask, nmask = offs_m < M, offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]      # (BLOCK_N, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]      # (BLOCK_K, BLOCK_M) = x8^T
+    # first K tile of W (constant data) before waiting on the producer of x8
+    kmask0 = offs_k < K
+    w = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()      # after the wait: at most one grid waits behind this one
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs + k0, mask=mmask[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
+        acc += tl.dot(w, x)          # each K tile's sum promoted into fp32 (see _fp8_gemm_kernel)
+        k1 = k0 + BLOCK_K
+        if k1 < K:                   # the next W tile
+            if EVEN_K:
+                w = tl.load(w_ptrs + k1, mask=nmask[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs + k1, mask=nmask[:, None] & (k1 + offs_k < K)[None, :], other=0.0)
+    sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
+    sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
+    y = acc * sw[:, None] * sx[None, :]
+    y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+
+
 TRITON_TILES = dict(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=4)
-BACKENDS = ("scaled_mm", "triton")
+# decode (backend "skinny"): BLOCK_M is the row count padded to 16 / 32 / 64; per-shape tiles come from
+# pixtral_rt/decoder.py (FP8_DECODE_CONFIGS, swept by benchmarks/bench_fp8_linear.py)
+SKINNY_TILES = dict(block_n=64, block_k=256, num_warps=4, num_stages=4)
+SKINNY_MAX_M = 64
+BACKENDS = ("scaled_mm", "triton", "skinny")
 
 
 def _check(x8, sx, w8, sw):
@@ -76,11 +127,15 @@ def _check(x8, sx, w8, sw):
 
 
 def fp8_gemm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, out_dtype=torch.bfloat16,
-             backend: str = "scaled_mm", out: torch.Tensor | None = None, **tiles) -> torch.Tensor:
-    """(M, K) fp8, (M, 1) fp32, (N, K) fp8, (N,) fp32 -> (M, N) out_dtype: (x8 @ w8.T) * sx * sw."""
+             backend: str = "scaled_mm", out: torch.Tensor | None = None, pdl: bool = False,
+             **tiles) -> torch.Tensor:
+    """(M, K) fp8, (M, 1) fp32, (N, K) fp8, (N,) fp32 -> (M, N) out_dtype: (x8 @ w8.T) * sx * sw.
+    pdl (backend "skinny", sm90+): a programmatic dependent launch (the decode chain)."""
     _check(x8, sx, w8, sw)
     M, K = x8.shape
     N = w8.shape[0]
+    if backend == "skinny":
+        return _skinny(x8, sx, w8, sw, out_dtype, out, pdl, tiles)
     if backend == "scaled_mm":
         # row-wise scaling: scale_a (M, 1), scale_b (1, N); mat2 column-major = w8.T of a row-major w8
         y = torch._scaled_mm(x8, w8.t(), scale_a=sx.reshape(M, 1), scale_b=sw.reshape(1, N), out_dtype=out_dtype)
@@ -100,4 +155,25 @@ def fp8_gemm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Ten
         _fp8_gemm_kernel[grid](x8, w8, sx, sw, y, M, N, K, x8.stride(0), w8.stride(0), y.stride(0),
                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=t["group_m"], EVEN_K=K % bk == 0,
                                num_warps=t["num_warps"], num_stages=t["num_stages"])
+    return y
+
+
+def _skinny(x8, sx, w8, sw, out_dtype, out, pdl, tiles) -> torch.Tensor:
+    M, K = x8.shape
+    N = w8.shape[0]
+    if M > SKINNY_MAX_M:
+        raise ValueError(f"fp8_gemm: backend 'skinny' takes at most {SKINNY_MAX_M} rows, got {M}")
+    y = torch.empty(M, N, dtype=out_dtype, device=x8.device) if out is None else out
+    if y.shape != (M, N) or y.stride(1) != 1:
+        raise ValueError(f"fp8_gemm: out must be ({M}, {N}) with a unit last stride, got {tuple(y.shape)}")
+    t = dict(SKINNY_TILES, **tiles)
+    bm = t.get("block_m") or min(SKINNY_MAX_M, max(16, triton.next_power_of_2(M)))
+    if bm < M:
+        raise ValueError(f"fp8_gemm: block_m {bm} < {M} rows (backend 'skinny' covers every row in one tile)")
+    bn, bk = t["block_n"], t["block_k"]
+    extra = dict(USE_PDL=True, launch_pdl=True) if pdl and pdl_supported(x8.device) else {}
+    if M:
+        _fp8_skinny_kernel[(triton.cdiv(N, bn),)](x8, w8, sx, sw, y, M, N, K, x8.stride(0), w8.stride(0), y.stride(0),
+                                                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, EVEN_K=K % bk == 0,
+                                                 num_warps=t["num_warps"], num_stages=t["num_stages"], **extra)
     return y

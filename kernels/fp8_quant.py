@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from pixtral_rt.fp8 import EPS, FP8_DTYPE, FP8_MAX, INV_FP8_MAX
+from pixtral_rt.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_supported
 
 
 @triton.jit
@@ -35,7 +36,10 @@ def _round_e4m3(v):
 
 @triton.jit
 def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fmax, inv_fmax, BLOCK_K: tl.constexpr,
-                      ONE_PASS: tl.constexpr):
+                      ONE_PASS: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:      # decode chain: wait for the producer of x, then let the consumer (the GEMM) launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     if ONE_PASS:      # the whole row in registers (BLOCK_K >= K)
@@ -60,9 +64,11 @@ def _fp8_quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, eps, fmax, inv
 
 
 def fp8_quant(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Tensor | None = None,
-              block_k: int | None = None, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              block_k: int | None = None, num_warps: int | None = None, pdl: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (T, K) -> (x8 (T, K) float8_e4m3fn, s (T, 1) fp32). out / scale: preallocated outputs.
-    block_k: default the whole row (one pass) up to 16384, else 4096-wide chunks (two passes)."""
+    block_k: default the whole row (one pass) up to 16384, else 4096-wide chunks (two passes).
+    pdl (sm90+): a programmatic dependent launch (the decode chain, kernels/pdl.py); same bytes."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"fp8_quant: x must be (T, K) with a unit last stride, got {tuple(x.shape)} {x.stride()}")
     T, K = x.shape
@@ -76,6 +82,7 @@ def fp8_quant(x: torch.Tensor, out: torch.Tensor | None = None, scale: torch.Ten
         full = triton.next_power_of_2(K)
         block_k = min(block_k or (full if full <= 16384 else 4096), full)
         num_warps = num_warps or max(4, min(16, block_k // 1024))
+        extra = dict(USE_PDL=True, launch_pdl=True) if pdl and pdl_supported(x.device) else {}
         _fp8_quant_kernel[(T,)](x, q, s, K, x.stride(0), q.stride(0), EPS, FP8_MAX, INV_FP8_MAX, BLOCK_K=block_k,
-                                ONE_PASS=block_k >= K, num_warps=num_warps)
+                                ONE_PASS=block_k >= K, num_warps=num_warps, **extra)
     return q, s

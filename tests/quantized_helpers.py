@@ -240,8 +240,7 @@ def quantized_reference(args, sd: dict, device, dtype: torch.dtype, scheme: str)
 @torch.no_grad()
 def ref_incremental(model, seqs, splits, n_decode):
     """Per sequence: logits of the last prompt token (prompt forwards in the given chunks) then of each
-    teacher-forced decode step (decode_mode): (1 + n_decode, vocab) fp32."""
-    from pixtral_rt.reference.fp8_linear import decode_mode
+    teacher-forced decode step: (1 + n_decode, vocab) fp32."""
     from pixtral_rt.reference.transformer import KVCache
 
     dev = model.tok_embeddings.weight.device
@@ -254,9 +253,8 @@ def ref_incremental(model, seqs, splits, n_decode):
         for a, c in zip(bounds[:-1], bounds[1:]):
             last = model(h[a:c], a, cache)[-1]
         rows = [last]
-        with decode_mode(model):
-            for p in range(P, len(toks)):
-                rows.append(model(h[p:p + 1], p, cache)[-1])
+        for p in range(P, len(toks)):
+            rows.append(model(h[p:p + 1], p, cache)[-1])
         out.append(torch.stack(rows).float())
     return out
 

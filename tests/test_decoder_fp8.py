@@ -1,8 +1,8 @@
 """FastDecoder with FP8 decoder linears vs the FP8 reference math (pixtral_rt/reference/fp8_linear.py).
 
 Scenario as in test_decoder_fast.py: sequences prefilled into cache slots (in chunks), then teacher-forced
-decode steps. The reference runs the same math incrementally through its KV cache: prompt forwards
-quantise activations per token, decode steps run under decode_mode (bf16 activations, FP8 weights).
+decode steps. The reference runs the same math incrementally through its KV cache: every forward, prompt or
+decode step, quantises its activations per token (W8A8, pixtral_rt/fp8.py).
 CPU: tiny model, fp32, Triton interpreter (FP8 GEMM on the Triton backend). GPU: full-size Pixtral-12B
 decoder with random weights, bf16, FP8 GEMM on torch._scaled_mm, decode through CUDA graphs; tolerance:
 the fast path's error vs the fp32 reference <= 2x the bf16 reference's own error (+ eps), i.e. the bf16
@@ -22,7 +22,7 @@ from tests.quantized_helpers import (assert_fast_matches_reference, check_pixtra
                                      quantize_state_dict, tiny_decoder_case, with_dense_linear)
 
 
-def test_fp8_linear_modes_are_the_formulas():
+def test_fp8_linear_is_the_formula():
     torch.manual_seed(0)
     w8, s = quantize_weight(torch.randn(24, 40) * 0.05)
     lin = Fp8Linear(40, 24)
@@ -31,14 +31,16 @@ def test_fp8_linear_modes_are_the_formulas():
     from pixtral_rt.fp8 import quantize_activations
     x8, sx = quantize_activations(x)
     torch.testing.assert_close(lin(x), (x8.double() @ w8.double().T * sx.double() * s.double().T).float())
-    lin.quantize_input = False
-    torch.testing.assert_close(lin(x), (x.double() @ w8.double().T * s.double().T).float())
+    # one row (a decode step) is quantised too: not the unquantised product
+    y1 = lin(x[:1])
+    torch.testing.assert_close(y1, (x8[:1].double() @ w8.double().T * sx[:1].double() * s.double().T).float())
+    assert not torch.allclose(y1, (x[:1].double() @ w8.double().T * s.double().T).float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("gemv_backend,fusion,n_seqs", [("cublas", "none", 2), ("triton", "none+pdl", 1)])
 def test_decoder_fp8_tiny_cpu_interpreter(device, gemv_backend, fusion, n_seqs):
-    """B = 2 decode runs the skinny FP8 GEMM, B = 1 the FP8 GEMV (plain and the decode chain); prefill the
-    per-token quantiser + FP8 GEMM. fp32: the FP8 operands are exact, so fast and reference differ only by
+    """B = 2 decode runs the per-token quantiser + skinny FP8 GEMM, B = 1 the same (plain, and the decode chain
+    with the RMSNorm writing the quantised rows); prefill the quantiser + the FP8 GEMM. fp32: the FP8 operands are exact, so fast and reference differ only by
     accumulation order (and, rarely, an activation landing on the other side of an e4m3 rounding tie)."""
     n_decode = 3
     args, model, sd, seqs = tiny_decoder_case(device, "fp8", (9, 14), n_seqs, n_decode)

@@ -39,3 +39,40 @@ def test_fp8_gemm_triton_small(device, out_dtype, M, N, K, tiles):
 @pytest.mark.parametrize("M,N,K", [(4193, 6144, 5120), (97, 5120, 4096), (1, 28672, 5120), (1025, 5120, 14336)])
 def test_fp8_gemm_bf16(backend, M, N, K):
     check_gemm("cuda", torch.bfloat16, M, N, K, backend)
+
+
+# backend "skinny" (decode rows, W8A8): every row of x in one padded tile, W tiles against it
+@pytest.mark.parametrize("M,N,K,tiles", [
+    (1, 37, 300, dict(block_n=32, block_k=64)), (5, 70, 160, dict(block_n=16, block_k=32)),
+    (33, 48, 64, dict(block_n=32, block_k=32)), (64, 16, 48, dict(block_n=16, block_k=16)),
+    (2, 100, 96, dict(block_n=64, block_k=32, block_m=32)),
+])
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_fp8_gemm_skinny_small(device, out_dtype, M, N, K, tiles):
+    check_gemm(device, out_dtype, M, N, K, "skinny", **tiles)
+
+
+def test_fp8_gemm_skinny_refuses(device):
+    x8, sx = quantize_activations(torch.randn(65, 32, device=device))
+    w8, sw = fp8_weights(16, 32, device, 0)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        fp8_gemm(x8, sx, w8, sw, backend="skinny")
+    with pytest.raises(ValueError, match="block_m 16 < 20"):
+        fp8_gemm(x8[:20], sx[:20], w8, sw, backend="skinny", block_m=16)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 2, 16, 33, 64])
+@pytest.mark.parametrize("N,K", [(6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336)])
+def test_fp8_gemm_skinny_bf16(M, N, K):
+    check_gemm("cuda", torch.bfloat16, M, N, K, "skinny")
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_fp8_gemm_skinny_pdl_equals_plain():
+    x8, sx = quantize_activations(torch.randn(3, 5120, device="cuda"))
+    w8, sw = fp8_weights(6144, 5120, "cuda", 1)
+    a = fp8_gemm(x8, sx, w8, sw, backend="skinny")
+    assert torch.equal(a, fp8_gemm(x8, sx, w8, sw, backend="skinny", pdl=True))

@@ -52,3 +52,12 @@ def test_fp8_quant_matches_reference_bf16(K):
     differ = q.view(torch.uint8) != qr.view(torch.uint8)
     print(f"K={K}: {int(differ.sum())} of {differ.numel()} codes differ from torch's, all signed zeros")
     assert bool((q.float()[differ] == 0).all())
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_fp8_quant_pdl_equals_plain():
+    x = torch.randn(3, 14336, device="cuda", dtype=torch.bfloat16)
+    q, s = fp8_quant(x)
+    q2, s2 = fp8_quant(x, pdl=True)
+    assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))

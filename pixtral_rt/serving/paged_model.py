@@ -55,13 +55,11 @@ class ReferencePagedModel:
         return self._forward(h, positions, pages, offsets, segs, rows)
 
     def decode(self, tokens, positions, block_table, lens):
-        from ..reference.fp8_linear import decode_mode
         P = self.page_size
         pages = block_table[:len(tokens)].gather(1, (positions // P).long()[:, None])[:, 0]
         pages = torch.where(lens > 0, pages, 0)           # idle rows write the trash page, never a real one
         segs = [(b, b + 1, n, block_table[b]) for b, n in enumerate(lens.tolist())]
-        with decode_mode(self.model):   # FP8: decode keeps activations unquantised, like the fast decoder
-            return self._forward(self.embed(tokens), positions, pages, positions % P, segs, None)
+        return self._forward(self.embed(tokens), positions, pages, positions % P, segs, None)
 
     @torch.inference_mode()
     def _forward(self, h, positions, pages, offsets, segs, rows):
