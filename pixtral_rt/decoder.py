@@ -288,12 +288,13 @@ class FastDecoder:
             return int4_gemm(x, w, backend="dequant")
         return int4_gemm(x, w, **self.int4_prefill_configs.get(key, {}))
 
-    def _linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
-        """x (T, K) @ w.T. FP8 w: x quantised per token, then the FP8 GEMM (_fp8_linear). Int4 w: _int4_linear."""
+    def _linear(self, x: torch.Tensor | tuple, w: Linear) -> torch.Tensor:
+        """x (T, K) @ w.T. FP8 w: x quantised per token (or given quantised: (x8, s_x) from rms_norm quant=True),
+        then the FP8 GEMM (_fp8_linear). Int4 w: _int4_linear."""
+        if isinstance(w, Fp8Weight):
+            return self._fp8_linear(x if isinstance(x, tuple) else fp8_quant(x), w, self.dtype)
         if isinstance(w, Int4Weight):
             return self._int4_linear(x, w)
-        if isinstance(w, Fp8Weight):
-            return self._fp8_linear(fp8_quant(x), w, x.dtype)
         if self.gemv_backend == "triton" and x.shape[0] == 1:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
@@ -336,13 +337,15 @@ class FastDecoder:
         T = x.shape[0]
         res, y = x, None
         for i, L in enumerate(self.layers):
+            # FP8 wqkv / w13: the norm writes the quantised rows (x8, s_x) itself
+            q1, q2 = isinstance(L.wqkv, Fp8Weight), isinstance(L.w13, Fp8Weight)
             if y is None:
-                h = rms_norm(x, L.attention_norm, eps)
+                h = rms_norm_pdl(x, L.attention_norm, eps, pdl=False, quant=q1)
             else:
-                h, res = rms_norm(y, L.attention_norm, eps, residual=res)
+                h, res = rms_norm_pdl(y, L.attention_norm, eps, residual=res, pdl=False, quant=q1)
             a = attend(i, self._linear(h, L.wqkv))         # (T, Hq, D)
             y = self._reduce(self._linear(a.view(T, -1), L.wo))
-            h, res = rms_norm(y, L.ffn_norm, eps, residual=res)
+            h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=False, quant=q2)
             y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13)), L.w2))
         if rows is not None:
             y, res = y.index_select(0, rows), res.index_select(0, rows)
