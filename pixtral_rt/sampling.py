@@ -172,10 +172,17 @@ class SamplingState:
         return out
 
     def set(self, slot: int, p: SamplingParams) -> None:
-        self.temperature[slot] = p.temperature
-        self.top_p[slot] = p.top_p
-        self.top_k[slot] = p.top_k
-        self.seed[slot] = p.seed
+        """A request's settings into its slot. temperature / top_p / top_k / seed are written only where they
+        change (each write is a launch on the request's path; only set() writes them, so the host copy of
+        the last values is exact); step and ctl always."""
+        vals = (p.temperature, p.top_p, p.top_k, p.seed)
+        last = self.__dict__.setdefault("_last", {})   # slot -> the values written there (a rows() view has none)
+        if last.get(slot) != vals:
+            self.temperature[slot] = p.temperature
+            self.top_p[slot] = p.top_p
+            self.top_k[slot] = p.top_k
+            self.seed[slot] = p.seed
+            last[slot] = vals
         self.step[slot] = 0           # masked: rewritten whole before each step (ModelRunner.set_token_masks)
         self.ctl[slot] = 0            # controls: sampling_controls.write_controls_ after this, if any
 

@@ -251,16 +251,13 @@ class ModelRunner:
 
     def _set_slot(self, seq: Sequence) -> None:
         s, p = seq.slot, seq.params
-        row = np.zeros(self.max_pages, dtype=np.int64)       # unused entries: the trash page
-        row[:len(seq.pages)] = seq.pages
-        self.block_table[s].copy_(self._upload([row])[0])
-        self._table_len[s] = len(seq.pages)
+        # the slot's block-table row is all trash page (zeroed by _clear_slot, or never used) and its active /
+        # positions entries 0: _append_pages writes the sequence's pages with the step's other appends
+        self._table_len[s] = 0
         self.sampling.set(s, p)
         if p.has_controls:          # from the prompt and the delivered output (a resume: what it had generated)
             rows = plan_controls(p, seq.req.tokens, seq.output, self.eos_id, self.sampling.counts.shape[1])
             write_controls_(self.sampling, s, rows, self._upload_arrays)
-        self.active[s] = 0
-        self.positions[s] = 0
 
     def _clear_slot(self, slot: int) -> None:
         self.active[slot] = 0
