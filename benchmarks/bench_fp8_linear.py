@@ -111,7 +111,7 @@ def main():
     models = {"12b": [PIXTRAL_12B], "large": [PIXTRAL_LARGE], "both": [PIXTRAL_12B, PIXTRAL_LARGE]}[a.model]
     from pixtral_rt.decoder import GEMV_CONFIGS
     sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5)) if a.full_sweep else \
-        itertools.product((32, 64, 128), (128, 256), (4,), (3, 4))
+        itertools.product((16, 32, 64, 128), (256, 512), (4,), (3, 4))
     sweep = list(sweep)
     best_skinny = {}
     for args in models:

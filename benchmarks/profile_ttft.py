@@ -68,9 +68,21 @@ def analyse(prof, n_reqs: int) -> tuple[list[dict], dict]:
         k0 = min(k.time_range.start for k in ks)
         k1 = max(k.time_range.end for k in ks)
         busy = _union([(k.time_range.start, k.time_range.end) for k in ks])
+        # the longest GPU idle gaps: where the GPU waited for the host (offset from the first kernel, length,
+        # the kernels on either side)
+        srt = sorted(ks, key=lambda k: k.time_range.start)
+        gaps, end, prev = [], srt[0].time_range.end, srt[0]
+        for k in srt[1:]:
+            if k.time_range.start > end:
+                gaps.append(((k.time_range.start - end) / 1e3, (end - k0) / 1e3, prev.name[:40], k.name[:40]))
+            if k.time_range.end > end:
+                end, prev = k.time_range.end, k
+        n_gaps, idle_small = len(gaps), sum(g[0] for g in gaps if g[0] < 0.01)
+        gaps = [dict(ms=round(g, 3), at_ms=round(t, 3), after=a_, before=b_) for g, t, a_, b_ in sorted(gaps)[-5:]]
         rows.append({"wall_ms": (b - a) / 1e3, "host_before_gpu_ms": (k0 - a) / 1e3, "gpu_span_ms": (k1 - k0) / 1e3,
                      "gpu_busy_ms": busy / 1e3, "gpu_idle_in_span_ms": (k1 - k0 - busy) / 1e3,
-                     "after_gpu_ms": (b - k1) / 1e3, "kernels": len(ks)})
+                     "after_gpu_ms": (b - k1) / 1e3, "kernels": len(ks), "idle_gaps": n_gaps, "idle_in_gaps_under_10us_ms": idle_small,
+                     "longest_gaps": gaps[::-1]})
         for k in ks:
             d = per_name.setdefault(k.name[:90], [0.0, 0])
             d[0] += (k.time_range.end - k.time_range.start) / 1e3 / n_reqs

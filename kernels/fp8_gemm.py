@@ -80,25 +80,25 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, 
     mmask, nmask = offs_m < M, offs_n < N
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]      # (BLOCK_N, BLOCK_K)
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]      # (BLOCK_K, BLOCK_M) = x8^T
-    # first K tile of W (constant data) before waiting on the producer of x8
+    # first K tile of W (constant data) before waiting on the producer of x8; the loop after it is a plain
+    # load-load-dot loop that Triton software-pipelines (num_stages)
     kmask0 = offs_k < K
-    w = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0)
+    w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0)
     if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()      # after the wait: at most one grid waits behind this one
+    x0 = tl.load(x_ptrs, mask=mmask[None, :] & kmask0[:, None], other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc += tl.dot(w0, x0)            # each K tile's sum promoted into fp32 (see _fp8_gemm_kernel)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         if EVEN_K:
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
             x = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
         else:
-            x = tl.load(x_ptrs + k0, mask=mmask[None, :] & (k0 + offs_k < K)[:, None], other=0.0)
-        acc += tl.dot(w, x)          # each K tile's sum promoted into fp32 (see _fp8_gemm_kernel)
-        k1 = k0 + BLOCK_K
-        if k1 < K:                   # the next W tile
-            if EVEN_K:
-                w = tl.load(w_ptrs + k1, mask=nmask[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs + k1, mask=nmask[:, None] & (k1 + offs_k < K)[None, :], other=0.0)
+            kmask = k0 + offs_k < K
+            w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = tl.load(x_ptrs + k0, mask=mmask[None, :] & kmask[:, None], other=0.0)
+        acc += tl.dot(w, x)
     sx = tl.load(sx_ptr + offs_m, mask=mmask, other=0.0)
     sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
     y = acc * sw[:, None] * sx[None, :]
