@@ -79,10 +79,18 @@ def analyse(prof, n_reqs: int) -> tuple[list[dict], dict]:
                 end, prev = k.time_range.end, k
         n_gaps, idle_small = len(gaps), sum(g[0] for g in gaps if g[0] < 0.01)
         gaps = [dict(ms=round(g, 3), at_ms=round(t, 3), after=a_, before=b_) for g, t, a_, b_ in sorted(gaps)[-5:]]
+        # CUDA runtime calls on the host inside the window (a cudaFree / synchronize stalls the launches)
+        api: dict = {}
+        for e in evs:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda") and a <= e.time_range.start <= b:
+                d = api.setdefault(e.name, [0, 0.0])
+                d[0] += 1
+                d[1] += (e.time_range.end - e.time_range.start) / 1e3
+        api = {k: [n, round(ms, 3)] for k, (n, ms) in sorted(api.items(), key=lambda kv: -kv[1][1])[:6]}
         rows.append({"wall_ms": (b - a) / 1e3, "host_before_gpu_ms": (k0 - a) / 1e3, "gpu_span_ms": (k1 - k0) / 1e3,
                      "gpu_busy_ms": busy / 1e3, "gpu_idle_in_span_ms": (k1 - k0 - busy) / 1e3,
                      "after_gpu_ms": (b - k1) / 1e3, "kernels": len(ks), "idle_gaps": n_gaps, "idle_in_gaps_under_10us_ms": idle_small,
-                     "longest_gaps": gaps[::-1]})
+                     "longest_gaps": gaps[::-1], "cuda_api_calls_ms": api})
         for k in ks:
             d = per_name.setdefault(k.name[:90], [0.0, 0])
             d[0] += (k.time_range.end - k.time_range.start) / 1e3 / n_reqs
