@@ -84,10 +84,20 @@ DECODE_FUSIONS = ("none", "none+pdl")
 
 # FP8 decoder (pixtral_rt/fp8.py, W8A8): decode rows (1..64) run kernels/fp8_gemm.py's "skinny" tensor-core
 # kernel on per-token quantised activations; FP8_DECODE_CONFIGS: its tiles per weight shape (N, K) and padded row
-# count block_m in (16, 32, 64). NOT MEASURED YET: the kernel's defaults below are a first guess until
-# benchmarks/bench_fp8_linear.py has swept them on the GPU. (The W8A16 GEMV tiles that were tuned here, 2026-12-02
-# on an H200, are in benchmarks/results/fp8_linear.jsonl.)
-FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {}
+# count block_m in (16, 32, 64); other shapes / row counts take the kernel's defaults. PROVISIONAL: the winners of
+# the first H100 sweep (benchmarks/results/fp8_linear.jsonl, commit 9b08ddf), taken with a K loop since rewritten;
+# bench_fp8_linear.py re-sweeps them. (The W8A16 GEMV tiles tuned before, 2026-12-02 on an H200, are in the same
+# file and in bench_fp8_linear.W8A16_M1.)
+FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
+    (6144, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                   64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
+    (5120, 4096): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                   64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
+    (28672, 5120): {16: dict(block_n=64, block_k=256, num_warps=4, num_stages=3),
+                    64: dict(block_n=64, block_k=128, num_warps=4, num_stages=4)},
+    (5120, 14336): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                    64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
+}
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
