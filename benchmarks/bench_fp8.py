@@ -155,7 +155,8 @@ def main():
     ap.add_argument("--random-weights", metavar="PRESET", help="generate weights on the GPU instead (no checkpoint)")
     ap.add_argument("--fp8-only", action="store_true", help="no bf16 engine (a model whose bf16 weights do not fit); "
                     "same as --runs fp8")
-    ap.add_argument("--runs", default="bf16,fp8", help="engines to run, in order: bf16, fp8, int4 (comma-separated)")
+    ap.add_argument("--runs", default="bf16,fp8", help="engines to run, in order: bf16, fp8 (decode w8a16, the default), "
+                    "fp8_w8a8 (decode on quantised activations), int4 (comma-separated)")
     ap.add_argument("--max-context", type=int, default=16384, help="the engines' max context (the KV pool is "
                     "sized from free memory either way)")
     ap.add_argument("--quality", action="store_true", help="each quantised engine vs bf16: logits and greedy agreement")
@@ -167,15 +168,19 @@ def main():
           f"fp8 matmul {f8_rate / 1e12:.0f} TFLOP/s")
     src = {"random_weights": a.random_weights} if a.random_weights else {}
     labels = ["fp8"] if a.fp8_only else [x.strip() for x in a.runs.split(",") if x.strip()]
-    bad = [x for x in labels if x not in ("bf16", "fp8", "int4")]
+    bad = [x for x in labels if x not in ("bf16", "fp8", "fp8_w8a8", "int4")]
     if bad or not labels:
-        ap.error(f"--runs: unknown engine(s) {bad}; choose from bf16, fp8, int4")
+        ap.error(f"--runs: unknown engine(s) {bad}; choose from bf16, fp8, fp8_w8a8, int4")
     runs = {}
     for label in labels:
-        if label == "fp8" and a.fp8_model:
+        quant = label.split("_")[0]
+        if quant == "fp8" and a.fp8_model:
             runs[label] = {"model": a.fp8_model}
         else:
-            runs[label] = {"model": a.model, **src, **({} if label == "bf16" else {"quantization": label})}
+            runs[label] = {"model": a.model, **src, **({} if label == "bf16" else {"quantization": quant})}
+        if label == "fp8_w8a8":                # FP8 decode on quantised activations (RuntimeOptions.fp8_decode)
+            from pixtral_rt.options import RuntimeOptions
+            runs[label]["options"] = RuntimeOptions(fp8_decode="w8a8")
         if a.random_weights:
             runs[label].pop("model", None)
     # the requests, planned once with the model's tokenizer (no weights loaded for this)
@@ -207,7 +212,7 @@ def main():
             else:
                 fl, lin = ttft_flops(args, req), linear_flops(args, req.prompt_tokens)
                 # int4 (W4A16) prefill runs bf16 tensor-core math on dequantised tiles: the bf16 rate
-                floor_ms = ((fl - lin) / bf_rate + lin / (f8_rate if label == "fp8" else bf_rate)) * 1e3
+                floor_ms = ((fl - lin) / bf_rate + lin / (f8_rate if label.startswith("fp8") else bf_rate)) * 1e3
                 record(BENCH, f"{model_name} {label} {c}", "ttft_ms_engine", o["ttft_ms"], "ms",
                        "bf16 engine (same run)" if bf else None,
                        bf["speed"][c]["ttft_ms"] if bf and c in bf["speed"] else None, floor_ms,

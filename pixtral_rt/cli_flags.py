@@ -28,8 +28,8 @@ def add_weight_flags(group) -> None:
 
 def add_runtime_flags(group) -> None:
     """The measured alternatives (pixtral_rt/options.py RuntimeOptions) as flags: --tp-lm-head, --tp-allreduce,
-    --preprocess."""
-    from .options import ALLREDUCE_IMPLS, LM_HEAD_MODES
+    --preprocess, --fp8-decode."""
+    from .options import ALLREDUCE_IMPLS, FP8_DECODE_MODES, LM_HEAD_MODES
     group.add_argument("--tp-lm-head", choices=LM_HEAD_MODES, default="vocab",
                        help="with --tensor-parallel: split the lm_head by vocabulary rows and all-gather the logits "
                             "(vocab, the default: measured faster) or keep it whole on every rank (replicated)")
@@ -39,12 +39,17 @@ def add_runtime_flags(group) -> None:
     group.add_argument("--preprocess", choices=("auto", "numpy"), default="auto",
                        help="host image preprocessing: the native C++ op when built (auto, default) or the NumPy "
                             "fallback (numpy; same results, slower)")
+    group.add_argument("--fp8-decode", choices=FP8_DECODE_MODES, default="w8a16",
+                       help="with FP8 weights: decode steps on bf16 activations (w8a16, default, measured faster) "
+                            "or on activations quantised per token as in prefill (w8a8, the FP8 tensor-core kernel; "
+                            "experimental)")
 
 
 def runtime_options(args: argparse.Namespace):
     """The RuntimeOptions the flags of add_runtime_flags give."""
     from .options import RuntimeOptions
-    return RuntimeOptions(tp_lm_head=args.tp_lm_head, tp_allreduce=args.tp_allreduce, preprocess=args.preprocess)
+    return RuntimeOptions(tp_lm_head=args.tp_lm_head, tp_allreduce=args.tp_allreduce, preprocess=args.preprocess,
+                          fp8_decode=args.fp8_decode)
 
 
 def check_weight_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -21,9 +21,10 @@ paged_prefill_attention | paged_decode_attention -> wo GEMM -> rms_norm(+residua
 w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", the default on CUDA:
 +7% decode tok/s on an H200; gemv_backend="cublas" to turn it off).
 
-Quantised decoder linears: FP8 W8A8 (pixtral_rt/fp8.py; kernels/fp8_quant.py + fp8_gemm.py: its "skinny"
-kernel for decode rows, scaled_mm for prefill; in the batch-1 chain the RMSNorm writes the quantised rows
-itself, kernels/rms_norm.py quant=True) or int4 W4A16
+Quantised decoder linears: FP8 (pixtral_rt/fp8.py; prefill W8A8: kernels/fp8_quant.py + fp8_gemm.py's
+scaled_mm; decode by fp8_decode: "w8a16", the default, kernels/fp8_gemv.py on bf16 activations, or "w8a8",
+activations quantised per token then fp8_gemm.py's "skinny" tensor-core kernel, the RMSNorm writing the
+quantised rows itself, kernels/rms_norm.py quant=True) or int4 W4A16
 (pixtral_rt/int4.py; kernels/int4_gemv.py for 1 row, kernels/int4_gemm.py for 2..64 rows and prefill), chosen by
 the weights the state dict holds, at the same dispatch points (_linear, and the decode chain's lin).
 
@@ -46,8 +47,9 @@ from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
 from .int4 import Int4Weight, packed_key
 from .collectives import gather_vocab
-from .options import ALLREDUCE_IMPLS
+from .options import ALLREDUCE_IMPLS, FP8_DECODE_MODES
 from pixtral_rt.kernels.fp8_gemm import SKINNY_MAX_M, fp8_gemm
+from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
 from pixtral_rt.kernels.gemv import gemv
 from pixtral_rt.kernels.int4_gemm import int4_gemm
@@ -82,12 +84,36 @@ GEMV_CONFIGS = {
 DEFAULT_DECODE_FUSION = "none+pdl"
 DECODE_FUSIONS = ("none", "none+pdl")
 
-# FP8 decoder (pixtral_rt/fp8.py, W8A8): decode rows (1..64) run kernels/fp8_gemm.py's "skinny" tensor-core
-# kernel on per-token quantised activations; FP8_DECODE_CONFIGS: its tiles per weight shape (N, K) and padded row
-# count block_m in (16, 32, 64); other shapes / row counts take the kernel's defaults. PROVISIONAL: the winners of
-# the first H100 sweep (benchmarks/results/fp8_linear.jsonl, commit 9b08ddf), taken with a K loop since rewritten;
-# bench_fp8_linear.py re-sweeps them. (The W8A16 GEMV tiles tuned before, 2026-12-02 on an H200, are in the same
-# file and in bench_fp8_linear.W8A16_M1.)
+# FP8 decode "w8a16" (the default, pixtral_rt/options.py fp8_decode): tiles of kernels/fp8_gemv.py per weight shape
+# (N, K): for 1 row (GEMV), and for 2..64 rows per padded row-tile block_m in (16, 32, 64) (skinny GEMM). Shapes not
+# listed take the kernel's defaults. Chosen by benchmarks/bench_fp8_linear.py (CUDA-graph timed sweeps).
+# Sweep of 2026-12-02 on an H200 (benchmarks/results/fp8_linear.jsonl, commit a5e6170): M=1 reads W at 2.3 (wo) to
+# 3.5 (w13) TB/s, 0.61-0.66x the bf16 GEMV's time.
+FP8_GEMV_CONFIGS: dict[tuple[int, int], dict] = {
+    (6144, 5120): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),     # wqkv
+    (5120, 4096): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),     # wo
+    (28672, 5120): dict(block_n=8, block_k=512, num_warps=4, num_stages=4),    # w13
+    (5120, 14336): dict(block_n=8, block_k=512, num_warps=8, num_stages=4),    # w2
+}
+FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
+    (6144, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=4),
+                   32: dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
+                   64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+    (5120, 4096): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                   32: dict(block_n=64, block_k=128, num_warps=4, num_stages=5),
+                   64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+    (28672, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                    32: dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
+                    64: dict(block_n=128, block_k=128, num_warps=4, num_stages=3)},
+    (5120, 14336): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+                    32: dict(block_n=64, block_k=128, num_warps=4, num_stages=5),
+                    64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
+}
+# FP8 decode "w8a8": decode rows (1..64) run kernels/fp8_gemm.py's "skinny" tensor-core kernel on per-token
+# quantised activations; FP8_DECODE_CONFIGS: its tiles per weight shape (N, K) and padded row count block_m in
+# (16, 32, 64); others take the kernel's defaults. PROVISIONAL: the winners of the first H100 sweep
+# (benchmarks/results/fp8_linear.jsonl, commit 9b08ddf), taken with a K loop since rewritten (that kernel lost to
+# w8a16 at 1 row: 25-77 us against 11-54 us, and won at 64 rows on w13: 76 against 124 us).
 FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
     (6144, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
                    64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
@@ -134,14 +160,15 @@ class FastDecoder:
                  decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
                  fp8_gemm_backend: str | None = None, tp_group=None,
-                 vocab_parallel: bool = False, tp_allreduce: str = "nccl"):
+                 vocab_parallel: bool = False, tp_allreduce: str = "nccl", fp8_decode: str = "w8a16"):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
         max_batch: the most decode rows (sizes the symmetric-memory buffer); max_seq: the RoPE table's length.
         FP8: a decoder linear given as float8_e4m3fn `<name>.weight` + fp32 `<name>.weight_scale` (N, 1) (the
-        contract of pixtral_rt/fp8.py) is kept in FP8: activations are quantised per token (kernels/fp8_quant.py)
-        and the FP8 GEMM runs (kernels/fp8_gemm.py: "skinny" for up to 64 rows, fp8_gemm_backend "scaled_mm"
-        or "triton" beyond).
+        contract of pixtral_rt/fp8.py) is kept in FP8: prefill quantises activations per token
+        (kernels/fp8_quant.py) and runs the FP8 GEMM (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or
+        "triton"); decode by fp8_decode: "w8a16" kernels/fp8_gemv.py on bf16 activations, "w8a8" quantised
+        activations into fp8_gemm.py's "skinny" kernel (pixtral_rt/options.py).
         Int4: a decoder linear given as int32 `<name>.weight_packed` (N, K / 8) + fp32 `<name>.weight_scale`
         (N, K / G) (the contract of pixtral_rt/int4.py; no `<name>.weight`) becomes an Int4Weight, repacked
         once here into the kernels' layout (scales kept in bf16 on CUDA when bf16 holds them exactly): 1 row
@@ -259,7 +286,12 @@ class FastDecoder:
         self.fp8_gemm_backend = fp8_gemm_backend or (
             DEFAULT_FP8_GEMM_BACKEND if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)
             >= (8, 9) else "triton")
+        self.fp8_gemv_configs = dict(FP8_GEMV_CONFIGS)
+        self.fp8_skinny_configs = dict(FP8_SKINNY_CONFIGS)
         self.fp8_decode_configs = dict(FP8_DECODE_CONFIGS)
+        if fp8_decode not in FP8_DECODE_MODES:
+            raise ValueError(f"FastDecoder: fp8_decode must be one of {FP8_DECODE_MODES}, got {fp8_decode!r}")
+        self.fp8_decode = fp8_decode
         self.k_pages = self.v_pages = None     # paged cache (alloc_pages)
         self.page_size = 0
         self.cos_sin = rope_table(self.max_seq, D, args.rope_theta, self.device)
@@ -298,16 +330,27 @@ class FastDecoder:
             return int4_gemm(x, w, backend="dequant")
         return int4_gemm(x, w, **self.int4_prefill_configs.get(key, {}))
 
-    def _linear(self, x: torch.Tensor | tuple, w: Linear) -> torch.Tensor:
-        """x (T, K) @ w.T. FP8 w: x quantised per token (or given quantised: (x8, s_x) from rms_norm quant=True),
-        then the FP8 GEMM (_fp8_linear). Int4 w: _int4_linear."""
+    def _linear(self, x: torch.Tensor | tuple, w: Linear, act_quant: bool = True) -> torch.Tensor:
+        """x (T, K) @ w.T. FP8 w: with act_quant (prefill; decode when fp8_decode is "w8a8") x quantised per token
+        (or given quantised: (x8, s_x) from rms_norm quant=True), then the FP8 GEMM (_fp8_linear); without it
+        (decode, "w8a16") the FP8-weight GEMV / skinny GEMM on x as it is. Int4 w: _int4_linear."""
         if isinstance(w, Fp8Weight):
-            return self._fp8_linear(x if isinstance(x, tuple) else fp8_quant(x), w, self.dtype)
+            if act_quant:
+                return self._fp8_linear(x if isinstance(x, tuple) else fp8_quant(x), w, self.dtype)
+            return self._fp8_w8a16(x, w)
         if isinstance(w, Int4Weight):
             return self._int4_linear(x, w)
         if self.gemv_backend == "triton" and x.shape[0] == 1:
             return gemv(x, w, **self.gemv_configs.get(tuple(w.shape), {}))
         return F.linear(x, w)
+
+    def _fp8_w8a16(self, x: torch.Tensor, w: Fp8Weight, pdl: bool = False) -> torch.Tensor:
+        """Decode "w8a16": x (M <= 64, K) bf16 @ W8.T * s_w, weights dequantised in registers (kernels/fp8_gemv.py)."""
+        M = x.shape[0]
+        if M == 1:
+            return fp8_gemv(x, w.weight, w.scale, pdl=pdl, **self.fp8_gemv_configs.get(tuple(w.shape), {}))
+        bm = min(64, max(16, 1 << (M - 1).bit_length()))
+        return fp8_gemv(x, w.weight, w.scale, **self.fp8_skinny_configs.get(tuple(w.shape), {}).get(bm, {}))
 
     def _fp8_linear(self, xq: tuple[torch.Tensor, torch.Tensor], w: Fp8Weight, out_dtype, pdl: bool = False
                     ) -> torch.Tensor:
@@ -340,23 +383,25 @@ class FastDecoder:
         torch.distributed.all_reduce(y, group=self.tp_group)
         return y
 
-    def _layers(self, x: torch.Tensor, attend, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attend, rows: torch.Tensor | None = None,
+                act_quant: bool = True) -> torch.Tensor:
         """x (T, dim) -> final-normed hidden (T or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
-        rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows)."""
+        rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows).
+        act_quant: FP8 linears quantise their input per token (prefill, and decode with fp8_decode "w8a8")."""
         eps = self.args.norm_eps
         T = x.shape[0]
         res, y = x, None
         for i, L in enumerate(self.layers):
-            # FP8 wqkv / w13: the norm writes the quantised rows (x8, s_x) itself
-            q1, q2 = isinstance(L.wqkv, Fp8Weight), isinstance(L.w13, Fp8Weight)
+            # FP8 wqkv / w13 on quantised inputs: the norm writes the quantised rows (x8, s_x) itself
+            q1, q2 = (act_quant and isinstance(w, Fp8Weight) for w in (L.wqkv, L.w13))
             if y is None:
                 h = rms_norm_pdl(x, L.attention_norm, eps, pdl=False, quant=q1)
             else:
                 h, res = rms_norm_pdl(y, L.attention_norm, eps, residual=res, pdl=False, quant=q1)
-            a = attend(i, self._linear(h, L.wqkv))         # (T, Hq, D)
-            y = self._reduce(self._linear(a.view(T, -1), L.wo))
+            a = attend(i, self._linear(h, L.wqkv, act_quant))         # (T, Hq, D)
+            y = self._reduce(self._linear(a.view(T, -1), L.wo, act_quant))
             h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=False, quant=q2)
-            y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13)), L.w2))
+            y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant))
         if rows is not None:
             y, res = y.index_select(0, rows), res.index_select(0, rows)
         h, _ = rms_norm(y, self.norm, eps, residual=res)
@@ -371,7 +416,8 @@ class FastDecoder:
         if chain:
             logits = self._decode_chain(self.embed(tokens), attend, pdl=pdl)
         else:
-            logits = self._linear(self._layers(self.embed(tokens), attend), self.output).float()
+            logits = self._linear(self._layers(self.embed(tokens), attend, act_quant=self.fp8_decode == "w8a8"),
+                                  self.output).float()
         return self._gather_vocab(logits)
 
     # ------------------------------------------------------------------ paged KV cache (serving)
@@ -429,15 +475,19 @@ class FastDecoder:
 
     def _decode_chain(self, x: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
         """Batch-1 decode body of 'none+pdl': the 'none' kernels (rms_norm with the residual add, plain GEMVs),
-        (pdl) every launch programmatic-dependent. Computes exactly what 'none' computes. FP8 linears: the
+        (pdl) every launch programmatic-dependent. Computes exactly what 'none' computes. FP8 "w8a8": the
         RMSNorms before wqkv / w13 write the quantised row themselves (rms_norm quant=True: the same bytes as
         rms_norm + fp8_quant); the inputs of wo and w2 are quantised by fp8_quant."""
         eps = self.args.norm_eps
         cfg = self.gemv_configs
 
+        w8a8 = self.fp8_decode == "w8a8"
+
         def lin(h, w, **kw):
-            if isinstance(w, Fp8Weight):      # FP8 decode: h is (x8, s_x) or quantised here
-                xq = h if isinstance(h, tuple) else fp8_quant(h, pdl=pdl)
+            if isinstance(w, Fp8Weight):
+                if not w8a8:                  # bf16 activations, FP8 weights dequantised in registers
+                    return self._fp8_w8a16(h, w, pdl=pdl)
+                xq = h if isinstance(h, tuple) else fp8_quant(h, pdl=pdl)    # w8a8: (x8, s_x) or quantised here
                 return self._fp8_linear(xq, w, self.dtype, pdl=pdl)
             if isinstance(w, Int4Weight):     # int4 decode (the tensor-core backend takes no PDL)
                 return self._int4_linear(h, w, pdl=pdl)
@@ -445,7 +495,7 @@ class FastDecoder:
 
         res, y = x, None
         for i, L in enumerate(self.layers):
-            q1, q2 = isinstance(L.wqkv, Fp8Weight), isinstance(L.w13, Fp8Weight)
+            q1, q2 = (w8a8 and isinstance(w, Fp8Weight) for w in (L.wqkv, L.w13))
             if y is None:
                 h = rms_norm_pdl(x, L.attention_norm, eps, pdl=pdl, quant=q1)
             else:

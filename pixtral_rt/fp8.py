@@ -3,13 +3,14 @@
 Scheme (the published `pixtral-12b-FP8-dynamic` one, compressed-tensors "float-quantized"):
   weights      per output channel, symmetric:  s_w[n] = max_k |W[n, k]| * (1/448),
                W8[n, k] = e4m3(W[n, k] / s_w[n])                 W8 (N, K) float8_e4m3fn, s_w (N, 1) fp32
-  activations  per token, dynamic (every token, prefill and decode): s_x[t] = max_k |x[t, k]| * (1/448),
+  activations  per token, dynamic: s_x[t] = max_k |x[t, k]| * (1/448),
                x8[t, k] = e4m3(x[t, k] / s_x[t])                 x8 (T, K) float8_e4m3fn, s_x (T, 1) fp32
-  linear       y[t, n] = (sum_k x8[t, k] W8[n, k]) * s_x[t] * s_w[n]      (FP8 tensor cores: prefill's GEMM,
-                                                                          decode's skinny GEMM, W8A8)
-Decode used bf16 activations with the weights dequantised in registers (W8A16) until the fp8 -> fp32
-conversions were found to bound that GEMV below the copy bandwidth; W8A8 is also the published checkpoint's
-own scheme ("dynamic": activations quantised per token at every step). docs/NOTES.md, FP8 decoder.
+  prefill      y[t, n] = (sum_k x8[t, k] W8[n, k]) * s_x[t] * s_w[n]      (FP8 tensor cores)
+  decode       RuntimeOptions.fp8_decode (pixtral_rt/options.py):
+               "w8a16" (default)  y[t, n] = (sum_k x[t, k] W8[n, k]) * s_w[n]   (bf16 activations, weights
+                                                                          dequantised in registers)
+               "w8a8"             the prefill formula (activations quantised per token at every step, the
+                                  published checkpoint's own "dynamic" scheme; FP8 tensor-core skinny kernel)
 e4m3(v): round to nearest even, after clamping to [-448, 448]. The scale multiplies by fp32(1/448) (what
 torch's CUDA division by a Python scalar does, and its CPU multiply) and x / s is a correctly rounded
 division, so the Triton kernels and this reference give the same bytes on the CPU and the GPU. A row of

@@ -243,7 +243,7 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
         args = dataclasses.replace(src.args, text=sharded_args(src.args.text, shard[1], options.tp_lm_head))
         tp = dict(tp_group="world", vocab_parallel=options.tp_lm_head == "vocab", tp_allreduce=options.tp_allreduce)
     dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, **tp)      # consume: frees each unfused weight as it is fused
+                      consume=True, fp8_decode=options.fp8_decode, **tp)      # consume: frees each unfused weight as it is fused
     sd.clear()
     torch.cuda.empty_cache()
     return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)
@@ -252,9 +252,10 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
 def _reference_model(src, progress, shard, text_only, options):
     from .serving.paged_model import ReferencePagedModel
     if shard is None:
-        return ReferencePagedModel(load_reference_model(src, progress), src.args, src.device, src.dtype)
+        return ReferencePagedModel(load_reference_model(src, progress), src.args, src.device, src.dtype,
+                                   fp8_decode=options.fp8_decode)
     m, args = reference_shard(src, shard, text_only, progress, lm_head=options.tp_lm_head)
-    return ReferencePagedModel(m, args, src.device, src.dtype)
+    return ReferencePagedModel(m, args, src.device, src.dtype, fp8_decode=options.fp8_decode)
 
 
 def reference_shard(src: ModelSource, shard: tuple[int, int], text_only: bool, progress: bool = False,

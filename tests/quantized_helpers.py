@@ -238,9 +238,10 @@ def quantized_reference(args, sd: dict, device, dtype: torch.dtype, scheme: str)
 
 
 @torch.no_grad()
-def ref_incremental(model, seqs, splits, n_decode):
+def ref_incremental(model, seqs, splits, n_decode, fp8_decode: str = "w8a16"):
     """Per sequence: logits of the last prompt token (prompt forwards in the given chunks) then of each
-    teacher-forced decode step: (1 + n_decode, vocab) fp32."""
+    teacher-forced decode step (decode_mode(fp8_decode)): (1 + n_decode, vocab) fp32."""
+    from pixtral_rt.reference.fp8_linear import decode_mode
     from pixtral_rt.reference.transformer import KVCache
 
     dev = model.tok_embeddings.weight.device
@@ -253,8 +254,9 @@ def ref_incremental(model, seqs, splits, n_decode):
         for a, c in zip(bounds[:-1], bounds[1:]):
             last = model(h[a:c], a, cache)[-1]
         rows = [last]
-        for p in range(P, len(toks)):
-            rows.append(model(h[p:p + 1], p, cache)[-1])
+        with decode_mode(model, fp8_decode):
+            for p in range(P, len(toks)):
+                rows.append(model(h[p:p + 1], p, cache)[-1])
         out.append(torch.stack(rows).float())
     return out
 
@@ -287,15 +289,17 @@ def with_dense_linear(sd: dict, dense_sd: dict, key: str, scheme: str) -> dict:
     return out
 
 
-def assert_fast_matches_reference(dec, model, sd: dict, scheme: str, device, seqs, splits, n_decode) -> None:
+def assert_fast_matches_reference(dec, model, sd: dict, scheme: str, device, seqs, splits, n_decode,
+                                  fp8_decode: str = "w8a16") -> None:
     """The tiny fp32 check: `dec` (run_fast: prefill in `splits`, then n_decode teacher-forced steps) vs the fp32
     reference of the scheme holding `sd`, and vs `model` (the unquantised model sd came from). Fast within 1e-4
     (rel) of its reference with the same argmax, and more than 10x further from the unquantised model (the
-    quantised weights really ran)."""
+    quantised weights really ran). fp8_decode: the decode math of the FP8 reference (the decoder's own)."""
     from tests.test_decoder_fast import rel, run_fast
 
     fast = run_fast(dec, seqs, splits=splits, n_decode=n_decode)
-    ref = ref_incremental(quantized_reference(model.args, sd, device, torch.float32, scheme), seqs, splits, n_decode)
+    ref = ref_incremental(quantized_reference(model.args, sd, device, torch.float32, scheme), seqs, splits, n_decode,
+                          fp8_decode)
     bf = ref_incremental(model.eval(), seqs, splits, n_decode)     # the unquantised model
     for f, r, b in zip(fast, ref, bf):
         assert not torch.isnan(f).any()
@@ -304,7 +308,7 @@ def assert_fast_matches_reference(dec, model, sd: dict, scheme: str, device, seq
         assert rel(f, b) > 10 * rel(f, r)          # quantised: further from the bf16 model than from its ref
 
 
-def check_pixtral12b_vs_reference(scheme: str, batch: int) -> None:
+def check_pixtral12b_vs_reference(scheme: str, batch: int, fp8_decode: str = "w8a16") -> None:
     """GPU: full-size 12B decoder (random weights, bf16) with `scheme` linears: prefill + 24 decode steps replayed
     from a CUDA graph (B = 1: the GEMV decode chain with PDL; B = 2: the skinny GEMM) vs the scheme's reference
     in fp32: error <= 2x the bf16 reference's own error + 1e-3. The gap to the bf16 decoder is printed (a quality
@@ -324,11 +328,13 @@ def check_pixtral12b_vs_reference(scheme: str, batch: int) -> None:
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(1000, args.vocab_size, (n + n_decode,), generator=g).tolist() for n in (97, 300)][:batch]
     splits = [[40]] * batch
-    dec = FastDecoder(args, dict(sd), max_batch=batch, max_seq=512)
+    dec = FastDecoder(args, dict(sd), max_batch=batch, max_seq=512, fp8_decode=fp8_decode)
     fast = run_fast(dec, seqs, splits, n_decode, graph=True)
     del dec
-    ref16 = ref_incremental(quantized_reference(args, sd, "cuda", torch.bfloat16, scheme), seqs, splits, n_decode)
-    ref32 = ref_incremental(quantized_reference(args, sd, "cuda", torch.float32, scheme), seqs, splits, n_decode)
+    ref16 = ref_incremental(quantized_reference(args, sd, "cuda", torch.bfloat16, scheme), seqs, splits, n_decode,
+                            fp8_decode)
+    ref32 = ref_incremental(quantized_reference(args, sd, "cuda", torch.float32, scheme), seqs, splits, n_decode,
+                            fp8_decode)
     del model
     torch.cuda.empty_cache()
     dec_bf = FastDecoder(args, bf_sd, max_batch=batch, max_seq=512)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import PixtralArgs
+from .fp8_linear import decode_mode
 from .layers import RMSNorm
 from .transformer import KVCache, Transformer
 from .vision_encoder import PatchMerger, VisionEncoder, VisionLanguageAdapter
@@ -83,5 +84,6 @@ class PixtralModel(Transformer):
             out.append(nxt)
             if eos_id is not None and nxt == eos_id:
                 break
-            logits = self.forward_tokens(torch.tensor([nxt], device=dev), None, cache.length, cache)
+            with decode_mode(self):      # FP8: decode keeps activations unquantised (reference/fp8_linear.py)
+                logits = self.forward_tokens(torch.tensor([nxt], device=dev), None, cache.length, cache)
         return out

@@ -26,8 +26,11 @@ from ..reference.rope import apply_rope, text_rope_angles
 class ReferencePagedModel:
     raw_pixels = False      # the engine preprocesses images on the host
 
-    def __init__(self, model, args: PixtralArgs, device, dtype):
+    def __init__(self, model, args: PixtralArgs, device, dtype, fp8_decode: str = "w8a16"):
+        """fp8_decode (FP8 linears in decode steps, pixtral_rt/options.py): "w8a16" unquantised activations,
+        "w8a8" quantised per token as in prefill."""
         self.model, self.args, self.device, self.dtype = model, args, torch.device(device), dtype
+        self.fp8_decode = fp8_decode
         self.k = self.v = None
         self.page_size = 0
 
@@ -55,11 +58,13 @@ class ReferencePagedModel:
         return self._forward(h, positions, pages, offsets, segs, rows)
 
     def decode(self, tokens, positions, block_table, lens):
+        from ..reference.fp8_linear import decode_mode
         P = self.page_size
         pages = block_table[:len(tokens)].gather(1, (positions // P).long()[:, None])[:, 0]
         pages = torch.where(lens > 0, pages, 0)           # idle rows write the trash page, never a real one
         segs = [(b, b + 1, n, block_table[b]) for b, n in enumerate(lens.tolist())]
-        return self._forward(self.embed(tokens), positions, pages, positions % P, segs, None)
+        with decode_mode(self.model, self.fp8_decode):    # FP8 "w8a16": decode keeps activations unquantised
+            return self._forward(self.embed(tokens), positions, pages, positions % P, segs, None)
 
     @torch.inference_mode()
     def _forward(self, h, positions, pages, offsets, segs, rows):
