@@ -40,8 +40,9 @@ def check(device, dtype, rows, n, residual):
 @pytest.mark.parametrize("rows,n", [(1, 256), (7, 1000), (3, 5120)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_rms_norm(device, dtype, rows, n, residual):
-    check(device, dtype, rows, n, residual)
+@pytest.mark.parametrize("quant", [False, True], ids=["plain", "quant"])
+def test_rms_norm(device, dtype, rows, n, residual, quant):
+    (check_quant if quant else check)(device, dtype, rows, n, residual)
 
 
 @requires_gpu
@@ -83,12 +84,6 @@ def check_quant(device, dtype, rows, n, residual, pdl=False):
     assert q8 is q and torch.equal(s, s_ref)
     assert torch.equal(q8.float(), q_ref.float())     # values (a signed zero may differ on the GPU: fp8_quant's test)
 
-
-@pytest.mark.parametrize("rows,n", [(1, 256), (3, 1000)])
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_rms_norm_quant(device, dtype, rows, n, residual):
-    check_quant(device, dtype, rows, n, residual)
 
 
 @requires_gpu
