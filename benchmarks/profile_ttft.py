@@ -108,6 +108,8 @@ def main():
     ap.add_argument("--profiled", type=int, default=3, help="profiled requests")
     ap.add_argument("--tag", default=os.environ.get("PIXTRAL_RT_COMMIT", "tree"))
     ap.add_argument("--trace", action="store_true", help="also write the chrome trace")
+    ap.add_argument("--sync-debug", action="store_true", help="one more request under torch.cuda.set_sync_debug_mode"
+                    "('warn'): every synchronising torch op on the request's path is printed with its stack")
     a = ap.parse_args()
     from pixtral_rt.chat import EncodedRequest
     from pixtral_rt.engine import Engine
@@ -127,6 +129,10 @@ def main():
     print(f"[{a.tag}] unprofiled TTFT, {a.tokens} tokens: median {np.median(ttft):.2f} ms "
           f"(min {min(ttft):.2f}, max {max(ttft):.2f}); median timings {med}", flush=True)
     reqs = [text_request(EncodedRequest, a.tokens, rng) for _ in range(a.profiled)]
+    # the caching allocator across the profiled requests: a cudaMalloc / cudaFree (an allocation retry frees
+    # cached blocks, which synchronises the device) on the request's path stalls the launches
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+    mem0 = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     timings = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i, r in enumerate(reqs):
@@ -134,6 +140,17 @@ def main():
             with record_function(f"ttft_request_{i}"):
                 one(engine, SamplingParams, r, 1)
             timings.append({k: round(v, 3) for k, v in engine.last.timings.items() if k.endswith("_ms")})
+    mem1 = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    alloc = {k: mem1.get(k, 0) - mem0.get(k, 0) for k in keys}
+    print(f"[{a.tag}] caching allocator over the {a.profiled} profiled requests: {alloc}", flush=True)
+    if a.sync_debug and torch.cuda.is_available():
+        import warnings
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            one(engine, SamplingParams, text_request(EncodedRequest, a.tokens, rng), 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     rows, per_name = analyse(prof, a.profiled)
     for r, t in zip(rows, timings):
         r["engine_timings"] = t
@@ -144,7 +161,7 @@ def main():
     out = os.environ.get("OUT", "/tmp")
     with open(os.path.join(out, f"profile_ttft_{a.tag}.json"), "w") as f:
         json.dump({"tag": a.tag, "tokens": a.tokens, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                   "unprofiled_ttft_ms": ttft, "unprofiled_median_timings": med, "requests": rows,
+                   "unprofiled_ttft_ms": ttft, "unprofiled_median_timings": med, "allocator": alloc, "requests": rows,
                    "kernels_ms_per_request": {k: v[0] for k, v in per_name.items()}}, f, indent=1)
     if a.trace:
         prof.export_chrome_trace(os.path.join(out, f"profile_ttft_{a.tag}.trace.json"))
