@@ -110,8 +110,8 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     models = {"12b": [PIXTRAL_12B], "large": [PIXTRAL_LARGE], "both": [PIXTRAL_12B, PIXTRAL_LARGE]}[a.model]
     from pixtral_rt.decoder import GEMV_CONFIGS
-    sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5)) if a.full_sweep else \
-        itertools.product((16, 32, 64, 128), (256, 512), (4,), (3, 4))
+    sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5), (1, 2, 4)) if a.full_sweep else \
+        itertools.product((16, 32, 64, 128), (256, 512), (4,), (3, 4), (1, 4))
     sweep = list(sweep)
     best_skinny = {}
     for args in models:
@@ -123,7 +123,8 @@ def main():
                 bm = min(64, max(16, 1 << (M - 1).bit_length()))
                 xm = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 x8, sx = fp8_quant(xm)
-                cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st) for bn, bk, w, st in sweep]
+                cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
+                        for bn, bk, w, st, sk in sweep]
                 ms, cfg = best_of(lambda c: fp8_gemm(x8, sx, *rot.next_fp8(), backend="skinny", **c), cfgs)
                 ms_q = graph_ms(lambda: fp8_quant(xm))
                 ms_both = graph_ms(lambda: fp8_gemm(*fp8_quant(xm), *rot.next_fp8(), backend="skinny", **cfg))

@@ -19,6 +19,9 @@ Three implementations, same formula:
                        kernels/fp8_gemv.py below the copy bandwidth), so the kernel streams W at HBM speed.
                        pdl=True (sm90+): the first W tile is loaded before the wait on the producer of x8
                        (programmatic dependent launch, the decode chain's protocol: kernels/pdl.py).
+                       split_k=S: K split over S programs per N tile (more programs for the N = 5120 shapes,
+                       160 tiles of 32 rows on 132 SMs); partials in an fp32 workspace, the last split to
+                       arrive sums them in split order (deterministic) and writes y.
 benchmarks/bench_fp8_linear.py measures them on the decoder's shapes; pixtral_rt/decoder.py uses the winners.
 No autotuning: fixed tiles, so nothing is tuned on the request path.
 """
@@ -69,20 +72,24 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, st
 
 
 @triton.jit
-def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                       USE_PDL: tl.constexpr = False):
-    # one program: BLOCK_N rows of W against every row of x (BLOCK_M >= M); the output tile is y^T
+def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
+                       stride_ym, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+    # one program: BLOCK_N rows of W against every row of x (BLOCK_M >= M), over the K range of its split
+    # (program_id 1; K_SPLIT columns, a multiple of BLOCK_K); the output tile is y^T
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     mmask, nmask = offs_m < M, offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]      # (BLOCK_N, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]      # (BLOCK_K, BLOCK_M) = x8^T
+    k_lo = pid_k * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + k_lo + offs_k[None, :]      # (BLOCK_N, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + k_lo + offs_k[:, None]      # (BLOCK_K, BLOCK_M) = x8^T
     # first K tile of W (constant data) before waiting on the producer of x8; the loop after it is a plain
     # load-load-dot loop that Triton software-pipelines (num_stages)
-    kmask0 = offs_k < K
+    kmask0 = k_lo + offs_k < k_hi
     w0 = tl.load(w_ptrs, mask=nmask[:, None] & kmask0[None, :], other=0.0)
     if USE_PDL:
         gdc_wait()
@@ -90,12 +97,12 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, 
     x0 = tl.load(x_ptrs, mask=mmask[None, :] & kmask0[:, None], other=0.0)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     acc += tl.dot(w0, x0)            # each K tile's sum promoted into fp32 (see _fp8_gemm_kernel)
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        if EVEN_K:
+    for k0 in range(BLOCK_K, k_hi - k_lo, BLOCK_K):
+        if EVEN_K:                   # K and K_SPLIT multiples of BLOCK_K: no partial tile
             w = tl.load(w_ptrs + k0, mask=nmask[:, None], other=0.0)
             x = tl.load(x_ptrs + k0, mask=mmask[None, :], other=0.0)
         else:
-            kmask = k0 + offs_k < K
+            kmask = k_lo + k0 + offs_k < k_hi
             w = tl.load(w_ptrs + k0, mask=nmask[:, None] & kmask[None, :], other=0.0)
             x = tl.load(x_ptrs + k0, mask=mmask[None, :] & kmask[:, None], other=0.0)
         acc += tl.dot(w, x)
@@ -103,7 +110,23 @@ def _fp8_skinny_kernel(x_ptr, w_ptr, sx_ptr, sw_ptr, y_ptr, M, N, K, stride_xm, 
     sw = tl.load(sw_ptr + offs_n, mask=nmask, other=0.0)
     y = acc * sw[:, None] * sx[None, :]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
+    omask = nmask[:, None] & mmask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=omask)
+    else:
+        # split K: each split's partial tile to the workspace (SPLIT_K, BLOCK_M, N) fp32; the split that arrives
+        # last (a counter per N tile) sums the partials in split order (deterministic) and writes y, then resets
+        # the counter for the next call
+        ws_tile = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+        tl.store(ws_ptr + pid_k * BLOCK_M * N + ws_tile, y, mask=omask)
+        tl.debug_barrier()           # every thread's partial stored before the arrival is counted
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tot = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for s in range(SPLIT_K):
+                tot += tl.load(ws_ptr + s * BLOCK_M * N + ws_tile, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, tot.to(y_ptr.dtype.element_ty), mask=omask)
+            tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 TRITON_TILES = dict(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=4)
@@ -170,10 +193,32 @@ def _skinny(x8, sx, w8, sw, out_dtype, out, pdl, tiles) -> torch.Tensor:
     bm = t.get("block_m") or min(SKINNY_MAX_M, max(16, triton.next_power_of_2(M)))
     if bm < M:
         raise ValueError(f"fp8_gemm: block_m {bm} < {M} rows (backend 'skinny' covers every row in one tile)")
-    bn, bk = t["block_n"], t["block_k"]
+    bn, bk, split = t["block_n"], t["block_k"], int(t.get("split_k", 1))
+    n_tiles = triton.cdiv(N, bn)
+    k_split = triton.cdiv(triton.cdiv(K, bk), split) * bk         # each split's K columns, whole BLOCK_K tiles
+    split = triton.cdiv(K, k_split)                                # no empty split
+    if split > 1:
+        ws = torch.empty(split, bm, N, dtype=torch.float32, device=x8.device)
+        cnt = _counters(x8.device, n_tiles)
+    else:
+        ws = cnt = y                                               # unused
     extra = dict(USE_PDL=True, launch_pdl=True) if pdl and pdl_supported(x8.device) else {}
     if M:
-        _fp8_skinny_kernel[(triton.cdiv(N, bn),)](x8, w8, sx, sw, y, M, N, K, x8.stride(0), w8.stride(0), y.stride(0),
-                                                 BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, EVEN_K=K % bk == 0,
-                                                 num_warps=t["num_warps"], num_stages=t["num_stages"], **extra)
+        _fp8_skinny_kernel[(n_tiles, split)](x8, w8, sx, sw, y, ws, cnt, M, N, K, k_split, x8.stride(0), w8.stride(0),
+                                             y.stride(0), BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, EVEN_K=K % bk == 0,
+                                             SPLIT_K=split, num_warps=t["num_warps"], num_stages=t["num_stages"],
+                                             **extra)
     return y
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int) -> torch.Tensor:
+    """Arrival counters of split-K tiles: zero between calls (the last split of each tile resets its own), one
+    buffer per device, grown as needed (allocated outside any graph capture by the first, eager, call)."""
+    key = torch.device(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf

@@ -46,10 +46,21 @@ def test_fp8_gemm_bf16(backend, M, N, K):
     (1, 37, 300, dict(block_n=32, block_k=64)), (5, 70, 160, dict(block_n=16, block_k=32)),
     (33, 48, 64, dict(block_n=32, block_k=32)), (64, 16, 48, dict(block_n=16, block_k=16)),
     (2, 100, 96, dict(block_n=64, block_k=32, block_m=32)),
+    (1, 70, 300, dict(block_n=16, block_k=32, split_k=3)), (9, 48, 256, dict(block_n=16, block_k=64, split_k=4)),
+    (3, 40, 100, dict(block_n=32, block_k=32, split_k=8)),           # 4 K tiles over "8" splits: 4 used
 ])
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
 def test_fp8_gemm_skinny_small(device, out_dtype, M, N, K, tiles):
     check_gemm(device, out_dtype, M, N, K, "skinny", **tiles)
+
+
+def test_fp8_gemm_skinny_split_k_repeats(device):
+    """Split K: the same bytes call after call (the counters reset themselves; partials summed in split order)."""
+    x8, sx = quantize_activations(torch.randn(2, 512, device=device))
+    w8, sw = fp8_weights(48, 512, device, 3)
+    a = fp8_gemm(x8, sx, w8, sw, backend="skinny", block_n=16, block_k=64, split_k=4)
+    for _ in range(2):
+        assert torch.equal(a, fp8_gemm(x8, sx, w8, sw, backend="skinny", block_n=16, block_k=64, split_k=4))
 
 
 def test_fp8_gemm_skinny_refuses(device):
@@ -65,8 +76,9 @@ def test_fp8_gemm_skinny_refuses(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", [1, 2, 16, 33, 64])
 @pytest.mark.parametrize("N,K", [(6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336)])
-def test_fp8_gemm_skinny_bf16(M, N, K):
-    check_gemm("cuda", torch.bfloat16, M, N, K, "skinny")
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_fp8_gemm_skinny_bf16(M, N, K, split_k):
+    check_gemm("cuda", torch.bfloat16, M, N, K, "skinny", split_k=split_k, block_n=32)
 
 
 @requires_gpu
