@@ -135,6 +135,7 @@ class SamplingState:
         self.top_k = torch.zeros(batch, device=device, dtype=torch.int64)
         self.seed = torch.zeros(batch, device=device, dtype=torch.int64)
         self.step = torch.zeros(batch, device=device, dtype=torch.int64)
+        self._last: dict[int, tuple] = {}    # slot -> (temperature, top_p, top_k, seed) set() wrote there
         self.bitmask = torch.zeros(batch, (vocab + 31) // 32, device=device, dtype=torch.int32)
         self.masked = torch.zeros(batch, device=device, dtype=torch.int32)   # 1: apply the row's bitmask
         # sampling controls (written by sampling_controls.write_controls_ at slot set-up; formula and shapes:
@@ -176,7 +177,7 @@ class SamplingState:
         change (each write is a launch on the request's path; only set() writes them, so the host copy of
         the last values is exact); step and ctl always."""
         vals = (p.temperature, p.top_p, p.top_k, p.seed)
-        last = self.__dict__.setdefault("_last", {})   # slot -> the values written there (a rows() view has none)
+        last = self._last                    # (the full state's; rows() views are never set())
         if last.get(slot) != vals:
             self.temperature[slot] = p.temperature
             self.top_p[slot] = p.top_p
