@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Device calls for the FP8 decoder (issue 10). STAGES (comma list):
 #   tests   GPU tests of the FP8 kernels and decoder (tests/test_fp8_{quant,gemv,gemm}.py, tests/test_decoder_fp8.py)
-#   linear  kernel microbenchmarks + tile sweeps (benchmarks/bench_fp8_linear.py)
+#   linear  kernel microbenchmarks + tile sweeps (benchmarks/bench_fp8_linear.py: decode W8A8 vs W8A16 vs bf16)
+#   decode  bf16 / FP8 (decode w8a16) / FP8 (decode w8a8) engines on random Pixtral-12B drawn on the GPU:
+#           decode tok/s at 1k context and 1-image TTFT (bench_fp8.py --runs bf16,fp8,fp8_w8a8)
 #   e2e     bf16 vs FP8 engine on random Pixtral-12B written as real checkpoints (bf16 Mistral format and the
 #           FP8 compressed-tensors HF layout), through the real loader (benchmarks/bench_fp8.py --quality)
 #   cli     python -m pixtral_rt.generate on the FP8 checkpoint and with --quantization fp8 (--json)
@@ -29,12 +31,16 @@ if [[ $STAGES == *e2e* || $STAGES == *cli* ]]; then
   du -sh $BF $F8
 fi
 if [[ $STAGES == *tests* ]]; then
-  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_fp8_quant.py tests/test_fp8_gemv.py tests/test_fp8_gemm.py tests/test_decoder_fp8.py} \
+  timeout ${TEST_TIMEOUT:-300} python -m pytest -q -rs ${TESTS:-tests/test_fp8_quant.py tests/test_fp8_gemv.py tests/test_fp8_gemm.py tests/test_rms_norm.py tests/test_decoder_fp8.py} \
     -m gpu -s -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -E "passed|failed|FAILED|Error|seq |^E " | tail -30
 fi
 if [[ $STAGES == *linear* ]]; then
-  timeout ${LINEAR_TIMEOUT:-300} python -m benchmarks.bench_fp8_linear ${LINEAR_ARGS:---quick} 2>&1 | tee "$OUT/linear.log" \
+  timeout ${LINEAR_TIMEOUT:-300} python -m benchmarks.bench_fp8_linear ${LINEAR_ARGS:---rows 1,16,64} 2>&1 | tee "$OUT/linear.log" \
     | grep -v "skip\|Warn" | tail -${LINEAR_TAIL:-60}
+fi
+if [[ $STAGES == *decode* ]]; then
+  timeout ${DECODE_TIMEOUT:-300} python -m benchmarks.bench_fp8 --random-weights Pixtral-12B-2409 \
+    --runs ${DECODE_RUNS:-bf16,fp8,fp8_w8a8} 2>&1 | tee "$OUT/decode.log" | grep "^\[fp8\]\|NOT" | tail -12
 fi
 if [[ $STAGES == *e2e* ]]; then
   timeout ${E2E_TIMEOUT:-420} python -m benchmarks.bench_fp8 --model $BF --fp8-model $F8 --quality 2>&1 \
