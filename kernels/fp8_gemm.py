@@ -134,6 +134,11 @@ TRITON_TILES = dict(block_m=128, block_n=128, block_k=128, group_m=8, num_warps=
 # pixtral_rt/decoder.py (FP8_DECODE_CONFIGS, swept by benchmarks/bench_fp8_linear.py)
 SKINNY_TILES = dict(block_n=64, block_k=256, num_warps=4, num_stages=4)
 SKINNY_MAX_M = 64
+
+
+def skinny_block_m(M: int) -> int:
+    """The padded row tile of backend "skinny" for M rows: 16, 32 or 64 (the key of per-shape tile tables)."""
+    return min(SKINNY_MAX_M, max(16, triton.next_power_of_2(M)))
 BACKENDS = ("scaled_mm", "triton", "skinny")
 
 
@@ -190,7 +195,7 @@ def _skinny(x8, sx, w8, sw, out_dtype, out, pdl, tiles) -> torch.Tensor:
     if y.shape != (M, N) or y.stride(1) != 1:
         raise ValueError(f"fp8_gemm: out must be ({M}, {N}) with a unit last stride, got {tuple(y.shape)}")
     t = dict(SKINNY_TILES, **tiles)
-    bm = t.get("block_m") or min(SKINNY_MAX_M, max(16, triton.next_power_of_2(M)))
+    bm = t.get("block_m") or skinny_block_m(M)
     if bm < M:
         raise ValueError(f"fp8_gemm: block_m {bm} < {M} rows (backend 'skinny' covers every row in one tile)")
     bn, bk, split = t["block_n"], t["block_k"], int(t.get("split_k", 1))

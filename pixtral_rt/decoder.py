@@ -48,7 +48,7 @@ from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
 from .int4 import Int4Weight, packed_key
 from .collectives import gather_vocab
 from .options import ALLREDUCE_IMPLS, FP8_DECODE_MODES
-from pixtral_rt.kernels.fp8_gemm import SKINNY_MAX_M, fp8_gemm
+from pixtral_rt.kernels.fp8_gemm import SKINNY_MAX_M, fp8_gemm, skinny_block_m
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
 from pixtral_rt.kernels.gemv import gemv
@@ -354,12 +354,12 @@ class FastDecoder:
 
     def _fp8_linear(self, xq: tuple[torch.Tensor, torch.Tensor], w: Fp8Weight, out_dtype, pdl: bool = False
                     ) -> torch.Tensor:
-        """xq = (x8 (T, K) e4m3, s_x (T, 1) fp32) @ W8.T: up to 64 rows (decode) the skinny tensor-core kernel
-        with this shape's tiles, more (prefill) fp8_gemm_backend."""
+        """xq = (x8 (T, K) e4m3, s_x (T, 1) fp32) @ W8.T: with fp8_decode "w8a8", up to 64 rows (decode, short
+        prefill chunks) the skinny tensor-core kernel with this shape's tiles; otherwise fp8_gemm_backend."""
         x8, sx = xq
         M = x8.shape[0]
-        if M <= SKINNY_MAX_M:
-            bm = min(SKINNY_MAX_M, max(16, 1 << (M - 1).bit_length()))
+        if M <= SKINNY_MAX_M and self.fp8_decode == "w8a8":
+            bm = skinny_block_m(M)
             cfg = self.fp8_decode_configs.get(tuple(w.shape), {}).get(bm, {})
             return fp8_gemm(x8, sx, w.weight, w.scale, out_dtype=out_dtype, backend="skinny", pdl=pdl, block_m=bm,
                             **cfg)

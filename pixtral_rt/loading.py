@@ -242,8 +242,9 @@ def _fast_model(src, max_batch, max_seq, max_images, use_graphs, progress, shard
     if shard is not None:
         args = dataclasses.replace(src.args, text=sharded_args(src.args.text, shard[1], options.tp_lm_head))
         tp = dict(tp_group="world", vocab_parallel=options.tp_lm_head == "vocab", tp_allreduce=options.tp_allreduce)
+    # consume: frees each unfused weight as it is fused
     dec = FastDecoder(args.text, sd, max_batch=max_batch, max_seq=max_seq, device=src.device, dtype=src.dtype,
-                      consume=True, fp8_decode=options.fp8_decode, **tp)      # consume: frees each unfused weight as it is fused
+                      consume=True, fp8_decode=options.fp8_decode, **tp)
     sd.clear()
     torch.cuda.empty_cache()
     return FastPagedModel(dec, vision, args, src.device, max_images, use_graphs)
