@@ -7,6 +7,8 @@
 #   STAGES=preempt      bench_serve without max_tokens (clients leave after the workload's length), with the
 #                       default KV pool, then with --kv-tokens $PREEMPT_KV (default 40000: 64 users preempt):
 #                       throughput with and without preemption, same machine, same call (issue 20)
+#   STAGES=profile      benchmarks/profile_ttft.py (text-1k TTFT: idle gaps, runtime calls, allocator,
+#                       --sync-debug) in this tree, then in BASELINE_TREE with its --backend, same call
 # BASELINE_TREE=DIR: run the e2e stage in DIR too (an older tree carried along), same machine, same call. That
 #   tree's own bench_e2e runs with its own flags: BASELINE_BACKEND (default fast: the batch-1 engine that tree
 #   still has; this tree has one engine and no --backend flag; BASELINE_BACKEND=none passes no --backend).
@@ -40,6 +42,15 @@ if [[ -n ${BASELINE_TREE:-} && $STAGES == *e2e* ]]; then
   mkdir -p "$OUT/baseline"; (cd "$BASELINE_TREE" && PYTHONPATH=$PWD:/tmp/site PIXTRAL_RT_COMMIT=${BASELINE_COMMIT:-baseline} OUT=$OUT/baseline \
      timeout 300 python benchmarks/bench_e2e.py $E2E $BASELINE_FLAGS 2>&1) \
      | tee "$OUT/e2e_baseline.log" | grep "^\[" | tail -12
+fi
+if [[ $STAGES == *profile* ]]; then
+  timeout ${PROFILE_TIMEOUT:-200} python benchmarks/profile_ttft.py --sync-debug ${PROFILE_ARGS:-} 2>&1 \
+    | tee "$OUT/profile.log" | grep "^\[\|sync\|Warn" | tail -${PROFILE_TAIL:-60}
+  if [[ -n ${BASELINE_TREE:-} ]]; then
+    (cd "$BASELINE_TREE" && PYTHONPATH=$PWD:/tmp/site timeout ${PROFILE_TIMEOUT:-200} python ../benchmarks/profile_ttft.py \
+       --backend ${BASELINE_BACKEND:-fast} --tag ${BASELINE_COMMIT:-baseline}_${BASELINE_BACKEND:-fast} ${PROFILE_ARGS:-} 2>&1) \
+      | tee "$OUT/profile_baseline.log" | grep "^\[" | tail -${PROFILE_TAIL:-60}
+  fi
 fi
 if [[ $STAGES == *cli* ]]; then
   python -c "import numpy as n, PIL.Image as I; I.fromarray(n.random.default_rng(0).integers(0,256,(700,1100,3),dtype=n.uint8)).save('/tmp/cli.png')"

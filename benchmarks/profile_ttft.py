@@ -57,8 +57,14 @@ def _union(intervals):
 
 def analyse(prof, n_reqs: int) -> tuple[list[dict], dict]:
     evs = prof.events()
-    windows = sorted((e.time_range.start, e.time_range.end) for e in evs if e.name.startswith("ttft_request_"))
-    kernels = [e for e in evs if e.device_type == torch.autograd.DeviceType.CUDA]
+    CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+    # the request windows are the host ranges of record_function. A record_function on the thread that
+    # launches the kernels also shows up on the GPU timeline (a "gpu_user_annotation" spanning its kernels):
+    # neither a window nor a kernel (counted as one, it filled every idle gap of the old batch-1 backend,
+    # whose kernels are launched from the calling thread, and hid its launch gaps)
+    windows = sorted((e.time_range.start, e.time_range.end) for e in evs
+                     if e.name.startswith("ttft_request_") and e.device_type == CPU)
+    kernels = [e for e in evs if e.device_type == CUDA and not e.name.startswith("ttft_request_")]
     rows, per_name = [], {}
     for a, b in windows[-n_reqs:]:
         ks = [k for k in kernels if a <= k.time_range.start <= b]
@@ -82,7 +88,7 @@ def analyse(prof, n_reqs: int) -> tuple[list[dict], dict]:
         # CUDA runtime calls on the host inside the window (a cudaFree / synchronize stalls the launches)
         api: dict = {}
         for e in evs:
-            if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda") and a <= e.time_range.start <= b:
+            if e.device_type == CPU and e.name.startswith("cuda") and a <= e.time_range.start <= b:
                 d = api.setdefault(e.name, [0, 0.0])
                 d[0] += 1
                 d[1] += (e.time_range.end - e.time_range.start) / 1e3
