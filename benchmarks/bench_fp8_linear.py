@@ -104,12 +104,14 @@ def main():
     ap.add_argument("--full-sweep", action="store_true", help="more skinny tiles (slower)")
     ap.add_argument("--prefill", action="store_true", help="also the prefill GEMMs and the quantiser")
     ap.add_argument("--rows", default="1,2,16,32,64", help="decode row counts")
+    ap.add_argument("--no-sweep", action="store_true",
+                    help="the skinny kernel with the committed tiles only (pixtral_rt/decoder.py FP8_DECODE_CONFIGS)")
     a = ap.parse_args()
     torch.manual_seed(0)
     bw = copy_bandwidth_TBps() * 1e12
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     models = {"12b": [PIXTRAL_12B], "large": [PIXTRAL_LARGE], "both": [PIXTRAL_12B, PIXTRAL_LARGE]}[a.model]
-    from pixtral_rt.decoder import GEMV_CONFIGS
+    from pixtral_rt.decoder import FP8_DECODE_CONFIGS, GEMV_CONFIGS
     sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5), (1, 2, 4)) if a.full_sweep else \
         itertools.product((16, 32, 64, 128), (256, 512), (4,), (3, 4), (1, 4))
     sweep = list(sweep)
@@ -125,6 +127,8 @@ def main():
                 x8, sx = fp8_quant(xm)
                 cfgs = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=st, split_k=sk)
                         for bn, bk, w, st, sk in sweep]
+                if a.no_sweep:
+                    cfgs = [dict(block_m=bm, **FP8_DECODE_CONFIGS.get((N, K), {}).get(bm, {}))]
                 ms, cfg = best_of(lambda c: fp8_gemm(x8, sx, *rot.next_fp8(), backend="skinny", **c), cfgs)
                 ms_q = graph_ms(lambda: fp8_quant(xm))
                 ms_both = graph_ms(lambda: fp8_gemm(*fp8_quant(xm), *rot.next_fp8(), backend="skinny", **cfg))

@@ -33,7 +33,8 @@ DECODE_BATCHES = (1, 16, 64)
 DECODE_LENS = (1024, 4096, 32768)
 DECODE_CONFIGS = [(64, 4, 3), (64, 4, 4), (32, 4, 4), (64, 8, 3)]          # (BLOCK_N, num_warps, num_stages)
 PREFILL_CASES = [("4x1024_over_3072", 4, 1024, 3072), ("1x4096_from_0", 1, 4096, 0),   # name, S, new, cached
-                 ("1x7616_from_0", 1, 7616, 0)]   # ~ the 4-image e2e prompt (7617 tokens)
+                 ("1x7616_from_0", 1, 7616, 0),   # ~ the 4-image e2e prompt (7617 tokens)
+                 ("1x1024_from_0", 1, 1024, 0), ("1x2048_from_0", 1, 2048, 0)]   # ~ the text-1k TTFT prompt
 # (BLOCK_M, BLOCK_N, warps, stages). The page-table load of each key tile takes a pipeline stage of its own
 # (sm_90 PTX: 2 K/V buffers at num_stages 3 where the contiguous kernel has 3), hence the deeper ones.
 # (block_m, block_n, num_warps, num_stages, prefetch_table): the default first
@@ -77,8 +78,10 @@ def bench_decode(floor: float, quick: bool) -> None:
             del kp, vp, kc, vc
 
 
-def bench_prefill(floor: float, quick: bool) -> None:
+def bench_prefill(floor: float, quick: bool, cases: set | None = None) -> None:
     for name, S, new, cached in PREFILL_CASES:
+        if cases and name not in cases:
+            continue
         torch.manual_seed(S * new + cached)
         total = cached + new
         kp, vp, table = shuffled_pages(S, total)
@@ -120,6 +123,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one tile config per case")
     ap.add_argument("--only", choices=("decode", "prefill"), help="run one half")
+    ap.add_argument("--cases", help="prefill cases to run, comma list (default all: "
+                    + ", ".join(c[0] for c in PREFILL_CASES) + ")")
     args = ap.parse_args(argv)
     if args.only != "prefill":
         floor = copy_bandwidth_TBps()
@@ -128,7 +133,11 @@ def main(argv=None) -> None:
     if args.only != "decode":
         floor = matmul_TFLOPs()
         print(f"bf16 8192^3 matmul: {floor:.0f} TFLOP/s (floor for attention FLOPs)")
-        bench_prefill(floor, args.quick)
+        cases = set(args.cases.split(",")) if args.cases else None
+        unknown = (cases or set()) - {c[0] for c in PREFILL_CASES}
+        if unknown:
+            ap.error(f"--cases: unknown {sorted(unknown)}")
+        bench_prefill(floor, args.quick, cases)
 
 
 if __name__ == "__main__":

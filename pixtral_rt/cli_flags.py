@@ -39,10 +39,11 @@ def add_runtime_flags(group) -> None:
     group.add_argument("--preprocess", choices=("auto", "numpy"), default="auto",
                        help="host image preprocessing: the native C++ op when built (auto, default) or the NumPy "
                             "fallback (numpy; same results, slower)")
-    group.add_argument("--fp8-decode", choices=FP8_DECODE_MODES, default="w8a16",
-                       help="with FP8 weights: decode steps on bf16 activations (w8a16, default, measured faster) "
-                            "or on activations quantised per token as in prefill (w8a8, the FP8 tensor-core kernel; "
-                            "experimental)")
+    group.add_argument("--fp8-decode", choices=FP8_DECODE_MODES, default="auto",
+                       help="with FP8 weights: decode steps on bf16 activations (w8a16: the FP8-weight GEMV, faster "
+                            "for one sequence), on activations quantised per token as in prefill (w8a8: the FP8 "
+                            "tensor-core kernel, faster for batches), or auto (default): w8a16 for one sequence, "
+                            "w8a8 for batches")
 
 
 def runtime_options(args: argparse.Namespace):

@@ -22,9 +22,9 @@ w2 GEMM (cuBLAS; 1-row GEMMs go to kernels/gemv.py when gemv_backend="triton", t
 +7% decode tok/s on an H200; gemv_backend="cublas" to turn it off).
 
 Quantised decoder linears: FP8 (pixtral_rt/fp8.py; prefill W8A8: kernels/fp8_quant.py + fp8_gemm.py's
-scaled_mm; decode by fp8_decode: "w8a16", the default, kernels/fp8_gemv.py on bf16 activations, or "w8a8",
-activations quantised per token then fp8_gemm.py's "skinny" tensor-core kernel, the RMSNorm writing the
-quantised rows itself, kernels/rms_norm.py quant=True) or int4 W4A16
+scaled_mm; decode by fp8_decode: "w8a16", kernels/fp8_gemv.py on bf16 activations, or "w8a8", activations
+quantised per token then fp8_gemm.py's "skinny" tensor-core kernel, the RMSNorm writing the quantised rows itself,
+kernels/rms_norm.py quant=True; "auto", the default, w8a16 for one row and w8a8 for batches) or int4 W4A16
 (pixtral_rt/int4.py; kernels/int4_gemv.py for 1 row, kernels/int4_gemm.py for 2..64 rows and prefill), chosen by
 the weights the state dict holds, at the same dispatch points (_linear, and the decode chain's lin).
 
@@ -47,7 +47,7 @@ from .config import TransformerArgs
 from .fp8 import FP8_DTYPE, Fp8Weight, is_quantized_weight, scale_key
 from .int4 import Int4Weight, packed_key
 from .collectives import gather_vocab
-from .options import ALLREDUCE_IMPLS, FP8_DECODE_MODES
+from .options import ALLREDUCE_IMPLS, FP8_DECODE_MODES, fp8_decode_for
 from pixtral_rt.kernels.fp8_gemm import SKINNY_MAX_M, fp8_gemm, skinny_block_m
 from pixtral_rt.kernels.fp8_gemv import fp8_gemv
 from pixtral_rt.kernels.fp8_quant import fp8_quant
@@ -109,19 +109,20 @@ FP8_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
                     32: dict(block_n=64, block_k=128, num_warps=4, num_stages=5),
                     64: dict(block_n=32, block_k=128, num_warps=4, num_stages=5)},
 }
-# FP8 decode "w8a8": decode rows (1..64) run kernels/fp8_gemm.py's "skinny" tensor-core kernel on per-token
-# quantised activations; FP8_DECODE_CONFIGS: its tiles per weight shape (N, K) and padded row count block_m in
-# (16, 32, 64); others take the kernel's defaults. PROVISIONAL: the winners of the first H100 sweep
-# (benchmarks/results/fp8_linear.jsonl, commit 9b08ddf), taken with a K loop since rewritten (that kernel lost to
-# w8a16 at 1 row: 25-77 us against 11-54 us, and won at 64 rows on w13: 76 against 124 us).
+# FP8 decode "w8a8" (fp8_decode "auto": batches of FP8_W8A8_MIN_ROWS+, pixtral_rt/options.py): decode rows (1..64)
+# run kernels/fp8_gemm.py's "skinny" tensor-core kernel on per-token quantised activations; FP8_DECODE_CONFIGS: its
+# tiles per weight shape (N, K) and padded row count block_m in (16, 32, 64); others take the kernel's defaults.
+# The winners of the H100 sweep at 1 and 64 rows (benchmarks/bench_fp8_linear.py, results/fp8_linear.jsonl,
+# commit ba687e7): 1 row 15.0 / 11.5 / 52.8 / 29.2 us for wqkv / wo / w13 / w2 (W8A16 14.0 / 10.6 / 53.4 / 29.3),
+# 64 rows 16.2 / 12.4 / 57.5 / 33.7 us (W8A16 33.0 / 26.1 / 122.7 / 84.0). split_k never won.
 FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
-    (6144, 5120): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    (6144, 5120): {16: dict(block_n=64, block_k=512, num_warps=4, num_stages=4),
                    64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
-    (5120, 4096): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    (5120, 4096): {16: dict(block_n=64, block_k=512, num_warps=4, num_stages=4),
                    64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
-    (28672, 5120): {16: dict(block_n=64, block_k=256, num_warps=4, num_stages=3),
-                    64: dict(block_n=64, block_k=128, num_warps=4, num_stages=4)},
-    (5120, 14336): {16: dict(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    (28672, 5120): {16: dict(block_n=64, block_k=256, num_warps=4, num_stages=4),
+                    64: dict(block_n=64, block_k=256, num_warps=4, num_stages=3)},
+    (5120, 14336): {16: dict(block_n=64, block_k=512, num_warps=4, num_stages=4),
                     64: dict(block_n=64, block_k=256, num_warps=4, num_stages=4)},
 }
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
@@ -160,7 +161,7 @@ class FastDecoder:
                  decode_config: dict | None = None, gemv_backend: str | None = None,
                  gemv_configs: dict | None = None, decode_fusion: str | None = None, consume: bool = False,
                  fp8_gemm_backend: str | None = None, tp_group=None,
-                 vocab_parallel: bool = False, tp_allreduce: str = "nccl", fp8_decode: str = "w8a16"):
+                 vocab_parallel: bool = False, tp_allreduce: str = "nccl", fp8_decode: str = "auto"):
         """consume=True pops each weight from `weights` (a dict) as it is placed, so unfused copies are freed
         layer by layer while wqkv / w13 are built: the load-time transient is one layer, not all of them.
         max_batch: the most decode rows (sizes the symmetric-memory buffer); max_seq: the RoPE table's length.
@@ -168,7 +169,7 @@ class FastDecoder:
         contract of pixtral_rt/fp8.py) is kept in FP8: prefill quantises activations per token
         (kernels/fp8_quant.py) and runs the FP8 GEMM (kernels/fp8_gemm.py, fp8_gemm_backend "scaled_mm" or
         "triton"); decode by fp8_decode: "w8a16" kernels/fp8_gemv.py on bf16 activations, "w8a8" quantised
-        activations into fp8_gemm.py's "skinny" kernel (pixtral_rt/options.py).
+        activations into fp8_gemm.py's "skinny" kernel, "auto" by the step's rows (pixtral_rt/options.py).
         Int4: a decoder linear given as int32 `<name>.weight_packed` (N, K / 8) + fp32 `<name>.weight_scale`
         (N, K / G) (the contract of pixtral_rt/int4.py; no `<name>.weight`) becomes an Int4Weight, repacked
         once here into the kernels' layout (scales kept in bf16 on CUDA when bf16 holds them exactly): 1 row
@@ -330,13 +331,14 @@ class FastDecoder:
             return int4_gemm(x, w, backend="dequant")
         return int4_gemm(x, w, **self.int4_prefill_configs.get(key, {}))
 
-    def _linear(self, x: torch.Tensor | tuple, w: Linear, act_quant: bool = True) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor | tuple, w: Linear, act_quant: bool = True, skinny: bool = False
+                ) -> torch.Tensor:
         """x (T, K) @ w.T. FP8 w: with act_quant (prefill; decode when fp8_decode is "w8a8") x quantised per token
         (or given quantised: (x8, s_x) from rms_norm quant=True), then the FP8 GEMM (_fp8_linear); without it
         (decode, "w8a16") the FP8-weight GEMV / skinny GEMM on x as it is. Int4 w: _int4_linear."""
         if isinstance(w, Fp8Weight):
             if act_quant:
-                return self._fp8_linear(x if isinstance(x, tuple) else fp8_quant(x), w, self.dtype)
+                return self._fp8_linear(x if isinstance(x, tuple) else fp8_quant(x), w, self.dtype, skinny=skinny)
             return self._fp8_w8a16(x, w)
         if isinstance(w, Int4Weight):
             return self._int4_linear(x, w)
@@ -352,13 +354,13 @@ class FastDecoder:
         bm = min(64, max(16, 1 << (M - 1).bit_length()))
         return fp8_gemv(x, w.weight, w.scale, **self.fp8_skinny_configs.get(tuple(w.shape), {}).get(bm, {}))
 
-    def _fp8_linear(self, xq: tuple[torch.Tensor, torch.Tensor], w: Fp8Weight, out_dtype, pdl: bool = False
-                    ) -> torch.Tensor:
+    def _fp8_linear(self, xq: tuple[torch.Tensor, torch.Tensor], w: Fp8Weight, out_dtype, pdl: bool = False,
+                    skinny: bool = False) -> torch.Tensor:
         """xq = (x8 (T, K) e4m3, s_x (T, 1) fp32) @ W8.T: with fp8_decode "w8a8", up to 64 rows (decode, short
         prefill chunks) the skinny tensor-core kernel with this shape's tiles; otherwise fp8_gemm_backend."""
         x8, sx = xq
         M = x8.shape[0]
-        if M <= SKINNY_MAX_M and self.fp8_decode == "w8a8":
+        if M <= SKINNY_MAX_M and skinny:
             bm = skinny_block_m(M)
             cfg = self.fp8_decode_configs.get(tuple(w.shape), {}).get(bm, {})
             return fp8_gemm(x8, sx, w.weight, w.scale, out_dtype=out_dtype, backend="skinny", pdl=pdl, block_m=bm,
@@ -384,7 +386,7 @@ class FastDecoder:
         return y
 
     def _layers(self, x: torch.Tensor, attend, rows: torch.Tensor | None = None,
-                act_quant: bool = True) -> torch.Tensor:
+                act_quant: bool = True, skinny: bool = False) -> torch.Tensor:
         """x (T, dim) -> final-normed hidden (T or len(rows), dim). attend(i, qkv) -> (T, Hq, D).
         rows: (R,) int64 device indices of the rows to keep for the final norm (the logits rows).
         act_quant: FP8 linears quantise their input per token (prefill, and decode with fp8_decode "w8a8")."""
@@ -398,10 +400,11 @@ class FastDecoder:
                 h = rms_norm_pdl(x, L.attention_norm, eps, pdl=False, quant=q1)
             else:
                 h, res = rms_norm_pdl(y, L.attention_norm, eps, residual=res, pdl=False, quant=q1)
-            a = attend(i, self._linear(h, L.wqkv, act_quant))         # (T, Hq, D)
-            y = self._reduce(self._linear(a.view(T, -1), L.wo, act_quant))
+            a = attend(i, self._linear(h, L.wqkv, act_quant, skinny))         # (T, Hq, D)
+            y = self._reduce(self._linear(a.view(T, -1), L.wo, act_quant, skinny))
             h, res = rms_norm_pdl(y, L.ffn_norm, eps, residual=res, pdl=False, quant=q2)
-            y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13, act_quant)), L.w2, act_quant))
+            y = self._reduce(self._linear(silu_mul(self._linear(h, L.w13, act_quant, skinny)), L.w2, act_quant,
+                                          skinny))
         if rows is not None:
             y, res = y.index_select(0, rows), res.index_select(0, rows)
         h, _ = rms_norm(y, self.norm, eps, residual=res)
@@ -416,7 +419,8 @@ class FastDecoder:
         if chain:
             logits = self._decode_chain(self.embed(tokens), attend, pdl=pdl)
         else:
-            logits = self._linear(self._layers(self.embed(tokens), attend, act_quant=self.fp8_decode == "w8a8"),
+            w8a8 = fp8_decode_for(self.fp8_decode, tokens.shape[0]) == "w8a8"
+            logits = self._linear(self._layers(self.embed(tokens), attend, act_quant=w8a8, skinny=w8a8),
                                   self.output).float()
         return self._gather_vocab(logits)
 
@@ -470,7 +474,8 @@ class FastDecoder:
             return paged_prefill_attention(q, self.k_pages[i], self.v_pages[i], block_table, cu_q, start_pos,
                                            max_q_len)
 
-        out = self._layers(h.to(self.dtype), attend, rows=rows)
+        # FP8: chunks of <= 64 rows on the skinny kernel only under an explicit fp8_decode "w8a8"
+        out = self._layers(h.to(self.dtype), attend, rows=rows, skinny=self.fp8_decode == "w8a8")
         return self._gather_vocab(self._linear(out, self.output).float())
 
     def _decode_chain(self, x: torch.Tensor, attend, pdl: bool) -> torch.Tensor:
@@ -481,14 +486,14 @@ class FastDecoder:
         eps = self.args.norm_eps
         cfg = self.gemv_configs
 
-        w8a8 = self.fp8_decode == "w8a8"
+        w8a8 = fp8_decode_for(self.fp8_decode, x.shape[0]) == "w8a8"
 
         def lin(h, w, **kw):
             if isinstance(w, Fp8Weight):
                 if not w8a8:                  # bf16 activations, FP8 weights dequantised in registers
                     return self._fp8_w8a16(h, w, pdl=pdl)
                 xq = h if isinstance(h, tuple) else fp8_quant(h, pdl=pdl)    # w8a8: (x8, s_x) or quantised here
-                return self._fp8_linear(xq, w, self.dtype, pdl=pdl)
+                return self._fp8_linear(xq, w, self.dtype, pdl=pdl, skinny=True)
             if isinstance(w, Int4Weight):     # int4 decode (the tensor-core backend takes no PDL)
                 return self._int4_linear(h, w, pdl=pdl)
             return gemv(h, w, pdl=pdl, **kw, **cfg.get(tuple(w.shape), {}))

@@ -7,10 +7,11 @@ Scheme (the published `pixtral-12b-FP8-dynamic` one, compressed-tensors "float-q
                x8[t, k] = e4m3(x[t, k] / s_x[t])                 x8 (T, K) float8_e4m3fn, s_x (T, 1) fp32
   prefill      y[t, n] = (sum_k x8[t, k] W8[n, k]) * s_x[t] * s_w[n]      (FP8 tensor cores)
   decode       RuntimeOptions.fp8_decode (pixtral_rt/options.py):
-               "w8a16" (default)  y[t, n] = (sum_k x[t, k] W8[n, k]) * s_w[n]   (bf16 activations, weights
+               "w8a16"            y[t, n] = (sum_k x[t, k] W8[n, k]) * s_w[n]   (bf16 activations, weights
                                                                           dequantised in registers)
                "w8a8"             the prefill formula (activations quantised per token at every step, the
                                   published checkpoint's own "dynamic" scheme; FP8 tensor-core skinny kernel)
+               "auto" (default)   w8a16 for a decode step of one row, w8a8 for batches (options.fp8_decode_for)
 e4m3(v): round to nearest even, after clamping to [-448, 448]. The scale multiplies by fp32(1/448) (what
 torch's CUDA division by a Python scalar does, and its CPU multiply) and x / s is a correctly rounded
 division, so the Triton kernels and this reference give the same bytes on the CPU and the GPU. A row of

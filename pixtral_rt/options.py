@@ -7,7 +7,19 @@ from dataclasses import asdict, dataclass
 
 LM_HEAD_MODES = ("vocab", "replicated")
 ALLREDUCE_IMPLS = ("nccl", "symm")
-FP8_DECODE_MODES = ("w8a16", "w8a8")
+FP8_DECODE_MODES = ("auto", "w8a16", "w8a8")
+# fp8_decode "auto": decode steps of at least this many rows (the padded graph batch) run "w8a8", fewer "w8a16".
+# Measured on an H100 (benchmarks/results/fp8_linear.jsonl, commit ba687e7, per layer's four linears): at 1 row
+# the W8A16 GEMV wins (107 against 108 us, plus the quantisation of the wo / w2 inputs: 9 us), at 64 rows
+# W8A8 takes half the time (142 against 266 us); both pad 2..16 rows to one 16-row tile
+FP8_W8A8_MIN_ROWS = 2
+
+
+def fp8_decode_for(mode: str, rows: int) -> str:
+    """The FP8 decode math ("w8a16" or "w8a8") of a decode step of `rows` rows under fp8_decode `mode`."""
+    if mode == "auto":
+        return "w8a8" if rows >= FP8_W8A8_MIN_ROWS else "w8a16"
+    return mode
 
 
 @dataclass(frozen=True)
@@ -22,10 +34,11 @@ class RuntimeOptions:
     # forced; pixtral_rt/preprocess.py). Applies to the process that encodes requests.
     preprocess: str = "auto"
     # FP8 decoder linears in decode steps: "w8a16" (bf16 activations, FP8 weights dequantised in registers by
-    # kernels/fp8_gemv.py; measured, the default) or "w8a8" (activations quantised per token as in prefill, the
-    # FP8 tensor-core "skinny" kernel of kernels/fp8_gemm.py; not yet faster, docs/NOTES.md FP8 decoder).
-    # Prefill is W8A8 either way. The reference model runs the same math (reference/fp8_linear.py).
-    fp8_decode: str = "w8a16"
+    # kernels/fp8_gemv.py; faster at 1 row), "w8a8" (activations quantised per token as in prefill, the FP8
+    # tensor-core "skinny" kernel of kernels/fp8_gemm.py; faster for batches), or "auto" (the default: each
+    # decode batch size the faster of the two, fp8_decode_for). Prefill is W8A8 either way. The reference
+    # model runs the same math (reference/fp8_linear.py decode_mode).
+    fp8_decode: str = "auto"
 
     def __post_init__(self):
         if self.tp_lm_head not in LM_HEAD_MODES:

@@ -164,7 +164,10 @@ class SamplingState:
 
     def rows(self, idx: torch.Tensor | slice) -> "SamplingState":
         """The state over some slots: per-row settings a view for a slice (in-place updates land here), a copy
-        for an index tensor; the per-slot tables shared."""
+        for an index tensor, gathered when first read (a greedy prefill's first token reads 3 of the 14: the
+        other gathers would be launches on the request's path); the per-slot tables shared."""
+        if not isinstance(idx, slice):
+            return _GatheredRows(self, idx)
         out = SamplingState.__new__(SamplingState)
         for name in self.PER_ROW:
             setattr(out, name, getattr(self, name)[idx])
@@ -176,16 +179,35 @@ class SamplingState:
         """A request's settings into its slot. temperature / top_p / top_k / seed are written only where they
         change (each write is a launch on the request's path; only set() writes them, so the host copy of
         the last values is exact); step and ctl always."""
+        # fill_ on a one-element view: `t[slot] = x` copies a host scalar tensor to the device, a blocking
+        # copy that synchronises the stream (profile_ttft --sync-debug found these on the TTFT path)
         vals = (p.temperature, p.top_p, p.top_k, p.seed)
         last = self._last                    # (the full state's; rows() views are never set())
         if last.get(slot) != vals:
-            self.temperature[slot] = p.temperature
-            self.top_p[slot] = p.top_p
-            self.top_k[slot] = p.top_k
-            self.seed[slot] = p.seed
+            self.temperature[slot].fill_(p.temperature)
+            self.top_p[slot].fill_(p.top_p)
+            self.top_k[slot].fill_(p.top_k)
+            self.seed[slot].fill_(p.seed)
             last[slot] = vals
-        self.step[slot] = 0           # masked: rewritten whole before each step (ModelRunner.set_token_masks)
-        self.ctl[slot] = 0            # controls: sampling_controls.write_controls_ after this, if any
+        self.step[slot].fill_(0)      # masked: rewritten whole before each step (ModelRunner.set_token_masks)
+        self.ctl[slot].fill_(0)       # controls: sampling_controls.write_controls_ after this, if any
+
+
+class _GatheredRows(SamplingState):
+    """SamplingState.rows(index tensor): each per-row setting gathered from the full state on its first read
+    (then an attribute like any other: assigned or updated in place, it no longer reads the full state)."""
+
+    def __init__(self, full: SamplingState, idx: torch.Tensor):
+        self._full, self._idx = full, idx
+        for name in self.TABLES:
+            setattr(self, name, getattr(full, name))
+
+    def __getattr__(self, name: str):          # only for attributes not set yet
+        if name in SamplingState.PER_ROW:
+            val = getattr(self._full, name)[self._idx]
+            setattr(self, name, val)
+            return val
+        raise AttributeError(name)
 
 
 def apply_token_bitmask_(logits: torch.Tensor, st: SamplingState) -> torch.Tensor:

@@ -297,9 +297,12 @@ def assert_fast_matches_reference(dec, model, sd: dict, scheme: str, device, seq
     quantised weights really ran). fp8_decode: the decode math of the FP8 reference (the decoder's own)."""
     from tests.test_decoder_fast import rel, run_fast
 
+    from pixtral_rt.options import fp8_decode_for
+
     fast = run_fast(dec, seqs, splits=splits, n_decode=n_decode)
+    # the decode math of a batch of len(seqs) rows ("auto" decides by the rows, as the decoder does)
     ref = ref_incremental(quantized_reference(model.args, sd, device, torch.float32, scheme), seqs, splits, n_decode,
-                          fp8_decode)
+                          fp8_decode_for(fp8_decode, len(seqs)))
     bf = ref_incremental(model.eval(), seqs, splits, n_decode)     # the unquantised model
     for f, r, b in zip(fast, ref, bf):
         assert not torch.isnan(f).any()
@@ -331,6 +334,8 @@ def check_pixtral12b_vs_reference(scheme: str, batch: int, fp8_decode: str = "w8
     dec = FastDecoder(args, dict(sd), max_batch=batch, max_seq=512, fp8_decode=fp8_decode)
     fast = run_fast(dec, seqs, splits, n_decode, graph=True)
     del dec
+    from pixtral_rt.options import fp8_decode_for
+    fp8_decode = fp8_decode_for(fp8_decode, batch)        # the reference's decode math: the decoder's at this batch
     ref16 = ref_incremental(quantized_reference(args, sd, "cuda", torch.bfloat16, scheme), seqs, splits, n_decode,
                             fp8_decode)
     ref32 = ref_incremental(quantized_reference(args, sd, "cuda", torch.float32, scheme), seqs, splits, n_decode,

@@ -36,7 +36,7 @@ def test_fp8_linear_is_the_formula():
     torch.testing.assert_close(lin(x), (x.double() @ w8.double().T * s.double().T).float())
 
 
-@pytest.mark.parametrize("fp8_decode", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("fp8_decode", ["auto", "w8a16", "w8a8"])
 @pytest.mark.parametrize("gemv_backend,fusion,n_seqs", [("cublas", "none", 2), ("triton", "none+pdl", 1)])
 def test_decoder_fp8_tiny_cpu_interpreter(device, gemv_backend, fusion, n_seqs, fp8_decode):
     """Decode: w8a16 the FP8-weight GEMV (B = 1, plain and the decode chain) / skinny GEMM (B = 2) on bf16
@@ -66,7 +66,7 @@ def test_decoder_fp8_refuses_mixed(device):
 
 @requires_gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8_decode", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("fp8_decode", ["auto", "w8a16", "w8a8"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_decoder_fp8_pixtral12b_vs_fp8_reference(batch, fp8_decode):
     """Full-size 12B decoder, FP8: prefill (scaled_mm) + 24 decode steps replayed from a CUDA graph (B = 1:

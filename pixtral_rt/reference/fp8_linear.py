@@ -63,7 +63,10 @@ def install_fp8_linears(model: nn.Module, state_dict: dict) -> int:
 @contextlib.contextmanager
 def decode_mode(model: nn.Module, fp8_decode: str = "w8a16"):
     """Inside, with fp8_decode "w8a16": Fp8Linear modules keep their input unquantised (that decode math).
-    No-op for "w8a8" and for a bf16 model."""
+    No-op for "w8a8" and for a bf16 model. ("auto" is resolved by the caller: options.fp8_decode_for.)"""
+    if fp8_decode not in ("w8a16", "w8a8"):
+        raise ValueError(f"decode_mode: fp8_decode must be 'w8a16' or 'w8a8' (resolve 'auto' by the batch's rows "
+                         f"with options.fp8_decode_for), got {fp8_decode!r}")
     mods = [m for m in model.modules() if isinstance(m, Fp8Linear)] if fp8_decode == "w8a16" else []
     for m in mods:
         m.quantize_input = False

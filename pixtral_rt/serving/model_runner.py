@@ -260,15 +260,15 @@ class ModelRunner:
             write_controls_(self.sampling, s, rows, self._upload_arrays)
 
     def _clear_slot(self, slot: int) -> None:
-        self.active[slot] = 0
-        self.sampling.ctl[slot] = 0
-        self.positions[slot] = 0
+        self.active[slot].fill_(0)         # fill_, not `t[slot] = 0`: that is a blocking host-to-device copy
+        self.sampling.ctl[slot].fill_(0)
+        self.positions[slot].fill_(0)
         self.block_table[slot].zero_()
         self._table_len[slot] = 0
 
-    def _append_pages(self, seqs: list[Sequence]) -> None:
-        """Write the block-table entries of pages appended since the row was last written: (flat index,
-        page id) pairs of all rows in one upload, scattered in place (stream-ordered before this step)."""
+    def _page_appends(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(flat block-table index, page id) of the pages appended since each row was last written, all rows
+        together (host); None when there are none."""
         idx, val = [], []
         for seq in seqs:
             n0, n1 = int(self._table_len[seq.slot]), len(seq.pages)
@@ -276,9 +276,15 @@ class ModelRunner:
                 idx.append(seq.slot * self.max_pages + np.arange(n0, n1))
                 val.append(np.asarray(seq.pages[n0:n1], dtype=np.int64))
                 self._table_len[seq.slot] = n1
-        if idx:
-            idx_d, val_d = self._upload([np.concatenate(idx), np.concatenate(val)])
-            self.block_table.view(-1).index_copy_(0, idx_d, val_d.to(torch.int32))
+        return (np.concatenate(idx), np.concatenate(val)) if idx else None
+
+    def _write_pages(self, appends, uploaded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Scatter the appended entries into the block table in place (stream-ordered before what follows);
+        `uploaded`: their (int64 index, int32 page id) device views when another upload carried them."""
+        if appends is None:
+            return
+        idx_d, val_d = uploaded if uploaded is not None else self._upload([appends[1]], [appends[0]])[::-1]
+        self.block_table.view(-1).index_copy_(0, idx_d, val_d)
 
     def mask_buffer(self, n: int) -> np.ndarray:
         """(n, W) int32 host rows (pinned on CUDA) for the masks of the next step's n constrained
@@ -312,7 +318,12 @@ class ModelRunner:
                 self._clear_slot(seq.slot)
         for seq in plan.admitted:
             self._set_slot(seq)
-        self._append_pages(plan.decode + [c.seq for c in plan.prefill])
+        # block-table entries of the pages appended since the rows were last written: uploaded now when a
+        # decode forward reads them first, else with the prefill's own upload (one copy for the step)
+        appends = self._page_appends(plan.decode + [c.seq for c in plan.prefill])
+        if plan.decode or not plan.prefill:
+            self._write_pages(appends)
+            appends = None
         reports: list[tuple[Sequence, int]] = []
         want_lp = False
         if plan.decode:
@@ -342,7 +353,7 @@ class ModelRunner:
             before_sample()
         stages: list = []
         if plan.prefill:
-            done = self._prefill(plan.prefill, stages)
+            done = self._prefill(plan.prefill, stages, appends)
             reports += [(s, s.slot) for s in done]
             want_lp = want_lp or any(s.logprobs is not None for s in done)
         out = self._to_host(reports, want_lp)
@@ -377,15 +388,26 @@ class ModelRunner:
         return StepOutput(reports, toks, lp, top_ids, top_lp, ev)
 
     # ------------------------------------------------------------------ prefill
-    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Small int64 host arrays -> device views, in one pinned, non-blocking copy (no stream sync)."""
-        host = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.int64).ravel() for x in arrays]))
+    def _upload(self, arrays32: list, arrays64: list = ()) -> list[torch.Tensor]:
+        """Small integer host arrays (every value within int32) -> device views in ONE pinned, non-blocking copy
+        (no stream sync): arrays32 as int32 views, then arrays64 as int64 views (one conversion kernel over
+        their span: the index arguments of index_select / index_copy_ want int64). Returns the views in that
+        order. The uploads of a step are few and launch-bound at the head of a prefill: one copy and one kernel
+        instead of a copy per group and a conversion per array."""
+        parts = [np.asarray(x, dtype=np.int64).ravel() for x in (*arrays32, *arrays64)]
+        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if flat.size and (flat.max() > 2**31 - 1 or flat.min() < -2**31):
+            raise OverflowError("an upload value does not fit int32")      # a bug: ids and positions always do
+        host = torch.from_numpy(flat.astype(np.int32))
         if self.device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
+        n32 = sum(len(p) for p in parts[:len(arrays32)])
+        dev64 = dev[n32:].long() if len(arrays64) else None
         out, o = [], 0
-        for x in arrays:
-            out.append(dev[o:o + len(x)])
+        for i, x in enumerate(parts):
+            src, base = (dev, 0) if i < len(arrays32) else (dev64, n32)
+            out.append(src[o - base:o - base + len(x)])
             o += len(x)
         return out
 
@@ -399,11 +421,12 @@ class ModelRunner:
             out.append(host.to(self.device, non_blocking=True))
         return out
 
-    def _prefill(self, chunks: list[PrefillChunk], stages: list) -> list[Sequence]:
+    def _prefill(self, chunks: list[PrefillChunk], stages: list, appends=None) -> list[Sequence]:
         """All prompt chunks of the step in one varlen forward; samples the first token of every sequence
         whose prompt ends here. Returns those sequences. Host planning in NumPy, one upload, no host sync.
         Appends to `stages` the marks around each vision encoder call and around the forward + sampling
-        (every chunk's sequence waits for the whole forward, so each is charged all of it)."""
+        (every chunk's sequence waits for the whole forward, so each is charged all of it). appends: the
+        step's block-table appends (_page_appends) when no decode forward wrote them first: in this upload."""
         P = self.page_size
         toks, pos, cu, start, img_rows, feats = [], [], [0], [], [], []
         for c in chunks:
@@ -429,18 +452,19 @@ class ModelRunner:
         img_np = np.concatenate(img_rows) if img_rows else np.zeros(0, dtype=np.int64)
         # a done sequence's next token sits at position prefill_len; it is output token prefill_len -
         # prompt_len (0, or the tokens delivered before a preemption): its sampling step
-        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, rows_d, slots_d, img_d, done_d, done_pos_d,
-         done_step_d) = self._upload(
-            [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, rows_np, [c.seq.slot for c in chunks],
-             img_np, [c.seq.slot for c in done], [c.seq.prefill_len for c in done],
-             [c.seq.prefill_len - c.seq.prompt_len for c in done]])
+        app = appends if appends is not None else (np.zeros(0, dtype=np.int64),) * 2
+        (tokens_d, pos_d, pages_d, offs_d, cu_d, start_d, done_pos_d, app_val_d,
+         rows_d, slots_d, img_d, done_d, done_step_d, app_idx_d) = self._upload(
+            [np.concatenate(toks), pos_np, pages_np, pos_np % P, cu, start, [c.seq.prefill_len for c in done], app[1]],
+            [rows_np, [c.seq.slot for c in chunks], img_np, [c.seq.slot for c in done],
+             [c.seq.prefill_len - c.seq.prompt_len for c in done], app[0]])
+        self._write_pages(appends, (app_idx_d, app_val_d))
         p0 = _mark(self.device)
         h = self.model.embed(tokens_d)
         if feats:
             h.index_copy_(0, img_d, torch.cat(feats).to(h.dtype))
-        logits = self.model.prefill(h, pos_d.int(), pages_d.int(), offs_d.int(),
-                                    self.block_table.index_select(0, slots_d), cu_d.int(), start_d.int(),
-                                    max(c.end - c.start for c in chunks), rows_d)
+        logits = self.model.prefill(h, pos_d, pages_d, offs_d, self.block_table.index_select(0, slots_d), cu_d,
+                                    start_d, max(c.end - c.start for c in chunks), rows_d)
         if not done:
             p1 = _mark(self.device)
             stages += [(c.seq, "prefill", p0, p1) for c in chunks]
@@ -456,8 +480,8 @@ class ModelRunner:
         self.sampling.step[done_d] = st.step            # advanced by sample(): done_step + 1
         self.tokens[done_d] = first
         self.out_tokens[done_d] = first
-        self.positions[done_d] = done_pos_d.int()
-        self.active[done_d] = 1
+        self.positions[done_d] = done_pos_d
+        self.active.index_fill_(0, done_d, 1)      # (`t[idx] = 1` would copy a host scalar: a stream sync)
         if any(c.seq.logprobs is not None for c in done):
             self._logprobs(logits, first, done_d)
         for c in done:

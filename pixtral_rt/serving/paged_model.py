@@ -26,9 +26,9 @@ from ..reference.rope import apply_rope, text_rope_angles
 class ReferencePagedModel:
     raw_pixels = False      # the engine preprocesses images on the host
 
-    def __init__(self, model, args: PixtralArgs, device, dtype, fp8_decode: str = "w8a16"):
+    def __init__(self, model, args: PixtralArgs, device, dtype, fp8_decode: str = "auto"):
         """fp8_decode (FP8 linears in decode steps, pixtral_rt/options.py): "w8a16" unquantised activations,
-        "w8a8" quantised per token as in prefill."""
+        "w8a8" quantised per token as in prefill, "auto" by the step's row count (fp8_decode_for)."""
         self.model, self.args, self.device, self.dtype = model, args, torch.device(device), dtype
         self.fp8_decode = fp8_decode
         self.k = self.v = None
@@ -58,12 +58,14 @@ class ReferencePagedModel:
         return self._forward(h, positions, pages, offsets, segs, rows)
 
     def decode(self, tokens, positions, block_table, lens):
+        from ..options import fp8_decode_for
         from ..reference.fp8_linear import decode_mode
         P = self.page_size
         pages = block_table[:len(tokens)].gather(1, (positions // P).long()[:, None])[:, 0]
         pages = torch.where(lens > 0, pages, 0)           # idle rows write the trash page, never a real one
         segs = [(b, b + 1, n, block_table[b]) for b, n in enumerate(lens.tolist())]
-        with decode_mode(self.model, self.fp8_decode):    # FP8 "w8a16": decode keeps activations unquantised
+        # FP8 "w8a16": decode keeps activations unquantised; "auto" decides by the rows, as the fast decoder
+        with decode_mode(self.model, fp8_decode_for(self.fp8_decode, len(tokens))):
             return self._forward(self.embed(tokens), positions, pages, positions % P, segs, None)
 
     @torch.inference_mode()
