@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--full-sweep", action="store_true", help="more skinny tiles (slower)")
     ap.add_argument("--prefill", action="store_true", help="also the prefill GEMMs and the quantiser")
     ap.add_argument("--rows", default="1,2,16,32,64", help="decode row counts")
+    ap.add_argument("--w8a16-sweep", action="store_true",
+                    help="also sweep the 1-row W8A16 GEMV's tiles (kernels/fp8_gemv.py; prints FP8_GEMV_CONFIGS)")
     ap.add_argument("--no-sweep", action="store_true",
                     help="the skinny kernel with the committed tiles only (pixtral_rt/decoder.py FP8_DECODE_CONFIGS)")
     a = ap.parse_args()
@@ -115,7 +117,7 @@ def main():
     sweep = itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (3, 4, 5), (1, 2, 4)) if a.full_sweep else \
         itertools.product((16, 32, 64, 128), (256, 512), (4,), (3, 4), (1, 4))
     sweep = list(sweep)
-    best_skinny = {}
+    best_skinny, best_gemv = {}, {}
     for args in models:
         for name, (N, K) in shapes(args).items():
             rot = Rotating(N, K)
@@ -134,6 +136,15 @@ def main():
                 ms_both = graph_ms(lambda: fp8_gemm(*fp8_quant(xm), *rot.next_fp8(), backend="skinny", **cfg))
                 if M == 1:
                     ms_old = graph_ms(lambda: fp8_gemv(xm, *rot.next_fp8(), **W8A16_M1.get((N, K), {})))
+                    if a.w8a16_sweep:
+                        gcfgs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st) for bn, bk, w, st in
+                                 itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (3, 4))]
+                        ms_g, cfg_g = best_of(lambda c: fp8_gemv(xm, *rot.next_fp8(), **c), gcfgs)
+                        best_gemv[(N, K)] = cfg_g
+                        record(BENCH, f"{case} M=1 w8a16 swept", "time", ms_g * 1e3, "us",
+                               "W8A16 fp8_gemv, committed tiles (same run)", ms_old * 1e3, fp8_bytes / bw * 1e6,
+                               weight_read_TBps=fp8_bytes / ms_g / 1e9, config=cfg_g, timing="cuda graph")
+                        ms_old = min(ms_old, ms_g)
                     ms_bf = graph_ms(lambda: gemv(xm, rot.next_bf16(), **GEMV_CONFIGS.get((N, K), {})))
                 else:
                     ms_old = graph_ms(lambda: fp8_gemv(xm, *rot.next_fp8(), block_m=bm, **W8A16_SKINNY))
@@ -171,6 +182,11 @@ def main():
                        bw / 1e12, time_us=ms_q * 1e3)
             del rot
             torch.cuda.empty_cache()
+    if best_gemv:
+        print("\nFP8_GEMV_CONFIGS = {")
+        for k, c in best_gemv.items():
+            print(f"    {k}: dict({', '.join(f'{p}={q}' for p, q in c.items())}),")
+        print("}")
     print("\nFP8_DECODE_CONFIGS = {")
     for k, per in best_skinny.items():
         print(f"    {k}: {{" + ", ".join(f"{bm}: dict({', '.join(f'{a}={b}' for a, b in c.items())})"
