@@ -43,7 +43,7 @@ from pixtral_rt.fp8 import quantize_weight as fp8_quantize_weight  # noqa: E402
 from pixtral_rt.kernels.fp8_gemm import fp8_gemm  # noqa: E402
 from pixtral_rt.kernels.fp8_quant import fp8_quant  # noqa: E402
 from pixtral_rt.kernels.gemv import gemv  # noqa: E402
-from pixtral_rt.kernels.int4_gemm import int4_gemm  # noqa: E402
+from pixtral_rt.kernels.int4_gemm import fit_stages, int4_gemm  # noqa: E402
 from pixtral_rt.kernels.int4_gemv import int4_gemv  # noqa: E402
 
 NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12}       # bytes / s
@@ -172,9 +172,12 @@ def main(argv=None):
                                itertools.product((8, 16, 32), (4, 8), (3, 4))]))
             if M <= 64:
                 bm = min(64, max(16, 1 << (M - 1).bit_length()))
+                # stages lowered to what fits shared memory (the kernel's own rule); duplicates dropped
+                plane, xb = W.int4[0].plane, x.element_size()
+                gcfgs = {(bn, w, fit_stages(st, bm, bn, plane, xb)) for bn, w, st in
+                         itertools.product((32, 64, 128), (4, 8), (2, 3, 4))}
                 impls.append(("gemm", lambda c: int4_gemm(x, W.next_int4(), **c),
-                              [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
-                               itertools.product((32, 64, 128), (4, 8), (3, 4))]))
+                              [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bn, w, st in sorted(gcfgs)]))
             else:
                 impls.append(("gemm", lambda c: int4_gemm(x, W.next_int4(), **c),
                               [dict(block_m=bm, block_n=bn, group_m=8, num_warps=w, num_stages=s)
@@ -187,9 +190,10 @@ def main(argv=None):
                 if err > (1e-5 if smoke else 2e-2):
                     raise SystemExit(f"{case} int4 {impl}: relative error {err:.3e} against the exact "
                                      f"dequantised reference: the kernel is wrong, not slow")
-                if a.sweep and cfgs and not smoke:
-                    ms, cfg = best(fn, cfgs, decode)
-                else:
+                swept = best(fn, cfgs, decode) if a.sweep and cfgs and not smoke else None
+                if swept is not None:
+                    ms, cfg = swept
+                else:                                    # no sweep, or no swept tile fits: the defaults
                     ms, cfg = timed(lambda: fn({}), decode), {}
                 results[impl] = ms
                 flops = 2 * M * N * K

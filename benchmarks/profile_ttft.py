@@ -104,8 +104,37 @@ def analyse(prof, n_reqs: int) -> tuple[list[dict], dict]:
     return rows, per_name
 
 
+def compare(ours_path: str, base_path: str) -> None:
+    """Two runs' JSON (this tree and a baseline tree, same call, same device): the unprofiled median TTFTs and
+    their ratio as a results row (benchmarks/results/profile_ttft.jsonl), and the profiled breakdown side by
+    side. The rows carry the commit and device of the runs, not of the machine that compares them."""
+    import sys
+
+    from benchmarks.common import record
+    ours, base = (json.load(open(p)) for p in (ours_path, base_path))
+    if ours["device"] != base["device"] or ours["tokens"] != base["tokens"]:
+        raise SystemExit(f"--compare: runs differ in device or prompt ({ours['device']}, {ours['tokens']} tokens "
+                         f"against {base['device']}, {base['tokens']})")
+    med = {k: float(np.median(d["unprofiled_ttft_ms"])) for k, d in (("ours", ours), ("base", base))}
+    os.environ["PIXTRAL_RT_COMMIT"] = ours["tag"]
+    import benchmarks.common as common
+    common.device_name = lambda: ours["device"]         # the runs' device, not this machine's
+    sys.argv = ["benchmarks/profile_ttft.py", "--compare", ours_path, base_path]
+    record("profile_ttft", f"text_{ours['tokens']}_tokens", "ttft_ms", med["ours"], "ms", f"{base['tag']} (same call)",
+           med["base"], None, ratio=med["ours"] / med["base"], reps=len(ours["unprofiled_ttft_ms"]),
+           ours_timings=ours["unprofiled_median_timings"], baseline_timings=base["unprofiled_median_timings"],
+           note="floor: none stated (the same prefill kernels in both trees; the figure is the engine's overhead)")
+    for k in ("host_before_gpu_ms", "gpu_busy_ms", "gpu_idle_in_span_ms", "after_gpu_ms"):
+        a = [r[k] for r in ours["requests"] if k in r]
+        b = [r[k] for r in base["requests"] if k in r]
+        print(f"  {k:<22} {np.median(a):7.3f}  {np.median(b):7.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare", nargs=2, metavar=("OURS_JSON", "BASELINE_JSON"),
+                    help="no run: the ratio of two runs' unprofiled TTFT (written as a results row) and their "
+                         "profiled breakdowns")
     ap.add_argument("--model", help="checkpoint folder (default: --random-weights)")
     ap.add_argument("--random-weights", default="Pixtral-12B-2409")
     ap.add_argument("--backend", help="passed to Engine.load (older trees: fast)")
@@ -117,6 +146,8 @@ def main():
     ap.add_argument("--sync-debug", action="store_true", help="one more request under torch.cuda.set_sync_debug_mode"
                     "('warn'): every synchronising torch op on the request's path is printed with its stack")
     a = ap.parse_args()
+    if a.compare:
+        return compare(*a.compare)
     from pixtral_rt.chat import EncodedRequest
     from pixtral_rt.engine import Engine
     from pixtral_rt.sampling import SamplingParams

@@ -96,15 +96,19 @@ def _paged_prefill_attn_kernel(q_ptr, k_pages_ptr, v_pages_ptr, o_ptr, table_ptr
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=offs_m[:, None] < T)
 
 
-def _paged_default_config(max_q_len: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, prefetch_table). Chunks over 64 tokens: 128 x 64, 8 warps,
-    5 stages with the page ids loaded one tile ahead (_next_base): the best overall of
-    benchmarks/bench_paged_attention.py's sweep on an H100 (benchmarks/results/paged_attention.jsonl, commit
-    d5a90ca: 395 / 380 / 413 TFLOP/s for 4 x 1024 new over 3072 cached, 1 x 4096, 1 x 7616, against
-    366 / 388 / 403 with 64 x 64 x 4 x 3 and 320 / 361 / 365 with prefill_attention's 128 x 64 x 8 x 3);
-    up to 64 tokens prefill_attention's own tiles."""
+def _paged_default_config(max_q_len: int, head_dim: int, n_seqs: int = 1):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, prefetch_table). Up to 64 tokens prefill_attention's own tiles.
+    One sequence of up to 4096 tokens: 64 x 64, 4 warps, 3 stages with the page ids loaded one tile ahead
+    (_next_base): twice the programs of 128-row tiles, which a lone prompt needs to fill the GPU (H100,
+    benchmarks/bench_paged_attention.py, results/paged_attention.jsonl: 1 x 1024 / 1 x 2048 fresh 234.9 / 327.0
+    TFLOP/s against 213.8 / 304.2 with the tiles below, commit c8d98e9; 1 x 4096 388.5 against 380.8, d5a90ca).
+    Otherwise 128 x 64, 8 warps, 5 stages, prefetched: the best where several chunks or a cached prefix give
+    every program more keys (4 x 1024 new over 3072 cached 395 TFLOP/s against 366 with 64 x 64 x 4 x 3, d5a90ca;
+    1 x 7616 413 against 398)."""
     if max_q_len <= 64:
         return (*_default_config(max_q_len, head_dim), False)
+    if n_seqs == 1 and max_q_len <= 4096:
+        return 64, 64, 4, 3, True
     return 128, 64, 8, 5, True
 
 
@@ -136,7 +140,7 @@ def paged_prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: tor
     if o.shape != (T, Hq, D) or o.stride(2) != 1 or o.dtype != q.dtype:
         raise ValueError(f"out must be ({T}, {Hq}, {D}) {q.dtype} with a contiguous last dim, "
                          f"got {tuple(o.shape)} {o.dtype}")
-    bm, bn, nw, ns, pf = _paged_default_config(max_q_len, D)
+    bm, bn, nw, ns, pf = _paged_default_config(max_q_len, D, S)
     bm, nw, ns = block_m or bm, num_warps or nw, num_stages or ns
     bn = _tile_n(block_n or bn, P)
     if bm < 16 or bm & (bm - 1):

@@ -174,6 +174,9 @@ class ModelRunner:
         # kernels for other row counts and loads each on its first use (lazy module loading), which cost the
         # first request of a new prompt size 3-6 ms before this ladder (benchmarks/first_request.py)
         lens = sorted({min(T, self.max_context) for T in (1, 97, 384, 1024, 1536, 2048, 3072, 4096, 6144, 8192)})
+        # ... and one step of two chunks of 97 tokens (several sequences' chunks take other attention tiles
+        # than a lone prompt: kernels/paged_prefill_attention.py _paged_default_config)
+        lens += [(97, 97)] if self.max_context >= 97 and self.max_batch >= 2 else []
         steps = [("prefill", T) for T in lens] + [("graph", (B, g, c)) for B in self.batch_sizes
                                                             for g in (True, False) for c in (False, True)]
         steps += [("vision", step) for step in self.model.vision_prepare_steps(self.max_context)]
@@ -184,13 +187,14 @@ class ModelRunner:
                 if kind == "vision":
                     what[1]()
                 elif kind == "prefill":
-                    T = what
+                    chunks = what if isinstance(what, tuple) else (what,)
+                    T, S = sum(chunks), len(chunks)
                     z = torch.zeros(T, dtype=torch.int32, device=self.device)
+                    pos = torch.cat([torch.arange(n, dtype=torch.int32, device=self.device) for n in chunks])
+                    cu = torch.tensor(np.cumsum((0,) + chunks), dtype=torch.int32, device=self.device)
                     self.model.prefill(torch.randn(T, self.args.text.dim, device=self.device, dtype=self.model.dtype),
-                                       torch.arange(T, dtype=torch.int32, device=self.device), z,
-                                       torch.arange(T, dtype=torch.int32, device=self.device) % self.page_size,
-                                       self.block_table[:1], torch.tensor([0, T], dtype=torch.int32, device=self.device),
-                                       z[:1], T, torch.tensor([T - 1], device=self.device))
+                                       pos, z, pos % self.page_size, self.block_table[:S], cu, z[:S], max(chunks),
+                                       cu[1:].long() - 1)
                 elif self.use_graphs:
                     self._capture(*what, pool)
                 else:
