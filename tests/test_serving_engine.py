@@ -357,3 +357,25 @@ def _run_encoded(eng, req, n):
     for _ in eng.stream(None, SamplingParams(max_tokens=n), req=req, result=res):
         pass
     return res.token_ids
+
+
+def test_step_upload_views_are_exact_and_16_byte_aligned():
+    """ModelRunner._upload: one copy for the step's index arrays; every view holds its array (int32 or int64)
+    and starts 16-byte aligned (Triton compiles another kernel variant for a misaligned pointer, so a view at an
+    odd offset would compile at request time what the warm-up compiled for aligned tensors)."""
+    import types
+
+    import numpy as np
+    import torch
+
+    from pixtral_rt.serving.model_runner import ModelRunner
+    runner = types.SimpleNamespace(device=torch.device("cpu"))
+    a32 = [np.arange(5), [7], np.arange(1000, 1003), []]
+    a64 = [[3, 1, 2], np.arange(9) * 11, [2**31 - 1]]
+    views = ModelRunner._upload(runner, a32, a64)
+    assert len(views) == len(a32) + len(a64)
+    for v, x, dt in zip(views, a32 + a64, [torch.int32] * len(a32) + [torch.int64] * len(a64)):
+        assert v.dtype == dt and v.tolist() == list(np.asarray(x, dtype=np.int64))
+        assert v.numel() == 0 or v.data_ptr() % 16 == 0, (x, v.data_ptr() % 16)
+    with pytest.raises(OverflowError):
+        ModelRunner._upload(runner, [[2**31]])

@@ -398,21 +398,25 @@ class ModelRunner:
         their span: the index arguments of index_select / index_copy_ want int64). Returns the views in that
         order. The uploads of a step are few and launch-bound at the head of a prefill: one copy and one kernel
         instead of a copy per group and a conversion per array."""
+        # every view starts 16-byte aligned (each part padded to 4 elements): Triton specialises a kernel on its
+        # pointers' alignment, so views at odd offsets are another compiled variant than the warm-up's
+        # tensors (the first GPU run of this compiled rope_store_kv and the paged attention at request time)
         parts = [np.asarray(x, dtype=np.int64).ravel() for x in (*arrays32, *arrays64)]
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        padded = [np.pad(p, (0, -len(p) % 4)) for p in parts]
+        flat = np.concatenate(padded) if parts else np.zeros(0, dtype=np.int64)
         if flat.size and (flat.max() > 2**31 - 1 or flat.min() < -2**31):
             raise OverflowError("an upload value does not fit int32")      # a bug: ids and positions always do
         host = torch.from_numpy(flat.astype(np.int32))
         if self.device.type == "cuda":
             host = host.pin_memory()
         dev = host.to(self.device, non_blocking=True)
-        n32 = sum(len(p) for p in parts[:len(arrays32)])
+        n32 = sum(len(p) for p in padded[:len(arrays32)])
         dev64 = dev[n32:].long() if len(arrays64) else None
         out, o = [], 0
-        for i, x in enumerate(parts):
+        for i, (x, xp) in enumerate(zip(parts, padded)):
             src, base = (dev, 0) if i < len(arrays32) else (dev64, n32)
             out.append(src[o - base:o - base + len(x)])
-            o += len(x)
+            o += len(xp)
         return out
 
     def _upload_arrays(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
