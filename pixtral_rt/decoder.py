@@ -128,17 +128,27 @@ FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
 # prefill FP8 GEMM (kernels/fp8_gemm.py): "scaled_mm" (cuBLASLt, sm89+) or "triton"
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
-# int4 decoder (pixtral_rt/int4.py; W4A16): NOT MEASURED YET, the defaults below are guesses until
-# benchmarks/bench_int4.py has run on the GPU (it times every alternative on the decoder's shapes).
-#   1 row        INT4_M1_BACKEND "gemv" (kernels/int4_gemv.py, CUDA cores) or "gemm" (kernels/int4_gemm.py's
-#                tensor-core kernel with the row padded to 16); INT4_GEMV_CONFIGS tiles per (N, K)
+# int4 decoder (pixtral_rt/int4.py; W4A16). Tiles: the winners of benchmarks/bench_int4.py --sweep on an H100
+# (results/int4.jsonl, commit 2b96a60). The kernels are far from their floors there: the 1-row GEMV reads at
+# 1.2-1.6 TB/s (wqkv / wo / w13 / w2 13.4 / 10.1 / 48.2 / 28.7 us, floors 4.8 / 3.2 / 22.6 / 11.3), the tensor-core
+# kernel is no faster than bf16 at 16 rows and slower at 64 (docs/NOTES.md "Int4 kernels, first timings").
+#   1 row        INT4_M1_BACKEND "gemv" (kernels/int4_gemv.py, CUDA cores; faster than "gemm" on every shape) or
+#                "gemm" (kernels/int4_gemm.py's tensor-core kernel with the row padded to 16); INT4_GEMV_CONFIGS
 #   2..64 rows   kernels/int4_gemm.py (skinny tiles); INT4_SKINNY_CONFIGS per (N, K) and block_m
 #   prefill      INT4_PREFILL_BACKEND "triton" (per-tile dequantisation in the GEMM) or "dequant" (W dequantised
-#                to bf16, then cuBLAS); INT4_PREFILL_CONFIGS tiles per (N, K) for "triton"
+#                to bf16, then cuBLAS); INT4_PREFILL_CONFIGS tiles per (N, K) for "triton" (not yet swept)
 INT4_M1_BACKEND = "gemv"
 INT4_PREFILL_BACKEND = "triton"
-INT4_GEMV_CONFIGS: dict[tuple[int, int], dict] = {}
-INT4_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {}
+INT4_GEMV_CONFIGS: dict[tuple[int, int], dict] = {
+    (6144, 5120): dict(block_n=16, num_warps=8, num_stages=3),
+    (5120, 4096): dict(block_n=8, num_warps=8, num_stages=3),
+    (28672, 5120): dict(block_n=16, num_warps=8, num_stages=3),
+    (5120, 14336): dict(block_n=8, num_warps=8, num_stages=4),
+}
+INT4_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
+    (N, K): {16: dict(block_n=64, num_warps=4, num_stages=2), 64: dict(block_n=64, num_warps=8, num_stages=1)}
+    for N, K in ((6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336))
+}
 INT4_PREFILL_CONFIGS: dict[tuple[int, int], dict] = {}
 
 
