@@ -11,7 +11,8 @@ FP8_DECODE_MODES = ("auto", "w8a16", "w8a8")
 # fp8_decode "auto": decode steps of at least this many rows (the padded graph batch) run "w8a8", fewer "w8a16".
 # Measured on an H100 (benchmarks/results/fp8_linear.jsonl, commit ba687e7, per layer's four linears): at 1 row
 # the W8A16 GEMV wins (107 against 108 us, plus the quantisation of the wo / w2 inputs: 9 us), at 64 rows
-# W8A8 takes half the time (142 against 266 us); both pad 2..16 rows to one 16-row tile
+# W8A8 takes half the time (142 against 266 us); at 2, 4, 8 and 16 rows W8A8 wins on every shape (w2 at 2 rows:
+# 35.2 with its quantiser against 50.0 us; commit c8d98e9): both pad 2..16 rows to one 16-row tile
 FP8_W8A8_MIN_ROWS = 2
 
 
