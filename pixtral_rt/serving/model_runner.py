@@ -287,7 +287,10 @@ class ModelRunner:
         `uploaded`: their (int64 index, int32 page id) device views when another upload carried them."""
         if appends is None:
             return
-        idx_d, val_d = uploaded if uploaded is not None else self._upload([appends[1]], [appends[0]])[::-1]
+        if uploaded is None:
+            val_d, idx_d = self._upload([appends[1]], [appends[0]])       # page ids int32, indices int64
+        else:
+            idx_d, val_d = uploaded
         self.block_table.view(-1).index_copy_(0, idx_d, val_d)
 
     def mask_buffer(self, n: int) -> np.ndarray:
