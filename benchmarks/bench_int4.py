@@ -1,6 +1,7 @@
 """Int4 (W4A16) linear kernels on the Pixtral-12B decoder's shapes, each beside bf16 and FP8 in the same run.
 
-  M = 1        kernels/int4_gemv.py GEMV and kernels/int4_gemm.py (tensor cores, row padded to 16)
+  M = 1        kernels/int4_gemv.py GEMV, both kernels ("gemv": the 2-D plane kernel, vec=0; "gemv_v": the 3-D
+               one), and kernels/int4_gemm.py (tensor cores, row padded to 16)
                vs bf16 Triton GEMV (kernels/gemv.py, the decoder's tuned tiles), cuBLAS bf16, FP8 GEMV
   M = 16, 64   kernels/int4_gemm.py skinny tiles        vs cuBLAS bf16 (F.linear), FP8 skinny GEMM
   M = 512, 4096  kernels/int4_gemm.py "triton" (prefill tiles) and "dequant" (int4_dequant + cuBLAS)
@@ -139,7 +140,8 @@ def main(argv=None):
         return out
 
     from pixtral_rt.decoder import GEMV_CONFIGS
-    won = {"gemv": {}, "skinny": {}, "prefill": {}, "m1": {}, "prefill_backend": {}}
+    GEMV_V_DEFAULT = dict(vec=4, block_n=4, num_warps=1)      # the 3-D GEMV's tiles when not swept
+    won = {"gemv": {}, "gemv_ms": {}, "skinny": {}, "prefill": {}, "m1": {}, "prefill_backend": {}}
     for label, (N, K) in (SMOKE_SHAPES if smoke else shapes_12b()).items():
         W = Weights(N, K, dev, copies=2 if smoke else None)
         case0 = f"{'tiny' if smoke else PIXTRAL_12B.name} {label} ({N}x{K})"
@@ -170,6 +172,11 @@ def main(argv=None):
                 impls.append(("gemv", lambda c: int4_gemv(x, W.next_int4(), **c),
                               [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
                                itertools.product((8, 16, 32), (4, 8), (3, 4))]))
+                # the 3-D kernel (in-place nibbles, one lop3 each; benchmarks/kernel_sass.py counts its SASS):
+                # one or two warps of a few rows each, so x is converted once for several rows
+                impls.append(("gemv_v", lambda c: int4_gemv(x, W.next_int4(), **{**GEMV_V_DEFAULT, **c}),
+                              [dict(vec=4, block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
+                               itertools.product((2, 4, 8), (1, 2), (1, 2, 3))]))
             if M <= 64:
                 bm = min(64, max(16, 1 << (M - 1).bit_length()))
                 # stages lowered to what fits shared memory (the kernel's own rule); duplicates dropped
@@ -203,8 +210,10 @@ def main(argv=None):
                     row.update(TFLOPs=flops / ms / 1e9, bf16_TFLOPs=flops / ms_dense / 1e9,
                                compute_floor_us=flops / BF16_PEAK * 1e6)
                 record(bench, f"{case} int4 {impl}", "time", ms * 1e3, "us", base, ms_dense * 1e3, floor_us, **row)
-                if cfg and impl == "gemv":
-                    won["gemv"][(N, K)] = cfg
+                if impl in ("gemv", "gemv_v") and ms < won["gemv_ms"].get((N, K), float("inf")):
+                    # the faster of the two GEMV kernels takes INT4_GEMV_CONFIGS (vec tells which)
+                    won["gemv_ms"][(N, K)] = ms
+                    won["gemv"][(N, K)] = dict(GEMV_V_DEFAULT, **cfg) if impl == "gemv_v" else cfg
                 elif cfg and impl == "gemm" and 2 <= M <= 64:     # the decoder keys skinny tiles by block_m
                     won["skinny"].setdefault((N, K), {})[cfg["block_m"]] = {
                         k: v for k, v in cfg.items() if k != "block_m"}
@@ -213,7 +222,8 @@ def main(argv=None):
             record(bench, f"{case} fp8", "time", ms_fp8 * 1e3, "us", base, ms_dense * 1e3,
                    (fp8_bytes + io) / hbm * 1e6 if hbm else None, timing=extra["timing"])
             if M == 1:
-                won["m1"][(N, K)] = min(results, key=results.get)
+                fastest = min(results, key=results.get)
+                won["m1"][(N, K)] = "gemv" if fastest == "gemv_v" else fastest    # INT4_M1_BACKEND's names
             if M > 64:
                 won["prefill_backend"][(N, K, M)] = min(results, key=results.get)
         del W

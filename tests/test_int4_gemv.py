@@ -31,8 +31,24 @@ def check_gemv(device, dtype, N, K, group_size=128, scale_dtype=None, **cfg):
     (97, 512, 64, dict(block_n=32, peel=True)),
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_int4_gemv_small(device, dtype, N, K, group_size, cfg):
-    check_gemv(device, dtype, N, K, group_size, **cfg)
+@pytest.mark.parametrize("vec", [0, 4, 8])        # 0: the 2-D plane kernel; 4 / 8: the 3-D one (in-place nibbles)
+def test_int4_gemv_small(device, dtype, N, K, group_size, cfg, vec):
+    check_gemv(device, dtype, N, K, group_size, vec=vec, **cfg)
+
+
+def test_int4_gemv_v_one_warp_rows(device):
+    """The decode tiles of the 3-D kernel (one warp, a few rows each) and every nibble position used: a weight
+    whose nibbles are all 0 or all 15 (q = -8 / 7) checks the in-place extraction at its extremes."""
+    torch.manual_seed(11)
+    check_gemv(device, torch.float32, 13, 1024, block_n=4, num_warps=1, vec=4)
+    w, W = int4_weights(5, 1024, device, 3)
+    for fill in (0, -1):                                  # every nibble 0 (q = -8) / 15 (q = 7)
+        ext = type(w)(torch.full_like(w.qweight, fill), w.scale, w.group_size, w.plane)
+        x = torch.randn(1, 1024, device=device)
+        y = int4_gemv(x, ext, block_n=2, vec=4)
+        q = -8.0 if fill == 0 else 7.0
+        ref = (x.double() @ (q * ext.scale.double().repeat_interleave(w.group_size, 1)).T)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_int4_gemv_half_scales_and_vector_input(device):
@@ -45,12 +61,13 @@ def test_int4_gemv_half_scales_and_vector_input(device):
     torch.testing.assert_close(y.double(), W.double() @ x.double(), rtol=1e-5, atol=1e-6)
 
 
-def test_int4_gemv_peeled_equals_plain(device):
+@pytest.mark.parametrize("vec", [0, 4])
+def test_int4_gemv_peeled_equals_plain(device, vec):
     torch.manual_seed(3)
     x = torch.randn(1, 2048, device=device)
     w, _ = int4_weights(37, 2048, device, 1)
-    a = int4_gemv(x, w, block_n=8)
-    b = int4_gemv(x, w, block_n=8, peel=True)
+    a = int4_gemv(x, w, block_n=8, vec=vec)
+    b = int4_gemv(x, w, block_n=8, peel=True, vec=vec)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -65,18 +82,38 @@ def test_int4_gemv_rejects_bad_inputs(device):
     bad = type(w)(w.qweight, w.scale[:, :1].contiguous(), w.group_size, w.plane)
     with pytest.raises(ValueError, match="scale must be"):
         int4_gemv(torch.randn(1, 256, device=device), bad)
+    with pytest.raises(ValueError, match="vec must be"):
+        int4_gemv(torch.randn(1, 256, device=device), w, vec=3)
 
 
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,K", [(6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336), (97, 1024)])
-def test_int4_gemv_bf16(N, K):
-    check_gemv("cuda", torch.bfloat16, N, K, scale_dtype=torch.bfloat16)
+@pytest.mark.parametrize("cfg", [{}, dict(vec=4, block_n=4, num_warps=1), dict(vec=4, block_n=8, num_warps=2)])
+def test_int4_gemv_bf16(N, K, cfg):
+    """On the GPU the 3-D kernel takes its nibbles with inline PTX (lop3): checked here, not on the CPU."""
+    check_gemv("cuda", torch.bfloat16, N, K, scale_dtype=torch.bfloat16, **cfg)
 
 
 @requires_gpu
 @pytest.mark.gpu
-def test_int4_gemv_pdl_equals_plain():
+@pytest.mark.parametrize("vec", [0, 4])
+def test_int4_gemv_pdl_equals_plain(vec):
     x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
     w, _ = int4_weights(6144, 5120, "cuda", 2, scale_dtype=torch.bfloat16)
-    assert torch.equal(int4_gemv(x, w), int4_gemv(x, w, pdl=True))
+    cfg = dict(vec=vec, block_n=4, num_warps=1) if vec else {}
+    assert torch.equal(int4_gemv(x, w, **cfg), int4_gemv(x, w, pdl=True, **cfg))
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_int4_gemv_v_extreme_nibbles_gpu():
+    """The inline-PTX nibble extraction at q = -8 and q = 7 in every position (all-0 and all-15 words)."""
+    w, _ = int4_weights(64, 5120, "cuda", 5, scale_dtype=torch.bfloat16)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    for fill, q in ((0, -8.0), (-1, 7.0)):
+        ext = type(w)(torch.full_like(w.qweight, fill), w.scale, w.group_size, w.plane)
+        ref = x.double() @ (q * ext.scale.double().repeat_interleave(w.group_size, 1)).T
+        y = int4_gemv(x, ext, vec=4, block_n=4, num_warps=1)
+        assert rel(y, ref) <= 2 * rel((x.float() @ (q * ext.scale.float().repeat_interleave(w.group_size, 1)).T
+                                       ).to(torch.bfloat16), ref) + 1e-6
