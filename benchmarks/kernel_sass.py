@@ -57,6 +57,10 @@ class Compiled:
     shared: int
 
 
+# whether a kernel's ASM constexpr is True on the GPU for the cases below (int4_gemm: bf16 activations)
+ASM_FOR: dict[str, bool] = {}
+
+
 @contextlib.contextmanager
 def capture_launches(arch: int = 90):
     """Inside: every Triton launch compiles for sm_`arch` (as the JIT would on that GPU) and is not run.
@@ -69,7 +73,7 @@ def capture_launches(arch: int = 90):
     def run(self, *args, grid, warmup, **kwargs):
         kwargs.setdefault("debug", False)
         if "ASM" in kwargs:          # kernels take inline PTX on a CUDA device, plain code on the CPU
-            kwargs["ASM"] = True
+            kwargs["ASM"] = ASM_FOR.get(self.__name__, True)
         binder = triton_jit.create_function_from_signature(self.signature, self.params, backend)
         bound, spec, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
@@ -179,6 +183,21 @@ def _int4_gemv_v(N, K, cfg):
     return _int4_gemv(N, K, {"vec": 4, "block_n": 4, "num_warps": 1, **cfg})
 
 
+def _int4_gemm(M):
+    def case(N, K, cfg):
+        from pixtral_rt.decoder import INT4_SKINNY_CONFIGS
+        from pixtral_rt.int4 import Int4Weight, pack, quantize_weight
+        from pixtral_rt.kernels.int4_gemm import SKINNY_DEFAULT, int4_gemm
+        q, s = quantize_weight(torch.randn(N, K) * 0.02)
+        w = Int4Weight.from_checkpoint(pack(q), s.to(torch.bfloat16), "cpu", torch.bfloat16)
+        bm = min(64, max(16, 1 << (M - 1).bit_length()))
+        cfg = {**INT4_SKINNY_CONFIGS.get((N, K), {}).get(bm, {}), **cfg}
+        with capture_launches() as ks:
+            int4_gemm(torch.randn(M, K, dtype=torch.bfloat16), w, **cfg)
+        return ks[-1], cfg.get("block_n", SKINNY_DEFAULT["block_n"]) * 8 * w.plane, 0.5 + 2 / w.group_size
+    return case
+
+
 def _fp8_gemv(N, K, cfg):
     from pixtral_rt.decoder import FP8_GEMV_CONFIGS
     from pixtral_rt.kernels.fp8_gemv import GEMV_DEFAULT, fp8_gemv
@@ -198,7 +217,8 @@ def _bf16_gemv(N, K, cfg):
     return ks[-1], cfg["block_n"] * cfg["block_k"], 2.0
 
 
-KINDS = {"int4_gemv": _int4_gemv, "int4_gemv_v": _int4_gemv_v, "fp8_gemv": _fp8_gemv, "bf16_gemv": _bf16_gemv}
+KINDS = {"int4_gemv": _int4_gemv, "int4_gemv_v": _int4_gemv_v, "int4_gemm16": _int4_gemm(16),
+         "int4_gemm64": _int4_gemm(64), "fp8_gemv": _fp8_gemv, "bf16_gemv": _bf16_gemv}
 CASES = [f"{k}_{lin}" for k in KINDS for lin in LINEARS]
 
 

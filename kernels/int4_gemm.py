@@ -30,13 +30,50 @@ import triton.language as tl
 
 from pixtral_rt.int4 import Int4Weight, check_kernel_weight
 from pixtral_rt.kernels.int4_dequant import int4_dequantize
-from pixtral_rt.kernels.int4_gemv import _nibble_f32
+from pixtral_rt.kernels.int4_gemv import _nibble_f32, _use_asm
+
+# bf16 planes in inline PTX (CUDA, bf16 activations): nibbles i and i + 4 of a word sit at bits 4i and 4i + 16, so
+# after a shift by 4i one lop3 puts both into the low mantissa bits of two bf16 halves whose exponent is that of
+# 128 ((w & 0x000F000F) | 0x43004300 = the bf16 pair 128 + u), and one bf16x2 fma (x 1 - 136) leaves q = u - 8,
+# exact: a shift, a lop3 and an fma for 2 weights (the fp32 path: ~4.5 instructions a weight). Two planes a call,
+# not eight: all eight at once hold 8 tiles in registers and spill.
+_PAIR_ASM = """{
+.reg .b32 t, w, one, off;
+mov.b32 one, 0x3F803F80;
+mov.b32 off, 0xC308C308;
+shr.u32 w, $2, SHIFT;
+lop3.b32 t, w, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t, t, one, off;
+mov.b32 {$0, $1}, t;
+}"""
+_PAIR_ASM_0 = tl.constexpr(_PAIR_ASM.replace("shr.u32 w, $2, SHIFT;", "mov.b32 w, $2;"))
+_PAIR_ASM_4 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "4"))
+_PAIR_ASM_8 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "8"))
+_PAIR_ASM_12 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "12"))
+
+
+@triton.jit
+def _plane_pair_bf16(words, I: tl.constexpr):
+    """Planes I and I + 4 (I < 4) of (BLOCK_N, P) int32 words as bf16 q = u - 8 (exact), by _PAIR_ASM."""
+    if I == 0:
+        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_0, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
+                                           is_pure=True, pack=1)
+    elif I == 1:
+        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_4, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
+                                           is_pure=True, pack=1)
+    elif I == 2:
+        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_8, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
+                                           is_pure=True, pack=1)
+    else:
+        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_12, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
+                                           is_pure=True, pack=1)
+    return lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
 def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_s, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr,
-                      GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+                      GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr = False):
     # grouped order: GROUP_M m-tiles sweep the same W n-tiles while they sit in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -56,11 +93,21 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, 
     for b in range(0, K // (8 * PLANE)):
         words = tl.load(w_ptrs + b * PLANE, mask=nmask[:, None], other=0)
         k0 = b * 8 * PLANE
-        for i in tl.static_range(8):
-            xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)    # (P, BLOCK_M)
-            q = _nibble_f32(words, i).to(xt.dtype)                                    # (BLOCK_N, P), exact
-            s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
-            acc += tl.dot(q, xt, input_precision=PRECISION) * s[:, None]
+        if ASM:      # planes in pairs (i, i + 4), both from one lop3 a word
+            for i in tl.static_range(4):
+                q_lo, q_hi = _plane_pair_bf16(words, i)                                # (BLOCK_N, P) bf16, exact
+                xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)
+                s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                acc += tl.dot(q_lo, xt, input_precision=PRECISION) * s[:, None]
+                xt = tl.load(xt_ptrs + k0 + (i + 4) * PLANE, mask=mmask[None, :], other=0.0)
+                s = tl.load(s_rows + (k0 + (i + 4) * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                acc += tl.dot(q_hi, xt, input_precision=PRECISION) * s[:, None]
+        else:
+            for i in tl.static_range(8):
+                xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)    # (P, BLOCK_M)
+                q = _nibble_f32(words, i).to(xt.dtype)                                    # (BLOCK_N, P), exact
+                s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
+                acc += tl.dot(q, xt, input_precision=PRECISION) * s[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]       # (BLOCK_N, BLOCK_M) = y^T
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=nmask[:, None] & mmask[None, :])
 
@@ -131,6 +178,7 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _int4_gemm_kernel[grid](x, w.qweight, w.scale, y, M, N, K, x.stride(0), w.qweight.stride(0), w.scale.stride(0),
                             y.stride(0), BLOCK_M=bm, BLOCK_N=bn, PLANE=w.plane, GROUP=w.group_size,
-                            GROUP_M=t["group_m"], PRECISION=prec, num_warps=t["num_warps"],
+                            GROUP_M=t["group_m"], PRECISION=prec,
+                            ASM=x.dtype == torch.bfloat16 and _use_asm(x), num_warps=t["num_warps"],
                             num_stages=t["num_stages"])
     return y

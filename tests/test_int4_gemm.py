@@ -72,3 +72,19 @@ def test_int4_gemm_bf16(M, N, K):
 @pytest.mark.parametrize("M", [512, 4096])
 def test_int4_gemm_dequant_bf16(M):
     check_gemm("cuda", torch.bfloat16, M, 5120, 14336, backend="dequant")
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 64, 512])
+def test_int4_gemm_extreme_nibbles_bf16(M):
+    """bf16 activations on CUDA take the inline-PTX planes (lop3 + bf16x2 fma): every nibble 0 (q = -8) or 15
+    (q = 7) in every position, against the exact product."""
+    w, _ = int4_weights(96, 5120, "cuda", 7)
+    x = torch.randn(M, 5120, device="cuda", dtype=torch.bfloat16)
+    for fill, q in ((0, -8.0), (-1, 7.0)):
+        ext = type(w)(torch.full_like(w.qweight, fill), w.scale, w.group_size, w.plane)
+        W = q * ext.scale.double().repeat_interleave(w.group_size, 1)
+        ref = x.double() @ W.T
+        y = int4_gemm(x, ext)
+        assert rel(y, ref) <= 2 * rel(x @ W.to(torch.bfloat16).T, ref) + 1e-6
