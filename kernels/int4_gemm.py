@@ -140,10 +140,11 @@ BACKENDS = ("triton", "dequant")
 
 def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *, backend: str = "triton",
               block_m: int | None = None, block_n: int | None = None, group_m: int | None = None,
-              num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+              num_warps: int | None = None, num_stages: int | None = None, asm: bool | None = None) -> torch.Tensor:
     """x (M, K), w Int4Weight (N, K) -> (M, N) in x's dtype (or out's). backend "triton" (tiles left None:
     SKINNY_DEFAULT for M <= 64 with block_m = max(16, next power of two of M), else PREFILL_DEFAULT) or
-    "dequant" (dequantise W, then F.linear)."""
+    "dequant" (dequantise W, then F.linear). asm: the inline-PTX planes (None: for bf16 x on CUDA; False: the
+    fp32 nibble path everywhere, the benchmark's same-run baseline)."""
     if x.dim() != 2:
         raise ValueError(f"int4_gemm: x must be (M, K), got {tuple(x.shape)}")
     M, K = x.shape
@@ -179,6 +180,7 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *
     _int4_gemm_kernel[grid](x, w.qweight, w.scale, y, M, N, K, x.stride(0), w.qweight.stride(0), w.scale.stride(0),
                             y.stride(0), BLOCK_M=bm, BLOCK_N=bn, PLANE=w.plane, GROUP=w.group_size,
                             GROUP_M=t["group_m"], PRECISION=prec,
-                            ASM=x.dtype == torch.bfloat16 and _use_asm(x), num_warps=t["num_warps"],
+                            ASM=x.dtype == torch.bfloat16 and _use_asm(x) and asm is not False,
+                            num_warps=t["num_warps"],
                             num_stages=t["num_stages"])
     return y
