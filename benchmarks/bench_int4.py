@@ -181,10 +181,12 @@ def main(argv=None):
                 bm = min(64, max(16, 1 << (M - 1).bit_length()))
                 # stages lowered to what fits shared memory (the kernel's own rule); duplicates dropped
                 plane, xb = W.int4[0].plane, x.element_size()
-                gcfgs = {(bn, w, fit_stages(st, bm, bn, plane, xb)) for bn, w, st in
-                         itertools.product((32, 64, 128), (4, 8), (2, 3, 4))}
+                # block_p 64: half a plane a step (kernel_sass: the 64-row tiles spill with whole planes)
+                gcfgs = {(bn, w, fit_stages(st, bm, bn, bp or plane, xb), bp) for bn, w, st, bp in
+                         itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (0, 64))}
                 impls.append(("gemm", lambda c: int4_gemm(x, W.next_int4(), **c),
-                              [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bn, w, st in sorted(gcfgs)]))
+                              [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st, **({"block_p": bp} if bp else {}))
+                               for bn, w, st, bp in sorted(gcfgs)]))
                 # the same kernel on the fp32 nibble path (no inline PTX), default tiles: the same-run baseline
                 impls.append(("gemm_fp32_nibbles", lambda c: int4_gemm(x, W.next_int4(), asm=False, **c), []))
             else:

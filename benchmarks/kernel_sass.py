@@ -8,8 +8,8 @@ one warp instruction a cycle, and Hopper's integer pipe (LOP3, SHF, IADD3, PRMT,
 sub-partition, so a kernel that spends too many instructions per weight is bound by issue, not by memory.
 Each case calls the kernel's own Python wrapper on CPU tensors of the real shapes; the launch is intercepted
 (JITFunction.run), the kernel compiled for sm_90 exactly as the JIT would specialise it on the GPU (16-byte
-alignment and divisibility hints from the real arguments; a constexpr `ASM`, inline PTX that the kernels
-take on a CUDA device only, is set True), and the cubin disassembled (nvdisasm, shipped with
+alignment and divisibility hints from the real arguments; the int4 kernels' inline PTX, which they take on a
+CUDA device only, is switched on), and the cubin disassembled (nvdisasm, shipped with
 Triton). The main loop is the loop with the most instructions (its back edge is the `BRA` to its label).
 
 Per case it prints: instructions in the loop body by pipe, weights a warp streams per loop iteration, and two
@@ -57,10 +57,6 @@ class Compiled:
     shared: int
 
 
-# whether a kernel's ASM constexpr is True on the GPU for the cases below (int4_gemm: bf16 activations)
-ASM_FOR: dict[str, bool] = {}
-
-
 @contextlib.contextmanager
 def capture_launches(arch: int = 90):
     """Inside: every Triton launch compiles for sm_`arch` (as the JIT would on that GPU) and is not run.
@@ -72,8 +68,6 @@ def capture_launches(arch: int = 90):
 
     def run(self, *args, grid, warmup, **kwargs):
         kwargs.setdefault("debug", False)
-        if "ASM" in kwargs:          # kernels take inline PTX on a CUDA device, plain code on the CPU
-            kwargs["ASM"] = ASM_FOR.get(self.__name__, True)
         binder = triton_jit.create_function_from_signature(self.signature, self.params, backend)
         bound, spec, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, options)
@@ -82,11 +76,16 @@ def capture_launches(arch: int = 90):
         out.append(Compiled(self.__name__, k.asm["cubin"], k.asm["ttgir"], options.num_warps, k.metadata.shared))
         return None
 
+    # the int4 kernels take inline PTX where they run on a CUDA device (their _use_asm): here too
+    from pixtral_rt.kernels import int4_gemm, int4_gemv
+    orig_asm = int4_gemv._use_asm
     triton_jit.JITFunction.run = run
+    int4_gemv._use_asm = int4_gemm._use_asm = lambda x: True
     try:
         yield out
     finally:
         triton_jit.JITFunction.run = orig
+        int4_gemv._use_asm = int4_gemm._use_asm = orig_asm
 
 
 def _tool(name: str) -> str:
@@ -190,11 +189,14 @@ def _int4_gemm(M):
         from pixtral_rt.kernels.int4_gemm import SKINNY_DEFAULT, int4_gemm
         q, s = quantize_weight(torch.randn(N, K) * 0.02)
         w = Int4Weight.from_checkpoint(pack(q), s.to(torch.bfloat16), "cpu", torch.bfloat16)
+        from pixtral_rt.kernels.int4_gemm import PREFILL_DEFAULT
         bm = min(64, max(16, 1 << (M - 1).bit_length()))
-        cfg = {**INT4_SKINNY_CONFIGS.get((N, K), {}).get(bm, {}), **cfg}
+        cfg = {**(INT4_SKINNY_CONFIGS.get((N, K), {}).get(bm, {}) if M <= 64 else {}), **cfg}
         with capture_launches() as ks:
             int4_gemm(torch.randn(M, K, dtype=torch.bfloat16), w, **cfg)
-        return ks[-1], cfg.get("block_n", SKINNY_DEFAULT["block_n"]) * 8 * w.plane, 0.5 + 2 / w.group_size
+        tiles = SKINNY_DEFAULT if M <= 64 else PREFILL_DEFAULT
+        step = min(cfg.get("block_p") or w.plane, w.plane)          # word columns a loop iteration
+        return ks[-1], cfg.get("block_n", tiles["block_n"]) * 8 * step, 0.5 + 2 / w.group_size
     return case
 
 
@@ -218,7 +220,7 @@ def _bf16_gemv(N, K, cfg):
 
 
 KINDS = {"int4_gemv": _int4_gemv, "int4_gemv_v": _int4_gemv_v, "int4_gemm16": _int4_gemm(16),
-         "int4_gemm64": _int4_gemm(64), "fp8_gemv": _fp8_gemv, "bf16_gemv": _bf16_gemv}
+         "int4_gemm64": _int4_gemm(64), "int4_gemm512": _int4_gemm(512), "fp8_gemv": _fp8_gemv, "bf16_gemv": _bf16_gemv}
 CASES = [f"{k}_{lin}" for k in KINDS for lin in LINEARS]
 
 

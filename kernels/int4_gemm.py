@@ -73,7 +73,8 @@ def _plane_pair_bf16(words, I: tl.constexpr):
 @triton.jit
 def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, stride_s, stride_ym,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PLANE: tl.constexpr, GROUP: tl.constexpr,
-                      GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr = False):
+                      GROUP_M: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr = False,
+                      BLOCK_P: tl.constexpr = 0):
     # grouped order: GROUP_M m-tiles sweep the same W n-tiles while they sit in L2
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -84,28 +85,33 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_w, 
     pid_n = (pid % (GROUP_M * n_n)) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_j = tl.arange(0, PLANE)
+    # BLOCK_P (0: the plane width P) word columns a step: a block of 8 P inputs is walked in P / BLOCK_P steps, so
+    # the words, the planes and the x tiles of a step are BLOCK_P wide (registers / shared memory for 64 rows)
+    PW: tl.constexpr = PLANE if BLOCK_P == 0 else BLOCK_P
+    offs_j = tl.arange(0, PW)
     mmask, nmask = offs_m < M, offs_n < N
-    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_j[None, :]       # (BLOCK_N, P) words
-    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_j[:, None]     # (P, BLOCK_M) = x^T
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_j[None, :]       # (BLOCK_N, PW) words
+    xt_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_j[:, None]     # (PW, BLOCK_M) = x^T
     s_rows = s_ptr + offs_n.to(tl.int64) * stride_s                                   # (BLOCK_N,)
     acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    for b in range(0, K // (8 * PLANE)):
-        words = tl.load(w_ptrs + b * PLANE, mask=nmask[:, None], other=0)
+    for step in range(0, (K // (8 * PLANE)) * (PLANE // PW)):
+        b = step // (PLANE // PW)
+        c0 = (step % (PLANE // PW)) * PW                 # first word column of this step within the block
+        words = tl.load(w_ptrs + b * PLANE + c0, mask=nmask[:, None], other=0)
         k0 = b * 8 * PLANE
         if ASM:      # planes in pairs (i, i + 4), both from one lop3 a word
             for i in tl.static_range(4):
-                q_lo, q_hi = _plane_pair_bf16(words, i)                                # (BLOCK_N, P) bf16, exact
-                xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)
+                q_lo, q_hi = _plane_pair_bf16(words, i)                                # (BLOCK_N, PW) bf16, exact
+                xt = tl.load(xt_ptrs + k0 + i * PLANE + c0, mask=mmask[None, :], other=0.0)
                 s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
                 acc += tl.dot(q_lo, xt, input_precision=PRECISION) * s[:, None]
-                xt = tl.load(xt_ptrs + k0 + (i + 4) * PLANE, mask=mmask[None, :], other=0.0)
+                xt = tl.load(xt_ptrs + k0 + (i + 4) * PLANE + c0, mask=mmask[None, :], other=0.0)
                 s = tl.load(s_rows + (k0 + (i + 4) * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
                 acc += tl.dot(q_hi, xt, input_precision=PRECISION) * s[:, None]
         else:
             for i in tl.static_range(8):
-                xt = tl.load(xt_ptrs + k0 + i * PLANE, mask=mmask[None, :], other=0.0)    # (P, BLOCK_M)
-                q = _nibble_f32(words, i).to(xt.dtype)                                    # (BLOCK_N, P), exact
+                xt = tl.load(xt_ptrs + k0 + i * PLANE + c0, mask=mmask[None, :], other=0.0)   # (PW, BLOCK_M)
+                q = _nibble_f32(words, i).to(xt.dtype)                                    # (BLOCK_N, PW), exact
                 s = tl.load(s_rows + (k0 + i * PLANE) // GROUP, mask=nmask, other=0.0).to(tl.float32)
                 acc += tl.dot(q, xt, input_precision=PRECISION) * s[:, None]
     y_ptrs = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]       # (BLOCK_N, BLOCK_M) = y^T
@@ -124,7 +130,8 @@ SMEM_BUDGET = 180 * 1024
 
 
 def stage_bytes(block_m: int, block_n: int, plane: int, x_bytes: int) -> int:
-    """Shared memory of one pipelined stage of _int4_gemm_kernel (see SMEM_BUDGET)."""
+    """Shared memory of one pipelined stage of _int4_gemm_kernel (see SMEM_BUDGET); `plane`: the word columns of
+    a step (block_p, or the plane width)."""
     return block_n * plane * 4 + 8 * plane * block_m * x_bytes
 
 
@@ -140,10 +147,12 @@ BACKENDS = ("triton", "dequant")
 
 def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *, backend: str = "triton",
               block_m: int | None = None, block_n: int | None = None, group_m: int | None = None,
-              num_warps: int | None = None, num_stages: int | None = None, asm: bool | None = None) -> torch.Tensor:
+              num_warps: int | None = None, num_stages: int | None = None, asm: bool | None = None,
+              block_p: int | None = None) -> torch.Tensor:
     """x (M, K), w Int4Weight (N, K) -> (M, N) in x's dtype (or out's). backend "triton" (tiles left None:
     SKINNY_DEFAULT for M <= 64 with block_m = max(16, next power of two of M), else PREFILL_DEFAULT) or
-    "dequant" (dequantise W, then F.linear). asm: the inline-PTX planes (None: for bf16 x on CUDA; False: the
+    "dequant" (dequantise W, then F.linear). block_p: word columns a step (a power of two >= 16 dividing the
+    plane width; None: the whole plane; 64 keeps 64-row tiles from spilling, benchmarks/kernel_sass.py). asm: the inline-PTX planes (None: for bf16 x on CUDA; False: the
     fp32 nibble path everywhere, the benchmark's same-run baseline)."""
     if x.dim() != 2:
         raise ValueError(f"int4_gemm: x must be (M, K), got {tuple(x.shape)}")
@@ -171,16 +180,19 @@ def int4_gemm(x: torch.Tensor, w: Int4Weight, out: torch.Tensor | None = None, *
     if M <= PREFILL_ROWS:
         t["block_m"] = min(64, max(16, triton.next_power_of_2(M)))
     t.update({k: v for k, v in dict(block_m=block_m, block_n=block_n, group_m=group_m, num_warps=num_warps,
-                                    num_stages=num_stages).items() if v is not None})
+                                    num_stages=num_stages, block_p=block_p).items() if v is not None})
+    bp = min(t.get("block_p") or w.plane, w.plane)
+    if bp < 16 or w.plane % bp or bp & (bp - 1):
+        raise ValueError(f"int4_gemm: block_p must be a power of two >= 16 dividing the plane width {w.plane}, got {bp}")
     bm, bn = t["block_m"], t["block_n"]
     if num_stages is None:
-        t["num_stages"] = fit_stages(t["num_stages"], bm, bn, w.plane, x.element_size())
+        t["num_stages"] = fit_stages(t["num_stages"], bm, bn, bp, x.element_size())
     prec = FP32_PRECISION if x.dtype == torch.float32 else HALF_PRECISION
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _int4_gemm_kernel[grid](x, w.qweight, w.scale, y, M, N, K, x.stride(0), w.qweight.stride(0), w.scale.stride(0),
                             y.stride(0), BLOCK_M=bm, BLOCK_N=bn, PLANE=w.plane, GROUP=w.group_size,
                             GROUP_M=t["group_m"], PRECISION=prec,
                             ASM=x.dtype == torch.bfloat16 and _use_asm(x) and asm is not False,
-                            num_warps=t["num_warps"],
+                            BLOCK_P=0 if bp == w.plane else bp, num_warps=t["num_warps"],
                             num_stages=t["num_stages"])
     return y

@@ -31,6 +31,8 @@ def check_gemm(device, dtype, M, N, K, group_size=128, backend="triton", strided
     (1, 33, 256, 128, dict(block_n=16)),                     # the tensor-core kernel at M = 1 (padded)
     (70, 24, 256, 128, dict(block_m=32, block_n=16, group_m=2)),   # prefill-sized: 3 m-tiles, grouped order
     (130, 50, 384, 128, dict(block_m=64, block_n=32, group_m=8, num_warps=8)),
+    (9, 40, 2048, 128, dict(block_n=16, block_p=32)),        # a plane of 128 word columns walked in 4 steps
+    (33, 24, 512, 32, dict(block_n=16, block_p=16)),         # plane 32 in 2 steps
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_int4_gemm_small(device, dtype, M, N, K, group_size, cfg):
@@ -53,6 +55,8 @@ def test_int4_gemm_rejects_bad_inputs(device):
         int4_gemm(torch.randn(3, 128, device=device), w)
     with pytest.raises(ValueError, match=r"\(M, K\)"):
         int4_gemm(torch.randn(256, device=device), w)
+    with pytest.raises(ValueError, match="block_p"):
+        int4_gemm(torch.randn(3, 256, device=device), w, block_p=24)
     with pytest.raises(ValueError, match="backend"):
         int4_gemm(torch.randn(3, 256, device=device), w, backend="marlin")
     with pytest.raises(ValueError, match="out must be"):
@@ -65,6 +69,14 @@ def test_int4_gemm_rejects_bad_inputs(device):
 @pytest.mark.parametrize("M", [1, 2, 7, 16, 33, 64, 512, 1000])
 def test_int4_gemm_bf16(M, N, K):
     check_gemm("cuda", torch.bfloat16, M, N, K)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,cfg", [(16, dict(block_p=32)), (64, dict(block_p=64, block_n=128, num_warps=8, num_stages=2)),
+                                   (64, dict(block_p=32, block_n=64, num_warps=4, num_stages=2))])
+def test_int4_gemm_block_p_bf16(M, cfg):
+    check_gemm("cuda", torch.bfloat16, M, 28672, 5120, **cfg)
 
 
 @requires_gpu
