@@ -139,6 +139,10 @@ def main():
                     if a.w8a16_sweep:
                         gcfgs = [dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st) for bn, bk, w, st in
                                  itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (3, 4))]
+                        # one warp: x's K slice lands in the tile's layout, so the loop has no shared-memory
+                        # broadcast and no barrier (benchmarks/kernel_sass.py: 3.3-3.7 instructions a weight)
+                        gcfgs += [dict(block_n=bn, block_k=bk, num_warps=1, num_stages=st) for bn, bk, st in
+                                  itertools.product((2, 4, 8), (256, 512), (2, 3, 4)) if bn * bk <= 4096]
                         ms_g, cfg_g = best_of(lambda c: fp8_gemv(xm, *rot.next_fp8(), **c), gcfgs)
                         best_gemv[(N, K)] = cfg_g
                         record(BENCH, f"{case} M=1 w8a16 swept", "time", ms_g * 1e3, "us",
