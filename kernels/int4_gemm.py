@@ -37,36 +37,23 @@ from pixtral_rt.kernels.int4_gemv import _nibble_f32, _use_asm
 # 128 ((w & 0x000F000F) | 0x43004300 = the bf16 pair 128 + u), and one bf16x2 fma (x 1 - 136) leaves q = u - 8,
 # exact: a shift, a lop3 and an fma for 2 weights (the fp32 path: ~4.5 instructions a weight). Two planes a call,
 # not eight: all eight at once hold 8 tiles in registers and spill.
-_PAIR_ASM = """{
+_PAIR_ASM = tl.constexpr("""{
 .reg .b32 t, w, one, off;
 mov.b32 one, 0x3F803F80;
 mov.b32 off, 0xC308C308;
-shr.u32 w, $2, SHIFT;
+shr.u32 w, $2, $3;
 lop3.b32 t, w, 0x000F000F, 0x43004300, 0xEA;
 fma.rn.bf16x2 t, t, one, off;
 mov.b32 {$0, $1}, t;
-}"""
-_PAIR_ASM_0 = tl.constexpr(_PAIR_ASM.replace("shr.u32 w, $2, SHIFT;", "mov.b32 w, $2;"))
-_PAIR_ASM_4 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "4"))
-_PAIR_ASM_8 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "8"))
-_PAIR_ASM_12 = tl.constexpr(_PAIR_ASM.replace("SHIFT", "12"))
+}""")
 
 
 @triton.jit
 def _plane_pair_bf16(words, I: tl.constexpr):
     """Planes I and I + 4 (I < 4) of (BLOCK_N, P) int32 words as bf16 q = u - 8 (exact), by _PAIR_ASM."""
-    if I == 0:
-        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_0, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
-                                           is_pure=True, pack=1)
-    elif I == 1:
-        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_4, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
-                                           is_pure=True, pack=1)
-    elif I == 2:
-        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_8, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
-                                           is_pure=True, pack=1)
-    else:
-        lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_12, "=h,=h,r", [words], dtype=(tl.int16, tl.int16),
-                                           is_pure=True, pack=1)
+    shift = tl.full(words.shape, 4 * I, tl.int32)
+    lo, hi = tl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,r", [words, shift], dtype=(tl.int16, tl.int16),
+                                       is_pure=True, pack=1)
     return lo.to(tl.bfloat16, bitcast=True), hi.to(tl.bfloat16, bitcast=True)
 
 

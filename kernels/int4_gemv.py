@@ -102,22 +102,10 @@ def _nibble_in_place(src, P: tl.constexpr, ASM: tl.constexpr):
     ASM (CUDA): the mask and the OR as one lop3 (ptxas emits an AND and an OR for the plain expression; LUT
     0xEA = (a & b) | c); the plain expression elsewhere (the interpreter), the same bits."""
     if ASM:
-        if P == 0:
-            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000000F, 0x4B000000, 0xEA;", "=r,r", [src],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif P == 4:
-            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000000F0, 0x49000000, 0xEA;", "=r,r", [src],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif P == 8:
-            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x00000F00, 0x47000000, 0xEA;", "=r,r", [src],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        elif P == 12:
-            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x0000F000, 0x45000000, 0xEA;", "=r,r", [src],
-                                             dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            tl.static_assert(P == 16)
-            bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F0000, 0x43000000, 0xEA;", "=r,r", [src],
-                                             dtype=tl.int32, is_pure=True, pack=1)
+        mask = tl.full(src.shape, 0xF << P, tl.int32)
+        exponent = tl.full(src.shape, (150 - P) << 23, tl.int32)
+        bits = tl.inline_asm_elementwise("lop3.b32 $0, $1, $2, $3, 0xEA;", "=r,r,r,r", [src, mask, exponent],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
         bits = (src & (0xF << P)) | ((150 - P) << 23)
     return bits.to(tl.float32, bitcast=True) - (2.0 ** (23 - P) + 8.0)
