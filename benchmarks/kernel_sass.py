@@ -154,7 +154,6 @@ def report(case: str, c: Compiled, weights_per_cta_iter: int, bytes_per_weight: 
     body = main_loop(sass)
     ops = Counter(op for op, _ in body)
     wide = Counter(op + mods for op, mods in body if op in MEM)
-    ops.update({k: 0 for k in wide})
     return Report(case, c.name, c.num_warps, regs, c.shared, len(body), Counter(dict(ops, **{"mem:" + k: v for k, v in wide.items()})),
                   sum(v for k, v in ops.items() if k in INT_PIPE), sum(v for k, v in ops.items() if k in FMA_PIPE),
                   weights_per_cta_iter / c.num_warps, bytes_per_weight)
