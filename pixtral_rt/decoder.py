@@ -129,9 +129,11 @@ FP8_DECODE_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
 DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 
 # int4 decoder (pixtral_rt/int4.py; W4A16). Tiles: the winners of benchmarks/bench_int4.py --sweep on an H100
-# (results/int4.jsonl, commit 2b96a60). The kernels are far from their floors there: the 1-row GEMV reads at
-# 1.2-1.6 TB/s (wqkv / wo / w13 / w2 13.4 / 10.1 / 48.2 / 28.7 us, floors 4.8 / 3.2 / 22.6 / 11.3), the tensor-core
-# kernel is no faster than bf16 at 16 rows and slower at 64 (docs/NOTES.md "Int4 kernels, first timings").
+# (results/int4.jsonl, commit e47ae14). The 1-row GEMV is the 3-D variant (vec=4: nibbles taken in place by
+# inline PTX, one warp of 2 rows): wqkv / wo / w13 / w2 10.8 / 8.1 / 34.8 / 21.1 us against 13.4 / 10.1 / 48.0 /
+# 28.8 for the old kernel in the same run (floors 4.8 / 3.2 / 22.6 / 11.3). The skinny tensor-core kernel with
+# bf16 planes in pairs and block_p 64: 15.3 / 12.5 / 40.5 / 34.7 us at 16 rows, 29.0 / 23.6 / 104 / 81.3 at 64
+# (docs/NOTES.md "Int4 kernels, second timings").
 #   1 row        INT4_M1_BACKEND "gemv" (kernels/int4_gemv.py, CUDA cores; faster than "gemm" on every shape) or
 #                "gemm" (kernels/int4_gemm.py's tensor-core kernel with the row padded to 16); INT4_GEMV_CONFIGS
 #   2..64 rows   kernels/int4_gemm.py (skinny tiles); INT4_SKINNY_CONFIGS per (N, K) and block_m
@@ -140,13 +142,14 @@ DEFAULT_FP8_GEMM_BACKEND = "scaled_mm"
 INT4_M1_BACKEND = "gemv"
 INT4_PREFILL_BACKEND = "triton"
 INT4_GEMV_CONFIGS: dict[tuple[int, int], dict] = {
-    (6144, 5120): dict(block_n=16, num_warps=8, num_stages=3),
-    (5120, 4096): dict(block_n=8, num_warps=8, num_stages=3),
-    (28672, 5120): dict(block_n=16, num_warps=8, num_stages=3),
-    (5120, 14336): dict(block_n=8, num_warps=8, num_stages=4),
+    (6144, 5120): dict(vec=4, block_n=2, num_warps=1, num_stages=3),
+    (5120, 4096): dict(vec=4, block_n=2, num_warps=1, num_stages=1),
+    (28672, 5120): dict(vec=4, block_n=2, num_warps=1, num_stages=1),
+    (5120, 14336): dict(vec=4, block_n=2, num_warps=1, num_stages=1),
 }
 INT4_SKINNY_CONFIGS: dict[tuple[int, int], dict[int, dict]] = {
-    (N, K): {16: dict(block_n=64, num_warps=4, num_stages=2), 64: dict(block_n=64, num_warps=8, num_stages=1)}
+    (N, K): {16: dict(block_n=64, num_warps=4, num_stages=3, block_p=64),
+             64: dict(block_n=64, num_warps=8, num_stages=2, block_p=64)}
     for N, K in ((6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336))
 }
 INT4_PREFILL_CONFIGS: dict[tuple[int, int], dict] = {}
