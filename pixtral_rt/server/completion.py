@@ -30,6 +30,32 @@ class GenerationFailed(Exception):
     """The engine ended a choice with finish_reason "error"; the message is meant for the client."""
 
 
+class LoopCallback:
+    """A choice's on_output: called from the engine's thread, it hands the event to the asyncio loop
+    (call_soon_threadsafe -> the run's queue). `loop` and `put` let a caller holding many events for the same
+    loop hand them over in one call_soon_threadsafe (serving/engine_client.py: one wake-up of the loop per
+    batch of events from the engine process instead of one per token)."""
+    __slots__ = ("loop", "_queue", "_index", "before")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int, before=None):
+        self.loop, self._queue, self._index = loop, queue, index
+        self.before = before               # optional f(event), run on the engine's thread first
+
+    def __call__(self, event) -> None:
+        if self.before is not None:
+            self.before(event)
+        try:
+            self.loop.call_soon_threadsafe(self._queue.put_nowait, (self._index, event))
+        except RuntimeError:  # the event loop is closed (server gone): nobody is waiting for this
+            pass
+
+    def put(self, event) -> None:
+        """On the loop's thread: enqueue (what __call__ schedules there)."""
+        if self.before is not None:
+            self.before(event)
+        self._queue.put_nowait((self._index, event))
+
+
 class TokenText:
     """Token id -> (text, UTF-8 bytes) for logprobs, as OpenAI reports them: a token holding part of a
     character has its exact bytes, and its text shows U+FFFD for the missing part."""
@@ -126,13 +152,8 @@ class CompletionRun:
             self.close()
             raise
 
-    def _callback(self, index: int):
-        def on_output(event) -> None:  # engine thread: enqueue only
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, (index, event))
-            except RuntimeError:  # the event loop is closed (server gone): nobody is waiting for this
-                pass
-        return on_output
+    def _callback(self, index: int) -> "LoopCallback":
+        return LoopCallback(self._loop, self._queue, index)
 
     def close(self) -> None:
         """Cancel every unfinished choice (its KV pages are freed at the next step). Idempotent."""

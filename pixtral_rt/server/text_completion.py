@@ -38,12 +38,12 @@ class TextCompletionRun(CompletionRun):
             raise
 
     def _callback(self, index: int):
-        enqueue = super()._callback(index)
+        cb = super()._callback(index)
 
-        def on_output(event) -> None:   # engine thread: one int store, then enqueue
+        def note_cached(event) -> None:   # one int store before the event is enqueued
             self._cached[index] = max(self._cached[index], event.cached_tokens)
-            enqueue(event)
-        return on_output
+        cb.before = note_cached
+        return cb
 
     def usage(self) -> Usage:
         """Every prompt counted once (however many choices it has), as OpenAI counts a batch; cached tokens:

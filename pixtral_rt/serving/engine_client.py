@@ -46,6 +46,12 @@ def _call(cb, ev: TokenEvent) -> None:
         log.exception("an output callback failed")
 
 
+def _put_all(items: list) -> None:
+    """On an event loop's thread: a batch of (put, event) in arrival order (one wake-up for all)."""
+    for put, ev in items:
+        _call(put, ev)
+
+
 class _Handle:
     def __init__(self, client: "EngineClient", rid: str):
         self._client, self.request_id = client, rid
@@ -232,13 +238,23 @@ class EngineClient:
                 self._metrics = msg[1]
                 self._metrics_fresh.set()
             elif msg[0] == "events":
+                by_loop: dict = {}         # callbacks bound to an event loop: one hand-over per loop
                 for rid, ev in msg[1]:
                     cb = self._callbacks.get(rid)
                     if cb is None:
                         continue
                     if ev.finish_reason is not None:
                         del self._callbacks[rid]
-                    _call(cb, ev)
+                    loop = getattr(cb, "loop", None)
+                    if loop is None:
+                        _call(cb, ev)
+                    else:
+                        by_loop.setdefault(loop, []).append((cb.put, ev))
+                for loop, items in by_loop.items():
+                    try:
+                        loop.call_soon_threadsafe(_put_all, items)
+                    except RuntimeError:   # that loop is closed (server gone): nobody is waiting for these
+                        pass
             elif msg[0] == "refused":
                 _, rid, _status, kind, text = msg
                 cb = self._callbacks.pop(rid, None)
