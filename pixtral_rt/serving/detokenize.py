@@ -43,6 +43,70 @@ class IncrementalText:
         return new[len(old):]
 
 
+class ByteText:
+    """IncrementalText for a byte-level BPE tokenizer (tekken: Pixtral-12B, Mistral-Small-3.1): each token is a
+    fixed byte string, so the text is the UTF-8 decoding of the bytes so far, special tokens skipped (as
+    Tekkenizer.decode with its default policy). One dictionary lookup and one incremental-decoder call per token
+    instead of two decodes of a window through mistral_common (the largest host cost per streamed token of the
+    HTTP server). Same text: tekken decodes each run of ordinary tokens between special tokens on its own
+    (bytes -> str with errors="replace"), so a special token ends the decoder's run too (a sequence cut there
+    becomes U+FFFD, as there). A piece never ends inside a character: the decoder holds incomplete bytes."""
+
+    def __init__(self, pieces: "BytePieces"):
+        import codecs
+        self._pieces = pieces
+        self._new = codecs.getincrementaldecoder("utf-8")
+        self._dec = self._new(errors="replace")
+        self.ids: list[int] = []
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        piece = self._pieces.get(token)
+        if piece is None:                              # special token: skipped; it closes the current run
+            out = self._dec.decode(b"", final=True)
+            self._dec = self._new(errors="replace")
+            return out
+        return self._dec.decode(piece)
+
+    def flush(self) -> str:
+        out = self._dec.decode(b"", final=True)
+        self._dec = self._new(errors="replace")
+        return out
+
+
+class BytePieces:
+    """Token id -> its bytes (None for a special token) of a tekken tokenizer, looked up once per id."""
+
+    def __init__(self, raw):
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+        self._raw, self._keep, self._n_special = raw, SpecialTokenPolicy.KEEP, raw.num_special_tokens
+        self._cache: dict[int, bytes | None] = {}
+
+    def get(self, token: int) -> bytes | None:
+        try:
+            return self._cache[token]
+        except KeyError:
+            b = None if token < self._n_special else self._raw.id_to_byte_piece(token, self._keep)
+            self._cache[token] = b
+            return b
+
+
+_BYTE_PIECES: dict[int, tuple[object, BytePieces]] = {}   # id(raw tokenizer) -> (it, its pieces)
+
+
+def incremental_text(tokenizer):
+    """The fastest exact IncrementalText for `tokenizer` (a MistralTokenizer): ByteText for tekken, the
+    windowed decode otherwise (SentencePiece drops a leading space, so its text is not a concatenation of
+    per-token pieces)."""
+    raw = getattr(getattr(tokenizer, "instruct_tokenizer", None), "tokenizer", None)
+    if raw is None or not hasattr(raw, "id_to_byte_piece") or not hasattr(raw, "num_special_tokens"):
+        return IncrementalText(tokenizer.decode)
+    hit = _BYTE_PIECES.get(id(raw))
+    if hit is None or hit[0] is not raw:
+        hit = _BYTE_PIECES[id(raw)] = (raw, BytePieces(raw))
+    return ByteText(hit[1])
+
+
 def stop_prefix_len(text: str, stops) -> int:
     """Length of the longest end of `text` that is the beginning of a stop string (held back)."""
     best = 0
@@ -66,7 +130,7 @@ def find_stop(text: str, stops) -> int | None:
 class TextStream:
     def __init__(self, tokenizer, stop=()):
         self.stop = tuple(s for s in stop if s)
-        self._inc = IncrementalText(tokenizer.decode)
+        self._inc = incremental_text(tokenizer)
         self._pending = ""          # decoded, not yet emitted (may begin a stop string)
         self._parts: list[str] = []
         self.stopped = False

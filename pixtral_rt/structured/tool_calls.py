@@ -26,7 +26,7 @@ import secrets
 import string
 from dataclasses import dataclass
 
-from ..serving.detokenize import IncrementalText, TextStream
+from ..serving.detokenize import TextStream, incremental_text
 
 _ID_CHARS = string.ascii_letters + string.digits
 # a call's head, up to where its arguments value begins: name first, as the grammar writes it
@@ -83,7 +83,7 @@ class ToolCallStream:
     def __init__(self, tokenizer, stop=(), tool_calls_id: int | None = None):
         self.tool_calls_id = tokenizer.instruct_tokenizer.TOOL_CALLS if tool_calls_id is None else tool_calls_id
         self._content = TextStream(tokenizer, stop=stop)
-        self._decoder = IncrementalText(tokenizer.decode)
+        self._decoder = incremental_text(tokenizer)
         self.started = False                 # [TOOL_CALLS] seen
         self.malformed = False
         self.calls: list[ToolCall] = []
