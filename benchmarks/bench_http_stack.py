@@ -9,6 +9,11 @@ parsing and encoding included. Alternating runs (`--rounds`), the median per sta
 cost, not a device limit.
 
     python benchmarks/bench_http_stack.py [--streams 64] [--tokens 60] [--rounds 2] [--device cpu]
+    python benchmarks/bench_http_stack.py --baseline-tree DIR [--baseline-commit SHA]
+
+--baseline-tree: instead of the two stacks, this tree's server against the server of an older tree (a
+`git archive` of it; httptools + uvloop both), alternating in the same run: the figure of a change to the
+HTTP side, with its own baseline.
 """
 from __future__ import annotations
 
@@ -49,14 +54,17 @@ async def _streams(port: int, n: int, tokens: int) -> int:
         return sum(await asyncio.gather(*[one(c, i) for i in range(n)]))
 
 
-def measure(stack_env: dict, a, port: int) -> tuple[float, int]:
-    """(us of server CPU per streamed chunk, chunks) for one server with this stack."""
+def measure(stack_env: dict, a, port: int, tree: str | None = None) -> tuple[float, int]:
+    """(us of server CPU per streamed chunk, chunks) for one server with this stack (from `tree` if given)."""
     import httpx
     env = dict(os.environ, **stack_env)
+    if tree:
+        env["PYTHONPATH"] = os.path.abspath(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, "-m", "pixtral_rt.serve", "--port", str(port), "--device", a.device, "--max-batch",
            str(a.streams), "--engine", "process", "--max-context", "2048", "--log-level", "warning"]
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "http_stack_server.log"), "a") as log:
-        srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        srv = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                               cwd=os.path.abspath(tree) if tree else None)
         try:
             for _ in range(1200):
                 try:
@@ -87,17 +95,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="the server's --device (default cpu: the tiny model)")
     ap.add_argument("--port", type=int, default=18123)
+    ap.add_argument("--baseline-tree", help="an older tree's server as the baseline instead of h11 + asyncio")
+    ap.add_argument("--baseline-commit", default="baseline", help="its commit, for the result rows")
     a = ap.parse_args()
-    got = {k: [] for k in STACKS}
+    if a.baseline_tree:
+        if not os.path.isdir(os.path.join(a.baseline_tree, "pixtral_rt")):
+            ap.error(f"--baseline-tree {a.baseline_tree}: no pixtral_rt/ there")
+        runs = {"this tree": (STACKS["httptools+uvloop"], None),
+                f"tree {a.baseline_commit}": (STACKS["httptools+uvloop"], a.baseline_tree)}
+        base_name, base_label = f"tree {a.baseline_commit}", f"server of {a.baseline_commit}, same stack (same run)"
+    else:
+        runs = {name: (env, None) for name, env in STACKS.items()}
+        base_name, base_label = "h11+asyncio", "h11+asyncio (same run)"
+    got = {k: [] for k in runs}
     for _ in range(a.rounds):
-        for name, env in STACKS.items():
-            us, _n = measure(env, a, a.port)
+        for name, (env, tree) in runs.items():
+            us, _n = measure(env, a, a.port, tree)
             got[name].append(us)
             print(f"  {name}: {us:.1f} us of server CPU per chunk", flush=True)
-    base = float(np.median(got["h11+asyncio"]))
+    base = float(np.median(got[base_name]))
     for name, v in got.items():
-        record("http_stack", f"{name} {a.streams} streams x {a.tokens} tokens", "server_cpu_per_chunk",
-               float(np.median(v)), "us", "h11+asyncio (same run)", base, None, runs=[round(x, 1) for x in v],
+        if a.baseline_tree and name == base_name:
+            continue
+        case = f"{'httptools+uvloop' if a.baseline_tree else name} {a.streams} streams x {a.tokens} tokens"
+        record("http_stack", case, "server_cpu_per_chunk", float(np.median(v)), "us", base_label, base, None,
+               runs=[round(x, 1) for x in v], baseline_runs=[round(x, 1) for x in got[base_name]],
                server_device=a.device)
 
 
