@@ -163,22 +163,35 @@ def report(case: str, c: Compiled, weights_per_cta_iter: int, bytes_per_weight: 
 LINEARS = {"wqkv": (6144, 5120), "wo": (5120, 4096), "w13": (28672, 5120), "w2": (5120, 14336)}
 
 
+# the 2-D plane GEMV (vec=0) at its own best tiles of the 2b96a60 sweep (results/int4.jsonl): the decoder's
+# INT4_GEMV_CONFIGS are the 3-D kernel's since e47ae14, and the old kernel at those tiles is another kernel
+PLANE_GEMV_TILES = {(6144, 5120): dict(block_n=16, num_warps=8, num_stages=3),
+                    (5120, 4096): dict(block_n=8, num_warps=8, num_stages=3),
+                    (28672, 5120): dict(block_n=16, num_warps=8, num_stages=3),
+                    (5120, 14336): dict(block_n=8, num_warps=8, num_stages=4)}
+
+
 def _int4_gemv(N, K, cfg):
+    """The 2-D plane kernel (vec=0) at its measured tiles."""
+    return _gemv_case(N, K, {"vec": 0, **PLANE_GEMV_TILES.get((N, K), {}), **cfg})
+
+
+def _int4_gemv_v(N, K, cfg):
+    """The 3-D kernel at the decoder's tiles (INT4_GEMV_CONFIGS), else one warp of 4 rows (vec=4)."""
     from pixtral_rt.decoder import INT4_GEMV_CONFIGS
+    tiles = INT4_GEMV_CONFIGS.get((N, K), {})
+    return _gemv_case(N, K, {**(tiles if tiles.get("vec") else {"vec": 4, "block_n": 4, "num_warps": 1}), **cfg})
+
+
+def _gemv_case(N, K, cfg):
     from pixtral_rt.int4 import Int4Weight, pack, quantize_weight
     from pixtral_rt.kernels.int4_gemv import int4_gemv
     q, s = quantize_weight(torch.randn(N, K) * 0.02)
     w = Int4Weight.from_checkpoint(pack(q), s.to(torch.bfloat16), "cpu", torch.bfloat16)
-    cfg = {**INT4_GEMV_CONFIGS.get((N, K), {}), **cfg} if not cfg.get("vec") else cfg
     with capture_launches() as ks:
         int4_gemv(torch.randn(1, K, dtype=torch.bfloat16), w, **cfg)
     bn = cfg.get("block_n", 16)
     return ks[-1], bn * 8 * w.plane, 0.5 + 2 / w.group_size
-
-
-def _int4_gemv_v(N, K, cfg):
-    """The 3-D kernel (vec=4) at bench_int4's unswept tiles: one warp of 4 rows."""
-    return _int4_gemv(N, K, {"vec": 4, "block_n": 4, "num_warps": 1, **cfg})
 
 
 def _int4_gemm(M):
