@@ -379,3 +379,64 @@ def test_step_upload_views_are_exact_and_16_byte_aligned():
         assert v.numel() == 0 or v.data_ptr() % 16 == 0, (x, v.data_ptr() % 16)
     with pytest.raises(OverflowError):
         ModelRunner._upload(runner, [[2**31]])
+
+
+def test_engine_client_hands_a_batch_to_each_event_loop_in_order():
+    """EngineClient's reader: a batch of events from the engine process reaches each event loop in one
+    hand-over (LoopCallback: loop + put), in arrival order per stream; plain callbacks are still called
+    directly; a closed loop loses its events without stopping the reader (the others still get theirs)."""
+    import asyncio
+    import threading
+    from pixtral_rt.server.completion import LoopCallback
+    from pixtral_rt.serving.engine_client import EngineClient
+    from pixtral_rt.serving.outputs import TokenEvent
+
+    class Conn:                                  # the engine process's pipe: two batches, then closed
+        def __init__(self, msgs):
+            self.msgs = list(msgs)
+
+        def recv(self):
+            if not self.msgs:
+                raise EOFError
+            return self.msgs.pop(0)
+
+    loops = [asyncio.new_event_loop() for _ in range(3)]
+    threads = [threading.Thread(target=lp.run_forever, daemon=True) for lp in loops]
+    for t in threads:
+        t.start()
+    queues = [asyncio.Queue() for _ in range(2)]
+    hand_overs = []
+    for lp in loops[:2]:                         # count the loop's wake-ups by the reader
+        orig = lp.call_soon_threadsafe
+        lp.call_soon_threadsafe = (lambda *a, _o=orig, _lp=lp: (hand_overs.append(_lp), _o(*a))[1])
+    loops[2].call_soon_threadsafe(loops[2].stop)
+    threads[2].join(5)
+    loops[2].close()                             # a server whose loop is gone
+    plain = []
+    c = EngineClient()
+    c._callbacks = {"a": LoopCallback(loops[0], queues[0], 0), "b": LoopCallback(loops[0], queues[0], 1),
+                    "c": LoopCallback(loops[1], queues[1], 0), "d": plain.append,
+                    "e": LoopCallback(loops[2], asyncio.Queue(), 0)}
+    ev = lambda t, fin=None: TokenEvent(token_ids=[t], finish_reason=fin)   # noqa: E731
+    batch1 = [(r, ev(10 + i)) for i, r in enumerate("abcde")] + [("a", ev(20)), ("c", ev(21))]
+    batch2 = [("a", ev(30, "stop")), ("b", ev(31)), ("c", ev(32)), ("d", ev(33)), ("e", ev(34))]
+    c._from_engine = Conn([("events", batch1), ("events", batch2)])
+    c._read()                                    # returns at EOF: the remaining streams end with an error
+
+    def drain(lp, q):
+        async def get():
+            out = []
+            while not q.empty():
+                i, e = q.get_nowait()
+                out.append((i, e.token_ids, e.finish_reason))
+            return out
+        return asyncio.run_coroutine_threadsafe(get(), lp).result(5)
+    got0, got1 = drain(loops[0], queues[0]), drain(loops[1], queues[1])
+    assert [t for i, t, _ in got0 if i == 0] == [[10], [20], [30]]
+    assert [t for i, t, _ in got0 if i == 1][:2] == [[11], [31]] and got0[-1][2] == "error"   # b: engine gone
+    assert [t for i, t, f in got1 if f is None] == [[12], [21], [32]]
+    assert [e.token_ids for e in plain][:2] == [[13], [33]]
+    # one wake-up per loop per batch, not one per event (+ the end-of-engine errors, called one by one)
+    assert hand_overs[:4].count(loops[0]) == 2 and hand_overs[:4].count(loops[1]) == 2
+    for lp in loops[:2]:
+        lp.call_soon_threadsafe(lp.stop)
