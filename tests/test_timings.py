@@ -57,6 +57,16 @@ def test_text_request_has_no_vision_time(eng):
     _check_sum(t)
 
 
+def test_queue_time_parts_add_up(eng):
+    """queue_ms = submit()'s host work + the step thread's wake-up + the schedule call, each measured (the
+    split that tells which one a slow queue_ms is)."""
+    res = eng.generate([{"role": "user", "content": "word " * 200}], SamplingParams(max_tokens=2))
+    t = res.timings
+    parts = [t["queue_submit_ms"], t["queue_wake_ms"], t["queue_schedule_ms"]]
+    assert all(p >= 0 for p in parts) and t["queue_submit_ms"] > 0 and t["queue_schedule_ms"] > 0, t
+    assert abs(sum(parts) - t["queue_ms"]) < 1e-6, t
+
+
 def test_long_prompt_prefill_sums_its_chunks(eng):
     """A prompt over several steps' chunks (chunk_tokens 48 while another request decodes): prefill_ms adds
     every chunk's time, so it is not just the last one. Checked against the one-chunk run of the same prompt:

@@ -257,6 +257,7 @@ class LLMEngine:
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is shut down")
+            seq.t_enqueued = time.perf_counter()
             self.scheduler.add(seq)
             self._cv.notify()
         return RequestHandle(self, seq)
@@ -388,7 +389,11 @@ class LLMEngine:
                     plan = self.scheduler.schedule()     # releases everything (all cancelled)
                     self._finish_released(plan.released)
                     return
+                t_woke = time.perf_counter()
                 plan = self.scheduler.schedule()
+            for sq in plan.admitted:
+                if not sq.preemptions:                 # the first admission: queue_ms's parts (TokenEvent.timings)
+                    sq.t_woke = t_woke
             self._finish_released(plan.released)
             # constrained sequences that sample in this step need their grammar advanced by the previous
             # step's tokens: the runner launches the decode forward, then calls before_sample, which
@@ -502,6 +507,11 @@ class LLMEngine:
             if not seq.output and not seq.t_first:
                 seq.t_first = now
                 ev.timings = {"queue_ms": max(0.0, seq.t_admit - seq.t_submit) * 1e3,
+                              # its parts: submit()'s host work (admission checks, prefix keys), then the step
+                              # thread's wake-up (or the step it was busy with), then the scheduler's call
+                              "queue_submit_ms": max(0.0, seq.t_enqueued - seq.t_submit) * 1e3,
+                              "queue_wake_ms": max(0.0, seq.t_woke - seq.t_enqueued) * 1e3,
+                              "queue_schedule_ms": max(0.0, seq.t_admit - seq.t_woke) * 1e3,
                               "vision_ms": seq.vision_ms, "prefill_ms": seq.prefill_ms}
                 c.prompt_tokens += seq.prompt_len
                 c.cached_prompt_tokens += seq.num_cached

@@ -27,7 +27,8 @@ class TokenEvent:
     prompt_tokens: int = 0             # set on every event
     cached_tokens: int = 0             # prompt tokens served from the prefix cache (set on every event)
     # on the first event of a request (its first token, or its end if it never got one): what its prompt
-    # took, in ms: queue_ms (submission -> admission, host clock), vision_ms (the vision encoder on this
+    # took, in ms: queue_ms (submission -> admission, host clock; its parts queue_submit_ms, queue_wake_ms,
+    # queue_schedule_ms), vision_ms (the vision encoder on this
     # request's images, 0 when none or all cached), prefill_ms (its prompt chunks, which the steps share
     # with other sequences' work); device-timed (CUDA events) on a GPU
     timings: dict | None = None

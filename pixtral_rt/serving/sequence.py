@@ -117,6 +117,8 @@ class Sequence:
     features: object = None                     # (n_img_tokens, dim) device tensor while the prompt is computed
     t_first: float = 0.0                        # when its first token was delivered (0: not yet)
     t_submit: float = 0.0                       # host clock (perf_counter) at submission
+    t_enqueued: float = 0.0                     # ... when submit() handed it to the step thread (queue_ms's parts:
+    t_woke: float = 0.0                         # submit's host work, the step thread's wake-up, the schedule call)
     t_admit: float = 0.0                        # ... when the scheduler admitted it
     vision_ms: float = 0.0                      # measured stages of its prompt (TokenEvent.timings)
     prefill_ms: float = 0.0
