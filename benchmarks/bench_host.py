@@ -8,6 +8,9 @@
   repeat_url    chat.encode_request (the server's path: raw pixels + digest) of a chat whose image is a ~4 MB
                 PNG data URL sent again (turn 2: pixtral_rt/image_cache.py serves it); baseline: the same
                 request with the cache emptied before each call (base64 + PNG decode + digest every time)
+  detokenize    serving.detokenize.TextStream over a 2000-token answer, one token at a time as the server
+                streams it, per token (tekken: ByteText, the incremental UTF-8 decode of per-token bytes);
+                baseline: the same stream on IncrementalText (two window decodes through mistral_common a token)
 
     python -m benchmarks.bench_host
 """
@@ -62,6 +65,28 @@ def main() -> None:
     record("host", "digest_1024sq_uint8", "image_digest_ms", new, "ms", "sha256_one_thread", one, None,
            bytes=int(px.nbytes), blake2b_over_copy_ms=round(old, 3), cpus=os.cpu_count())
     _repeat_url(tok, PIXTRAL_12B, image_digest)
+    _detokenize(tok)
+
+
+def _detokenize(tok) -> None:
+    from pixtral_rt.serving.detokenize import ByteText, IncrementalText, TextStream
+    raw = tok.instruct_tokenizer.tokenizer
+    ids = raw.encode("The quick brown fox jumps over the lazy dog. 東京タワー and café, naïve. " * 60,
+                     bos=False, eos=False)[:2000]
+
+    def run(windowed: bool):
+        ts = TextStream(tok)
+        if windowed:
+            ts._inc = IncrementalText(tok.decode)
+        assert windowed or isinstance(ts._inc, ByteText)
+        for i in ids:
+            ts.add([i])
+        return ts.text + ts.finish()
+    assert run(False) == run(True) == tok.decode(ids)
+    new = median_wall_ms(lambda: run(False), reps=7) * 1e3 / len(ids)
+    old = median_wall_ms(lambda: run(True), reps=7) * 1e3 / len(ids)
+    record("host", "detokenize_stream_2000_tokens", "per_token_us", new, "us", "IncrementalText (window decode)",
+           old, None, tokens=len(ids))
 
 
 def _repeat_url(tok, args, image_digest) -> None:

@@ -48,10 +48,11 @@ class IncrementalText:
 class ByteText:
     """IncrementalText for a byte-level BPE tokenizer (tekken: Pixtral-12B, Mistral-Small-3.1): each token is a
     fixed byte string, so the text is the UTF-8 decoding of the bytes so far, special tokens skipped (as
-    Tekkenizer.decode with its default policy). One dictionary lookup and one incremental-decoder call per token
-    instead of two decodes of a window through mistral_common (0.9 us a token against 5.2). Same text: tekken decodes each run of ordinary tokens between special tokens on its own
-    (bytes -> str with errors="replace"), so a special token ends the decoder's run too (a sequence cut there
-    becomes U+FFFD, as there). A piece never ends inside a character: the decoder holds incomplete bytes."""
+    Tekkenizer.decode with its default policy). One dictionary lookup and one incremental-decoder call per
+    token instead of two decodes of a window through mistral_common (benchmarks/bench_host.py, detokenize).
+    Same text: tekken decodes each run of ordinary tokens between special tokens on its own (bytes -> str with
+    errors="replace"), so a special token ends the decoder's run too (a sequence cut there becomes U+FFFD, as
+    there). A piece never ends inside a character: the decoder holds incomplete bytes."""
 
     _UTF8 = codecs.getincrementaldecoder("utf-8")
 
@@ -91,7 +92,7 @@ class BytePieces:
             return b
 
 
-_BYTE_PIECES: dict[int, tuple[object, BytePieces]] = {}   # id(raw tokenizer) -> (it, its pieces)
+_BYTE_PIECES: dict = {}          # raw tekken tokenizer (hashed by identity) -> its BytePieces
 
 
 def incremental_text(tokenizer):
@@ -101,10 +102,10 @@ def incremental_text(tokenizer):
     raw = getattr(getattr(tokenizer, "instruct_tokenizer", None), "tokenizer", None)
     if raw is None or not hasattr(raw, "id_to_byte_piece") or not hasattr(raw, "num_special_tokens"):
         return IncrementalText(tokenizer.decode)
-    hit = _BYTE_PIECES.get(id(raw))
-    if hit is None or hit[0] is not raw:
-        hit = _BYTE_PIECES[id(raw)] = (raw, BytePieces(raw))
-    return ByteText(hit[1])
+    pieces = _BYTE_PIECES.get(raw)
+    if pieces is None:
+        pieces = _BYTE_PIECES[raw] = BytePieces(raw)
+    return ByteText(pieces)
 
 
 def stop_prefix_len(text: str, stops) -> int:
